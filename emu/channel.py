@@ -1,0 +1,119 @@
+"""A migration channel endpoint: one end of a connection through the emulated link.
+
+Everything that crosses the link is a frame: kind, payload length, and `virt`, bytes the link
+charges without carrying them (emulator.payload=false: a page record travels as a header but
+costs the link a whole page). The relay sends CREDIT frames back as it delivers a sender's
+frames, so a sender holds at most `window` (link.socket-buffer) bytes queued in the link: once
+that is reached, send() blocks exactly like write() on a full TCP socket. This is where
+head-of-line blocking comes from.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+HEADER = struct.Struct("<BIQ")  # kind, payload length, charged-but-not-carried bytes
+DATA = 0
+CREDIT = 1
+MAX_FRAME = 64 << 20
+
+
+class ChannelError(ConnectionError):
+    """The connection broke, or a frame did not make sense."""
+
+
+class Endpoint:
+    def __init__(self, sock: socket.socket, window: int, name: str = "") -> None:
+        self.name = name
+        self.sock = sock
+        self.window = window
+        self._reader = sock.makefile("rb", buffering=1 << 20)
+        self._send_lock = threading.Lock()
+        self._credit = threading.Condition()
+        self._outstanding = 0
+        self._closed = False
+
+    @property
+    def outstanding(self) -> int:
+        """Bytes this side has written that the link has not delivered yet."""
+        return self._outstanding
+
+    def send(self, parts: list, virt: int = 0) -> None:
+        """Write one frame made of `parts` (bytes-like); blocks while the link holds `window`
+        bytes of ours. A frame larger than the window waits for an empty link, then goes."""
+        size = sum(len(p) for p in parts)
+        charge = size + virt
+        with self._send_lock:
+            with self._credit:
+                while self._outstanding and self._outstanding + charge > self.window:
+                    if self._closed:
+                        raise ChannelError(f"{self.name}: closed")
+                    self._credit.wait(0.5)
+                self._outstanding += charge
+            self._sendall([HEADER.pack(DATA, size, virt), *parts])
+
+    def recv(self) -> bytes:
+        """The next DATA frame's payload; credits met on the way are taken in."""
+        while True:
+            kind, size, virt = self._read_header()
+            if kind == CREDIT:
+                self._take_credit(virt)
+                continue
+            payload = self._reader.read(size) if size else b""
+            if len(payload) != size:
+                raise ChannelError(f"{self.name}: connection closed mid-frame")
+            return payload
+
+    def read_credits_in_background(self) -> threading.Thread:
+        """For a write-only endpoint (the source's preempt channel): someone must read credits."""
+        def loop() -> None:
+            try:
+                while True:
+                    self.recv()
+            except (ChannelError, OSError, ValueError):
+                self.close()
+        thread = threading.Thread(target=loop, name=f"{self.name}-credits", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        with self._credit:
+            self._closed = True
+            self._credit.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _read_header(self) -> tuple[int, int, int]:
+        raw = self._reader.read(HEADER.size)
+        if len(raw) != HEADER.size:
+            raise ChannelError(f"{self.name}: connection closed")
+        kind, size, virt = HEADER.unpack(raw)
+        if kind not in (DATA, CREDIT) or size > MAX_FRAME:
+            raise ChannelError(f"{self.name}: bad frame header {raw.hex()}")
+        return kind, size, virt
+
+    def _take_credit(self, n: int) -> None:
+        with self._credit:
+            self._outstanding = max(0, self._outstanding - n)
+            self._credit.notify_all()
+
+    def _sendall(self, parts: list) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if sent:
+                    views[0] = views[0][sent:]
+        except OSError as err:
+            raise ChannelError(f"{self.name}: {err}") from err
+
+
+def credit_frame(n: int) -> bytes:
+    return HEADER.pack(CREDIT, 0, n)

@@ -1,0 +1,75 @@
+"""Emulated time, shared by every process of one run.
+
+emulated = emu_base + (real - real_base) * scale, with real = time.monotonic() (one clock for the
+whole machine, so every process agrees). The controller owns the clock and may change the scale
+while a run goes on (the window's slider; scale 0 pauses the emulation); the others only read it.
+A sequence counter (a seqlock) lets readers in other processes see the three values consistently.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+# Below this real wait, sleep() overshoots by more than the wait itself: spin instead.
+SPIN_S = 200e-6
+
+
+class Clock:
+    NBYTES = 4 * 8
+
+    def __init__(self, buf: memoryview | None = None) -> None:
+        self._v = np.ndarray((4,), np.float64, buffer=buf) if buf is not None else np.zeros(4)
+
+    def start(self, scale: float, at: float = 0.0) -> None:
+        """Set emulated time to `at` now, running at `scale` (controller only)."""
+        self._write(time.monotonic(), at, scale)
+
+    def set_scale(self, scale: float) -> None:
+        self._write(time.monotonic(), self.now(), scale)
+
+    @property
+    def scale(self) -> float:
+        return float(self._read()[2])
+
+    @property
+    def started(self) -> bool:
+        return self._v[3] > 0
+
+    def now(self) -> float:
+        real_base, emu_base, scale = self._read()
+        return emu_base + (time.monotonic() - real_base) * scale
+
+    def real_wait(self, t_emu: float) -> float:
+        """Real seconds until emulated time t_emu (inf while paused)."""
+        real_base, emu_base, scale = self._read()
+        if scale <= 0:
+            return float("inf")
+        return (t_emu - emu_base) / scale + real_base - time.monotonic()
+
+    def sleep_until(self, t_emu: float, max_real: float = 0.05) -> bool:
+        """Wait until emulated time t_emu, at most max_real real seconds (so callers stay
+        responsive to stop requests and scale changes). True when t_emu has been reached."""
+        wait = self.real_wait(t_emu)
+        if wait <= 0:
+            return True
+        if wait > SPIN_S:
+            time.sleep(min(wait - SPIN_S, max_real))
+            return self.real_wait(t_emu) <= 0
+        while self.real_wait(t_emu) > 0:
+            pass
+        return True
+
+    def _write(self, real_base: float, emu_base: float, scale: float) -> None:
+        seq = self._v[3]
+        self._v[3] = seq + 1  # odd: a write is in progress
+        self._v[0:3] = (real_base, emu_base, scale)
+        self._v[3] = seq + 2
+
+    def _read(self) -> tuple[float, float, float]:
+        while True:
+            seq = self._v[3]
+            real_base, emu_base, scale = self._v[0:3]
+            if seq % 2 == 0 and self._v[3] == seq:
+                return float(real_base), float(emu_base), float(scale)

@@ -1,0 +1,464 @@
+"""Scenario configuration: migration capabilities and parameters (QEMU names), the link, the
+guest, the workload and the emulator itself.
+
+A scenario is a TOML file with one table per section, plus `--set section.key=value`
+overrides. Everything is parsed and checked here, so a bad scenario fails with one clear line
+before any process starts. Values are plain numbers afterwards: sizes in bytes, rates in
+bytes/s, durations in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emu.units import (
+    format_duration,
+    format_rate,
+    format_size,
+    parse_duration,
+    parse_rate,
+    parse_size,
+)
+
+TARGET_PAGE_SIZE = 4096  # QEMU's target page: the unit of RAM records on the wire
+SCENARIO_DIR = Path(__file__).resolve().parent.parent / "assets" / "scenarios"
+FAULTS = "faults"  # top-level [[faults]] array, stored raw and checked by its own module
+
+
+class ConfigError(ValueError):
+    """A scenario that can not run; str(err) is one line naming the key and what is allowed."""
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _show_raw(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _parse_bool(value: object) -> bool:
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"must be true or false (got {_show_raw(value)})")
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"must be a whole number (got {_show_raw(value)})")
+
+
+def _parse_float(value: object) -> float:
+    number = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"must be a number (got {_show_raw(value)})")
+    return number
+
+
+def _parse_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string (got {_show_raw(value)})")
+    return value.strip()
+
+
+def _show_float(value: float) -> str:
+    return repr(value).removesuffix(".0")  # "1", "0.1", "1e-06": all valid TOML
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "bool": _parse_bool,
+    "int": _parse_int,
+    "float": _parse_float,
+    "str": _parse_str,
+    "size": parse_size,
+    "rate": parse_rate,
+    "duration": parse_duration,
+}
+_FORMATTERS: dict[str, Callable[[Any], str]] = {
+    "bool": lambda v: str(v).lower(),
+    "int": str,
+    "float": _show_float,
+    "str": str,
+    "size": format_size,
+    "rate": format_rate,
+    "duration": format_duration,
+}
+# Shown when a value falls below a bound of 0: often a unit left out or a stray minus sign.
+_EXAMPLES = {
+    "size": "e.g. 256MiB or 1GiB",
+    "rate": "e.g. 10Gbit or 1.25GB/s",
+    "duration": "e.g. 200us or 1.5s",
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its kind, its default (parsed) and the values it allows.
+
+    kind is one of bool, int, float, str, size (bytes), rate (bytes/s), duration (seconds).
+    low/high bound the value (low exclusive when low_open; high only with low), multiple is a
+    required divisor.
+    """
+
+    kind: str
+    default: Any
+    help: str
+    low: Any = None
+    low_open: bool = False
+    high: Any = None
+    choices: tuple[Any, ...] = ()
+    multiple: int | None = None
+
+    def parse(self, value: object) -> Any:
+        """Parse a TOML value or --set text; ValueError says what is allowed."""
+        parsed = _PARSERS[self.kind](value)
+        if not self._allows(parsed):
+            got = repr(parsed) if self.kind == "str" else self.show(parsed)
+            raise ValueError(f"must be {self.allowed()}{self._example(parsed)} (got {got})")
+        return parsed
+
+    def show(self, value: Any) -> str:
+        """The value as a person would write it: "true", "64MiB", "10Gbit/s", "200us"."""
+        return _FORMATTERS[self.kind](value)
+
+    def allowed(self) -> str:
+        """The allowed values in words, e.g. "one of 4KiB, 2MiB, 1GiB" or "between 1 and 64"."""
+        if self.kind == "bool":
+            return "true or false"
+        parts = []
+        if self.choices:
+            parts.append("one of " + ", ".join(self.show(c) for c in self.choices))
+        if self.low is not None:
+            parts.append(self._range())
+        if self.multiple:
+            parts.append(f"a multiple of {self.show(self.multiple)}")
+        return ", ".join(parts)
+
+    def _example(self, value: Any) -> str:
+        if self.kind in _EXAMPLES and self.low == 0 and not self._above_low(value):
+            return f", {_EXAMPLES[self.kind]}"
+        return ""
+
+    def _range(self) -> str:
+        low = self.show(self.low)
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        high = self.show(self.high)
+        return f"> {low} and <= {high}" if self.low_open else f"between {low} and {high}"
+
+    def _above_low(self, value: Any) -> bool:
+        if self.low is None:
+            return True
+        return value > self.low if self.low_open else value >= self.low
+
+    def _allows(self, value: Any) -> bool:
+        if self.choices and value not in self.choices:
+            return False
+        if not self._above_low(value):
+            return False
+        if self.high is not None and value > self.high:
+            return False
+        return not (self.multiple and value % self.multiple)
+
+
+def _key(kind: str, default: object, help: str, **limits: Any) -> Key:
+    """A Key whose default and limits are written as text ("64KiB") and parsed here."""
+    parse = _PARSERS[kind]
+    for name in ("low", "high", "multiple"):
+        if name in limits:
+            limits[name] = parse(limits[name])
+    if "choices" in limits:
+        limits["choices"] = tuple(parse(c) for c in limits["choices"])
+    return Key(kind, parse(default), help, **limits)
+
+
+KEYS: dict[str, Key] = {
+    "migration.postcopy-ram": _key(
+        "bool", True, "capability postcopy-ram: switch over early, then fetch pages on demand"
+    ),
+    "migration.postcopy-preempt": _key(
+        "bool", False, "capability postcopy-preempt: urgent pages on their own channel"
+    ),
+    "migration.x-postcopy-preempt-break-huge": _key(
+        "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
+    ),
+    "migration.postcopy-blocktime": _key(
+        "bool", True, "capability postcopy-blocktime: report postcopy-blocktime"
+    ),
+    "migration.max-bandwidth": _key(
+        "rate", "128MiB/s", "parameter max-bandwidth: precopy rate cap", low=0, low_open=True
+    ),
+    "migration.max-postcopy-bandwidth": _key(
+        "rate", 0, "parameter max-postcopy-bandwidth: background rate cap, 0 = unlimited", low=0
+    ),
+    "migration.downtime-limit": _key(
+        "duration", "300ms", "parameter downtime-limit (without postcopy-ram)", low=0
+    ),
+    "migration.switchover-after": _key(
+        "duration", "0.5s", "precopy time before migrate-start-postcopy (or stop-and-copy)", low=0
+    ),
+    "link.bandwidth": _key(
+        "rate", "1Gbit/s", "bottleneck bandwidth shared by the connections", low=0, low_open=True
+    ),
+    "link.rtt": _key("duration", "200us", "round-trip time; rtt/2 each way", low=0),
+    "link.socket-buffer": _key(
+        "size", "4MiB", "bytes one connection holds queued (send + receive)", low="64KiB"
+    ),
+    "guest.ram": _key("size", "256MiB", "guest RAM size", low=0, low_open=True),
+    "guest.page-size": _key("size", "4KiB", "host page size", choices=("4KiB", "2MiB", "1GiB")),
+    "guest.vcpus": _key("int", 1, "vCPUs running the workload", low=1, high=64),
+    "workload.pattern": _key(
+        "str",
+        "random",
+        "page access pattern",
+        choices=("sequential", "random", "stride", "hotset", "ab"),
+    ),
+    "workload.touch-cost": _key(
+        "duration", "2us", "vCPU time per 4KiB page touch", low=0, low_open=True
+    ),
+    "workload.stride": _key(
+        "size", "64MiB", "jump of the stride pattern", low=0, low_open=True, multiple="4KiB"
+    ),
+    "workload.hot-fraction": _key(
+        "float", 0.1, "share of RAM that is hot (hotset)", low=0, low_open=True, high=1
+    ),
+    "workload.hot-probability": _key(
+        "float", 0.9, "share of touches that go to the hot set (hotset)", low=0, high=1
+    ),
+    "emulator.time-scale": _key(
+        "float", 1, "emulated seconds per real second", low=0, low_open=True, high=100
+    ),
+    "emulator.payload": _key("bool", True, "real page bytes travel (false: headers only)"),
+    "emulator.seed": _key("int", 1, "seed of every random choice", low=0),
+    "emulator.chunk": _key(
+        "size",
+        "32KiB",
+        "largest piece the source writes in one record",
+        low="4KiB",
+        high="4MiB",
+        multiple="4KiB",
+    ),
+    "emulator.duration-limit": _key(
+        "duration", 0, "fail a run still going after this long, 0 = none", low=0
+    ),
+}
+SECTIONS = tuple(dict.fromkeys(name.partition(".")[0] for name in KEYS))
+
+
+def _suggest(name: str) -> str | None:
+    section, dot, leaf = name.partition(".")
+    if not dot:  # a key at the top of the file, outside any section
+        section, leaf = "", name
+    close = difflib.get_close_matches(section, SECTIONS, n=1)
+    section = close[0] if close else section
+    in_section = [full.partition(".")[2] for full in KEYS if full.startswith(section + ".")]
+    match = difflib.get_close_matches(leaf, in_section, n=1)
+    if match:
+        return f"{section}.{match[0]}"
+    # The right key in the wrong section: match on the key alone, strictly.
+    by_leaf = {full.partition(".")[2]: full for full in KEYS}
+    match = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+    return by_leaf[match[0]] if match else None
+
+
+def _unknown(name: str) -> str:
+    section, dot, _ = name.partition(".")
+    if section == FAULTS:
+        return f"unknown key '{name}' (faults come as [[faults]] tables in the scenario file)"
+    hint = _suggest(name)
+    if dot and section in SECTIONS:
+        what = f"key '{name}'"
+        known = "keys: " + ", ".join(k for k in KEYS if k.startswith(section + "."))
+    else:
+        what = f"section '{section}'" if dot else f"key '{name}'"
+        known = "sections: " + ", ".join((*SECTIONS, FAULTS))
+    return f"unknown {what} (did you mean {hint}?)" if hint else f"unknown {what} ({known})"
+
+
+def _parse_faults(value: object) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"faults: must be an array of tables, [[faults]] (got {value!r})")
+    return copy.deepcopy(value)
+
+
+def _parse_value(name: str, value: object) -> Any:
+    if name == FAULTS:
+        return _parse_faults(value)
+    if name not in KEYS:
+        raise ConfigError(_unknown(name))
+    try:
+        return KEYS[name].parse(value)
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+def _check_together(values: Mapping[str, Any]) -> None:
+    """Checks that involve more than one key."""
+    if values["migration.postcopy-preempt"] and not values["migration.postcopy-ram"]:
+        raise ConfigError("migration.postcopy-preempt: requires migration.postcopy-ram=true")
+    ram, page = values["guest.ram"], values["guest.page-size"]
+    if ram < page:
+        raise ConfigError(
+            f"guest.ram: must be at least guest.page-size {format_size(page)} "
+            f"(got {format_size(ram)})"
+        )
+    if ram % page:
+        raise ConfigError(
+            f"guest.ram: must be a multiple of guest.page-size {format_size(page)} "
+            f"(got {format_size(ram)})"
+        )
+    # Each vCPU works on its own share of the target pages, so it needs at least one.
+    if values["guest.vcpus"] > ram // TARGET_PAGE_SIZE:
+        raise ConfigError(
+            f"guest.vcpus: must be at most guest.ram / 4KiB = {ram // TARGET_PAGE_SIZE} "
+            f"(got {values['guest.vcpus']})"
+        )
+
+
+class Config(Mapping[str, Any]):
+    """An immutable, checked scenario: "section.key" -> parsed value, and "faults".
+
+    Sizes are bytes, rates bytes/s, durations seconds.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        """Parse and check *values* (TOML values or --set text) on top of the defaults."""
+        parsed: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
+        parsed[FAULTS] = []
+        for name, value in (values or {}).items():
+            parsed[name] = _parse_value(name, value)
+        _check_together(parsed)
+        self._values = parsed
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._values:
+            raise KeyError(_unknown(name))
+        value = self._values[name]
+        # The faults list is the one mutable value: hand out copies to keep Config immutable.
+        return copy.deepcopy(value) if name == FAULTS else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Config({self._values!r})"
+
+    def with_overrides(self, sets: Sequence[str]) -> Config:
+        """A new Config with `section.key=value` overrides applied (later ones win)."""
+        return Config({**self._values, **_parse_sets(sets)})
+
+    def to_json(self) -> dict[str, Any]:
+        """Nested {"section": {"key": value}} with plain numbers, for json.dumps."""
+        out: dict[str, Any] = {section: {} for section in SECTIONS}
+        for name in KEYS:
+            section, _, key = name.partition(".")
+            out[section][key] = self._values[name]
+        out[FAULTS] = self[FAULTS]
+        return out
+
+    @property
+    def page_size(self) -> int:
+        """Host page size in bytes (guest.page-size): the placement unit."""
+        return self._values["guest.page-size"]
+
+    @property
+    def npages(self) -> int:
+        """Number of host pages in guest RAM."""
+        return self._values["guest.ram"] // self.page_size
+
+    @property
+    def target_pages_per_host_page(self) -> int:
+        """How many 4 KiB target pages (wire records) make one host page."""
+        return self.page_size // TARGET_PAGE_SIZE
+
+
+def _parse_sets(sets: Sequence[str]) -> dict[str, str]:
+    values = {}
+    for text in sets:
+        name, sep, value = text.partition("=")
+        name = name.strip()
+        if not sep or "." not in name:
+            raise ConfigError(
+                f"--set {text!r}: expected section.key=value, e.g. link.bandwidth=10Gbit"
+            )
+        values[name] = value.strip()
+    return values
+
+
+def scenario_names() -> list[str]:
+    """Names of the preset scenarios in assets/scenarios, for load_config(name)."""
+    return sorted(path.stem for path in SCENARIO_DIR.glob("*.toml"))
+
+
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    text = os.fspath(path)
+    resolved = Path(text)
+    bare = "/" not in text and os.sep not in text and not text.endswith(".toml")
+    if bare and not resolved.is_file():
+        resolved = SCENARIO_DIR / f"{text}.toml"
+    if not resolved.is_file():
+        presets = ", ".join(scenario_names()) or "none"
+        raise ConfigError(f"scenario file not found: {resolved} (presets: {presets})")
+    return resolved
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    """{"link": {"rtt": ...}} -> {"link.rtt": ...}; unknown names are left for Config."""
+    flat = {}
+    for section, table in data.items():
+        if section == FAULTS or not isinstance(table, dict):
+            flat[section] = table
+            continue
+        for key, value in table.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def _read_scenario(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except OSError as err:
+        raise ConfigError(f"{path}: can not read: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    for section in SECTIONS:
+        if section in data and not isinstance(data[section], dict):
+            raise ConfigError(f"{section}: must be a table, [{section}]")
+    return _flatten(data)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, sets: Sequence[str] = ()) -> Config:
+    """Read, parse and check a scenario: defaults, then the file, then the --set overrides.
+
+    *path* is a TOML file, or the name of a preset in assets/scenarios ("default").
+    """
+    values = _read_scenario(_resolve(path)) if path is not None else {}
+    return Config({**values, **_parse_sets(sets)})

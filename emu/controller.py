@@ -1,0 +1,231 @@
+"""The controller: starts a run's processes, drives the migration, and cleans everything up.
+
+Used by the command line and by the window. It owns every shared-memory segment and every
+child; stop() (also on error, Ctrl-C or a dead child) ends the children and unlinks the
+segments, so nothing outlives a run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import socket
+import time
+from multiprocessing.connection import wait as wait_connections
+
+import numpy as np
+
+from emu import destination, link, source
+from emu.clock import Clock
+from emu.metrics import FaultRing
+from emu.page_requests import PageRequestQueue
+from emu.process import child_main
+from emu.ram import TARGET_PAGE
+from emu.shm import Segments
+from emu.states import FINAL
+from emu.status import Board
+
+PORTS = ("src-main", "src-preempt", "dst-main", "dst-preempt")
+KERNEL_BUFFER = 64 << 10  # small: the link's window, not the kernel, should hold the queue
+
+
+class RunError(RuntimeError):
+    pass
+
+
+class Run:
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.segments = Segments()
+        self.children: dict[str, tuple[mp.Process, object]] = {}
+        self.status = {"source": "none", "destination": "none"}
+        self.states: dict[str, list[tuple[str, float]]] = {"source": [], "destination": []}
+        self.reports: dict[str, dict] = {}
+        self.errors: list[str] = []
+        self.switched = False
+        self.dead: set[str] = set()
+        self._sockets: list[socket.socket] = []
+
+    # ---- life cycle ----
+
+    def start(self) -> None:
+        """Create segments, spawn source, destination and network, start the migration."""
+        try:
+            self._create_segments()
+            self._spawn()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.clock.start(self.cfg["emulator.time-scale"])
+        self.command("destination", "migrate-incoming")
+        self.command("source", "migrate")
+
+    def stop(self) -> None:
+        for _, conn in self.children.values():
+            try:
+                conn.send(("quit",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 3
+        for proc, conn in self.children.values():
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+            conn.close()
+        self.children.clear()
+        for sock in self._sockets:
+            sock.close()
+        self._sockets.clear()
+        self.segments.close()
+
+    def __enter__(self) -> Run:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- running ----
+
+    def command(self, role: str, *command) -> None:
+        self.children[role][1].send(command)
+
+    @property
+    def finished(self) -> bool:
+        if self.errors:
+            return True
+        return len(self.reports) == 2
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and all(s == "completed" for s in self.status.values())
+
+    def poll(self, timeout: float = 0.05) -> None:
+        """Take in what the children say, and issue migrate-start-postcopy when it is time."""
+        conns = self._live()
+        for conn in wait_connections(list(conns), timeout):
+            try:
+                self._event(conn.recv())
+            except (EOFError, OSError):
+                self._died(conns[conn])
+        now = self.clock.now()
+        if (not self.switched and self.status["source"] == "active"
+                and now >= self.cfg["migration.switchover-after"]):
+            self.switched = True
+            self.command("source", "migrate-start-postcopy")
+        limit = self.cfg["emulator.duration-limit"]
+        if limit and now > limit and not self.finished:
+            self.errors.append(f"not completed after emulator.duration-limit = {limit}s")
+
+    def wait(self, progress=None, every: float = 0.5) -> None:
+        next_progress = time.monotonic()
+        while not self.finished:
+            self.poll()
+            if progress and time.monotonic() >= next_progress:
+                progress(self)
+                next_progress += every
+
+    # ---- state the window and the report read ----
+
+    def faults(self, seen: int = 0) -> tuple[np.ndarray, int]:
+        return self.ring.read_since(seen)
+
+    def board(self, role: str) -> dict[str, float]:
+        return self.boards[role].snapshot()
+
+    # ---- internals ----
+
+    def _create_segments(self) -> None:
+        cfg, seg = self.cfg, self.segments
+        ram = cfg["guest.ram"]
+        npages = cfg.npages
+        self.clock = Clock(seg.create("clock", Clock.NBYTES))
+        self.src_ram = seg.create("src-ram", ram)
+        self.dst_ram = seg.create("dst-ram", ram)
+        self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.create("src-states", npages))
+        self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.create("dst-states", npages))
+        self.dst_arrival = np.ndarray((npages,), np.float64,
+                                      buffer=seg.create("dst-arrival", 8 * npages))
+        self.boards = {
+            "source": Board(source.FIELDS, seg.create("src-board", Board.nbytes(source.FIELDS))),
+            "destination": Board(destination.FIELDS,
+                                 seg.create("dst-board", Board.nbytes(destination.FIELDS))),
+            "network": Board(link.FIELDS, seg.create("relay-board", Board.nbytes(link.FIELDS))),
+        }
+        self.ring = FaultRing(seg.create("faults", FaultRing.nbytes(destination.RING)),
+                              destination.RING)
+        self.queue_buf = seg.create("src-queue", PageRequestQueue.nbytes())
+
+    def _spawn(self) -> None:
+        ctx = mp.get_context("spawn")
+        ends = {}
+        for port in PORTS:
+            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            for s in (a, b):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_BUFFER)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, KERNEL_BUFFER)
+            ends[port] = (a, b)  # (endpoint side, relay side)
+            self._sockets += [a, b]
+        names = self.segments.names()
+        plan = {
+            "network": (link.main, ({p: ends[p][1] for p in PORTS},)),
+            "destination": (destination.main, (ends["dst-main"][0], ends["dst-preempt"][0])),
+            "source": (source.main, (ends["src-main"][0], ends["src-preempt"][0])),
+        }
+        for role, (target, args) in plan.items():
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=child_main, name=f"postcopy-emu-{role}", daemon=True,
+                               args=(role, target, child, names, self.cfg, *args))
+            proc.start()
+            child.close()
+            self.children[role] = (proc, parent)
+        for sock in self._sockets:  # the children have their own copies now
+            sock.close()
+        self._sockets.clear()
+
+    def _wait_ready(self) -> None:
+        ready: set[str] = set()
+        deadline = time.monotonic() + 60
+        while len(ready) < len(self.children):
+            if time.monotonic() > deadline:
+                raise RunError("the emulator's processes did not start within 60 s")
+            conns = self._live()
+            for conn in wait_connections(list(conns), 0.1):
+                try:
+                    event = conn.recv()
+                except (EOFError, OSError):
+                    self._died(conns[conn])
+                    raise RunError(self.errors[-1]) from None
+                if event[0] == "ready":
+                    ready.add(event[1])
+                else:
+                    self._event(event)
+            if self.errors:
+                raise RunError(self.errors[0])
+
+    def _live(self) -> dict:
+        return {conn: role for role, (_, conn) in self.children.items() if role not in self.dead}
+
+    def _event(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "state":
+            _, side, status, t = event
+            self.status[side] = status
+            self.states[side].append((status, t))
+        elif kind == "error":
+            self.errors.append(f"{event[1]}: {event[2].strip()}")
+        elif kind == "report":
+            self.reports[event[1]] = event[2]
+        elif kind == "exit":
+            if not self.finished:
+                self.errors.append(f"{event[1]} process exited before the end")
+
+    def _died(self, role: str) -> None:
+        proc = self.children[role][0]
+        self.dead.add(role)
+        proc.join(1)
+        self.errors.append(f"{role} process died (exit code {proc.exitcode})")
+        for side in self.status:
+            if self.status[side] not in FINAL:
+                self.status[side] = "failed"

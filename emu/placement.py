@@ -1,0 +1,127 @@
+"""Placing received pages into the destination's guest RAM.
+
+Like QEMU's postcopy_place_page(): the pieces of a host page are assembled in a temporary page,
+one per channel (PostcopyTmpPage), and the whole host page is placed at once when its last piece
+arrives; placement marks the page present and wakes every vCPU blocked on it. The pieces of one
+host page must come in order on one channel: a piece of another host page, or of a page that the
+other channel is assembling (split brain), is a protocol error.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from emu import ram as R
+from emu.wire import ProtocolError, RamRecord
+
+MAIN, PREEMPT = 0, 1
+
+
+class TmpPage:
+    def __init__(self, page_size: int, payload: bool) -> None:
+        self.page = -1  # host page being assembled, -1 when idle
+        self.filled = 0  # target pages received so far
+        self.buf = np.zeros(page_size, np.uint8) if payload else None
+
+
+class Placer:
+    def __init__(self, states: np.ndarray, ram: np.ndarray | None, page_size: int,
+                 on_place=lambda first, count, channel: None) -> None:
+        self.states = states  # destination page states, one byte per host page
+        self.ram = ram  # (target pages, 4096) uint8, or None without payload
+        self.page_size = page_size
+        self.tpp = page_size // R.TARGET_PAGE
+        self.cond = threading.Condition()
+        self.postcopy = False
+        self.present = 0
+        self.tmp = [TmpPage(page_size, ram is not None) for _ in (MAIN, PREEMPT)]
+        self.placed = [0, 0]  # host pages placed per channel
+        self.on_place = on_place  # (first host page, count, channel), under the lock
+
+    # ---- from the vCPUs and the fault thread ----
+
+    def request(self, page: int) -> bool:
+        """Mark a faulted host page requested; False when it already is, or is present (the
+        fault thread then sends nothing: QEMU de-duplicates the same way)."""
+        with self.cond:
+            if self.states[page] >= R.REQUESTED:
+                return False
+            self.states[page] = R.REQUESTED
+            return True
+
+    def wait_present(self, page: int, stop: threading.Event) -> None:
+        with self.cond:
+            while self.states[page] < R.PRESENT and not stop.is_set():
+                self.cond.wait(0.1)
+
+    # ---- from the listen and preempt threads ----
+
+    def discard(self, first: int, count: int) -> None:
+        """POSTCOPY_RAM_DISCARD: drop pages the source re-dirtied after sending them."""
+        with self.cond:
+            span = self.states[first:first + count]
+            dropped = span >= R.PRESENT
+            self.present -= int(np.count_nonzero(dropped))
+            span[dropped] = R.DISCARDED
+            if self.ram is not None:
+                t0 = first * self.tpp
+                self.ram[t0:t0 + count * self.tpp][np.repeat(dropped, self.tpp)] = 0
+
+    def receive(self, channel: int, rec: RamRecord) -> None:
+        if rec.offset % self.page_size == 0 and rec.npages % self.tpp == 0 \
+                and self.tmp[channel].page < 0:
+            self._place(rec.offset // self.page_size, rec.npages // self.tpp, rec.data, channel)
+        else:
+            self._assemble(channel, rec)
+
+    def _assemble(self, channel: int, rec: RamRecord) -> None:
+        tmp = self.tmp[channel]
+        page = rec.offset // self.page_size
+        if tmp.page < 0:
+            if rec.offset % self.page_size:
+                raise ProtocolError(f"host page {page} starts in the middle")
+            if self.tmp[1 - channel].page == page:
+                raise ProtocolError(f"host page {page} sent on two channels (split brain)")
+            tmp.page, tmp.filled = page, 0
+        expected = tmp.page * self.page_size + tmp.filled * R.TARGET_PAGE
+        if rec.offset != expected or tmp.filled + rec.npages > self.tpp:
+            raise ProtocolError(f"expected offset {expected} of host page {tmp.page}, "
+                                f"got {rec.offset} (+{rec.npages} pages)")
+        if tmp.buf is not None:
+            start = tmp.filled * R.TARGET_PAGE
+            tmp.buf[start:start + len(rec.data)] = np.frombuffer(rec.data, np.uint8)
+        tmp.filled += rec.npages
+        if tmp.filled == self.tpp:
+            tmp.page = -1
+            self._place(page, 1, tmp.buf if tmp.buf is not None else None, channel)
+
+    def _place(self, first: int, count: int, data, channel: int) -> None:
+        with self.cond:
+            span = self.states[first:first + count]
+            if self.postcopy:
+                # a page already present is left alone (UFFDIO_COPY would say EEXIST)
+                new = span < R.PRESENT
+                codes = np.where(span == R.REQUESTED,
+                                 R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
+                                 R.BACKGROUND)
+            else:
+                new = np.ones(count, bool)
+                codes = np.full(count, R.PRECOPY)
+            if self.ram is not None and data is not None:
+                self._copy(first, count, data, new)
+            self.present += int(np.count_nonzero(span[new] < R.PRESENT))
+            span[new] = codes[new]
+            self.placed[channel] += int(np.count_nonzero(new))
+            self.on_place(first, count, channel)
+            self.cond.notify_all()
+
+    def _copy(self, first: int, count: int, data, new: np.ndarray) -> None:
+        src = np.frombuffer(data, np.uint8).reshape(count, self.tpp, R.TARGET_PAGE)
+        dst = self.ram[first * self.tpp:(first + count) * self.tpp].reshape(
+            count, self.tpp, R.TARGET_PAGE)
+        if new.all():
+            dst[:] = src
+        else:
+            dst[new] = src[new]

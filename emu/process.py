@@ -1,0 +1,66 @@
+"""What every child process of a run shares: start-up, the control connection, and dying well.
+
+The control connection is also the lifeline: when the controller goes away (even by SIGKILL),
+the child's read on it fails and the child exits at once, so no process outlives its run.
+Ctrl-C reaches the whole process group; children ignore it and let the controller stop them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Callable
+
+from emu import shm
+
+ROLES = ("source", "destination", "network")
+
+
+class Control:
+    """A child's end of the control connection: thread-safe events out, commands in."""
+
+    def __init__(self, conn, role: str) -> None:
+        self.conn = conn
+        self.role = role
+        self._lock = threading.Lock()
+
+    def emit(self, event: tuple) -> None:
+        with self._lock:
+            try:
+                self.conn.send(event)
+            except OSError:
+                os._exit(1)  # the controller is gone
+
+    def fail(self, message: str) -> None:
+        self.emit(("error", self.role, message))
+
+    def serve(self, handlers: dict[str, Callable[..., None]]) -> None:
+        """Say ready, then run commands until "quit"; exit if the controller disappears."""
+        self.emit(("ready", self.role))
+        while True:
+            try:
+                command, *args = self.conn.recv()
+            except (EOFError, OSError):
+                os._exit(1)
+            if command == "quit":
+                return
+            try:
+                handlers[command](*args)
+            except Exception:  # a bad command must not take the process down silently
+                self.fail(traceback.format_exc())
+
+
+def child_main(role: str, body: Callable, conn, names: dict[str, str], *args) -> None:
+    """Entry point of a spawned child: attach the run's segments and run `body`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = Control(conn, role)
+    segments = shm.attach_all(names)
+    try:
+        body(control, {k: s.buf for k, s in segments.items()}, *args)
+    except Exception:
+        control.fail(traceback.format_exc())
+    finally:
+        control.emit(("exit", role))
+        os._exit(0)  # numpy views into the segments would make a clean close() fail

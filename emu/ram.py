@@ -1,0 +1,56 @@
+"""Guest RAM and the per-page states both sides publish.
+
+Host pages (guest.page-size) are the unit of faults, requests and placement; target pages
+(4 KiB) are the unit the workload touches and the wire carries. Each side owns one state array
+(one byte per host page) and is its only writer, so no cross-process locking is needed; the
+window combines the two (see display_states).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TARGET_PAGE = 4096
+
+# Destination states: what happened to a host page on the destination.
+MISSING = 0  # not received yet
+DISCARDED = 1  # received in precopy, dropped at switchover because the source re-dirtied it
+REQUESTED = 2  # a vCPU faulted on it and the fault thread asked the source for it
+PRESENT = 3  # from here on, the page is in guest RAM
+PRECOPY = 3  # received during precopy
+BACKGROUND = 4  # placed in postcopy from the background stream, nobody waited for it
+URGENT_MAIN = 5  # placed after a request, delivered on the main channel
+URGENT_PREEMPT = 6  # placed after a request, delivered on the preempt channel
+
+DEST_STATE_NAMES = ("missing", "discarded", "requested", "precopy", "background",
+                    "urgent-main", "urgent-preempt")
+
+# Source states: the channel a host page was last sent on.
+UNSENT = 0
+SENT_MAIN = 1  # background or precopy stream
+SENT_URGENT_MAIN = 2  # an urgent page queued behind the background stream (vanilla)
+SENT_PREEMPT = 3  # an urgent page on the preempt channel
+
+# Display codes: destination states, plus "in flight" where the source has sent a page the
+# destination has not placed yet.
+INFLIGHT_MAIN = 7
+INFLIGHT_PREEMPT = 8
+DISPLAY_NAMES = DEST_STATE_NAMES + ("in flight on main", "in flight on preempt")
+
+
+def display_states(dest: np.ndarray, src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = dest.copy()
+    else:
+        np.copyto(out, dest)
+    pending = dest < PRESENT
+    out[pending & ((src == SENT_MAIN) | (src == SENT_URGENT_MAIN))] = INFLIGHT_MAIN
+    out[pending & (src == SENT_PREEMPT)] = INFLIGHT_PREEMPT
+    return out
+
+
+def stamp(ram: np.ndarray) -> None:
+    """Write each target page's own index into its last 8 bytes, so that a page landing at the
+    wrong place, or not at all, shows in the memory check."""
+    pages = ram.view(np.uint64).reshape(-1, TARGET_PAGE // 8)
+    pages[:, -1] = np.arange(pages.shape[0], dtype=np.uint64)

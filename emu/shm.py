@@ -1,0 +1,67 @@
+"""Shared-memory segments of one run: created (and unlinked) by the controller only.
+
+Children attach without registering the segment with the resource tracker: on Python < 3.13 an
+attaching process registers it, and the tracker then unlinks it when that process exits, pulling
+the guest's RAM from under everybody else.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+PREFIX = "pce"  # visible in /dev/shm, so leaks are easy to spot
+
+
+def create(size: int) -> SharedMemory:
+    name = f"{PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
+    return SharedMemory(name, create=True, size=max(size, 1))
+
+
+def attach(name: str) -> SharedMemory:
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name, track=False)
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args: None
+    try:
+        return SharedMemory(name)
+    finally:
+        resource_tracker.register = register
+
+
+class Segments:
+    """The controller's segments by role; names go to the children, who attach()."""
+
+    def __init__(self) -> None:
+        self._shm: dict[str, SharedMemory] = {}
+
+    def create(self, role: str, size: int) -> memoryview:
+        self._shm[role] = create(size)
+        return self._shm[role].buf
+
+    def names(self) -> dict[str, str]:
+        return {role: shm.name for role, shm in self._shm.items()}
+
+    def buf(self, role: str) -> memoryview:
+        return self._shm[role].buf
+
+    def close(self) -> None:
+        """Unlink everything; safe to call twice and with views still alive elsewhere."""
+        for shm in self._shm.values():
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+            try:
+                shm.close()
+            except BufferError:
+                # a numpy view still points into it: the mapping goes when the last view does
+                shm.close = lambda: None
+        self._shm.clear()
+
+
+def attach_all(names: dict[str, str]) -> dict[str, SharedMemory]:
+    return {role: attach(name) for role, name in names.items()}

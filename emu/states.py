@@ -1,0 +1,32 @@
+"""QEMU's MigrationStatus values, and each side's record of its changes in emulated time."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
+            "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "completed",
+            "failed", "colo", "pre-switchover", "device", "wait-unplug")
+FINAL = ("completed", "failed", "cancelled")
+
+
+class StateLog:
+    def __init__(self, side: str, now: Callable[[], float],
+                 emit: Callable[[tuple], None] = lambda event: None) -> None:
+        self.side = side
+        self.status = "none"
+        self.changes: list[tuple[str, float]] = []
+        self._now = now
+        self._emit = emit
+        self._lock = threading.Lock()
+
+    def set(self, status: str) -> None:
+        assert status in STATUSES, status
+        with self._lock:
+            if status == self.status:
+                return
+            t = self._now()
+            self.status = status
+            self.changes.append((status, t))
+        self._emit(("state", self.side, status, t))

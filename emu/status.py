@@ -1,0 +1,33 @@
+"""Named numbers in shared memory: the counters each process publishes for the others to read.
+
+One writer per field (the process that owns the block); readers may see a value a moment old,
+never a torn one (float64 stores are atomic on the machines we run on).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class Board:
+    def __init__(self, fields: tuple[str, ...], buf: memoryview | None = None) -> None:
+        self.fields = fields
+        self._index = {name: i for i, name in enumerate(fields)}
+        shape = (len(fields),)
+        self._v = np.ndarray(shape, np.float64, buffer=buf) if buf is not None else np.zeros(shape)
+
+    @staticmethod
+    def nbytes(fields: tuple[str, ...]) -> int:
+        return 8 * len(fields)
+
+    def __getitem__(self, name: str) -> float:
+        return float(self._v[self._index[name]])
+
+    def __setitem__(self, name: str, value: float) -> None:
+        self._v[self._index[name]] = value
+
+    def add(self, name: str, value: float) -> None:
+        self._v[self._index[name]] += value
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(zip(self.fields, self._v.tolist(), strict=True))

@@ -1,0 +1,208 @@
+"""The migration protocol: what the source and the destination say to each other.
+
+Main stream (source -> destination), one message per frame, named after QEMU's savevm/ram
+formats: commands (QEMU_VM_COMMAND + MIG_CMD_*), RAM records, device state, EOF.
+RAM records carry a run of target pages: QEMU writes one record per 4 KiB page; we let one
+record carry up to emulator.chunk bytes of contiguous pages, because a Python process pays per
+record what QEMU pays per page.
+Return path (destination -> source): QEMU's MIG_RP_MSG_* with their numbers.
+
+Every decoder raises ProtocolError on input that does not parse, never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+from emu.ram import TARGET_PAGE
+
+BLOCK = b"pc.ram"  # our guest has one RAM block, named as QEMU's is
+
+# Main stream section types (QEMU_VM_*)
+QEMU_VM_EOF = 0x01
+QEMU_VM_SECTION_PART = 0x02  # here: a RAM record
+QEMU_VM_SECTION_FULL = 0x04  # here: device state
+QEMU_VM_COMMAND = 0x08
+
+# MIG_CMD_*
+MIG_CMD_OPEN_RETURN_PATH = 1
+MIG_CMD_PING = 2
+MIG_CMD_POSTCOPY_ADVISE = 3
+MIG_CMD_POSTCOPY_LISTEN = 4
+MIG_CMD_POSTCOPY_RUN = 5
+MIG_CMD_POSTCOPY_RAM_DISCARD = 6
+MIG_CMD_POSTCOPY_RESUME = 7
+MIG_CMD_PACKAGED = 8
+MIG_CMD_RECV_BITMAP = 9
+MIG_CMD_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN",
+                 5: "POSTCOPY_RUN", 6: "POSTCOPY_RAM_DISCARD", 7: "POSTCOPY_RESUME",
+                 8: "PACKAGED", 9: "RECV_BITMAP"}
+
+# RAM_SAVE_FLAG_*
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_FLAGS = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE
+
+# MIG_RP_MSG_*
+MIG_RP_MSG_SHUT = 1
+MIG_RP_MSG_PONG = 2
+MIG_RP_MSG_REQ_PAGES_ID = 3
+MIG_RP_MSG_REQ_PAGES = 4
+MIG_RP_MSG_RECV_BITMAP = 5
+MIG_RP_MSG_RESUME_ACK = 6
+RP_NAMES = {1: "SHUT", 2: "PONG", 3: "REQ_PAGES_ID", 4: "REQ_PAGES", 5: "RECV_BITMAP",
+            6: "RESUME_ACK"}
+
+_CMD = struct.Struct("<BHH")  # section type, command, length
+_RAM = struct.Struct("<BQIB")  # section type, offset (bytes), target pages, flags
+_RP = struct.Struct("<HH")  # type, length
+_RANGE = struct.Struct("<QQ")  # first host page... as QEMU: start and length, in bytes
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+@dataclass
+class RamRecord:
+    offset: int  # bytes into the RAM block
+    npages: int  # target pages in this record
+    flags: int
+    data: memoryview | None  # npages * 4 KiB, or None when the payload does not travel
+
+
+@dataclass
+class Command:
+    cmd: int
+    data: bytes
+
+
+@dataclass
+class DeviceState:
+    state: dict
+
+
+@dataclass
+class Eof:
+    pass
+
+
+# ---- main stream: encode ----
+
+def command(cmd: int, data: bytes = b"") -> bytes:
+    return _CMD.pack(QEMU_VM_COMMAND, cmd, len(data)) + data
+
+
+def ram_header(offset: int, npages: int, flags: int) -> bytes:
+    return _RAM.pack(QEMU_VM_SECTION_PART, offset, npages, flags)
+
+
+def device_state(state: dict) -> bytes:
+    return bytes([QEMU_VM_SECTION_FULL]) + json.dumps(state).encode()
+
+
+def eof() -> bytes:
+    return bytes([QEMU_VM_EOF])
+
+
+def discard_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    """POSTCOPY_RAM_DISCARD body: version 0, block name, then (start, length) in bytes."""
+    body = bytes([0, len(BLOCK)]) + BLOCK
+    return command(MIG_CMD_POSTCOPY_RAM_DISCARD,
+                   body + b"".join(_RANGE.pack(s, n) for s, n in ranges))
+
+
+# ---- main stream: decode ----
+
+def decode_main(msg: bytes, payload: bool) -> RamRecord | Command | DeviceState | Eof:
+    if not msg:
+        raise ProtocolError("empty message on the main stream")
+    kind = msg[0]
+    if kind == QEMU_VM_SECTION_PART:
+        return _decode_ram(msg, payload)
+    if kind == QEMU_VM_COMMAND:
+        return _decode_command(msg)
+    if kind == QEMU_VM_SECTION_FULL:
+        return _decode_device(msg)
+    if kind == QEMU_VM_EOF and len(msg) == 1:
+        return Eof()
+    raise ProtocolError(f"unknown section type 0x{kind:02x}")
+
+
+def _decode_ram(msg: bytes, payload: bool) -> RamRecord:
+    if len(msg) < _RAM.size:
+        raise ProtocolError("short RAM record")
+    _, offset, npages, flags = _RAM.unpack_from(msg)
+    if flags & ~RAM_FLAGS or not flags & RAM_SAVE_FLAG_PAGE or npages == 0:
+        raise ProtocolError(f"bad RAM record flags 0x{flags:x} / pages {npages}")
+    if offset % TARGET_PAGE:
+        raise ProtocolError(f"RAM offset {offset} not page aligned")
+    want = npages * TARGET_PAGE if payload else 0
+    if len(msg) - _RAM.size != want:
+        raise ProtocolError(f"RAM record of {npages} pages carries {len(msg) - _RAM.size} bytes")
+    return RamRecord(offset, npages, flags, memoryview(msg)[_RAM.size:] if payload else None)
+
+
+def _decode_command(msg: bytes) -> Command:
+    if len(msg) < _CMD.size:
+        raise ProtocolError("short command")
+    _, cmd, length = _CMD.unpack_from(msg)
+    if cmd not in MIG_CMD_NAMES or len(msg) != _CMD.size + length:
+        raise ProtocolError(f"bad command {cmd} of length {length}")
+    return Command(cmd, msg[_CMD.size:])
+
+
+def _decode_device(msg: bytes) -> DeviceState:
+    try:
+        state = json.loads(msg[1:])
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ProtocolError(f"bad device state: {err}") from None
+    if not isinstance(state, dict):
+        raise ProtocolError("bad device state: not an object")
+    return DeviceState(state)
+
+
+def parse_discard(data: bytes) -> list[tuple[int, int]]:
+    if len(data) < 2 or data[0] != 0 or data[2:2 + data[1]] != BLOCK:
+        raise ProtocolError("bad POSTCOPY_RAM_DISCARD header")
+    body = data[2 + data[1]:]
+    if len(body) % _RANGE.size:
+        raise ProtocolError("bad POSTCOPY_RAM_DISCARD length")
+    return [r for r in _RANGE.iter_unpack(body)]
+
+
+# ---- return path ----
+
+def rp_message(kind: int, data: bytes = b"") -> bytes:
+    return _RP.pack(kind, len(data)) + data
+
+
+def req_pages(offset: int, length: int, first: bool) -> bytes:
+    """REQ_PAGES_ID names the block (the first request); REQ_PAGES means the same block."""
+    if first:
+        return rp_message(MIG_RP_MSG_REQ_PAGES_ID,
+                          struct.pack("<QIB", offset, length, len(BLOCK)) + BLOCK)
+    return rp_message(MIG_RP_MSG_REQ_PAGES, struct.pack("<QI", offset, length))
+
+
+def decode_rp(msg: bytes) -> tuple[int, bytes]:
+    if len(msg) < _RP.size:
+        raise ProtocolError("short return-path message")
+    kind, length = _RP.unpack_from(msg)
+    if kind not in RP_NAMES or len(msg) != _RP.size + length:
+        raise ProtocolError(f"bad return-path message {kind} of length {length}")
+    return kind, msg[_RP.size:]
+
+
+def parse_req_pages(kind: int, data: bytes) -> tuple[int, int]:
+    """(offset, length) of a page request, checking the block name of REQ_PAGES_ID."""
+    if kind == MIG_RP_MSG_REQ_PAGES and len(data) == 12:
+        return struct.unpack("<QI", data)
+    if kind == MIG_RP_MSG_REQ_PAGES_ID and len(data) >= 13:
+        offset, length, n = struct.unpack_from("<QIB", data)
+        if data[13:] == BLOCK and n == len(BLOCK):
+            return offset, length
+    raise ProtocolError(f"bad {RP_NAMES.get(kind, kind)} body")

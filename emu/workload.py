@@ -1,0 +1,144 @@
+"""What the guest does: vCPUs touching 4 KiB pages in a pattern, paced in emulated time.
+
+Patterns (workload.pattern):
+- sequential: mig_mon's mm_dirty. vCPU v walks its own slice of RAM in order, writing the pass
+  number into byte 0 of each page after checking the previous pass's value.
+- ab: QEMU's qtest guest. vCPU v walks its own slice in order, incrementing byte 0.
+- random: uniform over all of RAM; stride: jumps of workload.stride, shifted one page per lap;
+  hotset: workload.hot-probability of the touches go to the first workload.hot-fraction of RAM.
+  These increment byte v of the pages vCPU v touches (no two vCPUs write the same byte, so the
+  memory check knows exactly what each page must hold).
+A touch costs workload.touch-cost of emulated time. A vCPU does its touches in batches as the
+clock allows, so it never spins the host CPU, and stops at the first page that is not present.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from emu.clock import Clock
+from emu.ram import TARGET_PAGE
+
+PATTERNS = ("sequential", "random", "stride", "hotset", "ab")
+SLICED = ("sequential", "ab")  # patterns where each vCPU owns a slice and writes byte 0
+BLOCK = 1 << 16  # touches generated at once by the random-like patterns
+MAX_BATCH = 4096
+
+
+class Workload:
+    """One vCPU's deterministic stream of touches; `pos` counts the touches done so far."""
+
+    def __init__(self, cfg, vcpu: int, pos: int = 0) -> None:
+        self.pattern = cfg["workload.pattern"]
+        self.vcpu = vcpu
+        self.pos = pos
+        self.seed = cfg["emulator.seed"]
+        self.n = cfg["guest.ram"] // TARGET_PAGE
+        nvcpus = cfg["guest.vcpus"]
+        self.lo = vcpu * self.n // nvcpus
+        self.size = (vcpu + 1) * self.n // nvcpus - self.lo
+        self.stride = max(1, cfg["workload.stride"] // TARGET_PAGE)
+        self.hot = max(1, int(self.n * cfg["workload.hot-fraction"]))
+        self.hot_probability = cfg["workload.hot-probability"]
+        self._blocks: dict[int, np.ndarray] = {}
+
+    @property
+    def max_batch(self) -> int:
+        # a sliced batch must not wrap onto itself, or one batch would touch a page twice
+        return min(MAX_BATCH, self.size) if self.pattern in SLICED else MAX_BATCH
+
+    def peek(self, n: int) -> np.ndarray:
+        """The target pages of the next n touches (not done yet)."""
+        k = self.pos + np.arange(n, dtype=np.int64)
+        if self.pattern in SLICED:
+            return self.lo + k % self.size
+        if self.pattern == "stride":
+            k = k + self.lo
+            return ((k * self.stride) % self.n + (k * self.stride) // self.n % self.stride) % self.n
+        return self._random(k)
+
+    def commit(self, ram: np.ndarray | None, pages: np.ndarray) -> int:
+        """Do the touches `pages` (the first ones peek() returned): write guest RAM (None: no
+        payload, nothing to write) and advance. Returns how many touches found a wrong value
+        (sequential checks what its previous pass wrote)."""
+        bad = 0
+        if ram is not None and len(pages):
+            bad = self._write(ram, pages)
+        self.pos += len(pages)
+        return bad
+
+    def _write(self, ram: np.ndarray, pages: np.ndarray) -> int:
+        if self.pattern == "ab":
+            ram[pages, 0] += 1
+            return 0
+        if self.pattern == "sequential":
+            passes = (self.pos + np.arange(len(pages))) // self.size + 1
+            bad = int(np.count_nonzero(ram[pages, 0] != ((passes - 1) & 0xFF)))
+            ram[pages, 0] = passes & 0xFF
+            return bad
+        np.add.at(ram[:, self.vcpu], pages, 1)
+        return 0
+
+    def _random(self, k: np.ndarray) -> np.ndarray:
+        first, last = int(k[0]) // BLOCK, int(k[-1]) // BLOCK
+        blocks = np.concatenate([self._block(b) for b in range(first, last + 1)])
+        return blocks[k - first * BLOCK]
+
+    def _block(self, b: int) -> np.ndarray:
+        if b not in self._blocks:
+            rng = np.random.default_rng([self.seed, self.vcpu, b])
+            pages = rng.integers(0, self.n, BLOCK)
+            if self.pattern == "hotset":
+                hot = rng.random(BLOCK) < self.hot_probability
+                pages = np.where(hot, rng.integers(0, self.hot, BLOCK), pages)
+            self._blocks = {k: v for k, v in self._blocks.items() if k >= b - 1}
+            self._blocks[b] = pages
+        return self._blocks[b]
+
+
+class Memory:
+    """What a vCPU sees of guest RAM; the source and the destination each provide one."""
+
+    ram: np.ndarray | None  # (target pages, 4096) uint8, or None without payload
+
+    def first_missing(self, pages: np.ndarray) -> int:
+        """Index of the first touch whose page is not present (len(pages) if all are)."""
+        raise NotImplementedError
+
+    def fault(self, vcpu: int, page: int) -> None:
+        """Block until the target page `page` is present."""
+        raise NotImplementedError
+
+    def touched(self, vcpu: int, pages: np.ndarray) -> None:
+        """After a batch of writes (the source marks them dirty)."""
+
+
+class VCpu(threading.Thread):
+    def __init__(self, index: int, workload: Workload, memory: Memory, clock: Clock,
+                 touch_cost: float, stop: threading.Event) -> None:
+        super().__init__(name=f"vcpu{index}", daemon=True)
+        self.index = index
+        self.workload = workload
+        self.memory = memory
+        self.clock = clock
+        self.cost = touch_cost
+        self.stop = stop
+        self.bad = 0  # touches that found a value their previous pass did not write
+
+    def run(self) -> None:
+        vt = self.clock.now()  # how far this vCPU has got, in emulated time
+        while not self.stop.is_set():
+            n = min(int((self.clock.now() - vt) / self.cost), self.workload.max_batch)
+            if n <= 0:
+                self.clock.sleep_until(vt + self.cost * 64, max_real=0.01)
+                continue
+            pages = self.workload.peek(n)
+            k = self.memory.first_missing(pages)
+            self.bad += self.workload.commit(self.memory.ram, pages[:k])
+            self.memory.touched(self.index, pages[:k])
+            vt += k * self.cost
+            if k < n:
+                self.memory.fault(self.index, int(pages[k]))
+                vt = max(vt, self.clock.now())  # the time spent blocked is lost to the guest
