@@ -19,7 +19,6 @@ from emu.clock import Clock
 from emu.metrics import FaultRing
 from emu.page_requests import PageRequestQueue
 from emu.process import child_main
-from emu.ram import TARGET_PAGE
 from emu.shm import Segments
 from emu.states import FINAL
 from emu.status import Board
@@ -229,3 +228,22 @@ class Run:
         for side in self.status:
             if self.status[side] not in FINAL:
                 self.status[side] = "failed"
+
+
+def migrate(cfg, progress=None) -> dict:
+    """Run one migration to the end and return its report (see report.build)."""
+    from emu import report
+
+    started = time.monotonic()
+    run = Run(cfg)
+    try:
+        run.start()
+        run.wait(progress)
+        checked = None
+        if run.ok:
+            checked = report.check_memory(
+                cfg, np.frombuffer(run.src_ram, np.uint8), np.frombuffer(run.dst_ram, np.uint8),
+                run.dst_states, run.reports["destination"])
+        return report.build(run, checked, time.monotonic() - started)
+    finally:
+        run.stop()

@@ -1,0 +1,123 @@
+"""postcopy-emu: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from emu import metrics
+from emu.config import ConfigError, load_config
+from emu.units import format_duration, format_rate, format_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.scenario, args.set)
+    except ConfigError as err:
+        print(f"postcopy-emu: {err}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args, cfg)
+    except KeyboardInterrupt:
+        print("\npostcopy-emu: interrupted; everything stopped", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="postcopy-emu",
+        description="Emulate QEMU postcopy live migration and postcopy-preempt.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = _command(sub, "run", "run one migration to completion and report on it")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.set_defaults(func=cmd_run)
+    gui = _command(sub, "gui", "open the window")
+    gui.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
+    gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
+                     help="with --screenshot: real seconds to run before the capture")
+    gui.set_defaults(func=cmd_gui)
+    return parser
+
+
+def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    cmd = sub.add_parser(name, help=help_text, description=help_text)
+    cmd.add_argument("scenario", nargs="?", default=None,
+                     help="scenario TOML file, or the name of a preset in assets/scenarios")
+    cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one setting (repeatable), e.g. --set link.rtt=1ms")
+    return cmd
+
+
+def cmd_run(args, cfg) -> int:
+    from emu.controller import migrate
+
+    result = migrate(cfg, None if args.json else _progress)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(file=sys.stderr)
+        print(summary(result, cfg))
+    return 0 if result["status"] == "completed" and result["integrity"]["ok"] else 1
+
+
+def cmd_gui(args, cfg) -> int:
+    from gui.app import main as gui_main
+
+    return gui_main(cfg, args)
+
+
+def _progress(run) -> None:
+    dst = run.board("destination")
+    faults, _ = run.faults(max(0, run.ring.count - 200))
+    avg = faults["latency"].mean() * 1e3 if len(faults) else 0.0
+    line = (f"\r[{run.clock.now():7.3f}s] {run.status['source']:>15} -> "
+            f"{run.status['destination']:<15} present {dst['present'] / run.cfg.npages:6.1%}  "
+            f"faults {int(dst['faults']):6d}  recent avg {avg:8.3f} ms ")
+    print(line, end="", file=sys.stderr, flush=True)
+
+
+def summary(result: dict, cfg) -> str:
+    qm, lat = result["query-migrate"], result["latency"]
+    mode = "vanilla postcopy"
+    if cfg["migration.postcopy-preempt"]:
+        mode = "postcopy-preempt, break-huge " + (
+            "on" if cfg["migration.x-postcopy-preempt-break-huge"] else "off")
+    elif not cfg["migration.postcopy-ram"]:
+        mode = "precopy only"
+    switch = next((s["time"] for s in result["states"]["source"]
+                   if s["status"] == "device"), 0.0)
+    emu = result["emulator"]
+    lines = [
+        f"postcopy-emu: {result['status']} in {qm['total-time']} ms emulated "
+        f"({emu['real-time-s']:.1f} s real at time-scale {emu['time-scale']})",
+        f"  {mode}; {format_size(cfg['guest.ram'])} guest of "
+        f"{format_size(cfg.page_size)} pages, {cfg['guest.vcpus']} vCPU(s), "
+        f"{cfg['workload.pattern']} workload",
+        f"  link {format_rate(cfg['link.bandwidth'])}, rtt {format_duration(cfg['link.rtt'])}, "
+        f"socket buffer {format_size(cfg['link.socket-buffer'])}",
+        f"  switchover at {switch * 1e3:.0f} ms, downtime {qm['downtime']} ms; transferred "
+        f"{qm['ram']['transferred'] / 1e6:.1f} MB (precopy {qm['ram']['precopy-bytes'] / 1e6:.1f},"
+        f" postcopy {qm['ram']['postcopy-bytes'] / 1e6:.1f})",
+        f"  page faults {lat['count']}: avg {lat['avg-us'] / 1e3:.3f} ms, p50 "
+        f"{lat['p50-us'] / 1e3:.3f}, p99 {lat['p99-us'] / 1e3:.3f}, max "
+        f"{lat['max-us'] / 1e3:.3f} ms; delivered on main {lat['by-channel']['main']['count']},"
+        f" preempt {lat['by-channel']['preempt']['count']}",
+        f"  postcopy-requests {qm['ram']['postcopy-requests']}, "
+        f"blocktime {result['blocktime-ms']['total']:.1f} ms",
+        f"  integrity: {'ok' if result['integrity']['ok'] else 'BAD'} "
+        f"({result['integrity']['checked']}; bad pages {result['integrity']['bad-pages']})",
+    ]
+    lines += [f"  error: {e}" for e in result["errors"]]
+    if "warning" in emu:
+        lines.append(f"  warning: {emu['warning']}")
+    if lat["dist"]:
+        lines += ["", "  page-fault latency (postcopy-latency-dist):",
+                  metrics.histogram_text(lat["dist"])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

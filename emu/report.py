@@ -1,0 +1,128 @@
+"""What a finished run says: the memory check, query-migrate, latency, states, lag."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from emu import integrity, metrics
+from emu.ram import PRESENT, TARGET_PAGE
+from emu.workload import SLICED
+
+LAG_WARN_US = 20.0  # below this average lag the link schedule is as good as exact
+
+
+def check_memory(cfg, src_ram: np.ndarray, dst_ram: np.ndarray, dst_states: np.ndarray,
+                 dst_report: dict) -> dict:
+    """The destination's memory against the source's, the way the workload defines it."""
+    missing = np.flatnonzero(dst_states < PRESENT)
+    if not cfg["emulator.payload"]:
+        return {"ok": not len(missing), "bad-pages": len(missing),
+                "first-bad": missing[:20].tolist(), "checked": "page states only (no payload)"}
+    src = src_ram.reshape(-1, TARGET_PAGE)
+    dst = dst_ram.reshape(-1, TARGET_PAGE)
+    nvcpus = cfg["guest.vcpus"]
+    sliced = cfg["workload.pattern"] in SLICED
+    bad = [integrity.check_rest(dst_ram, src_ram, 1 if sliced else nvcpus)]
+    n = len(dst)
+    for v in range(nvcpus):
+        if sliced:
+            lo, hi = v * n // nvcpus, (v + 1) * n // nvcpus
+            bad.append(integrity.check_step(dst[lo:hi, 0]) + lo)
+        else:
+            bad.append(integrity.check_increments(dst[:, v], src[:, v],
+                                                  dst_report["increments"][v]))
+    bad_pages = np.unique(np.concatenate(bad))
+    touches = dst_report["bad-touches"]
+    return {"ok": not len(bad_pages) and not touches, "bad-pages": len(bad_pages),
+            "first-bad": bad_pages[:20].tolist(), "bad-touches": touches,
+            "checked": f"{n} target pages, content"}
+
+
+def build(run, integrity_result: dict | None, real_time: float) -> dict:
+    cfg = run.cfg
+    src = run.reports.get("source", {}).get("board") or run.board("source")
+    dst = run.reports.get("destination", {})
+    faults = dst.get("faults", np.zeros(0, metrics.FAULT_DTYPE))
+    latency = metrics.summarize(faults["latency"])
+    latency["by-channel"] = {name: metrics.summarize(faults["latency"][faults["channel"] == i])
+                             for i, name in enumerate(metrics.CHANNELS)}
+    total_ms, per_vcpu_ms = metrics.blocktime(faults, cfg["guest.vcpus"])
+    ok = run.ok and bool(integrity_result and integrity_result["ok"])
+    return {
+        "status": "completed" if ok else "failed",
+        "errors": run.errors,
+        "query-migrate": query_migrate(cfg, run.status["source"], src, faults,
+                                       total_ms, per_vcpu_ms),
+        "latency": latency,
+        "blocktime-ms": {"total": round(total_ms, 3),
+                         "per-vcpu": [round(x, 3) for x in per_vcpu_ms]},
+        "integrity": integrity_result or {"ok": False, "bad-pages": None,
+                                          "checked": "not checked: the run did not complete"},
+        "states": {side: [{"status": s, "time": round(t, 6)} for s, t in changes]
+                   for side, changes in run.states.items()},
+        "emulator": emulator_health(cfg, run.board("network"), latency, real_time),
+        "config": cfg.to_json(),
+    }
+
+
+def query_migrate(cfg, status: str, b: dict, faults: np.ndarray, blocktime_ms: float,
+                  vcpu_blocktime_ms: list[float]) -> dict:
+    """QEMU's query-migrate reply, with its field names and units (times in ms)."""
+    total_s = b["total-time"] or 1e-9
+    ram = {
+        "transferred": int(b["transferred"]),
+        "remaining": int(b["remaining"]),
+        "total": cfg["guest.ram"],
+        "duplicate": 0,
+        "normal": int(b["normal"]),
+        "normal-bytes": int(b["normal-bytes"]),
+        "mbps": round(b["transferred"] * 8 / 1e6 / total_s, 3),
+        "dirty-sync-count": int(b["dirty-sync-count"]),
+        "postcopy-requests": int(b["postcopy-requests"]),
+        "page-size": TARGET_PAGE,
+        "pages-per-second": round(b["normal"] / total_s, 1),
+        "precopy-bytes": int(b["precopy-bytes"]),
+        "downtime-bytes": int(b["downtime-bytes"]),
+        "postcopy-bytes": int(b["postcopy-bytes"]),
+    }
+    reply = {
+        "status": status,
+        "total-time": round(b["total-time"] * 1e3),
+        "downtime": round(b["downtime"] * 1e3),
+        "setup-time": round(b["setup-time"] * 1e3),
+        "ram": ram,
+    }
+    if cfg["migration.postcopy-blocktime"]:
+        reply["postcopy-blocktime"] = round(blocktime_ms)
+        reply["postcopy-vcpu-blocktime"] = [round(x) for x in vcpu_blocktime_ms]
+    lat = faults["latency"]
+    reply["postcopy-latency"] = round(float(lat.mean()) * 1e9) if len(lat) else 0
+    reply["postcopy-vcpu-latency"] = [
+        round(float(lat[faults["vcpu"] == v].mean()) * 1e9) if np.any(faults["vcpu"] == v) else 0
+        for v in range(cfg["guest.vcpus"])]
+    reply["postcopy-latency-dist"] = metrics.latency_dist(lat)
+    return reply
+
+
+def emulator_health(cfg, net: dict, latency: dict, real_time: float) -> dict:
+    """How far the link's deliveries fell behind their schedule, in emulated time. Lag is
+    what this machine could not keep up with; it adds to every latency measured."""
+    frames = max(net["frames"], 1)
+    lag_avg_us = net["lag-sum"] / frames * 1e6
+    bound = max(LAG_WARN_US, 0.02 * latency["p50-us"])
+    health = {
+        "time-scale": cfg["emulator.time-scale"],
+        "real-time-s": round(real_time, 3),
+        "lag-avg-us": round(lag_avg_us, 1),
+        "lag-max-us": round(net["lag-max"] * 1e6, 1),
+        "late-frames": int(net["late-frames"]),
+        "frames": int(net["frames"]),
+        "keeping-up": lag_avg_us <= bound,
+    }
+    if not health["keeping-up"]:
+        health["warning"] = (
+            f"the emulator fell behind the link's schedule by {lag_avg_us:.0f} us on average "
+            f"(max {health['lag-max-us']:.0f} us) in emulated time, more than {bound:.0f} us: "
+            f"latencies include that much distortion; lower emulator.time-scale "
+            f"(now {cfg['emulator.time-scale']}) for exact figures")
+    return health
