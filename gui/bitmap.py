@@ -1,0 +1,185 @@
+"""QtPageBitmap: every host page of guest RAM as one cell, coloured by what happened to it.
+
+One persistent ImageItem holds a 2-D uint8 grid of display codes drawn through a fixed
+256-entry lookup table with levels (0, 255): Qt paints it as an indexed image, so a million
+pages cost one array compare per frame and a redraw only when a page changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6 import QtCore, QtWidgets
+
+from emu import ram as R
+from gui import pagemap, style
+from gui.session import Snapshot
+from gui.style import swatch
+
+MARKED_MAX = 64  # waiting pages circled at once; more would hide the picture
+
+
+class QtPageBitmap(QtWidgets.QWidget):
+    """The page grid, its legend with live counts, and a line about the hovered page."""
+
+    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._title = QtWidgets.QLabel()
+        self._title.setObjectName("title")
+        self._view = pg.GraphicsLayoutWidget()
+        self._view.setBackground("w")
+        self._box = self._view.addViewBox(lockAspect=True, invertY=True, enableMenu=False)
+        self._image = pg.ImageItem(axisOrder="row-major", autoDownsample=False)
+        self._image.setLookupTable(pagemap.lookup_table())
+        self._image.setLevels((0, 255))
+        self._box.addItem(self._image)
+        # Circles around pages a vCPU waits for: one page is a pixel or less on a big guest.
+        self._waiting = pg.ScatterPlotItem(symbol="o", size=15, pen=pg.mkPen((200, 0, 40), width=2),
+                                           brush=None, pxMode=True)
+        self._pinned = pg.ScatterPlotItem(symbol="s", size=13, pen=pg.mkPen("k", width=2),
+                                          brush=None, pxMode=True)
+        for item in (self._waiting, self._pinned):
+            self._box.addItem(item)
+        self._info = QtWidgets.QLabel("Hover over a page for its story; click to keep it.")
+        self._info.setWordWrap(True)
+        self._info.setMinimumHeight(36)
+        self._legend, self._counts = _legend()
+        self._layout()
+        self._view.scene().sigMouseMoved.connect(self._hovered)
+        self._view.scene().sigMouseClicked.connect(self._clicked)
+        self._describe: Callable[..., str] | None = None
+        self._snap: Snapshot | None = None
+        self._pin: int | None = None
+        self._hover: int | None = None
+        self.reset(1, 4096)
+
+    def _layout(self) -> None:
+        grid = QtWidgets.QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(self._title, 0, 0, 1, 2)
+        grid.addWidget(self._view, 1, 0)
+        grid.addLayout(self._legend, 1, 1)
+        grid.addWidget(self._info, 2, 0, 1, 2)
+        grid.setColumnStretch(0, 1)
+        grid.setRowStretch(1, 1)
+
+    # ---- a new run ----
+
+    def reset(self, npages: int, page_size: int,
+              describe: Callable[..., str] | None = None) -> None:
+        """Blank grid for a guest of npages host pages; describe(page, dst, src, arrival,
+        code) gives the hover text."""
+        self.npages = npages
+        rows, cols = pagemap.grid_shape(npages)
+        self._cols = cols
+        self._shown = np.full((rows, cols), pagemap.OUTSIDE, np.uint8)
+        self._shown.reshape(-1)[:npages] = R.MISSING
+        self._next = self._shown.copy()
+        self._image.setImage(self._shown, autoLevels=False, levels=(0, 255))
+        self._box.setRange(QtCore.QRectF(0, 0, cols, rows), padding=0.01)
+        self._describe = describe
+        self._snap = None
+        self._pin = self._hover = None
+        self._waiting.setData([], [])
+        self._pinned.setData([], [])
+        self._set_counts(np.bincount(self._codes(self._shown), minlength=pagemap.OUTSIDE))
+        self._title.setText(
+            f"Guest RAM on the destination: {npages:,} host pages of {style.size(page_size)}, "
+            f"{cols} per row (page 0 top left)")
+        self._info.setText("Hover over a page for its story; click to keep it.")
+
+    # ---- every tick ----
+
+    def update_from(self, snap: Snapshot) -> bool:
+        """Redraw what changed; True if the picture changed."""
+        self._snap = snap
+        if snap.dst is None:
+            return False
+        queued = np.fromiter((p for p, _ in snap.urgent.queued), np.int64)
+        pagemap.display_codes(snap.dst, snap.src, self._codes(self._next), queued)
+        changed = not np.array_equal(self._next, self._shown)
+        if changed:
+            self._shown, self._next = self._next, self._shown
+            self._image.setImage(self._shown, autoLevels=False)
+            self._set_counts(np.bincount(self._codes(self._shown), minlength=pagemap.OUTSIDE))
+            self._mark_waiting()
+        self._show_info()
+        return changed
+
+    def _codes(self, grid: np.ndarray) -> np.ndarray:
+        return grid.reshape(-1)[:self.npages]
+
+    def _mark_waiting(self) -> None:
+        pages = np.flatnonzero(self._codes(self._shown) == R.REQUESTED)[:MARKED_MAX]
+        urgent = self._snap.urgent
+        inflight = [p for p, _ in urgent.main + urgent.preempt][:MARKED_MAX]
+        pages = np.union1d(pages, np.asarray(inflight, np.int64))
+        rows, cols = np.divmod(pages, self._cols)
+        self._waiting.setData(cols + 0.5, rows + 0.5)
+
+    def _set_counts(self, counts: np.ndarray) -> None:
+        for code, label in self._counts.items():
+            label.setText(f"{int(counts[code]):,}")
+
+    # ---- hover and click ----
+
+    def _page_at(self, scene_pos: QtCore.QPointF) -> int | None:
+        if not self._box.sceneBoundingRect().contains(scene_pos):
+            return None
+        point = self._box.mapSceneToView(scene_pos)
+        row, col = int(np.floor(point.y())), int(np.floor(point.x()))
+        page = row * self._cols + col
+        if 0 <= col < self._cols and 0 <= page < self.npages and row >= 0:
+            return page
+        return None
+
+    def _hovered(self, scene_pos: QtCore.QPointF) -> None:
+        self._hover = self._page_at(scene_pos)
+        self._show_info()
+
+    def _clicked(self, event) -> None:
+        self._pin = self._page_at(event.scenePos())
+        if self._pin is None:
+            self._pinned.setData([], [])
+        else:
+            row, col = divmod(self._pin, self._cols)
+            self._pinned.setData([col + 0.5], [row + 0.5])
+        self._show_info()
+
+    def select(self, page: int | None) -> None:
+        """Pin a page as a click would (for tests and the queue view)."""
+        self._pin = page
+        self._show_info()
+
+    def info_text(self) -> str:
+        return self._info.text()
+
+    def _show_info(self) -> None:
+        page = self._hover if self._hover is not None else self._pin
+        snap = self._snap
+        if page is None or snap is None or snap.dst is None or self._describe is None:
+            return
+        code = int(self._codes(self._shown)[page])
+        self._info.setText(self._describe(page, snap.dst, snap.src, snap.arrival, code))
+
+
+def _legend() -> tuple[QtWidgets.QGridLayout, dict[int, QtWidgets.QLabel]]:
+    grid = QtWidgets.QGridLayout()
+    grid.setVerticalSpacing(2)
+    heading = QtWidgets.QLabel("<b>page state</b>")
+    grid.addWidget(heading, 0, 0, 1, 3)
+    counts = {}
+    for row, code in enumerate(pagemap.LEGEND_ORDER, start=1):
+        grid.addWidget(swatch(pagemap.COLOURS[code]), row, 0)
+        grid.addWidget(QtWidgets.QLabel(pagemap.LEGEND[code]), row, 1)
+        counts[code] = QtWidgets.QLabel("0")
+        counts[code].setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
+        grid.addWidget(counts[code], row, 2)
+    ring = QtWidgets.QLabel("<span style='color:#c80028; font-size:15px'>&#9711;</span>")
+    grid.addWidget(ring, len(pagemap.LEGEND_ORDER) + 1, 0)
+    grid.addWidget(QtWidgets.QLabel("a vCPU is blocked on this page"),
+                   len(pagemap.LEGEND_ORDER) + 1, 1, 1, 2)
+    grid.setRowStretch(len(pagemap.LEGEND_ORDER) + 2, 1)
+    return grid, counts

@@ -1,0 +1,246 @@
+"""QtControls: scenario presets, the settings a run starts with, the time scale, and the
+buttons that drive the migration (start, start postcopy now, pause, reset).
+
+Settings are shown as their configuration keys would be written (emu.config.KEYS) and handed
+back as `section.key=value` overrides; the engine's own checks judge them. Only the time scale
+reaches a running migration; the rest says that it waits for the next run.
+"""
+
+from __future__ import annotations
+
+import math
+
+from PySide6 import QtCore, QtWidgets
+
+from emu.config import KEYS, scenario_names
+
+# (key, label, suggestions for the editable ones); bools become check boxes, keys with a
+# fixed choice of values plain combo boxes, and guest.vcpus a spin box.
+GROUPS = (
+    ("Capabilities", (
+        ("migration.postcopy-preempt", "postcopy-preempt: urgent pages on their own channel",
+         ()),
+        ("migration.x-postcopy-preempt-break-huge",
+         "break-huge: interrupt a huge page for an urgent one", ()),
+    )),
+    ("Migration parameters", (
+        ("migration.switchover-after", "switchover after", ("100ms", "250ms", "500ms", "1s")),
+        ("migration.max-postcopy-bandwidth", "max-postcopy-bandwidth (0 = none)",
+         ("0", "50MiB/s", "100MiB/s")),
+    )),
+    ("Link", (
+        ("link.bandwidth", "bandwidth", ("100Mbit/s", "1Gbit/s", "10Gbit/s", "25Gbit/s")),
+        ("link.rtt", "round-trip time", ("50us", "200us", "1ms", "10ms")),
+        ("link.socket-buffer", "socket buffer", ("256KiB", "1MiB", "4MiB", "16MiB")),
+    )),
+    ("Guest", (
+        ("guest.ram", "RAM", ("16MiB", "64MiB", "128MiB", "256MiB", "1GiB", "4GiB")),
+        ("guest.page-size", "page size", ()),
+        ("guest.vcpus", "vCPUs", ()),
+        ("workload.pattern", "workload", ()),
+    )),
+)
+SCALE_STEPS = 100  # slider steps per factor of ten
+SCALE_MIN_LOG = -2  # 0.01 emulated s per real s
+SCALE_MAX_LOG = 1  # 10
+
+
+def scale_to_slider(scale: float) -> int:
+    return round((math.log10(scale) - SCALE_MIN_LOG) * SCALE_STEPS)
+
+
+def slider_to_scale(position: int) -> float:
+    return float(f"{10 ** (position / SCALE_STEPS + SCALE_MIN_LOG):.2g}")
+
+
+class QtControls(QtWidgets.QWidget):
+    preset_chosen = QtCore.Signal(str)
+    settings_changed = QtCore.Signal()
+    scale_changed = QtCore.Signal(float)
+    start_clicked = QtCore.Signal()
+    postcopy_clicked = QtCore.Signal()
+    pause_toggled = QtCore.Signal(bool)
+    reset_clicked = QtCore.Signal()
+
+    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._editors: dict[str, QtWidgets.QWidget] = {}
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.preset = QtWidgets.QComboBox()
+        self.preset.addItems(scenario_names())
+        self.preset.textActivated.connect(self.preset_chosen)
+        layout.addWidget(_group("Scenario preset", [self.preset]))
+        for title, fields in GROUPS:
+            layout.addWidget(self._settings_group(title, fields))
+        layout.addWidget(self._time_group())
+        layout.addWidget(self._buttons())
+        self.note = QtWidgets.QLabel()
+        self.note.setObjectName("note")
+        self.note.setWordWrap(True)
+        layout.addWidget(self.note)
+        layout.addStretch(1)
+        self._editors["migration.postcopy-preempt"].toggled.connect(self._preempt_toggled)
+
+    # ---- building ----
+
+    def _settings_group(self, title: str, fields) -> QtWidgets.QGroupBox:
+        box = QtWidgets.QGroupBox(title)
+        form = QtWidgets.QFormLayout(box)
+        form.setContentsMargins(6, 4, 6, 4)
+        for key, label, suggestions in fields:
+            editor = self._editor(key, suggestions, label)
+            self._editors[key] = editor
+            if isinstance(editor, QtWidgets.QCheckBox):
+                form.addRow(editor)
+            else:
+                form.addRow(label, editor)
+        return box
+
+    def _editor(self, key: str, suggestions: tuple[str, ...], label: str) -> QtWidgets.QWidget:
+        spec = KEYS[key]
+        if spec.kind == "bool":
+            editor = QtWidgets.QCheckBox(label)
+            editor.toggled.connect(self.settings_changed)
+        elif key == "guest.vcpus":
+            editor = QtWidgets.QSpinBox()
+            editor.setRange(spec.low, spec.high)
+            editor.valueChanged.connect(self.settings_changed)
+        else:
+            editor = QtWidgets.QComboBox()
+            editor.setEditable(not spec.choices)
+            editor.addItems([spec.show(c) for c in spec.choices] or list(suggestions))
+            editor.currentTextChanged.connect(lambda text, k=key: self._check(k, text))
+        editor.setToolTip(f"{key}: {spec.help}")
+        return editor
+
+    def _time_group(self) -> QtWidgets.QGroupBox:
+        self.scale = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
+        self.scale.setRange(0, (SCALE_MAX_LOG - SCALE_MIN_LOG) * SCALE_STEPS)
+        self.scale.setToolTip("emulator.time-scale: emulated seconds per real second; "
+                              "changes a running migration at once")
+        self.scale_label = QtWidgets.QLabel()
+        self.scale.valueChanged.connect(self._scale_moved)
+        return _group("Time scale (works while running)", [self.scale, self.scale_label])
+
+    def _buttons(self) -> QtWidgets.QWidget:
+        self.start = QtWidgets.QPushButton("Start migration")
+        self.postcopy = QtWidgets.QPushButton("Start postcopy now")
+        self.postcopy.setToolTip("migrate-start-postcopy: switch over before "
+                                 "migration.switchover-after")
+        self.pause = QtWidgets.QPushButton("Pause")
+        self.pause.setCheckable(True)
+        self.pause.setToolTip("Freeze emulated time (time scale 0); press again to resume")
+        self.reset = QtWidgets.QPushButton("Reset")
+        self.reset.setToolTip("Stop the migration, end its processes, clear the view")
+        self.start.clicked.connect(self.start_clicked)
+        self.postcopy.clicked.connect(self.postcopy_clicked)
+        self.pause.toggled.connect(self._pause_toggled)
+        self.reset.clicked.connect(self.reset_clicked)
+        box = QtWidgets.QWidget()
+        grid = QtWidgets.QGridLayout(box)
+        grid.setContentsMargins(0, 0, 0, 0)
+        for i, button in enumerate((self.start, self.postcopy, self.pause, self.reset)):
+            grid.addWidget(button, i // 2, i % 2)
+        return box
+
+    # ---- settings in and out ----
+
+    def show_config(self, cfg, preset: str | None = None) -> None:
+        """Show cfg's values (a preset was chosen, or the window opened)."""
+        if preset is not None:
+            self.preset.setCurrentText(preset)
+        for key, editor in self._editors.items():
+            with QtCore.QSignalBlocker(editor):
+                _set_editor(editor, KEYS[key], cfg[key])
+            _mark(editor, None)
+        self._preempt_toggled(cfg["migration.postcopy-preempt"])
+        with QtCore.QSignalBlocker(self.scale):
+            self.scale.setValue(scale_to_slider(cfg["emulator.time-scale"]))
+        self._show_scale(cfg["emulator.time-scale"])
+        self.settings_changed.emit()
+
+    def overrides(self) -> list[str]:
+        """Every setting as section.key=value, for Config.with_overrides."""
+        sets = [f"{key}={_editor_text(editor)}" for key, editor in self._editors.items()]
+        return sets + [f"emulator.time-scale={self.time_scale()}"]
+
+    def time_scale(self) -> float:
+        return slider_to_scale(self.scale.value())
+
+    def set_value(self, key: str, value: object) -> None:
+        """Change one setting as a person would (for tests and scripts)."""
+        _set_editor(self._editors[key], KEYS[key], value)
+
+    def set_state(self, startable: bool, running: bool, can_postcopy: bool) -> None:
+        self.start.setEnabled(startable)
+        self.postcopy.setEnabled(can_postcopy)
+        self.pause.setEnabled(running)
+        if not running and self.pause.isChecked():
+            with QtCore.QSignalBlocker(self.pause):
+                self.pause.setChecked(False)
+                self.pause.setText("Pause")
+
+    # ---- reactions ----
+
+    def _check(self, key: str, text: str) -> None:
+        try:
+            KEYS[key].parse(text)
+            _mark(self._editors[key], None)
+        except ValueError as err:
+            _mark(self._editors[key], f"{key}: {err}")
+        self.settings_changed.emit()
+
+    def _preempt_toggled(self, on: bool) -> None:
+        # break-huge only means something with a preempt channel
+        self._editors["migration.x-postcopy-preempt-break-huge"].setEnabled(on)
+
+    def _scale_moved(self, position: int) -> None:
+        scale = slider_to_scale(position)
+        self._show_scale(scale)
+        self.scale_changed.emit(scale)
+
+    def _show_scale(self, scale: float) -> None:
+        self.scale_label.setText(f"{scale:g}× : 1 real second = "
+                                 f"{_seconds(scale)} emulated")
+
+    def _pause_toggled(self, paused: bool) -> None:
+        self.pause.setText("Resume" if paused else "Pause")
+        self.pause_toggled.emit(paused)
+
+
+def _group(title: str, widgets: list[QtWidgets.QWidget]) -> QtWidgets.QGroupBox:
+    box = QtWidgets.QGroupBox(title)
+    layout = QtWidgets.QVBoxLayout(box)
+    layout.setContentsMargins(6, 4, 6, 4)
+    for widget in widgets:
+        layout.addWidget(widget)
+    return box
+
+
+def _set_editor(editor: QtWidgets.QWidget, spec, value: object) -> None:
+    if isinstance(editor, QtWidgets.QCheckBox):
+        editor.setChecked(bool(value))
+    elif isinstance(editor, QtWidgets.QSpinBox):
+        editor.setValue(int(value))
+    else:
+        editor.setCurrentText(value if isinstance(value, str) else spec.show(value))
+
+
+def _editor_text(editor: QtWidgets.QWidget) -> str:
+    if isinstance(editor, QtWidgets.QCheckBox):
+        return "true" if editor.isChecked() else "false"
+    if isinstance(editor, QtWidgets.QSpinBox):
+        return str(editor.value())
+    return editor.currentText()
+
+
+def _mark(editor: QtWidgets.QWidget, error: str | None) -> None:
+    """Red frame and the reason in the tooltip for a value the engine would refuse."""
+    editor.setStyleSheet("QComboBox { border: 2px solid #d00000; }" if error else "")
+    if error:
+        editor.setToolTip(error)
+
+
+def _seconds(scale: float) -> str:
+    return f"{scale:g} s" if scale >= 1 else f"{scale * 1e3:g} ms"

@@ -1,0 +1,112 @@
+"""QtCounters: the run's figures under QEMU's query-migrate names, refreshed a few times a
+second, and the report's own figures once the run has ended."""
+
+from __future__ import annotations
+
+import time
+
+from PySide6 import QtCore, QtWidgets
+
+from emu import metrics, report
+from gui import style
+from gui.session import FaultLog, Snapshot
+
+REFRESH_S = 0.25
+
+# (label, how to read it from (query-migrate reply, snapshot)); labels are QEMU's names.
+ROWS = (
+    ("status", lambda q, s: f"{s.status['source']} → {s.status['destination']}"),
+    ("total-time", lambda q, s: f"{q['total-time']:,} ms"),
+    ("setup-time", lambda q, s: f"{q['setup-time']:,} ms"),
+    ("downtime", lambda q, s: f"{q['downtime']:,} ms"),
+    ("ram transferred", lambda q, s: style.size(q["ram"]["transferred"])),
+    ("ram remaining", lambda q, s: style.size(q["ram"]["remaining"])),
+    ("ram precopy-bytes", lambda q, s: style.size(q["ram"]["precopy-bytes"])),
+    ("ram postcopy-bytes", lambda q, s: style.size(q["ram"]["postcopy-bytes"])),
+    ("ram mbps", lambda q, s: f"{q['ram']['mbps']:,.0f}"),
+    ("ram dirty-sync-count", lambda q, s: f"{q['ram']['dirty-sync-count']}"),
+    ("ram postcopy-requests", lambda q, s: f"{q['ram']['postcopy-requests']:,}"),
+    ("urgent pages sent", lambda q, s: _urgent_sent(s)),
+    ("postcopy-blocktime", lambda q, s: _blocktime(q)),
+    ("postcopy-latency", lambda q, s: style.duration(q["postcopy-latency"] * 1e-9)),
+    ("emulator lag", lambda q, s: _lag(s)),
+)
+
+
+class QtCounters(QtWidgets.QWidget):
+    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        title = QtWidgets.QLabel("Counters (query-migrate)")
+        title.setObjectName("title")
+        form = QtWidgets.QFormLayout()
+        form.setVerticalSpacing(1)
+        form.setLabelAlignment(QtCore.Qt.AlignmentFlag.AlignLeft)
+        self._values: dict[str, QtWidgets.QLabel] = {}
+        for name, _ in (*ROWS, ("memory check", None)):
+            self._values[name] = QtWidgets.QLabel("–")
+            form.addRow(name, self._values[name])
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(title)
+        layout.addLayout(form)
+        layout.addStretch(1)
+        self._last = 0.0
+        self._final_shown = False
+
+    def reset(self) -> None:
+        for label in self._values.values():
+            label.setText("–")
+        self._last = 0.0
+        self._final_shown = False
+
+    def update_from(self, snap: Snapshot, cfg, log: FaultLog, final: dict | None) -> None:
+        """Live figures from the boards while running; the report's once it exists."""
+        if self._final_shown or "source" not in snap.boards:
+            return
+        if final is None and time.monotonic() - self._last < REFRESH_S:
+            return
+        self._last = time.monotonic()
+        qm = final["query-migrate"] if final else _live_query_migrate(snap, cfg, log)
+        for name, read in ROWS:
+            self.value(name, read(qm, snap))
+        if final:
+            integrity = final["integrity"]
+            self.value("memory check", f"{'ok' if integrity['ok'] else 'BAD'}: "
+                                       f"{integrity['checked']}")
+            self._final_shown = True
+
+    def value(self, name: str, text: str | None = None) -> str:
+        """Set (when text is given) and return the shown value of one row."""
+        if text is not None and self._values[name].text() != text:
+            self._values[name].setText(text)
+        return self._values[name].text()
+
+
+def _live_query_migrate(snap: Snapshot, cfg, log: FaultLog) -> dict:
+    board = dict(snap.boards["source"])
+    if not board["total-time"]:  # the source sets it at the end: show the time so far
+        board["total-time"] = snap.now
+    total_ms, per_vcpu_ms = metrics.blocktime(log.records, cfg["guest.vcpus"])
+    return report.query_migrate(cfg, snap.status["source"], board, log.records, total_ms,
+                                per_vcpu_ms)
+
+
+def _urgent_sent(snap: Snapshot) -> str:
+    src = snap.boards["source"]
+    return f"on main {int(src['urgent-main']):,} · on preempt {int(src['urgent-preempt']):,}"
+
+
+def _blocktime(qm: dict) -> str:
+    if "postcopy-blocktime" not in qm:
+        return "off (capability postcopy-blocktime)"
+    text = f"{qm['postcopy-blocktime']:,} ms"
+    per_vcpu = qm["postcopy-vcpu-blocktime"]
+    if len(per_vcpu) > 1:  # with one vCPU the two are the same figure
+        text += " (per vCPU: " + ", ".join(f"{ms:,}" for ms in per_vcpu[:4]) + " ms)"
+    return text
+
+
+def _lag(snap: Snapshot) -> str:
+    net = snap.boards["network"]
+    avg = net["lag-sum"] / max(net["frames"], 1)
+    return f"avg {style.duration(avg)}, max {style.duration(net['lag-max'])} behind the link"

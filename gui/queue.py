@@ -1,0 +1,132 @@
+"""QtUrgentQueue: where the pages that vCPUs wait for are, and what is ahead of them.
+
+One row per place an urgent page can be: the source's request queue (QEMU's
+src_page_requests), the main channel (behind the background stream, in vanilla postcopy) and
+the preempt channel; plus the bytes each link connection holds queued, and the return path
+that carries the requests. Each page shows its age: how long its vCPU has been blocked.
+"""
+
+from __future__ import annotations
+
+from PySide6 import QtCore, QtWidgets
+
+from gui import style
+from gui.session import Snapshot
+
+SHOWN = 4  # pages listed per row; the rest are counted
+BAR_STEPS = 1000
+
+
+class QtUrgentQueue(QtWidgets.QWidget):
+    def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
+        super().__init__(parent)
+        title = QtWidgets.QLabel("Urgent pages: a vCPU is blocked on each one")
+        title.setObjectName("title")
+        grid = QtWidgets.QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(title, 0, 0, 1, 3)
+        for col, text in enumerate(("where", "bytes queued on the link",
+                                    "urgent pages there (age)")):
+            grid.addWidget(QtWidgets.QLabel(_grey(text)), 1, col)
+        self._bars: dict[str, QtWidgets.QProgressBar] = {}
+        self._lists: dict[str, QtWidgets.QLabel] = {}
+        rows = (("queue", "request queue\nat the source"),
+                ("main", "main channel\nsource → dest"),
+                ("preempt", "preempt channel\nsource → dest"),
+                ("return", "return path\ndest → source"))
+        for row, (key, text) in enumerate(rows, start=2):
+            grid.addWidget(QtWidgets.QLabel(text), row, 0)
+            if key != "queue":
+                self._bars[key] = _bar()
+                grid.addWidget(self._bars[key], row, 1)
+            self._lists[key] = QtWidgets.QLabel()
+            self._lists[key].setTextFormat(QtCore.Qt.TextFormat.RichText)
+            self._lists[key].setAlignment(QtCore.Qt.AlignmentFlag.AlignTop)
+            grid.addWidget(self._lists[key], row, 2)
+        self._hint = QtWidgets.QLabel()
+        self._hint.setWordWrap(True)
+        grid.addWidget(self._hint, len(rows) + 2, 0, 1, 3)
+        grid.setColumnStretch(1, 2)
+        grid.setColumnStretch(2, 3)
+        grid.setRowStretch(len(rows) + 3, 1)
+        self._texts: dict[str, str] = {}
+        self.reset(None)
+
+    def reset(self, cfg) -> None:
+        """A new run: the socket buffer sets the bars' scale; preempt may be off."""
+        self._cfg = cfg
+        self._window = cfg["link.socket-buffer"] if cfg else 1
+        self._preempt = bool(cfg and cfg["migration.postcopy-preempt"])
+        for bar in self._bars.values():
+            bar.setValue(0)
+            bar.setFormat("0 B")
+        self._bars["preempt"].setEnabled(self._preempt)
+        self._texts.clear()
+        for key in self._lists:
+            self._set(key, "")
+        self._set("return", _grey("page requests travel here"))
+        self._set_hint("")
+
+    def update_from(self, snap: Snapshot) -> None:
+        if self._cfg is None:
+            return
+        net = snap.boards.get("network", {})
+        for key, bar in self._bars.items():
+            queued = net.get(f"queued-{key}", 0.0)
+            bar.setValue(min(BAR_STEPS, round(queued * BAR_STEPS / self._window)))
+            bar.setFormat(f"{style.size(queued)} of {style.size(self._window)}")
+        urgent = snap.urgent
+        self._set("queue", _pages(urgent.queued, "none waiting"))
+        self._set("main", _pages(urgent.main, "none"))
+        off = "off: postcopy-preempt is not enabled"
+        self._set("preempt", _pages(urgent.preempt, "none") if self._preempt else _grey(off))
+        self._set_hint(self._explain(net.get("queued-main", 0.0)))
+
+    def _explain(self, queued_main: float) -> str:
+        """What the main channel's backlog costs an urgent page, in words."""
+        bandwidth = self._cfg["link.bandwidth"]
+        wait = style.duration(queued_main / bandwidth)
+        if self._preempt:
+            return (f"With postcopy-preempt an urgent page skips the {style.size(queued_main)} "
+                    f"queued on main (≈ {wait} of background pages): it goes on its own "
+                    f"connection and only shares the link's bandwidth.")
+        return (f"Vanilla postcopy: an urgent page sent now on main waits behind "
+                f"{style.size(queued_main)} of background pages, ≈ {wait} at "
+                f"{style.rate(bandwidth)}.")
+
+    def _set(self, key: str, html: str) -> None:
+        if self._texts.get(key) != html:  # relayout only when the words change
+            self._texts[key] = html
+            self._lists[key].setText(html)
+
+    def _set_hint(self, text: str) -> None:
+        if self._texts.get("hint") != text:
+            self._texts["hint"] = text
+            self._hint.setText(text)
+
+    def text(self, key: str) -> str:
+        """The page list shown for queue, main, preempt or return (for tests)."""
+        return self._lists[key].text()
+
+
+def _pages(entries: list[tuple[int, float]], empty: str) -> str:
+    if not entries:
+        return _grey(empty)
+    oldest = sorted(entries, key=lambda e: -e[1])
+    lines = [f"page {page} · waiting <b>{style.duration(age)}</b>" for page, age in
+             oldest[:SHOWN]]
+    if len(oldest) > SHOWN:
+        lines.append(f"+ {len(oldest) - SHOWN} more")
+    return "<br>".join(lines)
+
+
+def _grey(text: str) -> str:
+    return f"<span style='color:#777'>{text}</span>"
+
+
+def _bar() -> QtWidgets.QProgressBar:
+    bar = QtWidgets.QProgressBar()
+    bar.setRange(0, BAR_STEPS)
+    bar.setTextVisible(True)
+    bar.setMinimumWidth(120)
+    return bar

@@ -1,0 +1,316 @@
+"""One migration as the window sees it: started without blocking the caller, polled from a
+timer, and read into a Snapshot of what the processes publish.
+
+Plain Python, no Qt (like a napari model): the window owns a Session, calls tick() from its
+QTimer and hands the Snapshot to its widgets. A Session runs one migration; the window makes
+a new one for the next run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emu import metrics, report
+from emu import ram as R
+from emu.controller import Run
+from emu.page_requests import read_published
+
+# Phases of a session, in order; "completed" and "failed" are final.
+IDLE, STARTING, RUNNING, CHECKING, COMPLETED, FAILED = (
+    "idle", "starting", "running", "checking", "completed", "failed")
+FINAL = (COMPLETED, FAILED)
+BUCKETS = 40  # log2 latency buckets kept: 2^40 us is 12 days
+
+
+class FaultLog:
+    """Every resolved fault of one run, with the running log2 histogram per channel."""
+
+    def __init__(self) -> None:
+        self._buf = np.zeros(1024, metrics.FAULT_DTYPE)
+        self.count = 0
+        self.dist = np.zeros((len(metrics.CHANNELS), BUCKETS), np.int64)
+
+    @property
+    def records(self) -> np.ndarray:
+        return self._buf[:self.count]
+
+    def extend(self, new: np.ndarray) -> None:
+        if not len(new):
+            return
+        if self.count + len(new) > len(self._buf):
+            grown = np.zeros(max(2 * len(self._buf), self.count + len(new)), metrics.FAULT_DTYPE)
+            grown[:self.count] = self.records
+            self._buf = grown
+        self._buf[self.count:self.count + len(new)] = new
+        self.count += len(new)
+        for channel in range(len(metrics.CHANNELS)):
+            counts = metrics.latency_dist(new["latency"][new["channel"] == channel])[:BUCKETS]
+            self.dist[channel, :len(counts)] += counts
+
+    def summary(self) -> dict:
+        """count, avg-us, p50-us, p99-us, max-us (metrics.summarize without the dist)."""
+        return {k: v for k, v in metrics.summarize(self.records["latency"]).items()
+                if k != "dist"}
+
+
+@dataclass
+class Urgent:
+    """Pages a vCPU waits for, by where they are; each entry is (host page, age in s)."""
+
+    queued: list[tuple[int, float]] = field(default_factory=list)  # source's request queue
+    main: list[tuple[int, float]] = field(default_factory=list)  # sent urgently on main
+    preempt: list[tuple[int, float]] = field(default_factory=list)  # sent on preempt
+
+
+@dataclass
+class Snapshot:
+    """What the window shows after one tick. Arrays are the run's own (shared memory while
+    it runs, copies once it has ended): read them, never keep them past the next tick."""
+
+    phase: str
+    now: float  # emulated seconds
+    status: dict[str, str]
+    dst: np.ndarray | None
+    src: np.ndarray | None
+    arrival: np.ndarray | None
+    new_faults: np.ndarray
+    urgent: Urgent
+    boards: dict[str, dict[str, float]]
+    events: list[str]  # event-log lines new since the last tick
+
+
+class Session:
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.run: Run | None = None
+        self.phase = IDLE
+        self.faults = FaultLog()
+        self.report: dict | None = None  # emu.report.build() once the run has ended
+        self.scale = cfg["emulator.time-scale"]
+        self.paused = False
+        self._worker: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
+        self._events: list[str] = []
+        self._states_seen = {"source": 0, "destination": 0}
+        self._errors_seen = 0
+        self._asked: dict[int, float] = {}  # requested page -> emulated time it was asked for
+        self._started_real = 0.0
+        self._final: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._final_boards: dict[str, dict[str, float]] = {}
+        self._now = 0.0
+
+    # ---- commands ----
+
+    def start(self) -> None:
+        """Spawn the run's processes in a thread: it takes about a second, the window must
+        stay responsive meanwhile."""
+        if self.phase != IDLE:
+            raise RuntimeError(f"session already {self.phase}")
+        self.run = Run(self.cfg.with_overrides([f"emulator.time-scale={self.scale}"]))
+        self.phase = STARTING
+        self._started_real = time.monotonic()
+        self._log("starting source, destination and network processes")
+        self._background(self.run.start)
+
+    def start_postcopy(self) -> bool:
+        """migrate-start-postcopy now, instead of at migration.switchover-after."""
+        if not self.can_start_postcopy:
+            return False
+        self.run.switched = True  # so Run.poll() does not send it again
+        self.run.command("source", "migrate-start-postcopy")
+        self._log("migrate-start-postcopy (by hand)")
+        return True
+
+    @property
+    def can_start_postcopy(self) -> bool:
+        return (self.phase == RUNNING and not self.run.switched
+                and self.cfg["migration.postcopy-ram"] and self.run.status["source"] == "active")
+
+    def set_scale(self, scale: float) -> None:
+        """Emulated seconds per real second; applies at once to a running migration."""
+        self.scale = scale
+        if self.phase == RUNNING and not self.paused:
+            self.run.clock.set_scale(scale)
+
+    def pause(self, paused: bool) -> None:
+        """Freeze emulated time (scale 0): every process waits, nothing is lost."""
+        if self.phase != RUNNING or paused == self.paused:
+            return
+        self.paused = paused
+        self.run.clock.set_scale(0 if paused else self.scale)
+        self._log("paused" if paused else f"resumed at time-scale {self.scale:g}")
+
+    def stop(self) -> None:
+        """End every process and free every segment; safe to call at any time, twice."""
+        if self._worker is not None:
+            self._worker.join()  # start() or the memory check: both end on their own
+        if self.run is not None:
+            self.run.stop()
+        if self.phase not in FINAL and self.phase != IDLE:
+            self.phase = FAILED
+            self._log("stopped")
+
+    # ---- the timer's side ----
+
+    def tick(self) -> Snapshot:
+        """Read what changed since the last tick; call it 20-30 times a second."""
+        new = np.zeros(0, metrics.FAULT_DTYPE)
+        if self.phase == STARTING and not self._worker_busy():
+            self._started()
+        if self.phase == RUNNING:
+            new = self._poll()
+        if self.phase == CHECKING and not self._worker_busy():
+            self._checked()
+        return self._snapshot(new)
+
+    def _worker_busy(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _started(self) -> None:
+        self._worker = None
+        if self._worker_error is not None:
+            self.run.errors.append(f"start: {self._worker_error}")
+            self._end(FAILED)
+        else:
+            self.phase = RUNNING
+            if self.scale != self.run.cfg["emulator.time-scale"]:
+                self.run.clock.set_scale(self.scale)  # the slider moved while we started
+
+    def _poll(self) -> np.ndarray:
+        run = self.run
+        run.poll(timeout=0)
+        self._now = run.clock.now()
+        self._log_states()
+        new, _ = run.faults(self.faults.count)
+        self.faults.extend(new)
+        if run.finished:
+            self._log_states()
+            self.phase = CHECKING
+            self._final = (run.dst_states.copy(), run.src_states.copy(), run.dst_arrival.copy())
+            self._final_boards = {role: run.board(role) for role in run.boards}
+            self._background(self._check)
+        return new
+
+    def _check(self) -> None:
+        """The memory check and the report, off the timer: 0.1 s per 256 MiB of guest."""
+        run = self.run
+        checked = None
+        if run.ok:
+            checked = report.check_memory(
+                run.cfg, np.frombuffer(run.src_ram, np.uint8),
+                np.frombuffer(run.dst_ram, np.uint8), run.dst_states, run.reports["destination"])
+        self.report = report.build(run, checked, time.monotonic() - self._started_real)
+
+    def _checked(self) -> None:
+        self._worker = None
+        if self._worker_error is not None:
+            self.run.errors.append(f"report: {self._worker_error}")
+        ok = self.report is not None and self.report["status"] == "completed"
+        if self.report is not None:
+            integrity = self.report["integrity"]
+            self._log(f"memory check: {'ok' if integrity['ok'] else 'BAD'} "
+                      f"({integrity['checked']})")
+        self._end(COMPLETED if ok else FAILED)
+
+    def _end(self, phase: str) -> None:
+        self._log_errors()
+        self.run.stop()  # processes and segments go now; the copies in _final stay
+        self.phase = phase
+        self._log(f"run {phase}")
+
+    def _background(self, target) -> None:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as err:  # reported by the next tick
+                self._worker_error = err
+
+        self._worker_error = None
+        self._worker = threading.Thread(target=body, name="session-worker", daemon=True)
+        self._worker.start()
+
+    # ---- snapshots ----
+
+    def _snapshot(self, new: np.ndarray) -> Snapshot:
+        run = self.run
+        dst = src = arrival = None
+        boards = self._final_boards
+        if self._final is not None:
+            dst, src, arrival = self._final
+        elif self.phase in (RUNNING, CHECKING):
+            dst, src, arrival = run.dst_states, run.src_states, run.dst_arrival
+            boards = {role: run.board(role) for role in run.boards}
+        events, self._events = self._events, []
+        status = dict(run.status) if run else {"source": "none", "destination": "none"}
+        return Snapshot(self.phase, self._now, status, dst, src, arrival, new,
+                        self._urgent(dst, src), boards, events)
+
+    def _urgent(self, dst: np.ndarray | None, src: np.ndarray | None) -> Urgent:
+        if dst is None or self.phase != RUNNING:
+            self._asked.clear()
+            return Urgent()
+        queued = read_published(self.run.queue_buf)
+        waiting = np.flatnonzero(dst == R.REQUESTED)
+        # Ages: the source stamps each queued request; a page we first see elsewhere is aged
+        # from the tick that saw it (the destination does not publish its fault times).
+        asked = {int(p): self._asked.get(int(p), self._now) for p in waiting}
+        asked.update((p, t) for p, t in queued if p in asked)
+        self._asked = asked
+        urgent = Urgent(queued=[(p, self._now - asked.get(p, t)) for p, t in queued])
+        in_queue = {p for p, _ in queued}
+        for page in waiting.tolist():
+            if page in in_queue:
+                continue
+            entry = (page, self._now - asked[page])
+            if src[page] == R.SENT_URGENT_MAIN:
+                urgent.main.append(entry)
+            elif src[page] == R.SENT_PREEMPT:
+                urgent.preempt.append(entry)
+        return urgent
+
+    # ---- the event log ----
+
+    def _log(self, text: str, t: float | None = None) -> None:
+        t = self._now if t is None else t
+        self._events.append(f"[{t:8.3f} s] {text}")
+
+    def _log_states(self) -> None:
+        changes = []
+        for side, seen in self._states_seen.items():
+            changes += [(t, side, status) for status, t in self.run.states[side][seen:]]
+            self._states_seen[side] = len(self.run.states[side])
+        for t, side, status in sorted(changes):
+            self._log(f"{side}: {status}", t)
+        self._log_errors()
+
+    def _log_errors(self) -> None:
+        for error in self.run.errors[self._errors_seen:]:
+            self._log(f"error: {error.splitlines()[-1] if error else error}")
+        self._errors_seen = len(self.run.errors)
+
+    # ---- one page, for the bitmap's hover text ----
+
+    def describe(self, page: int, dst: np.ndarray, src: np.ndarray,
+                 arrival: np.ndarray, code: int) -> str:
+        """One line about host page *page*: state, arrival, and the faults that waited."""
+        size = self.cfg.page_size
+        text = f"page {page} (guest address 0x{page * size:x}): {R.DISPLAY_NAMES[code]}"
+        if dst[page] >= R.PRESENT:
+            how = {R.PRECOPY: "precopy stream on main", R.BACKGROUND: "background on main",
+                   R.URGENT_MAIN: "main channel", R.URGENT_PREEMPT: "preempt channel"}
+            text += f", arrived at {arrival[page]:.4f} s via {how[int(dst[page])]}"
+        recs = self.faults.records
+        for rec in recs[recs["page"] == page][:4]:
+            text += (f"; vCPU {rec['vcpu']} faulted at {rec['time']:.4f} s and waited "
+                     f"{_ms(rec['latency'])}")
+        if page in self._asked:
+            text += f"; requested {_ms(self._now - self._asked[page])} ago, vCPU blocked"
+        return text
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms" if seconds < 1 else f"{seconds:.3f} s"

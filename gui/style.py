@@ -1,0 +1,58 @@
+"""What every panel shares: colours, number formats, the window's style sheet."""
+
+from __future__ import annotations
+
+from PySide6 import QtWidgets
+
+from emu import ram as R
+from gui import pagemap
+
+# A channel's colour is the colour of the pages it delivered on demand, in every panel.
+CHANNEL_COLOURS = (pagemap.COLOURS[R.URGENT_MAIN], pagemap.COLOURS[R.URGENT_PREEMPT])
+PREVIOUS = (110, 110, 110)  # the previous run's overlay
+
+STYLE_SHEET = """
+QLabel#title { font-weight: bold; font-size: 14px; }
+QGroupBox { font-weight: bold; }
+QLabel#note { color: #b03000; }
+"""
+
+
+def swatch(rgb: tuple[int, int, int], size: int = 14) -> QtWidgets.QLabel:
+    """A small square of colour, for legends."""
+    label = QtWidgets.QLabel()
+    label.setFixedSize(size, size)
+    label.setStyleSheet(f"background: rgb{rgb}; border: 1px solid #555;")
+    return label
+
+
+def css(rgb: tuple[int, int, int]) -> str:
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def size(nbytes: float) -> str:
+    """Bytes the way people read them: 0 B, 812 B, 4 KiB, 3.9 MiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if abs(nbytes) >= 1 << shift:
+            return f"{nbytes / (1 << shift):.1f}".removesuffix(".0") + f" {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def rate(bytes_per_s: float) -> str:
+    """A link speed in bits, as network people say it: 1 Gbit/s, 100 Mbit/s."""
+    bits = bytes_per_s * 8
+    for unit, mult in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= mult:
+            return f"{bits / mult:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{bits:.0f} bit/s"
+
+
+def duration(seconds: float) -> str:
+    """A latency or an age: 57 us, 0.83 ms, 33.1 ms, 1.20 s."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 10e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"

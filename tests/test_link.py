@@ -1,0 +1,165 @@
+"""The emulated link: fair sharing, delay, windows, and the head-of-line blocking they cause."""
+
+import socket
+import threading
+
+import pytest
+
+from emu.channel import Endpoint
+from emu.clock import Clock
+from emu.link import FIELDS, Bottleneck, Relay
+from emu.status import Board
+
+
+def test_one_connection_gets_the_whole_bandwidth():
+    neck = Bottleneck(1000.0)
+    neck.push("main", "a", 500)
+    neck.push("main", "b", 500)
+    out = neck.advance(10)
+    assert [(round(t, 6), item) for t, _, item in out] == [(0.5, "a"), (1.0, "b")]
+
+
+def test_connections_with_data_share_the_bandwidth_equally():
+    neck = Bottleneck(1000.0)
+    neck.push("main", "big", 1000)
+    neck.push("preempt", "small", 500)
+    out = {item: t for t, _, item in neck.advance(10)}
+    # both at 500 B/s until "small" is done at 1.0 s; then "big" alone at 1000 B/s
+    assert out["small"] == pytest.approx(1.0)
+    assert out["big"] == pytest.approx(1.5)
+
+
+def test_advance_in_steps_matches_one_big_step():
+    a, b = Bottleneck(1e6), Bottleneck(1e6)
+    for neck in (a, b):
+        neck.push("main", 1, 300_000)
+        neck.push("preempt", 2, 100_000)
+    stepped = []
+    for k in range(1, 101):
+        stepped += a.advance(k * 0.01)
+    assert [round(t, 9) for t, _, _ in stepped] == [round(t, 9) for t, _, _ in b.advance(1.0)]
+
+
+def test_next_departure_is_the_head_completion():
+    neck = Bottleneck(100.0)
+    assert neck.next_departure() == float("inf")
+    neck.push("main", "x", 50)
+    neck.push("preempt", "y", 10)
+    assert neck.next_departure() == pytest.approx(0.2)  # 10 bytes at half of 100 B/s
+
+
+class LinkBench:
+    """A relay in a thread with one sender and one receiver endpoint per direction."""
+
+    def __init__(self, bandwidth: float, rtt: float, window: int, scale: float,
+                 credits: bool = True) -> None:
+        self.clock = Clock()
+        ports, self.src, self.dst = {}, {}, {}
+        for port in ("src-main", "src-preempt", "dst-main", "dst-preempt"):
+            a, b = socket.socketpair()
+            ports[port] = b
+            side, name = port.split("-")
+            (self.src if side == "src" else self.dst)[name] = Endpoint(a, window, port)
+        self.relay = Relay(ports, self.clock, Board(FIELDS), bandwidth, rtt)
+        if credits:  # in the source, the return-path thread reads them
+            for ep in self.src.values():
+                ep.read_credits_in_background()
+        self.stop = threading.Event()
+        self.clock.start(scale)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.relay.step(0.005)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def bench():
+    made = []
+
+    def make(**kw):
+        made.append(LinkBench(**kw))
+        return made[-1]
+    yield make
+    for b in made:
+        b.close()
+
+
+def receive_times(ep, clock, n, out):
+    for _ in range(n):
+        out.append((ep.recv(), clock.now()))
+
+
+def test_urgent_frame_waits_behind_the_queued_bytes(bench):
+    """Head-of-line blocking: a frame written behind S queued bytes arrives about S/B later."""
+    B, S, rtt = 50e6, 1 << 20, 1e-3
+    link = bench(bandwidth=B, rtt=rtt, window=S, scale=0.2)
+    got = []
+    reader = threading.Thread(target=receive_times, args=(link.dst["main"], link.clock, 65, got))
+    reader.start()
+    filler = bytes(16 << 10)
+    for _ in range(64):  # fill the window: 1 MiB queued on main
+        link.src["main"].send([filler])
+    t_sent = link.clock.now()
+    link.src["main"].send([b"urgent"])
+    reader.join(10)
+    assert got[-1][0] == b"urgent"
+    waited = got[-1][1] - t_sent
+    assert waited == pytest.approx(S / B + rtt / 2, rel=0.15)
+
+
+def test_preempt_channel_passes_the_queue_at_half_the_bandwidth(bench):
+    B, S, rtt = 50e6, 1 << 20, 1e-3
+    link = bench(bandwidth=B, rtt=rtt, window=S, scale=0.05)
+    got = []
+    drain = threading.Thread(target=receive_times, args=(link.dst["main"], link.clock, 64, []))
+    drain.start()
+    filler = bytes(16 << 10)
+    for _ in range(64):
+        link.src["main"].send([filler])
+    page = bytes(4096)
+    t_sent = link.clock.now()
+    link.src["preempt"].send([page])
+    receive_times(link.dst["preempt"], link.clock, 1, got)
+    drain.join(10)
+    waited = got[0][1] - t_sent
+    # shares the bottleneck with the backlog on main: 4 KiB at B/2, plus the one-way delay
+    assert 2 * len(page) / B + rtt / 2 <= waited < 2 * len(page) / B + rtt / 2 + 2e-4
+    assert waited < S / B / 10
+
+
+def test_sender_blocks_when_its_window_is_full(bench):
+    link = bench(bandwidth=1e6, rtt=0.0, window=64 << 10, scale=1.0)
+    link.src["main"].send([bytes(64 << 10)])
+    assert link.src["main"].outstanding == 64 << 10
+    done = threading.Event()
+
+    def second():
+        link.src["main"].send([bytes(1024)])
+        done.set()
+    threading.Thread(target=second, daemon=True).start()
+    assert not done.wait(0.02)  # 64 KiB at 1 MB/s take 65 ms to drain
+    link.dst["main"].recv()
+    assert done.wait(2)
+
+
+def test_return_path_flows_the_other_way_with_its_delay(bench):
+    link = bench(bandwidth=1e9, rtt=20e-3, window=1 << 20, scale=1.0, credits=False)
+    t0 = link.clock.now()
+    link.dst["main"].send([b"REQ"])
+    assert link.src["main"].recv() == b"REQ"
+    assert link.clock.now() - t0 == pytest.approx(10e-3, abs=3e-3)
+
+
+def test_virtual_bytes_are_charged_but_not_carried(bench):
+    B = 10e6
+    link = bench(bandwidth=B, rtt=0.0, window=8 << 20, scale=1.0)
+    t0 = link.clock.now()
+    link.src["main"].send([b"hdr"], virt=200_000)
+    assert link.dst["main"].recv() == b"hdr"
+    assert link.clock.now() - t0 == pytest.approx(200_003 / B, rel=0.15)

@@ -1,0 +1,113 @@
+"""Whole migrations between real processes, named after QEMU's qtests.
+
+Every assertion is on emulated time, counts and memory contents, never on wall-clock time.
+"""
+
+import numpy as np
+import pytest
+
+from emu.metrics import FAULT_DTYPE
+
+
+def assert_completed(result):
+    assert result["status"] == "completed", result["errors"]
+    assert result["integrity"]["ok"], result["integrity"]
+    for side in ("source", "destination"):
+        states = [s["status"] for s in result["states"][side]]
+        assert states[0] == "setup" and states[-1] == "completed", states
+        times = [s["time"] for s in result["states"][side]]
+        assert times == sorted(times)
+
+
+def assert_postcopy(result):
+    assert_completed(result)
+    assert [s["status"] for s in result["states"]["source"]] == [
+        "setup", "active", "device", "postcopy-active", "completed"]
+    assert [s["status"] for s in result["states"]["destination"]] == [
+        "setup", "active", "postcopy-active", "completed"]
+    lat = result["latency"]
+    assert lat["count"] > 0 and lat["avg-us"] > 0
+    assert sum(lat["dist"]) == lat["count"]
+    assert result["query-migrate"]["ram"]["postcopy-requests"] > 0
+
+
+def test_postcopy_plain(run_migration):
+    result = run_migration(workload__pattern="ab")
+    assert_postcopy(result)
+    assert result["latency"]["by-channel"]["preempt"]["count"] == 0
+    qm = result["query-migrate"]
+    assert qm["ram"]["postcopy-bytes"] > 0 and qm["ram"]["precopy-bytes"] > 0
+    assert qm["ram"]["transferred"] >= 32 << 20
+
+
+def test_postcopy_preempt_plain(run_migration):
+    result = run_migration(workload__pattern="ab", migration__postcopy_preempt="true")
+    assert_postcopy(result)
+    assert result["latency"]["by-channel"]["preempt"]["count"] > 0
+
+
+@pytest.mark.parametrize("break_huge", ["true", "false"])
+def test_postcopy_preempt_2M_pages(run_migration, break_huge):
+    result = run_migration(guest__page_size="2MiB", guest__ram="64MiB",
+                           migration__postcopy_preempt="true",
+                           migration__x_postcopy_preempt_break_huge=break_huge)
+    assert_postcopy(result)
+    assert result["latency"]["by-channel"]["preempt"]["count"] > 0
+
+
+def test_postcopy_several_vcpus_random(run_migration):
+    result = run_migration(guest__vcpus=4, workload__pattern="random",
+                           migration__postcopy_preempt="true")
+    assert_postcopy(result)
+    assert len(result["query-migrate"]["postcopy-vcpu-blocktime"]) == 4
+    assert sum(v > 0 for v in result["blocktime-ms"]["per-vcpu"]) >= 2
+
+
+def test_postcopy_sequential_checks_previous_values(run_migration):
+    result = run_migration(workload__pattern="sequential", guest__vcpus=2)
+    assert_postcopy(result)
+    assert result["integrity"]["bad-touches"] == 0
+
+
+def test_postcopy_without_payload(run_migration):
+    result = run_migration(emulator__payload="false", guest__ram="256MiB", emulator__time_scale=1,
+                           migration__postcopy_preempt="true")
+    assert_postcopy(result)
+    assert "states" in result["integrity"]["checked"]
+
+
+def test_precopy_only_stop_and_copy(run_migration):
+    result = run_migration(migration__postcopy_ram="false", workload__pattern="ab")
+    assert_completed(result)
+    assert result["latency"]["count"] == 0
+    assert result["query-migrate"]["ram"]["downtime-bytes"] > 0
+
+
+def test_preempt_beats_vanilla_on_4k_random(run_migration):
+    """The point of the feature: with a socket buffer much larger than a page, an urgent page
+    in vanilla waits behind the whole background stream; on its own channel it does not."""
+    sets = dict(workload__pattern="random", link__socket_buffer="2MiB", guest__ram="64MiB")
+    vanilla = run_migration(**sets)
+    preempt = run_migration(migration__postcopy_preempt="true", **sets)
+    for result in (vanilla, preempt):
+        assert_postcopy(result)
+        assert result["latency"]["count"] >= 10
+    assert vanilla["latency"]["avg-us"] >= 5 * preempt["latency"]["avg-us"], (
+        vanilla["latency"], preempt["latency"])
+
+
+def test_fault_records_are_complete():
+    from emu.controller import Run
+    from tests.conftest import config
+
+    with Run(config(workload__pattern="random")) as run:
+        run.wait()
+        faults = run.reports["destination"]["faults"]
+        assert faults.dtype == FAULT_DTYPE and len(faults)
+        switchover = dict(run.states["destination"])["postcopy-active"]
+        assert (faults["time"] >= switchover).all()
+        assert (faults["latency"] > 0).all()
+        assert set(np.unique(faults["channel"])) <= {0}
+        assert (faults["page"] < run.cfg.npages).all()
+        live, count = run.faults(0)
+        assert count == len(faults) and (live["page"] == faults["page"]).all()

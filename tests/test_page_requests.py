@@ -1,0 +1,27 @@
+import numpy as np
+
+from emu.page_requests import PageRequestQueue, read_published
+
+
+def test_fifo_and_published_view():
+    buf = bytearray(PageRequestQueue.nbytes())
+    q = PageRequestQueue(memoryview(buf))
+    for page in (7, 3, 9):
+        q.put(page, page / 10)
+    assert read_published(memoryview(buf)) == [(7, 0.7), (3, 0.3), (9, 0.9)]
+    assert q.pop() == (7, 0.7)
+    assert q.nonempty.is_set()
+    assert read_published(memoryview(buf)) == [(3, 0.3), (9, 0.9)]
+    assert q.clear() == [(3, 0.3), (9, 0.9)]
+    assert not q.nonempty.is_set() and q.pop() is None
+    assert read_published(memoryview(buf)) == []
+
+
+def test_only_the_head_is_published_when_the_queue_is_long():
+    buf = bytearray(PageRequestQueue.nbytes())
+    q = PageRequestQueue(memoryview(buf))
+    for page in range(1000):
+        q.put(page, 0.0)
+    shown = read_published(memoryview(buf))
+    assert [p for p, _ in shown] == list(np.arange(len(shown)))
+    assert len(q) == 1000
