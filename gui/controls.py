@@ -111,7 +111,7 @@ class QtControls(QtWidgets.QWidget):
             editor.setEditable(not spec.choices)
             editor.addItems([spec.show(c) for c in spec.choices] or list(suggestions))
             editor.currentTextChanged.connect(lambda text, k=key: self._check(k, text))
-        editor.setToolTip(f"{key}: {spec.help}")
+        _mark(editor, key, None)
         return editor
 
     def _time_group(self) -> QtWidgets.QGroupBox:
@@ -153,7 +153,7 @@ class QtControls(QtWidgets.QWidget):
         for key, editor in self._editors.items():
             with QtCore.QSignalBlocker(editor):
                 _set_editor(editor, KEYS[key], cfg[key])
-            _mark(editor, None)
+            _mark(editor, key, None)
         self._preempt_toggled(cfg["migration.postcopy-preempt"])
         with QtCore.QSignalBlocker(self.scale):
             self.scale.setValue(scale_to_slider(cfg["emulator.time-scale"]))
@@ -186,9 +186,9 @@ class QtControls(QtWidgets.QWidget):
     def _check(self, key: str, text: str) -> None:
         try:
             KEYS[key].parse(text)
-            _mark(self._editors[key], None)
+            _mark(self._editors[key], key, None)
         except ValueError as err:
-            _mark(self._editors[key], f"{key}: {err}")
+            _mark(self._editors[key], key, str(err))
         self.settings_changed.emit()
 
     def _preempt_toggled(self, on: bool) -> None:
@@ -235,11 +235,11 @@ def _editor_text(editor: QtWidgets.QWidget) -> str:
     return editor.currentText()
 
 
-def _mark(editor: QtWidgets.QWidget, error: str | None) -> None:
-    """Red frame and the reason in the tooltip for a value the engine would refuse."""
+def _mark(editor: QtWidgets.QWidget, key: str, error: str | None) -> None:
+    """The key and its help in the tooltip; a red frame and the reason for a value the engine
+    would refuse."""
     editor.setStyleSheet("QComboBox { border: 2px solid #d00000; }" if error else "")
-    if error:
-        editor.setToolTip(error)
+    editor.setToolTip(f"{key}: {error or KEYS[key].help}")
 
 
 def _seconds(scale: float) -> str:

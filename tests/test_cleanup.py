@@ -1,0 +1,125 @@
+"""Nothing is left behind: no process, no shared-memory segment, whatever way a run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from emu.controller import Run
+from tests.conftest import config
+
+SLOW = ["--set", "emulator.time-scale=0.05", "--set", "guest.ram=64MiB"]
+
+
+def segments(pid: int) -> list[str]:
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"pce_{pid}_")]
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return [int(x) for x in out.stdout.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def start_cli(*args):
+    proc = subprocess.Popen([sys.executable, "-m", "emu.cli", "run", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    assert wait_for(lambda: len(children(proc.pid)) >= 3 and segments(proc.pid)), \
+        "the run did not start"
+    # the emulator's processes: the controller's children other than the resource tracker
+    kids = [k for k in children(proc.pid) if "resource_tracker" not in _cmdline(k)]
+    return proc, kids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def test_ctrl_c_stops_everything():
+    proc, kids = start_cli(*SLOW)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err
+    assert not segments(proc.pid)
+    assert wait_for(lambda: not any(alive(k) for k in kids))
+
+
+def test_killed_controller_takes_its_children_with_it():
+    proc, kids = start_cli(*SLOW)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert wait_for(lambda: not any(alive(k) for k in kids)), "orphaned emulator processes"
+    assert wait_for(lambda: not segments(proc.pid)), "segments left in /dev/shm"
+
+
+@pytest.mark.parametrize("victim", ["destination", "source", "network"])
+def test_a_killed_child_fails_the_run_and_nothing_is_left(victim):
+    run = Run(config(emulator__time_scale="0.1", guest__ram="64MiB"))
+    try:
+        run.start()
+        while run.clock.now() < 0.05:
+            run.poll()
+        os.kill(run.children[victim][0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not run.finished and time.monotonic() < deadline:
+            run.poll()
+        assert any(f"{victim} process died" in e for e in run.errors), run.errors
+        assert not run.ok
+        procs = [p for p, _ in run.children.values()]
+    finally:
+        run.stop()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_a_failing_run_reports_and_cleans_up(run_migration):
+    result = run_migration(migration__switchover_after="10s", emulator__duration_limit="50ms")
+    assert result["status"] == "failed"
+    assert any("duration-limit" in e for e in result["errors"])
+    assert not result["integrity"]["ok"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (["guest.page-size=8KiB"], "guest.page-size: must be one of 4KiB, 2MiB, 1GiB"),
+    (["guest.page-size=2MiB", "guest.ram=3MiB"],
+     "guest.ram: must be a multiple of guest.page-size"),
+    (["link.bandwidth=0"], "link.bandwidth: must be > 0"),
+    (["link.bandwith=1Gbit"], "did you mean link.bandwidth"),
+    (["migration.postcopy-ram=false", "migration.postcopy-preempt=true"],
+     "requires migration.postcopy-ram"),
+])
+def test_invalid_settings_stop_before_any_process_starts(setting, message):
+    sets = [arg for s in setting for arg in ("--set", s)]
+    out = subprocess.run([sys.executable, "-m", "emu.cli", "run", *sets],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
