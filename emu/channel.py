@@ -14,7 +14,9 @@ import socket
 import struct
 import threading
 
-HEADER = struct.Struct("<BIQ")  # kind, payload length, charged-but-not-carried bytes
+# kind, payload length, charged-but-not-carried bytes, arrival time (emulated, set by the link)
+HEADER = struct.Struct("<BIQd")
+ARRIVAL_OFFSET = 13
 DATA = 0
 CREDIT = 1
 MAX_FRAME = 64 << 20
@@ -25,8 +27,10 @@ class ChannelError(ConnectionError):
 
 
 class Endpoint:
-    def __init__(self, sock: socket.socket, window: int, name: str = "") -> None:
+    def __init__(self, sock: socket.socket, window: int, name: str = "",
+                 on_arrival=None) -> None:
         self.name = name
+        self.on_arrival = on_arrival  # called with each DATA frame's scheduled arrival time
         self.sock = sock
         self.window = window
         self._reader = sock.makefile("rb", buffering=1 << 20)
@@ -52,15 +56,17 @@ class Endpoint:
                         raise ChannelError(f"{self.name}: closed")
                     self._credit.wait(0.5)
                 self._outstanding += charge
-            self._sendall([HEADER.pack(DATA, size, virt), *parts])
+            self._sendall([HEADER.pack(DATA, size, virt, 0.0), *parts])
 
     def recv(self) -> bytes:
         """The next DATA frame's payload; credits met on the way are taken in."""
         while True:
-            kind, size, virt = self._read_header()
+            kind, size, virt, arrival = self._read_header()
             if kind == CREDIT:
                 self._take_credit(virt)
                 continue
+            if self.on_arrival:
+                self.on_arrival(arrival)
             payload = self._reader.read(size) if size else b""
             if len(payload) != size:
                 raise ChannelError(f"{self.name}: connection closed mid-frame")
@@ -87,14 +93,14 @@ class Endpoint:
         except OSError:
             pass
 
-    def _read_header(self) -> tuple[int, int, int]:
+    def _read_header(self) -> tuple[int, int, int, float]:
         raw = self._reader.read(HEADER.size)
         if len(raw) != HEADER.size:
             raise ChannelError(f"{self.name}: connection closed")
-        kind, size, virt = HEADER.unpack(raw)
+        kind, size, virt, arrival = HEADER.unpack(raw)
         if kind not in (DATA, CREDIT) or size > MAX_FRAME:
             raise ChannelError(f"{self.name}: bad frame header {raw.hex()}")
-        return kind, size, virt
+        return kind, size, virt, arrival
 
     def _take_credit(self, n: int) -> None:
         with self._credit:
@@ -116,4 +122,4 @@ class Endpoint:
 
 
 def credit_frame(n: int) -> bytes:
-    return HEADER.pack(CREDIT, 0, n)
+    return HEADER.pack(CREDIT, 0, n, 0.0)

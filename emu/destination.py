@@ -12,18 +12,18 @@ import threading
 
 import numpy as np
 
-from emu import wire
 from emu import ram as R
+from emu import wire
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.metrics import FaultRing
 from emu.placement import MAIN, PREEMPT, Placer
 from emu.states import StateLog
-from emu.status import Board
+from emu.status import LAG_FIELDS, Board, lag_meter
 from emu.workload import SLICED, Memory, VCpu, Workload
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
-          "placed-main", "placed-preempt")
+          "placed-main", "placed-preempt") + LAG_FIELDS
 RING = 1 << 16
 
 
@@ -64,8 +64,9 @@ class Destination:
         self.ring = FaultRing(bufs["faults"], RING)
         self.state = StateLog("destination", self.clock.now, control.emit)
         window = cfg["link.socket-buffer"]
-        self.main = Endpoint(main_sock, window, "main")
-        self.preempt = (Endpoint(preempt_sock, window, "preempt")
+        lag = lag_meter(self.board, self.clock.now)
+        self.main = Endpoint(main_sock, window, "main", lag)
+        self.preempt = (Endpoint(preempt_sock, window, "preempt", lag)
                         if cfg["migration.postcopy-preempt"] else None)
         self.faults: queue.SimpleQueue = queue.SimpleQueue()
         self.records: list[tuple] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import selectors
 import socket
+import struct
 from dataclasses import dataclass, field
 
 from emu import channel
@@ -140,7 +141,7 @@ class Relay:
     def _parse(self, name: str, port: Port) -> None:
         buf, pos, now = port.inbuf, 0, None
         while len(buf) - pos >= channel.HEADER.size:
-            kind, size, virt = channel.HEADER.unpack_from(buf, pos)
+            kind, size, virt, _ = channel.HEADER.unpack_from(buf, pos)
             end = pos + channel.HEADER.size + size
             if len(buf) < end:
                 break
@@ -149,7 +150,7 @@ class Relay:
                 now = self.clock.now()
                 self._advance_all(now)
             if kind == channel.DATA and conn is not None:
-                self._enqueue(conn, bytes(buf[pos:end]), size + virt)
+                self._enqueue(conn, bytearray(buf[pos:end]), size + virt)
             pos = end
         del buf[:pos]
 
@@ -176,6 +177,8 @@ class Relay:
             while queue and queue[0][0] <= now:
                 t, frame, charge = queue.popleft()
                 self._note_lag(now - t)
+                # the receiver measures how late it gets to each frame against this time
+                struct.pack_into("<d", frame, channel.ARRIVAL_OFFSET, t)
                 self.ports[receiver].out.append([memoryview(frame), conn, charge])
             self._flush(receiver)
 

@@ -60,7 +60,7 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                                           "checked": "not checked: the run did not complete"},
         "states": {side: [{"status": s, "time": round(t, 6)} for s, t in changes]
                    for side, changes in run.states.items()},
-        "emulator": emulator_health(cfg, run.board("network"), latency, real_time),
+        "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }
 
@@ -104,19 +104,19 @@ def query_migrate(cfg, status: str, b: dict, faults: np.ndarray, blocktime_ms: f
     return reply
 
 
-def emulator_health(cfg, net: dict, latency: dict, real_time: float) -> dict:
-    """How far the link's deliveries fell behind their schedule, in emulated time. Lag is
-    what this machine could not keep up with; it adds to every latency measured."""
-    frames = max(net["frames"], 1)
-    lag_avg_us = net["lag-sum"] / frames * 1e6
+def emulator_health(cfg, dst: dict, latency: dict, real_time: float) -> dict:
+    """How late the destination got to the frames the link delivered, against their scheduled
+    arrival, in emulated time: the relay or the destination falling behind the scaled clock.
+    Lag is what this machine could not keep up with; it adds to every latency measured."""
+    frames = max(dst["rx-frames"], 1)
+    lag_avg_us = dst["rx-lag-sum"] / frames * 1e6
     bound = max(LAG_WARN_US, 0.02 * latency["p50-us"])
     health = {
         "time-scale": cfg["emulator.time-scale"],
         "real-time-s": round(real_time, 3),
         "lag-avg-us": round(lag_avg_us, 1),
-        "lag-max-us": round(net["lag-max"] * 1e6, 1),
-        "late-frames": int(net["late-frames"]),
-        "frames": int(net["frames"]),
+        "lag-max-us": round(dst["rx-lag-max"] * 1e6, 1),
+        "frames": int(dst["rx-frames"]),
         "keeping-up": lag_avg_us <= bound,
     }
     if not health["keeping-up"]:

@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from emu import wire
 from emu import ram as R
+from emu import wire
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.page_requests import PageRequestQueue
@@ -31,15 +31,28 @@ DISCARDS_PER_COMMAND = 4000
 
 
 class Pacer:
-    """A rate cap in emulated time (max-bandwidth, max-postcopy-bandwidth); 0 = none."""
+    """A rate cap in emulated time (max-bandwidth, max-postcopy-bandwidth; 0 = none), the way
+    QEMU applies it: at most rate x 100 ms of bytes in each 100 ms window (BUFFER_DELAY), then
+    wait for the next window."""
+
+    WINDOW = 0.1
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.t = 0.0  # when the bytes sent so far have been paid for
+        self.start = -self.WINDOW
+        self.sent = 0
 
     def charge(self, now: float, nbytes: int) -> None:
-        if self.rate > 0:
-            self.t = max(self.t, now) + nbytes / self.rate
+        if now >= self.start + self.WINDOW:
+            self.start, self.sent = now, 0
+        self.sent += nbytes
+
+    @property
+    def t(self) -> float:
+        """When the stream may go on."""
+        if self.sent < self.rate * self.WINDOW:
+            return self.start
+        return self.start + self.WINDOW
 
 
 class SourceMemory(Memory):
@@ -156,8 +169,9 @@ class Source:
         self.state.set("device")
         self._stop_vcpus()
         stale = np.flatnonzero(self.dirty & self.sent_once)
-        for i in range(0, len(stale), DISCARDS_PER_COMMAND):
-            ranges = [(int(s) * self.P, int(n) * self.P) for s, n in _runs(stale[i:i + DISCARDS_PER_COMMAND])]
+        runs = _runs(stale)
+        for i in range(0, len(runs), DISCARDS_PER_COMMAND):
+            ranges = [(s * self.P, n * self.P) for s, n in runs[i:i + DISCARDS_PER_COMMAND]]
             self.main.send([wire.discard_ranges(ranges)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
         self.main.send([wire.device_state({"vcpus": [v.workload.pos for v in self.vcpus]})])

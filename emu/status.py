@@ -31,3 +31,19 @@ class Board:
 
     def snapshot(self) -> dict[str, float]:
         return dict(zip(self.fields, self._v.tolist(), strict=True))
+
+
+LAG_FIELDS = ("rx-lag-sum", "rx-lag-max", "rx-frames")
+
+
+def lag_meter(board: Board, now):
+    """Callback for Endpoint(on_arrival=...): how late this process reads each frame, against
+    the time the link scheduled its arrival. Lateness here is the emulator not keeping up:
+    the relay, or this process, fell behind the scaled clock."""
+    def note(arrival: float) -> None:
+        lag = now() - arrival
+        board.add("rx-lag-sum", lag)
+        board.add("rx-frames", 1)
+        if lag > board["rx-lag-max"]:
+            board["rx-lag-max"] = lag
+    return note

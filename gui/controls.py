@@ -149,6 +149,8 @@ class QtControls(QtWidgets.QWidget):
     def show_config(self, cfg, preset: str | None = None) -> None:
         """Show cfg's values (a preset was chosen, or the window opened)."""
         if preset is not None:
+            if self.preset.findText(preset) < 0:  # a scenario file of the user's own
+                self.preset.addItem(preset)
             self.preset.setCurrentText(preset)
         for key, editor in self._editors.items():
             with QtCore.QSignalBlocker(editor):

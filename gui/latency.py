@@ -99,7 +99,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
             item = pg.BarGraphItem(x0=[], width=1, height=[], brush=rgb, pen=pg.mkPen("w"))
             plot.addItem(item)
             bars.append(item)
-        previous = pg.PlotCurveItem(stepMode="center", pen=pg.mkPen(style.PREVIOUS, width=2,
+        previous = pg.PlotCurveItem(x=[0.0], y=[], stepMode="center", pen=pg.mkPen(style.PREVIOUS, width=2,
                                                                     style=DASH))
         plot.addItem(previous)
         ticks = [(n, bucket_label(n)) for n in range(BUCKETS)]
@@ -163,7 +163,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
             share = prev_dist * 100 / max(int(prev_dist.sum()), 1)
             self._prev_bars.setData(np.arange(BUCKETS + 1), share)
         else:
-            self._prev_bars.setData([], [])
+            self._prev_bars.setData([0.0], [])
         self._fit_buckets(dist.sum(axis=0), prev_dist)
         self._stats.setText(self._stats_html())
 

@@ -49,7 +49,7 @@ class FaultLog:
         self.count += len(new)
         for channel in range(len(metrics.CHANNELS)):
             counts = metrics.latency_dist(new["latency"][new["channel"] == channel])[:BUCKETS]
-            self.dist[channel, :len(counts)] += counts
+            self.dist[channel, :len(counts)] += np.asarray(counts, np.int64)
 
     def summary(self) -> dict:
         """count, avg-us, p50-us, p99-us, max-us (metrics.summarize without the dist)."""
@@ -129,6 +129,13 @@ class Session:
     def can_start_postcopy(self) -> bool:
         return (self.phase == RUNNING and not self.run.switched
                 and self.cfg["migration.postcopy-ram"] and self.run.status["source"] == "active")
+
+    @property
+    def switchover(self) -> float | None:
+        """Emulated time the source stopped the guest (status "device"), if it has."""
+        if self.run is None:
+            return None
+        return next((t for status, t in self.run.states["source"] if status == "device"), None)
 
     def set_scale(self, scale: float) -> None:
         """Emulated seconds per real second; applies at once to a running migration."""

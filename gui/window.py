@@ -1,0 +1,237 @@
+"""QtMainWindow: the panels around one migration, and the timer that feeds them.
+
+The engine runs in its own processes; the window only reads what they publish, from a QTimer,
+and never waits on them. Each tick asks the Session for a Snapshot and hands it to every panel;
+each panel redraws only what changed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from PySide6 import QtCore, QtGui, QtWidgets
+
+from emu.config import ConfigError, load_config
+from gui import style
+from gui.bitmap import QtPageBitmap
+from gui.controls import QtControls
+from gui.counters import QtCounters
+from gui.latency import QtLatencyPlots
+from gui.queue import QtUrgentQueue
+from gui.session import COMPLETED, FINAL, IDLE, RUNNING, STARTING, Session
+
+TICK_MS = 40  # 25 Hz: smooth enough to watch, cheap enough for a 2-core machine
+SAME_RUN_KEYS_IGNORED = ("emulator.time-scale",)  # changes a running migration in place
+
+
+def mode_label(cfg) -> str:
+    """The migration mode in a few words: "vanilla postcopy", "postcopy-preempt", ..."""
+    if not cfg["migration.postcopy-ram"]:
+        label = "precopy only"
+    elif not cfg["migration.postcopy-preempt"]:
+        label = "vanilla postcopy"
+    else:
+        label = "postcopy-preempt"
+        if cfg.page_size > 4096 and not cfg["migration.x-postcopy-preempt-break-huge"]:
+            label += ", break-huge off"
+    if cfg.page_size > 4096:
+        label += f", {style.size(cfg.page_size)} pages"
+    return label
+
+
+def describe_run(cfg) -> str:
+    return (f"{mode_label(cfg)} · guest {style.size(cfg['guest.ram'])}, "
+            f"{cfg['guest.vcpus']} vCPU, {cfg['workload.pattern']} workload · link "
+            f"{style.rate(cfg['link.bandwidth'])}, RTT {style.duration(cfg['link.rtt'])}, "
+            f"socket buffer {style.size(cfg['link.socket-buffer'])}")
+
+
+class QtMainWindow(QtWidgets.QMainWindow):
+    def __init__(self, cfg, preset: str | None = None) -> None:
+        super().__init__()
+        self.setWindowTitle("postcopy-emu: watch a postcopy live migration")
+        self._base = cfg  # the scenario the controls start from (file or preset, + --set)
+        self.session = Session(cfg)
+        self.frame_ms = 0.0  # cost of the last tick, for the status bar and the benchmark
+        self._build()
+        self._connect()
+        self.controls.show_config(cfg, preset)
+        self._reset_views(cfg)
+        self._timer = QtCore.QTimer(self)
+        self._timer.setInterval(TICK_MS)
+        self._timer.timeout.connect(self.tick)
+        self._timer.start()
+
+    # ---- building ----
+
+    def _build(self) -> None:
+        self.controls = QtControls()
+        self.bitmap = QtPageBitmap()
+        self.latency = QtLatencyPlots()
+        self.queue = QtUrgentQueue()
+        self.counters = QtCounters()
+        self.events = QtWidgets.QPlainTextEdit(readOnly=True)
+        self.events.setMaximumBlockCount(2000)
+        self.banner = QtWidgets.QLabel()
+        self.banner.setObjectName("banner")
+        self.banner.setTextFormat(QtCore.Qt.TextFormat.RichText)
+        log = QtWidgets.QWidget()
+        log_layout = QtWidgets.QVBoxLayout(log)
+        log_layout.setContentsMargins(0, 0, 0, 0)
+        log_title = QtWidgets.QLabel("Event log (emulated time)")
+        log_title.setObjectName("title")
+        log_layout.addWidget(log_title)
+        log_layout.addWidget(self.events)
+        top = _row((self.bitmap, 11), (self.latency, 9))
+        bottom = _row((self.queue, 9), (self.counters, 6), (log, 5))
+        main = QtWidgets.QWidget()
+        column = QtWidgets.QVBoxLayout(main)
+        column.addWidget(self.banner)
+        column.addWidget(top, 7)
+        column.addWidget(bottom, 3)
+        scroll = QtWidgets.QScrollArea()
+        scroll.setWidget(self.controls)
+        scroll.setWidgetResizable(True)
+        scroll.setFixedWidth(310)
+        scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+        central = QtWidgets.QWidget()
+        layout = QtWidgets.QHBoxLayout(central)
+        layout.addWidget(scroll)
+        layout.addWidget(main, 1)
+        self.setCentralWidget(central)
+
+    def _connect(self) -> None:
+        c = self.controls
+        c.start_clicked.connect(self.start_migration)
+        c.postcopy_clicked.connect(self.start_postcopy)
+        c.pause_toggled.connect(self.pause)
+        c.reset_clicked.connect(self.reset)
+        c.scale_changed.connect(self.set_scale)
+        c.preset_chosen.connect(self.load_preset)
+        c.settings_changed.connect(self._settings_changed)
+
+    # ---- commands ----
+
+    def config(self) -> object | None:
+        """The run the controls describe, or None (the reason goes to the note)."""
+        try:
+            return self._base.with_overrides(self.controls.overrides())
+        except ConfigError as err:
+            self.controls.note.setText(str(err))
+            return None
+
+    def start_migration(self) -> None:
+        cfg = self.config()
+        if cfg is None:
+            return
+        self._retire()
+        self.session = Session(cfg)
+        self._reset_views(cfg)
+        self.session.start()
+        self._settings_changed()
+        self.tick()
+
+    def start_postcopy(self) -> None:
+        self.session.start_postcopy()
+
+    def pause(self, paused: bool) -> None:
+        self.session.pause(paused)
+
+    def set_scale(self, scale: float) -> None:
+        self.session.set_scale(scale)
+
+    def reset(self) -> None:
+        """Stop the migration, end its processes, and show an empty guest again."""
+        self._retire()
+        self.session = Session(self.config() or self.session.cfg)
+        self._reset_views(self.session.cfg)
+        self._settings_changed()
+        self.tick()
+
+    def load_preset(self, name: str) -> None:
+        try:
+            self._base = load_config(name)
+        except ConfigError as err:
+            self.controls.note.setText(str(err))
+            return
+        self.controls.show_config(self._base, name)
+        if self.session.phase == IDLE:
+            self.reset()  # an idle window shows the guest it would migrate
+
+    def _retire(self) -> None:
+        """End the current session; a completed run stays as the grey overlay."""
+        old = self.session
+        old.stop()
+        if old.phase == COMPLETED:
+            self.latency.set_previous(mode_label(old.cfg), old.faults)
+
+    def _reset_views(self, cfg) -> None:
+        self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe)
+        self.latency.reset(mode_label(cfg))
+        self.queue.reset(cfg)
+        self.counters.reset()
+        self.events.clear()
+
+    def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt's name)
+        self._timer.stop()
+        self.session.stop()  # every process ends, every shared-memory segment goes
+        event.accept()
+
+    # ---- the timer ----
+
+    def tick(self) -> None:
+        started = time.perf_counter()
+        session = self.session
+        snap = session.tick()
+        self.bitmap.update_from(snap)
+        self.latency.update_from(snap, session.faults, session.switchover)
+        self.queue.update_from(snap)
+        self.counters.update_from(snap, session.cfg, session.faults,
+                                  session.report if snap.phase in FINAL else None)
+        for line in snap.events:
+            self.events.appendPlainText(line)
+        self.controls.set_state(startable=snap.phase not in (STARTING, RUNNING),
+                                running=snap.phase == RUNNING,
+                                can_postcopy=session.can_start_postcopy)
+        self._show_banner(snap)
+        self.frame_ms = (time.perf_counter() - started) * 1e3
+
+    def _show_banner(self, snap) -> None:
+        cfg = self.session.cfg
+        if snap.phase == IDLE:
+            state = "ready: press <b>Start migration</b>"
+        elif snap.phase == STARTING:
+            state = "starting the source, destination and network processes"
+        else:
+            paused = " · <b>paused</b>" if self.session.paused else ""
+            state = (f"source <b>{snap.status['source']}</b>, destination "
+                     f"<b>{snap.status['destination']}</b> at {snap.now:.3f} s emulated "
+                     f"(time-scale {self.session.scale:g}){paused}")
+            if snap.phase in FINAL:
+                state = f"run <b>{snap.phase}</b>: " + state
+        text = f"<span style='font-size:15px'><b>{describe_run(cfg)}</b></span><br>{state}"
+        if self.banner.text() != text:
+            self.banner.setText(text)
+
+    def _settings_changed(self) -> None:
+        """Say so when the settings shown are not the ones of the run on screen."""
+        cfg = self.config()
+        if cfg is None:
+            return
+        if self.session.phase == IDLE:
+            self.controls.note.setText("")
+            return
+        differs = [k for k in cfg if k not in SAME_RUN_KEYS_IGNORED
+                   and cfg[k] != self.session.cfg[k]]
+        self.controls.note.setText(
+            "Changed settings apply to the next run: press Start migration." if differs else "")
+
+
+def _row(*widgets: tuple[QtWidgets.QWidget, int]) -> QtWidgets.QWidget:
+    row = QtWidgets.QWidget()
+    layout = QtWidgets.QHBoxLayout(row)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.setSpacing(14)
+    for widget, stretch in widgets:
+        layout.addWidget(widget, stretch)
+    return row
