@@ -13,10 +13,17 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import zlib
 
-# kind, payload length, charged-but-not-carried bytes, arrival time (emulated, set by the link)
-HEADER = struct.Struct("<BIQd")
+# kind, payload length, charged-but-not-carried bytes, arrival time (emulated, set by the link),
+# CRC-32 of the payload: like TCP's checksum, it turns bytes corrupted on the way into a broken
+# connection rather than a wrong page
+HEADER = struct.Struct("<BIQdI")
 ARRIVAL_OFFSET = 13
+# The first frame of every connection says what it is (QEMU_VM_FILE_MAGIC + version on main;
+# the destination takes any other connection for the preempt channel, as QEMU does).
+MAIN_HELLO = b"QEVM\x00\x00\x00\x03"
+PREEMPT_HELLO = b"QEPC\x00\x00\x00\x01"
 DATA = 0
 CREDIT = 1
 MAX_FRAME = 64 << 20
@@ -56,30 +63,41 @@ class Endpoint:
                         raise ChannelError(f"{self.name}: closed")
                     self._credit.wait(0.5)
                 self._outstanding += charge
-            self._sendall([HEADER.pack(DATA, size, virt, 0.0), *parts])
+            crc = 0
+            for part in parts:
+                crc = zlib.crc32(part, crc)
+            self._sendall([HEADER.pack(DATA, size, virt, 0.0, crc), *parts])
 
     def recv(self) -> bytes:
         """The next DATA frame's payload; credits met on the way are taken in."""
         while True:
-            kind, size, virt, arrival = self._read_header()
+            kind, size, virt, arrival, crc = self._read_header()
             if kind == CREDIT:
                 self._take_credit(virt)
                 continue
             if self.on_arrival:
                 self.on_arrival(arrival)
-            payload = self._reader.read(size) if size else b""
+            try:
+                payload = self._reader.read(size) if size else b""
+            except (OSError, ValueError) as err:
+                raise ChannelError(f"{self.name}: {err}") from None
             if len(payload) != size:
                 raise ChannelError(f"{self.name}: connection closed mid-frame")
+            if zlib.crc32(payload) != crc:
+                raise ChannelError(f"{self.name}: checksum mismatch, the frame was corrupted")
             return payload
 
-    def read_credits_in_background(self) -> threading.Thread:
-        """For a write-only endpoint (the source's preempt channel): someone must read credits."""
+    def read_credits_in_background(self, on_error=None) -> threading.Thread:
+        """For a write-only endpoint (the source's preempt channel): someone must read credits.
+        on_error(err) is called when the connection breaks."""
         def loop() -> None:
             try:
                 while True:
                     self.recv()
-            except (ChannelError, OSError, ValueError):
+            except ChannelError as err:
                 self.close()
+                if on_error:
+                    on_error(err)
         thread = threading.Thread(target=loop, name=f"{self.name}-credits", daemon=True)
         thread.start()
         return thread
@@ -93,14 +111,17 @@ class Endpoint:
         except OSError:
             pass
 
-    def _read_header(self) -> tuple[int, int, int, float]:
-        raw = self._reader.read(HEADER.size)
+    def _read_header(self) -> tuple[int, int, int, float, int]:
+        try:
+            raw = self._reader.read(HEADER.size)
+        except (OSError, ValueError) as err:  # reset, or closed under our feet
+            raise ChannelError(f"{self.name}: {err}") from None
         if len(raw) != HEADER.size:
             raise ChannelError(f"{self.name}: connection closed")
-        kind, size, virt, arrival = HEADER.unpack(raw)
+        kind, size, virt, arrival, crc = HEADER.unpack(raw)
         if kind not in (DATA, CREDIT) or size > MAX_FRAME:
             raise ChannelError(f"{self.name}: bad frame header {raw.hex()}")
-        return kind, size, virt, arrival
+        return kind, size, virt, arrival, crc
 
     def _take_credit(self, n: int) -> None:
         with self._credit:
@@ -122,4 +143,4 @@ class Endpoint:
 
 
 def credit_frame(n: int) -> bytes:
-    return HEADER.pack(CREDIT, 0, n, 0.0)
+    return HEADER.pack(CREDIT, 0, n, 0.0, 0)

@@ -8,7 +8,8 @@ segments, so nothing outlives a run.
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
+import shutil
+import tempfile
 import time
 from multiprocessing.connection import wait as wait_connections
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from emu import destination, link, source
 from emu.clock import Clock
+from emu.faults import Fault
 from emu.metrics import FaultRing
 from emu.page_requests import PageRequestQueue
 from emu.process import child_main
@@ -23,17 +25,26 @@ from emu.shm import Segments
 from emu.states import FINAL
 from emu.status import Board
 
-PORTS = ("src-main", "src-preempt", "dst-main", "dst-preempt")
-KERNEL_BUFFER = 64 << 10  # small: the link's window, not the kernel, should hold the queue
-
 
 class RunError(RuntimeError):
     pass
 
 
 class Run:
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, faults: list[Fault] = (), recover_after: float | None = 0.2) -> None:
+        """faults: what to break during postcopy; recover_after: emulated seconds after a
+        pause before recovering (migrate-recover + migrate resume), None = leave it paused."""
         self.cfg = cfg
+        self.pending_faults = list(faults)
+        self.injected: list[dict] = []
+        self.recover_after = recover_after
+        self.recover_at: float | None = None
+        self.recoveries = 0
+        self.postcopy_start: float | None = None
+        self.log: list[tuple[float, str]] = []  # every notable event, for --trace and the window
+        self.listening: str | None = None
+        self.tmpdir = tempfile.mkdtemp(prefix="postcopy-emu-")
+        self.link_uri = f"unix:{self.tmpdir}/link.sock"
         self.segments = Segments()
         self.children: dict[str, tuple[mp.Process, object]] = {}
         self.status = {"source": "none", "destination": "none"}
@@ -42,7 +53,6 @@ class Run:
         self.errors: list[str] = []
         self.switched = False
         self.dead: set[str] = set()
-        self._sockets: list[socket.socket] = []
 
     # ---- life cycle ----
 
@@ -56,8 +66,9 @@ class Run:
             self.stop()
             raise
         self.clock.start(self.cfg["emulator.time-scale"])
-        self.command("destination", "migrate-incoming")
-        self.command("source", "migrate")
+        self.command("destination", "migrate-incoming", self._incoming_uri())
+        self._wait_listening()
+        self.command("source", "migrate", self.link_uri)
 
     def stop(self) -> None:
         for _, conn in self.children.values():
@@ -73,10 +84,8 @@ class Run:
                 proc.join(2)
             conn.close()
         self.children.clear()
-        for sock in self._sockets:
-            sock.close()
-        self._sockets.clear()
         self.segments.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self) -> Run:
         self.start()
@@ -113,6 +122,10 @@ class Run:
                 and now >= self.cfg["migration.switchover-after"]):
             self.switched = True
             self.command("source", "migrate-start-postcopy")
+        self._inject_due(now)
+        if self.recover_at is not None and now >= self.recover_at:
+            self.recover_at = None
+            self.recover()
         limit = self.cfg["emulator.duration-limit"]
         if limit and now > limit and not self.finished:
             self.errors.append(f"not completed after emulator.duration-limit = {limit}s")
@@ -158,19 +171,11 @@ class Run:
 
     def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
-        ends = {}
-        for port in PORTS:
-            a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            for s in (a, b):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, KERNEL_BUFFER)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, KERNEL_BUFFER)
-            ends[port] = (a, b)  # (endpoint side, relay side)
-            self._sockets += [a, b]
         names = self.segments.names()
         plan = {
-            "network": (link.main, ({p: ends[p][1] for p in PORTS},)),
-            "destination": (destination.main, (ends["dst-main"][0], ends["dst-preempt"][0])),
-            "source": (source.main, (ends["src-main"][0], ends["src-preempt"][0])),
+            "network": (link.main, (self.link_uri, self._incoming_uri())),
+            "destination": (destination.main, ()),
+            "source": (source.main, ()),
         }
         for role, (target, args) in plan.items():
             parent, child = ctx.Pipe()
@@ -179,9 +184,52 @@ class Run:
             proc.start()
             child.close()
             self.children[role] = (proc, parent)
-        for sock in self._sockets:  # the children have their own copies now
-            sock.close()
-        self._sockets.clear()
+
+    def _incoming_uri(self) -> str:
+        """Where the destination listens: a new address for every recovery, as in QEMU."""
+        return f"unix:{self.tmpdir}/incoming-{self.recoveries}.sock"
+
+    def _wait_listening(self, timeout: float = 10.0) -> None:
+        self.listening = None
+        deadline = time.monotonic() + timeout
+        while self.listening is None and not self.errors:
+            if time.monotonic() > deadline:
+                raise RunError("the destination did not listen")
+            self.poll(0.02)
+
+    # ---- faults and recovery ----
+
+    def inject(self, fault: Fault) -> None:
+        now = self.clock.now()
+        if fault.action == "pause":
+            self.command("source", "migrate-pause")
+        else:
+            self.command("network", fault.action, fault.channel)
+        self.injected.append({"action": fault.action, "channel": fault.channel,
+                              "at": fault.at, "time": round(now, 6)})
+        self._note(now, f"fault injected: {fault.describe()}")
+
+    def recover(self) -> None:
+        """migrate-recover on the destination (a new address), then migrate resume."""
+        self.recoveries += 1
+        address = self._incoming_uri()
+        self.command("destination", "migrate-recover", address)
+        self._wait_listening()
+        self.command("network", "target", address)
+        self.command("source", "migrate-resume", self.link_uri)
+        self._note(self.clock.now(), f"recovery {self.recoveries}: migrate-recover {address}")
+
+    def _inject_due(self, now: float) -> None:
+        if self.postcopy_start is None:
+            return
+        due = [f for f in self.pending_faults
+               if not isinstance(f.at, str) and now >= self.postcopy_start + f.at]
+        for fault in due:
+            self.pending_faults.remove(fault)
+            self.inject(fault)
+
+    def _note(self, t: float, text: str) -> None:
+        self.log.append((t, text))
 
     def _wait_ready(self) -> None:
         ready: set[str] = set()
@@ -203,15 +251,33 @@ class Run:
             if self.errors:
                 raise RunError(self.errors[0])
 
+    def _state(self, side: str, status: str, t: float) -> None:
+        self.status[side] = status
+        self.states[side].append((status, t))
+        self._note(t, f"{side}: {status}")
+        if side != "source":
+            return
+        if status == "postcopy-active" and self.postcopy_start is None:
+            self.postcopy_start = t
+        if status == "postcopy-paused" and self.recover_after is not None:
+            self.recover_at = t + self.recover_after
+        for fault in [f for f in self.pending_faults if f.at == status]:
+            self.pending_faults.remove(fault)
+            self.inject(fault)
+
     def _live(self) -> dict:
         return {conn: role for role, (_, conn) in self.children.items() if role not in self.dead}
 
     def _event(self, event: tuple) -> None:
         kind = event[0]
         if kind == "state":
-            _, side, status, t = event
-            self.status[side] = status
-            self.states[side].append((status, t))
+            self._state(*event[1:])
+        elif kind == "listening":
+            self.listening = event[1]
+        elif kind in ("paused", "refused", "link"):
+            self._note(self.clock.now(), " ".join(str(x) for x in event))
+            if kind == "refused" and self.recover_after is not None:
+                self.recover_at = self.clock.now() + self.recover_after
         elif kind == "error":
             self.errors.append(f"{event[1]}: {event[2].strip()}")
         elif kind == "report":
@@ -230,12 +296,13 @@ class Run:
                 self.status[side] = "failed"
 
 
-def migrate(cfg, progress=None) -> dict:
+def migrate(cfg, progress=None, faults: list[Fault] = (),
+            recover_after: float | None = 0.2) -> dict:
     """Run one migration to the end and return its report (see report.build)."""
     from emu import report
 
     started = time.monotonic()
-    run = Run(cfg)
+    run = Run(cfg, faults, recover_after)
     try:
         run.start()
         run.wait(progress)

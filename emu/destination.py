@@ -3,6 +3,11 @@
 Threads, as QEMU names them: the listen thread reads the main channel, the preempt thread the
 preempt channel (both place pages), the fault thread turns vCPU faults into page requests on the
 return path, and the vCPU threads run the workload and block on pages that are not present.
+Connections come in on the address of migrate-incoming (and of migrate-recover after a failure);
+the hello in each connection's first frame says which channel it is.
+
+During postcopy, a broken channel pauses the migration (postcopy-paused) instead of failing it:
+the guest keeps running here, and only vCPUs touching missing pages stay blocked.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ import threading
 
 import numpy as np
 
+from emu import channel, uri, wire
 from emu import ram as R
-from emu import wire
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
-from emu.metrics import FaultRing
+from emu.metrics import FAULT_DTYPE, FaultRing
 from emu.placement import MAIN, PREEMPT, Placer
 from emu.states import StateLog
 from emu.status import LAG_FIELDS, Board, lag_meter
@@ -25,6 +30,7 @@ from emu.workload import SLICED, Memory, VCpu, Workload
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS
 RING = 1 << 16
+POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover")
 
 
 class DestMemory(Memory):
@@ -50,7 +56,7 @@ class DestMemory(Memory):
 
 
 class Destination:
-    def __init__(self, control, bufs: dict, cfg, main_sock, preempt_sock) -> None:
+    def __init__(self, control, bufs: dict, cfg) -> None:
         self.control = control
         self.cfg = cfg
         self.clock = Clock(bufs["clock"])
@@ -63,62 +69,97 @@ class Destination:
         self.placer = Placer(states, self.ram, cfg.page_size, self._placed)
         self.ring = FaultRing(bufs["faults"], RING)
         self.state = StateLog("destination", self.clock.now, control.emit)
-        window = cfg["link.socket-buffer"]
-        lag = lag_meter(self.board, self.clock.now)
-        self.main = Endpoint(main_sock, window, "main", lag)
-        self.preempt = (Endpoint(preempt_sock, window, "preempt", lag)
-                        if cfg["migration.postcopy-preempt"] else None)
+        self.lag = lag_meter(self.board, self.clock.now)
+        self.channels: list[Endpoint | None] = [None, None]  # MAIN, PREEMPT
+        self.eof = [False, not cfg["migration.postcopy-preempt"]]
+        self.listener = None
+        self.lock = threading.Lock()  # channel set-up and tear-down
         self.faults: queue.SimpleQueue = queue.SimpleQueue()
         self.records: list[tuple] = []
         self.stop = threading.Event()
         self.memory = DestMemory(self)
         self.vcpus: list[VCpu] = []
         self.device: dict = {}
-        self.eofs = threading.Semaphore(0)
-        self._requested_once = False
+        self._block_named = False  # REQ_PAGES_ID names the block once per connection
 
     # ---- commands ----
 
-    def incoming(self) -> None:
+    def incoming(self, address: str) -> None:
+        """migrate-incoming: listen for the source's channels."""
         self.state.set("setup")
-        readers = [("listen", self._listen_thread)]
-        if self.preempt:
-            readers.append(("preempt", self._preempt_thread))
-        for name, target in readers + [("fault", self._fault_thread),
-                                       ("incoming", self._incoming)]:
-            threading.Thread(target=target, name=name, daemon=True).start()
+        self._listen(address)
+        _thread("fault", self._fault_thread)
+
+    def recover(self, address: str) -> None:
+        """migrate-recover: listen on a new address for the source to resume; may be retried."""
+        if self.state.status != "postcopy-paused":
+            self.control.emit(("refused", "migrate-recover",
+                               "Migrate recover can only be run when postcopy is paused."))
+            return
+        self._listen(address)
 
     def shutdown(self) -> None:
         self.stop.set()
         self.faults.put(None)
-        for ep in (self.main, self.preempt):
+        self._close_channels()
+        if self.listener:
+            self.listener.close()
+
+    # ---- connections ----
+
+    def _listen(self, address: str) -> None:
+        if self.listener:
+            self.listener.close()
+        self.listener = uri.listen(address)
+        self.control.emit(("listening", uri.bound(self.listener)))
+        _thread("accept", self._accept_thread, self.listener)
+
+    def _accept_thread(self, listener) -> None:
+        while not self.stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # closed: a newer listener took over, or we are done
+            _thread("hello", self._hello, uri.tune(sock))
+
+    def _hello(self, sock) -> None:
+        """Tell the channels apart by their first frame; anything else is closed unheard."""
+        ep = Endpoint(sock, self.cfg["link.socket-buffer"], "incoming", self.lag)
+        sock.settimeout(5)
+        try:
+            hello = ep.recv()
+        except (ChannelError, OSError):
+            hello = b""
+        sock.settimeout(None)
+        if hello == channel.MAIN_HELLO:
+            which = MAIN
+        elif hello == channel.PREEMPT_HELLO and self.cfg["migration.postcopy-preempt"]:
+            which = PREEMPT
+        else:
+            ep.close()
+            sock.close()
+            return
+        ep.name = ("main", "preempt")[which]
+        with self.lock:
+            old, self.channels[which] = self.channels[which], ep
+        if old:
+            old.close()
+        if which == MAIN:
+            self._block_named = False
+            if self.state.status == "postcopy-paused":
+                self.state.set("postcopy-recover")
+        _thread(("listen", "preempt")[which], self._read_channel, ep, which)
+
+    def _close_channels(self) -> None:
+        with self.lock:
+            eps, self.channels = self.channels, [None, None]
+        for ep in eps:
             if ep:
                 ep.close()
 
-    # ---- threads ----
+    # ---- listen and preempt threads ----
 
-    def _incoming(self) -> None:
-        """Wait for the end of every channel, then check that nothing is missing."""
-        for _ in range(2 if self.preempt else 1):
-            self.eofs.acquire()
-        self.stop.set()
-        for vcpu in self.vcpus:
-            vcpu.join()
-        if self.placer.present != self.cfg.npages:
-            missing = self.cfg.npages - self.placer.present
-            self.control.fail(f"destination: {missing} host pages missing at the end")
-            self.state.set("failed")
-        else:
-            self.state.set("completed")
-        self.control.emit(("report", "destination", self._report()))
-
-    def _listen_thread(self) -> None:
-        self._read_channel(self.main, MAIN)
-
-    def _preempt_thread(self) -> None:
-        self._read_channel(self.preempt, PREEMPT)
-
-    def _read_channel(self, ep: Endpoint, channel: int) -> None:
+    def _read_channel(self, ep: Endpoint, which: int) -> None:
         payload = self.cfg["emulator.payload"]
         try:
             while True:
@@ -126,19 +167,17 @@ class Destination:
                 if self.state.status == "setup":
                     self.state.set("active")
                 if isinstance(msg, wire.RamRecord):
-                    self.placer.receive(channel, msg)
+                    self.placer.receive(which, msg)
                 elif isinstance(msg, wire.Eof):
-                    break
-                elif channel == MAIN:
+                    self._end_of_stream(which)
+                    return
+                elif which == MAIN:
                     self._main_message(msg)
                 else:
-                    raise wire.ProtocolError("preempt channel carries RAM only")
+                    raise wire.ProtocolError("the preempt channel carries RAM only")
         except (ChannelError, wire.ProtocolError) as err:
-            if not self.stop.is_set():
-                self.control.fail(f"destination {ep.name} channel: {err}")
-                self.state.set("failed")
-            return
-        self.eofs.release()
+            if self.channels[which] is ep:  # not a connection we already replaced
+                self._channel_failed(f"{ep.name} channel: {err}")
 
     def _main_message(self, msg) -> None:
         if isinstance(msg, wire.DeviceState):
@@ -152,19 +191,84 @@ class Destination:
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RUN:
             self._start_vcpus()
         elif msg.cmd == wire.MIG_CMD_PING:
-            self.main.send([wire.rp_message(wire.MIG_RP_MSG_PONG, msg.data)])
+            self._send_rp(wire.rp_message(wire.MIG_RP_MSG_PONG, msg.data))
+        elif msg.cmd == wire.MIG_CMD_RECV_BITMAP:
+            self._send_rp(wire.recv_bitmap(self.placer.states >= R.PRESENT))
+        elif msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:
+            self._resume()
+
+    def _resume(self) -> None:
+        """POSTCOPY_RESUME: back to postcopy-active; ask again for every page still wanted,
+        since the source's queue was lost with the connection."""
+        self.state.set("postcopy-active")
+        self._send_rp(wire.rp_message(wire.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"))
+        for page in np.flatnonzero(self.placer.states == R.REQUESTED):
+            self._request(int(page))
+
+    def _end_of_stream(self, which: int) -> None:
+        """EOF on a channel. The migration is over when every channel has said so: quitting
+        on main's EOF alone would lose urgent pages still on their way on preempt (a bug
+        QEMU had)."""
+        with self.lock:
+            self.eof[which] = True
+            done = all(self.eof)
+        if done:
+            self._complete()
+
+    def _complete(self) -> None:
+        self.stop.set()
+        for vcpu in self.vcpus:
+            vcpu.join()
+        if self.placer.present != self.cfg.npages:
+            missing = self.cfg.npages - self.placer.present
+            self.control.fail(f"destination: {missing} host pages missing at the end")
+            self.state.set("failed")
+        else:
+            self.state.set("completed")
+        self._send_rp(wire.rp_message(wire.MIG_RP_MSG_SHUT, b"\0\0\0\0"))
+        self.control.emit(("report", "destination", self._report()))
+
+    def _channel_failed(self, reason: str) -> None:
+        status = self.state.status
+        if status in POSTCOPY:
+            if status != "postcopy-paused":
+                self.placer.drop_partial()
+                self.state.set("postcopy-paused")
+                self.control.emit(("paused", "destination", reason))
+            self._close_channels()
+        elif status not in ("completed", "failed"):
+            self.control.fail(f"destination: {reason}")
+            self.state.set("failed")
+            self._close_channels()
+
+    # ---- return path and the fault thread ----
+
+    def _send_rp(self, message: bytes) -> bool:
+        ep = self.channels[MAIN]
+        if ep is None:
+            return False
+        try:
+            ep.send([message])
+            return True
+        except ChannelError as err:
+            self._channel_failed(f"return path: {err}")
+            return False
 
     def _fault_thread(self) -> None:
         while (page := self.faults.get()) is not None:
-            if not self.placer.request(page):
+            if self.placer.request(page):
+                self._request(page)
+            else:
                 self.board.add("duplicate-requests", 1)
-                continue
-            size = self.cfg.page_size
-            try:
-                self.main.send([wire.req_pages(page * size, size, not self._requested_once)])
-            except ChannelError:
-                return
-            self._requested_once = True
+
+    def _request(self, page: int) -> None:
+        """REQ_PAGES for one host page; while paused it stays requested and is asked for
+        again on resume."""
+        if self.state.status != "postcopy-active":
+            return
+        size = self.cfg.page_size
+        if self._send_rp(wire.req_pages(page * size, size, not self._block_named)):
+            self._block_named = True
             self.board.add("postcopy-requests", 1)
 
     def _start_vcpus(self) -> None:
@@ -186,21 +290,20 @@ class Destination:
         self.faults.put(page)
         self.placer.wait_present(page, self.stop)
         self.board.add("blocked", -1)
-        if self.stop.is_set() and self.placer.states[page] < R.PRESENT:
-            return
-        channel = PREEMPT if self.placer.states[page] == R.URGENT_PREEMPT else MAIN
-        record = (t0, vcpu, page, self.clock.now() - t0, channel)
+        if self.placer.states[page] < R.PRESENT:
+            return  # stopped while waiting
+        channel_code = PREEMPT if self.placer.states[page] == R.URGENT_PREEMPT else MAIN
+        record = (t0, vcpu, page, self.clock.now() - t0, channel_code)
         self.ring.append(record)
         self.records.append(record)
         self.board.add("faults", 1)
 
-    def _placed(self, first: int, count: int, channel: int) -> None:
+    def _placed(self, first: int, count: int, which: int) -> None:
         self.arrival[first:first + count] = self.clock.now()
         self.board["present"] = self.placer.present
-        self.board[("placed-main", "placed-preempt")[channel]] = self.placer.placed[channel]
+        self.board[("placed-main", "placed-preempt")[which]] = self.placer.placed[which]
 
     def _report(self) -> dict:
-        from emu.metrics import FAULT_DTYPE
         return {
             "states": self.state.changes,
             "faults": np.array(self.records, dtype=FAULT_DTYPE),
@@ -211,7 +314,13 @@ class Destination:
         }
 
 
-def main(control, bufs: dict, cfg, main_sock, preempt_sock) -> None:
-    dst = Destination(control, bufs, cfg, main_sock, preempt_sock)
-    control.serve({"migrate-incoming": dst.incoming})
+def _thread(name: str, target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(control, bufs: dict, cfg) -> None:
+    dst = Destination(control, bufs, cfg)
+    control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover})
     dst.shutdown()

@@ -20,7 +20,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from emu import channel
+from emu import channel, uri
 from emu.clock import SPIN_S, Clock
 from emu.status import Board
 
@@ -36,6 +36,14 @@ FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered"))
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
 
 
+def _conn_from(port: str) -> str | None:
+    """The connection a frame read from `port` travels on."""
+    side, conn = port.split("-", 1)
+    if side == "src":
+        return conn
+    return "return" if conn == "main" else None  # nothing flows back on preempt
+
+
 class Bottleneck:
     """Fluid fair sharing of one bottleneck among FIFO connections (processor sharing)."""
 
@@ -48,8 +56,9 @@ class Bottleneck:
         """Queue `item` (costing `charge` bytes) at time self.t: call advance(now) first."""
         self._queues[conn].append([float(charge), item])
 
-    def backlog(self, conn: str) -> float:
-        return sum(entry[0] for entry in self._queues[conn])
+    def drop(self, conn: str) -> None:
+        """Forget what `conn` had queued (the connection broke)."""
+        self._queues[conn].clear()
 
     def advance(self, now: float) -> list[tuple[float, str, object]]:
         """Move the schedule to `now`; returns (departure time, conn, item) of what left."""
@@ -84,25 +93,66 @@ class Bottleneck:
 class Port:
     """The relay's end of one endpoint's socket."""
     sock: socket.socket
+    conn: str = ""  # the connection it belongs to: "main" or "preempt" ("" until the hello)
     inbuf: bytearray = field(default_factory=bytearray)
-    out: collections.deque = field(default_factory=collections.deque)  # [memoryview, conn, charge]
-    eof: bool = False
+    out: collections.deque = field(default_factory=collections.deque)  # [view, conn, charge]
 
 
 class Relay:
-    def __init__(self, ports: dict[str, socket.socket], clock: Clock, board: Board,
-                 bandwidth: float, rtt: float) -> None:
-        self.ports = {name: Port(sock) for name, sock in ports.items()}
+    """The link's process loop: connections come in from the source (listen) and go on to
+    the destination (target), or are attached ready-made (attach)."""
+
+    def __init__(self, clock: Clock, board: Board, bandwidth: float, rtt: float) -> None:
         self.clock = clock
         self.board = board
         self.delay = rtt / 2
+        self.ports: dict[str, Port] = {}  # "src-main", "dst-main", "src-preempt", "dst-preempt"
         self.bottleneck = {"forward": Bottleneck(bandwidth), "reverse": Bottleneck(bandwidth)}
         self.arrivals = {c: collections.deque() for c in CONNECTIONS}  # (t, frame, charge)
         self.queued = dict.fromkeys(CONNECTIONS, 0)
-        self.sel = selectors.DefaultSelector()
-        for name, port in self.ports.items():
-            port.sock.setblocking(False)
-            self.sel.register(port.sock, selectors.EVENT_READ, name)
+        # select(), not epoll: epoll rounds timeouts up to whole milliseconds
+        self.sel = selectors.SelectSelector()
+        self.listener: socket.socket | None = None
+        self.target = ""
+        self.corrupt_next: set[str] = set()
+        self.events: list[tuple] = []  # ("connected"/"broken", connection) for the controller
+
+    def listen(self, listen_uri: str, target_uri: str) -> str:
+        self.listener = uri.listen(listen_uri)
+        self.listener.setblocking(False)
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
+        self.target = target_uri
+        return uri.bound(self.listener)
+
+    def attach(self, conn: str, src: socket.socket, dst: socket.socket) -> None:
+        """Put a ready connection on the link (tests, and connections accepted earlier)."""
+        for side, sock in (("src", src), ("dst", dst)):
+            sock.setblocking(False)
+            port = Port(sock, conn)
+            name = f"{side}-{conn}"
+            if name in self.ports:
+                self._close_port(name)
+            self.ports[name] = port
+            self.sel.register(sock, selectors.EVENT_READ, name)
+        self.events.append(("connected", conn))
+
+    def cut(self, conn: str) -> None:
+        """Break a connection: both ends see it fail, and whatever was in flight is lost.
+        The return path is the main connection's other direction, so it breaks with it."""
+        conn = "main" if conn == "return" else conn
+        for side in ("src", "dst"):
+            self._close_port(f"{side}-{conn}")
+        lost = [conn, "return"] if conn == "main" else [conn]
+        for c in lost:
+            self.bottleneck[ROUTES[c][2]].drop(c)
+            self.arrivals[c].clear()
+            self.queued[c] = 0
+            self.board[f"queued-{c}"] = 0
+        self.events.append(("broken", conn))
+
+    def corrupt(self, conn: str) -> None:
+        """Flip a byte of the next frame the link delivers on `conn`."""
+        self.corrupt_next.add(conn)
 
     def step(self, max_wait: float = 0.05) -> None:
         """One turn of the loop: schedule, deliver, then wait for input or the next event."""
@@ -113,10 +163,80 @@ class Relay:
         if wait < SPIN_S:
             wait = 0
         for key, mask in self.sel.select(wait):
+            if key.fileobj is self.listener:
+                self._accept()
+                continue
+            if key.data not in self.ports:
+                continue  # closed earlier in this turn
             if mask & selectors.EVENT_READ:
                 self._read(key.data)
-            if mask & selectors.EVENT_WRITE:
+            if mask & selectors.EVENT_WRITE and key.data in self.ports:
                 self._flush(key.data)
+
+    def close(self) -> None:
+        for name in list(self.ports):
+            self._close_port(name)
+        if self.listener:
+            self.sel.unregister(self.listener)
+            self.listener.close()
+
+    # ---- connections ----
+
+    def _accept(self) -> None:
+        try:
+            src, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        try:
+            dst = uri.connect(self.target)
+        except OSError:
+            src.close()  # the destination is not listening: the source sees the refusal
+            return
+        uri.tune(src)
+        # named by the hello in its first frame; until then the connection has a number
+        key = f"new-{src.fileno()}"
+        for side, sock in (("src", src), ("dst", dst)):
+            sock.setblocking(False)
+            self.ports[f"{side}-{key}"] = Port(sock)
+            self.sel.register(sock, selectors.EVENT_READ, f"{side}-{key}")
+
+    def _name(self, key: str, hello: bytes) -> str | None:
+        """Rename a new connection after its hello; None if it said nothing we know."""
+        if hello == channel.MAIN_HELLO:
+            conn = "main"
+        elif hello == channel.PREEMPT_HELLO:
+            conn = "preempt"
+        else:
+            return None
+        ports = [self.ports.pop(f"{side}-{key}") for side in ("src", "dst")]
+        for port in ports:
+            self.sel.unregister(port.sock)
+        self.attach(conn, ports[0].sock, ports[1].sock)
+        self.ports[f"src-{conn}"].inbuf = ports[0].inbuf
+        return conn
+
+    def _close_port(self, name: str) -> None:
+        port = self.ports.pop(name, None)
+        if port is None:
+            return
+        self.sel.unregister(port.sock)
+        try:
+            port.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        port.sock.close()
+
+    def _broken(self, name: str) -> None:
+        """One end went away: in TCP the whole connection is gone."""
+        conn = self.ports[name].conn
+        if conn:
+            self.cut(conn)
+        else:
+            key = name.split("-", 1)[1]
+            for side in ("src", "dst"):
+                self._close_port(f"{side}-{key}")
+
+    # ---- data ----
 
     def _next_event(self) -> float:
         times = [neck.next_departure() for neck in self.bottleneck.values()]
@@ -132,23 +252,30 @@ class Relay:
         except OSError:
             data = b""
         if not data:
-            port.eof = True
-            self.sel.unregister(port.sock)
+            self._broken(name)
             return
         port.inbuf += data
-        self._parse(name, port)
+        self._parse(name)
 
-    def _parse(self, name: str, port: Port) -> None:
+    def _parse(self, name: str) -> None:
+        port = self.ports[name]
         buf, pos, now = port.inbuf, 0, None
         while len(buf) - pos >= channel.HEADER.size:
-            kind, size, virt, _ = channel.HEADER.unpack_from(buf, pos)
+            kind, size, virt, _, _ = channel.HEADER.unpack_from(buf, pos)
             end = pos + channel.HEADER.size + size
             if len(buf) < end:
                 break
-            conn = self._conn_from(name)
+            if not port.conn:  # the hello of a new connection names it
+                hello = bytes(buf[pos + channel.HEADER.size:end])
+                conn = self._name(name.split("-", 1)[1], hello) if name[:4] == "src-" else None
+                if conn is None:
+                    self._broken(name)  # not a migration stream: close it, disturb nothing
+                    return
+                name, port = f"src-{conn}", self.ports[f"src-{conn}"]
             if now is None:
                 now = self.clock.now()
                 self._advance_all(now)
+            conn = _conn_from(name)
             if kind == channel.DATA and conn is not None:
                 self._enqueue(conn, bytearray(buf[pos:end]), size + virt)
             pos = end
@@ -164,19 +291,17 @@ class Relay:
         self.board[f"queued-{conn}"] = self.queued[conn]
         self.bottleneck[ROUTES[conn][2]].push(conn, (frame, charge), charge)
 
-    @staticmethod
-    def _conn_from(port: str) -> str | None:
-        for conn, (sender, _, _) in ROUTES.items():
-            if sender == port:
-                return conn
-        return None
-
     def _deliver(self, now: float) -> None:
         for conn, queue in self.arrivals.items():
             receiver = ROUTES[conn][1]
             while queue and queue[0][0] <= now:
                 t, frame, charge = queue.popleft()
+                if receiver not in self.ports:
+                    continue
                 self._note_lag(now - t)
+                if conn in self.corrupt_next:
+                    self.corrupt_next.discard(conn)
+                    frame[-1] ^= 0xFF
                 # the receiver measures how late it gets to each frame against this time
                 struct.pack_into("<d", frame, channel.ARRIVAL_OFFSET, t)
                 self.ports[receiver].out.append([memoryview(frame), conn, charge])
@@ -192,7 +317,9 @@ class Relay:
             b.add("late-frames", 1)
 
     def _flush(self, name: str) -> None:
-        port = self.ports[name]
+        port = self.ports.get(name)
+        if port is None:
+            return
         while port.out:
             entry = port.out[0]
             try:
@@ -200,8 +327,8 @@ class Relay:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                port.out.clear()
-                break
+                self._broken(name)
+                return
             entry[0] = entry[0][sent:]
             if len(entry[0]):
                 break
@@ -215,28 +342,39 @@ class Relay:
         self.board[f"queued-{conn}"] = self.queued[conn]
         self.board.add(f"delivered-{conn}", charge)
         sender = ROUTES[conn][0]
-        self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
-        self._flush(sender)
+        if sender in self.ports:
+            self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
+            self._flush(sender)
 
     def _want_write(self, name: str, want: bool) -> None:
-        port = self.ports[name]
-        if port.eof:
+        port = self.ports.get(name)
+        if port is None:
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
         if self.sel.get_key(port.sock).events != events:
             self.sel.modify(port.sock, events, name)
 
 
-def main(control, bufs: dict, cfg, ports: dict[str, socket.socket]) -> None:
-    relay = Relay(ports, Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
+def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
+    relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
+    relay.listen(listen_uri, target_uri)
+    actions = {"cut": relay.cut, "corrupt": relay.corrupt,
+               "target": lambda target: setattr(relay, "target", target)}
     control.emit(("ready", control.role))
-    while True:
-        if control.conn.poll():
-            try:
-                command, *_ = control.conn.recv()
-            except (EOFError, OSError):
-                return
-            if command == "quit":
-                return
-        relay.step()
+    try:
+        while True:
+            if control.conn.poll():
+                try:
+                    command, *args = control.conn.recv()
+                except (EOFError, OSError):
+                    return
+                if command == "quit":
+                    return
+                actions[command](*args)
+            relay.step()
+            for event in relay.events:
+                control.emit(("link", *event, relay.clock.now()))
+            relay.events.clear()
+    finally:
+        relay.close()

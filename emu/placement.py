@@ -69,6 +69,11 @@ class Placer:
                 t0 = first * self.tpp
                 self.ram[t0:t0 + count * self.tpp][np.repeat(dropped, self.tpp)] = 0
 
+    def drop_partial(self) -> None:
+        """The connections broke: host pages half assembled are lost (they will be resent)."""
+        for tmp in self.tmp:
+            tmp.page = -1
+
     def receive(self, channel: int, rec: RamRecord) -> None:
         if rec.offset % self.page_size == 0 and rec.npages % self.tpp == 0 \
                 and self.tmp[channel].page < 0:

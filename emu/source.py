@@ -13,12 +13,12 @@ import threading
 
 import numpy as np
 
+from emu import channel, uri, wire
 from emu import ram as R
-from emu import wire
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.page_requests import PageRequestQueue
-from emu.states import StateLog
+from emu.states import FINAL, StateLog
 from emu.status import Board
 from emu.workload import Memory, VCpu, Workload
 
@@ -69,7 +69,7 @@ class SourceMemory(Memory):
 
 
 class Source:
-    def __init__(self, control, bufs: dict, cfg, main_sock, preempt_sock) -> None:
+    def __init__(self, control, bufs: dict, cfg) -> None:
         self.control = control
         self.cfg = cfg
         self.clock = Clock(bufs["clock"])
@@ -88,14 +88,16 @@ class Source:
         self.sent_once = np.zeros(cfg.npages, bool)
         self.queue = PageRequestQueue(bufs["src-queue"])
         self.state = StateLog("source", self.clock.now, control.emit)
-        window = cfg["link.socket-buffer"]
-        self.main = Endpoint(main_sock, window, "main")
-        self.preempt = None
-        if cfg["migration.postcopy-preempt"]:
-            self.preempt = Endpoint(preempt_sock, window, "preempt")
-            self.preempt.read_credits_in_background()
+        self.main: Endpoint | None = None
+        self.preempt: Endpoint | None = None
+        self.lock = threading.Lock()
         self.pos = 0  # where the background scan goes on (PageSearchStatus)
         self.switchover = threading.Event()
+        self.quit = threading.Event()
+        self.resumed = threading.Event()  # set again when a recovery has finished
+        self.bitmap_received = threading.Event()
+        self.resume_ack = threading.Event()
+        self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.vcpu_stop = threading.Event()
         self.vcpus = [VCpu(v, Workload(cfg, v), SourceMemory(self.ram, self.dirty, self.tpp),
                            self.clock, cfg["workload.touch-cost"], self.vcpu_stop)
@@ -103,22 +105,84 @@ class Source:
 
     # ---- commands ----
 
-    def migrate(self) -> None:
+    def migrate(self, address: str) -> None:
+        """migrate: connect to the destination (through the link) and start streaming."""
+        self.state.set("setup")
+        try:
+            self._connect(address)
+        except (OSError, ChannelError) as err:
+            self.control.fail(f"source: cannot connect to {address}: {err}")
+            self.state.set("failed")
+            return
         for vcpu in self.vcpus:
             vcpu.start()
-        threading.Thread(target=self._migration_thread, name="migration", daemon=True).start()
-        threading.Thread(target=self._return_path_thread, name="return-path",
-                         daemon=True).start()
+        _thread("migration", self._migration_thread)
+
+    def resume(self, address: str) -> None:
+        """migrate with resume=true: reconnect and run the recovery handshake."""
+        if self.state.status != "postcopy-paused":
+            self.control.emit(("refused", "migrate", "Cannot resume if there is no paused "
+                               "migration"))
+            return
+        _thread("resume", self._resume, address)
+
+    def pause(self) -> None:
+        """migrate-pause: break the channels on purpose; both sides go to postcopy-paused."""
+        if self.state.status not in ("postcopy-active", "postcopy-recover"):
+            self.control.emit(("refused", "migrate-pause", "migrate-pause is currently only "
+                               "supported during postcopy-active or postcopy-recover state"))
+            return
+        self._channel_failed("migrate-pause")
 
     def start_postcopy(self) -> None:
         self.switchover.set()
 
     def shutdown(self) -> None:
+        self.quit.set()
         self.vcpu_stop.set()
         self.switchover.set()
-        for ep in (self.main, self.preempt):
+        self._close_channels()
+
+    # ---- connections ----
+
+    def _connect(self, address: str) -> None:
+        window = self.cfg["link.socket-buffer"]
+        main = Endpoint(uri.connect(address), window, "main")
+        main.send([channel.MAIN_HELLO])
+        preempt = None
+        if self.cfg["migration.postcopy-preempt"]:
+            preempt = Endpoint(uri.connect(address), window, "preempt")
+            preempt.send([channel.PREEMPT_HELLO])
+        with self.lock:
+            self.main, self.preempt = main, preempt
+        _thread("return-path", self._return_path_thread, main)
+        if preempt:
+            preempt.read_credits_in_background(
+                lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
+
+    def _close_channels(self) -> None:
+        with self.lock:
+            eps = (self.main, self.preempt)
+        for ep in eps:
             if ep:
                 ep.close()
+
+    def _channel_failed(self, reason: str, ep: Endpoint | None = None) -> None:
+        """A channel broke. In postcopy the guest's memory is split between the hosts, so
+        the migration pauses and waits for recovery; before that, it fails."""
+        with self.lock:
+            if ep is not None and ep not in (self.main, self.preempt):
+                return  # an old connection, already replaced
+            status = self.state.status
+            if status in ("postcopy-active", "postcopy-recover-setup", "postcopy-recover"):
+                self.resumed.clear()
+                self.state.set("postcopy-paused")
+                self.queue.clear()  # lost: the destination asks again after resuming
+                self.control.emit(("paused", "source", reason))
+            elif status not in FINAL and status != "postcopy-paused":
+                self.control.fail(f"source: {reason}")
+                self.state.set("failed")
+        self._close_channels()
 
     # ---- migration thread ----
 
@@ -126,15 +190,12 @@ class Source:
         try:
             self._migrate()
         except ChannelError as err:
-            if self.state.status not in ("completed", "failed"):
-                self.control.fail(f"source: {err}")
-                self.state.set("failed")
+            self._channel_failed(str(err))
         self.control.emit(("report", "source", {"states": self.state.changes,
                                                 "board": self.board.snapshot()}))
 
     def _migrate(self) -> None:
         t0 = self.clock.now()
-        self.state.set("setup")
         self.main.send([wire.command(wire.MIG_CMD_OPEN_RETURN_PATH)])
         if self.cfg["migration.postcopy-ram"]:
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_ADVISE)])
@@ -146,9 +207,11 @@ class Source:
             self._postcopy()
         else:
             self._stop_and_copy()
-        for ep in (self.main, self.preempt):
-            if ep:
-                ep.send([wire.eof()])
+            self._send_eofs()
+            if not self._wait_for(self.shut):
+                return
+        if self.state.status in FINAL or self.quit.is_set():
+            return
         self.board["remaining"] = 0
         self.board["total-time"] = self.clock.now() - t0
         self.state.set("completed")
@@ -177,9 +240,23 @@ class Source:
         self.main.send([wire.device_state({"vcpus": [v.workload.pos for v in self.vcpus]})])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RUN)])
         self.board["downtime"] = self.clock.now() - t_stop
+        self.resumed.set()
         self.state.set("postcopy-active")
 
     def _postcopy(self) -> None:
+        """Stream until the destination has it all, pausing and resuming across failures."""
+        while not self.quit.is_set():
+            try:
+                self._postcopy_stream()
+                if self._wait_for(self.shut):
+                    return
+            except ChannelError as err:
+                self._channel_failed(str(err))
+            while not self.resumed.wait(0.1):
+                if self.quit.is_set():
+                    return
+
+    def _postcopy_stream(self) -> None:
         pacer = Pacer(self.cfg["migration.max-postcopy-bandwidth"])
         break_huge = (self.preempt is not None and self.tpp > 1
                       and self.cfg["migration.x-postcopy-preempt-break-huge"])
@@ -188,10 +265,23 @@ class Source:
                 continue
             page = self._next_dirty()
             if page is None:
-                return
+                break
             self._send_background(page, pacer, "postcopy-bytes",
                                   self._serve_queue if break_huge else None)
             self._wait_pacer(pacer)
+        self._send_eofs()
+
+    def _send_eofs(self) -> None:
+        for ep in (self.main, self.preempt):
+            if ep:
+                ep.send([wire.eof()])
+
+    def _wait_for(self, event: threading.Event) -> bool:
+        """Wait for a reply from the destination; False if the channels broke meanwhile."""
+        while not event.wait(0.05):
+            if self.quit.is_set() or self.state.status in ("postcopy-paused", "failed"):
+                return False
+        return True
 
     def _stop_and_copy(self) -> None:
         t_stop = self.clock.now()
@@ -295,7 +385,9 @@ class Source:
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * R.TARGET_PAGE
         if self.ram is not None:
-            ep.send([header, self.raw[offset:offset + size]])
+            # a snapshot: the guest may write the page while it is being sent, and the bytes
+            # checksummed must be the bytes sent (a re-dirtied page is sent again anyway)
+            ep.send([header, bytes(self.raw[offset:offset + size])])
         else:
             ep.send([header], virt=size)
         b = self.board
@@ -304,19 +396,58 @@ class Source:
         b.add("normal", n)
         b.add("normal-bytes", size)
 
+    # ---- recovery ----
+
+    def _resume(self, address: str) -> None:
+        """QEMU's recovery handshake: reconnect, RECV_BITMAP (every page the destination did
+        not receive becomes dirty again: what was in flight is lost), POSTCOPY_RESUME,
+        RESUME_ACK. A failure anywhere goes back to postcopy-paused."""
+        self.state.set("postcopy-recover-setup")
+        self.bitmap_received.clear()
+        self.resume_ack.clear()
+        try:
+            self._connect(address)
+            self.state.set("postcopy-recover")
+            self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
+                                         + wire.BLOCK)])
+            if not self._wait_for(self.bitmap_received):
+                return
+            self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
+            if not self._wait_for(self.resume_ack):
+                return
+        except (OSError, ChannelError) as err:
+            self._channel_failed(f"recovery: {err}")
+            return
+        self.state.set("postcopy-active")
+        self.resumed.set()
+
     # ---- return-path thread ----
 
-    def _return_path_thread(self) -> None:
+    def _return_path_thread(self, ep: Endpoint) -> None:
         try:
             while True:
-                kind, data = wire.decode_rp(self.main.recv())
-                if kind in (wire.MIG_RP_MSG_REQ_PAGES, wire.MIG_RP_MSG_REQ_PAGES_ID):
-                    offset, _length = wire.parse_req_pages(kind, data)
-                    self.board.add("postcopy-requests", 1)
-                    self.queue.put(offset // self.P, self.clock.now())
+                kind, data = wire.decode_rp(ep.recv())
+                self._rp_message(kind, data)
         except (ChannelError, wire.ProtocolError) as err:
-            if self.state.status not in ("completed", "failed", "none"):
-                self.control.fail(f"source return path: {err}")
+            if not self.shut.is_set():
+                self._channel_failed(f"return path: {err}", ep)
+
+    def _rp_message(self, kind: int, data: bytes) -> None:
+        if kind in (wire.MIG_RP_MSG_REQ_PAGES, wire.MIG_RP_MSG_REQ_PAGES_ID):
+            offset, _length = wire.parse_req_pages(kind, data)
+            if offset >= self.cfg["guest.ram"]:
+                raise wire.ProtocolError(f"page request beyond RAM: offset {offset}")
+            self.board.add("postcopy-requests", 1)
+            self.queue.put(offset // self.P, self.clock.now())
+        elif kind == wire.MIG_RP_MSG_RECV_BITMAP:
+            received = wire.parse_recv_bitmap(data, self.cfg.npages)
+            self.dirty |= ~received
+            self.states[~received] = R.UNSENT
+            self.bitmap_received.set()
+        elif kind == wire.MIG_RP_MSG_RESUME_ACK:
+            self.resume_ack.set()
+        elif kind == wire.MIG_RP_MSG_SHUT:
+            self.shut.set()
 
 
 def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
@@ -329,7 +460,14 @@ def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
     return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-def main(control, bufs: dict, cfg, main_sock, preempt_sock) -> None:
-    src = Source(control, bufs, cfg, main_sock, preempt_sock)
-    control.serve({"migrate": src.migrate, "migrate-start-postcopy": src.start_postcopy})
+def _thread(name: str, target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def main(control, bufs: dict, cfg) -> None:
+    src = Source(control, bufs, cfg)
+    control.serve({"migrate": src.migrate, "migrate-resume": src.resume,
+                   "migrate-pause": src.pause, "migrate-start-postcopy": src.start_postcopy})
     src.shutdown()

@@ -16,6 +16,8 @@ import json
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from emu.ram import TARGET_PAGE
 
 BLOCK = b"pc.ram"  # our guest has one RAM block, named as QEMU's is
@@ -58,7 +60,8 @@ RP_NAMES = {1: "SHUT", 2: "PONG", 3: "REQ_PAGES_ID", 4: "REQ_PAGES", 5: "RECV_BI
 
 _CMD = struct.Struct("<BHH")  # section type, command, length
 _RAM = struct.Struct("<BQIB")  # section type, offset (bytes), target pages, flags
-_RP = struct.Struct("<HH")  # type, length
+# type, length; QEMU's length is 16 bits, ours 32: our RECV_BITMAP carries the bitmap inline
+_RP = struct.Struct("<HI")
 _RANGE = struct.Struct("<QQ")  # first host page... as QEMU: start and length, in bytes
 
 
@@ -186,6 +189,21 @@ def req_pages(offset: int, length: int, first: bool) -> bytes:
         return rp_message(MIG_RP_MSG_REQ_PAGES_ID,
                           struct.pack("<QIB", offset, length, len(BLOCK)) + BLOCK)
     return rp_message(MIG_RP_MSG_REQ_PAGES, struct.pack("<QI", offset, length))
+
+
+def recv_bitmap(received) -> bytes:
+    """MIG_RP_MSG_RECV_BITMAP: the block name, then one bit per host page received."""
+    bits = np.packbits(np.asarray(received, bool), bitorder="little").tobytes()
+    return rp_message(MIG_RP_MSG_RECV_BITMAP, bytes([len(BLOCK)]) + BLOCK + bits)
+
+
+def parse_recv_bitmap(data: bytes, npages: int):
+    """The received bitmap of a MIG_RP_MSG_RECV_BITMAP body, as a bool array of npages."""
+    size = 1 + len(BLOCK) + (npages + 7) // 8
+    if not data or data[1:1 + data[0]] != BLOCK or len(data) != size:
+        raise ProtocolError("bad RECV_BITMAP body")
+    bits = np.frombuffer(data, np.uint8, offset=1 + len(BLOCK))
+    return np.unpackbits(bits, count=npages, bitorder="little").astype(bool)
 
 
 def decode_rp(msg: bytes) -> tuple[int, bytes]:

@@ -54,13 +54,14 @@ class LinkBench:
     def __init__(self, bandwidth: float, rtt: float, window: int, scale: float,
                  credits: bool = True) -> None:
         self.clock = Clock()
-        ports, self.src, self.dst = {}, {}, {}
-        for port in ("src-main", "src-preempt", "dst-main", "dst-preempt"):
-            a, b = socket.socketpair()
-            ports[port] = b
-            side, name = port.split("-")
-            (self.src if side == "src" else self.dst)[name] = Endpoint(a, window, port)
-        self.relay = Relay(ports, self.clock, Board(FIELDS), bandwidth, rtt)
+        self.relay = Relay(self.clock, Board(FIELDS), bandwidth, rtt)
+        self.src, self.dst = {}, {}
+        for conn in ("main", "preempt"):
+            src_ep, src_relay = socket.socketpair()
+            dst_ep, dst_relay = socket.socketpair()
+            self.src[conn] = Endpoint(src_ep, window, f"src-{conn}")
+            self.dst[conn] = Endpoint(dst_ep, window, f"dst-{conn}")
+            self.relay.attach(conn, src_relay, dst_relay)
         if credits:  # in the source, the return-path thread reads them
             for ep in self.src.values():
                 ep.read_credits_in_background()

@@ -1,0 +1,235 @@
+"""The analytical page-fault latency model (reference/postcopy-notes.md, section 8), with its
+inputs read off this emulator's mechanism.
+
+One fault costs L = rtt + software + queued + rest + page + shared, each a time:
+
+- vanilla:                  L = RTT + c + (S + r + P) / B
+- preempt, break-huge off:  L = RTT + c + r / B + (P + min(P, S)) / B
+- preempt (break-huge on):  L = RTT + c + r / B + (P + min(P, S)) / B, with a smaller r
+
+B is link.bandwidth, RTT link.rtt, P guest.page-size. What the other letters are here:
+
+S, the backlog ahead of the urgent page on main. The link holds at most link.socket-buffer
+bytes of one connection, queued at the bottleneck or on the wire (channel.py's credits), and a
+record enters only when it fits whole, so a full window holds n = floor(window / record)
+records (record = emulator.chunk plus its header). Of those, B * RTT/2 bytes are already on the
+wire, and their time is the second half of RTT: S = n * record - B * RTT/2.
+
+r, the rest of what the migration thread must write on main before it looks at the request
+queue again; a request arrives at a random point of it, so on average half a unit U. U is one
+record (emulator.chunk) for 4 KiB pages, whose runs share records; for huge pages it is the whole
+host page (vanilla, break-huge off), or one record of it with break-huge, which checks the queue
+between records. The notes' T/B (break-huge on) is this term for QEMU, whose thread checks
+before every 4 KiB piece: it is the second mode of QEMU 7.1's histogram, the migration thread
+blocked in write() on a full main socket. Here the write granularity is emulator.chunk, not T.
+
+shared: with preempt the urgent page crosses the bottleneck beside main, at half the bandwidth
+while main has bytes waiting, so main adds min(P, S) / B. The migration thread goes back to main
+right after writing the urgent page and keeps it full, so this is P / B whenever S >= P.
+
+c, the software cost: the emulator's own work per fault (fault thread, return-path thread,
+migration thread, relay, placement, waking the vCPU) takes about SOFTWARE_COST_S of real time,
+which is SOFTWARE_COST_S * emulator.time-scale of emulated time. Pass software_cost to model
+another machine, or 0 for the network alone.
+
+max-postcopy-bandwidth: like QEMU, the source lets rate x 100 ms through at full speed at the
+start of each 100 ms window, then waits (source.Pacer). So main is full while the migration
+thread is blocked in that burst (the formula above), then drains what the socket holds (S falls
+from the window's content to 0, and the thread, waiting on its pacer, serves a request at once:
+r = 0), then is idle. A cap small enough that one window's bytes fit in the socket never blocks
+the thread. The model averages the formula over these phases, weighted by their duration: the
+latency of a request that arrives at a random time.
+
+Averages: r = U / 2 and the phases assume requests arriving at random points of the main stream.
+A single vCPU that faults again a fixed time after each wake-up locks onto the main stream
+instead (its request comes back at the same point of the unit every time), so its r is a fixed
+value between 0 and U; and a vCPU faulting back to back fits more faults into the quick phases
+of a capped stream, so its average per fault is lower than the model's. Compare the model with a
+workload whose gaps between faults vary by more than U / B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from emu import wire
+from emu.config import TARGET_PAGE_SIZE, Config
+from emu.source import Pacer
+from emu.units import format_duration, format_rate, format_size
+
+MODES = ("vanilla", "preempt-no-break-huge", "preempt")
+MODE_TITLES = {
+    "vanilla": "vanilla postcopy",
+    "preempt-no-break-huge": "postcopy-preempt, break-huge off",
+    "preempt": "postcopy-preempt, break-huge on",
+}
+# term -> what it is, in the order of the sum
+TERMS = {
+    "rtt": "RTT: the request out, the page back",
+    "software": "c: the emulator's own work, x time-scale",
+    "queued": "S/B: the main backlog ahead (vanilla)",
+    "rest": "r/B: rest of the unit the migration thread writes on main",
+    "page": "P/B: the page itself",
+    "shared": "min(P,S)/B: main's share of the link (preempt)",
+}
+# Measured: the emulator's real time per fault beyond the link's own delays, on a 2-core
+# machine at time-scales 0.05 to 1 with the relay keeping up (preempt, 4 KiB pages, idle main).
+SOFTWARE_COST_S = 330e-6
+RECORD_HEADER = len(wire.ram_header(0, 1, 0))  # bytes each RAM record adds on the wire
+DRAIN_STEPS = 100  # points at which the draining phase of a capped stream is sampled
+
+
+class ModelError(ValueError):
+    """A scenario the model has nothing to say about (no postcopy: no page faults)."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The model's inputs for one request: bytes, bytes/s and seconds."""
+
+    bandwidth: float  # B
+    rtt: float  # RTT
+    page_size: int  # P
+    backlog: float  # S
+    rest: float  # r
+    software: float  # c, emulated seconds
+
+
+def latency_terms(mode: str, x: Inputs) -> dict[str, float]:
+    """Section 8's formula: each term of the sum in seconds, for one of MODES."""
+    if mode not in MODES:
+        raise ModelError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    b = x.bandwidth
+    vanilla = mode == "vanilla"
+    return {
+        "rtt": x.rtt,
+        "software": x.software,
+        "queued": x.backlog / b if vanilla else 0.0,
+        "rest": x.rest / b,
+        "page": x.page_size / b,
+        "shared": 0.0 if vanilla else min(x.page_size, x.backlog) / b,
+    }
+
+
+def mode_of(cfg: Config) -> str:
+    """Which of MODES the scenario runs; ModelError without postcopy."""
+    if not cfg["migration.postcopy-ram"]:
+        raise ModelError("migration.postcopy-ram is false: precopy only has no page faults")
+    if not cfg["migration.postcopy-preempt"]:
+        return "vanilla"
+    if cfg["migration.x-postcopy-preempt-break-huge"]:
+        return "preempt"
+    return "preempt-no-break-huge"
+
+
+def _record(cfg: Config) -> int:
+    """Payload bytes of one background record: runs of small pages fill a whole chunk."""
+    chunk = cfg["emulator.chunk"]
+    return chunk if cfg.page_size == TARGET_PAGE_SIZE else min(chunk, cfg.page_size)
+
+
+def _unit(cfg: Config, mode: str) -> int:
+    """What the migration thread writes on main between two looks at the request queue."""
+    if cfg.page_size == TARGET_PAGE_SIZE or mode == "preempt":
+        return _record(cfg)
+    return cfg.page_size
+
+
+def _held(cfg: Config) -> int:
+    """Bytes main holds in the link when full: whole records only."""
+    record = _record(cfg) + RECORD_HEADER
+    return max(1, cfg["link.socket-buffer"] // record) * record
+
+
+def _phases(cfg: Config, mode: str) -> list[tuple[float, float, float]]:
+    """(share of the time, S, r) of each state main can be in when a request arrives; the
+    first is main full, with the migration thread blocked writing it."""
+    bandwidth = cfg["link.bandwidth"]
+    on_wire = bandwidth * cfg["link.rtt"] / 2
+    held = _held(cfg)
+    full = (max(0.0, held - on_wire), _unit(cfg, mode) / 2)
+    cap = cfg["migration.max-postcopy-bandwidth"]
+    if not 0 < cap < bandwidth:
+        return [(1.0, *full)]
+    burst = cap * Pacer.WINDOW  # bytes let through at the start of each window
+    blocked = max(0.0, burst - held) / bandwidth / Pacer.WINDOW
+    drained = min(burst, held)
+    step = drained / bandwidth / Pacer.WINDOW / DRAIN_STEPS
+    phases = [(blocked, *full)]
+    for k in range(DRAIN_STEPS):
+        in_link = (k + 0.5) / DRAIN_STEPS * drained
+        phases.append((step, max(0.0, in_link - on_wire), 0.0))
+    phases.append((1.0 - blocked - step * DRAIN_STEPS, 0.0, 0.0))
+    return phases
+
+
+def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, Any]:
+    """The predicted mean page-fault latency of the scenario, in us, and its terms.
+
+    {"mode", "latency-us", "terms-us": {term: us}, "inputs": {...}}; see TERMS. software_cost
+    is the emulator's real time per fault (seconds), charged x emulator.time-scale.
+    """
+    mode = mode_of(cfg)
+    one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
+                 software_cost * cfg["emulator.time-scale"])
+    terms = dict.fromkeys(TERMS, 0.0)
+    phases = _phases(cfg, mode)
+    backlog = rest = 0.0
+    for share, s, r in phases:
+        for name, t in latency_terms(mode, replace(one, backlog=s, rest=r)).items():
+            terms[name] += share * t * 1e6
+        backlog, rest = backlog + share * s, rest + share * r
+    return {
+        "mode": mode,
+        "latency-us": sum(terms.values()),
+        "terms-us": terms,
+        "inputs": {
+            "bandwidth": one.bandwidth,
+            "rtt": one.rtt,
+            "page-size": one.page_size,
+            "backlog": backlog,  # mean S
+            "rest": rest,  # mean r
+            "main-full": phases[0][0],  # share of the time the migration thread is blocked on main
+            "software-cost": one.software,
+            "socket-buffer": cfg["link.socket-buffer"],
+            "chunk": cfg["emulator.chunk"],
+            "max-postcopy-bandwidth": cfg["migration.max-postcopy-bandwidth"],
+            "time-scale": cfg["emulator.time-scale"],
+        },
+    }
+
+
+def predict_all(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, dict]:
+    """predict() for each of MODES, with the scenario's link, guest and emulator settings."""
+    out = {}
+    for mode in MODES:
+        sets = [
+            "migration.postcopy-ram=true",
+            f"migration.postcopy-preempt={mode != 'vanilla'}",
+            f"migration.x-postcopy-preempt-break-huge={mode == 'preempt'}",
+        ]
+        out[mode] = predict(cfg.with_overrides(sets), software_cost)
+    return out
+
+
+def format_prediction(pred: dict[str, Any]) -> str:
+    """A readable table of the terms of one predict() result."""
+    x = pred["inputs"]
+    scale, unit = (1e3, "ms") if pred["latency-us"] >= 1e4 else (1.0, "us")
+    cap = x["max-postcopy-bandwidth"]
+    lines = [
+        f"predicted page-fault latency, {MODE_TITLES[pred['mode']]}",
+        f"  link {format_rate(x['bandwidth'])}, rtt {format_duration(x['rtt'])}, "
+        f"socket buffer {format_size(x['socket-buffer'])}; page {format_size(x['page-size'])}, "
+        f"chunk {format_size(x['chunk'])}, time-scale {x['time-scale']:g}",
+        f"  background {'cap ' + format_rate(cap) if cap else 'unlimited'}: main full "
+        f"{x['main-full']:.0%} of the time; mean S = {x['backlog']:.0f} B, "
+        f"r = {x['rest']:.0f} B",
+        "",
+    ]
+    width = max(len(text) for text in TERMS.values())
+    for name, text in TERMS.items():
+        lines.append(f"  {name:<9}{text:<{width}} {pred['terms-us'][name] / scale:10.3f} {unit}")
+    lines.append(f"  {'total':<9}{'':<{width}} {pred['latency-us'] / scale:10.3f} {unit}")
+    return "\n".join(lines)
