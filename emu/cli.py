@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.scenario, args.set)
+        if args.command == "run":
+            _faults_and_recovery(args, cfg)  # bad faults stop here, before any process starts
     except ConfigError as err:
         print(f"postcopy-emu: {err}", file=sys.stderr)
         return 2
@@ -33,7 +35,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = _command(sub, "run", "run one migration to completion and report on it")
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--fault", action="append", default=[], metavar="'ACTION CHANNEL at TIME'",
+                     help="break something during postcopy (repeatable): 'cut main at 0.3s', "
+                          "'corrupt preempt at 50ms', 'pause at 0.2s'; TIME counts from the start "
+                          "of postcopy, or is a state: 'cut main at postcopy-recover'")
+    run.add_argument("--recover-after", default="200ms", metavar="DURATION",
+                     help="emulated time after a pause before recovering automatically "
+                          "(migrate-recover, then migrate resume); 'never' to stay paused "
+                          "(default: 200ms)")
+    run.add_argument("--trace", action="store_true",
+                     help="print every state change, fault and recovery step on stderr")
     run.set_defaults(func=cmd_run)
+    predict = _command(sub, "predict", "predict the mean page-fault latency with the "
+                       "analytical model, term by term (no migration runs)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object")
+    predict.set_defaults(func=cmd_predict)
     gui = _command(sub, "gui", "open the window")
     gui.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
     gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
@@ -54,7 +70,13 @@ def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 def cmd_run(args, cfg) -> int:
     from emu.controller import migrate
 
-    result = migrate(cfg, None if args.json else _progress)
+    faults, recover_after = _faults_and_recovery(args, cfg)
+    progress = _progress
+    if args.trace:
+        progress = _tracer()
+    elif args.json:
+        progress = None
+    result = migrate(cfg, progress, faults, recover_after)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -63,10 +85,54 @@ def cmd_run(args, cfg) -> int:
     return 0 if result["status"] == "completed" and result["integrity"]["ok"] else 1
 
 
+def cmd_predict(args, cfg) -> int:
+    from emu import model
+
+    try:
+        pred = model.predict(cfg)
+    except model.ModelError as err:
+        print(f"postcopy-emu: {err}", file=sys.stderr)
+        return 2
+    # the same guest and link in the other modes, for comparison
+    modes = {mode: p["latency-us"] for mode, p in model.predict_all(cfg).items()}
+    if args.json:
+        print(json.dumps({**pred, "all-modes-us": modes}, indent=1))
+        return 0
+    print(model.format_prediction(pred))
+    print("\n  the same scenario in each mode:")
+    for mode, us in modes.items():
+        print(f"  {model.MODE_TITLES[mode]:<34}{us / 1e3:10.3f} ms")
+    return 0
+
+
 def cmd_gui(args, cfg) -> int:
     from gui.app import main as gui_main
 
     return gui_main(cfg, args)
+
+
+def _faults_and_recovery(args, cfg):
+    from emu import faults
+    from emu.units import parse_duration
+
+    found = faults.from_config(cfg, args.fault)
+    if args.recover_after == "never":
+        return found, None
+    try:
+        return found, parse_duration(args.recover_after)
+    except ValueError as err:
+        raise ConfigError(f"--recover-after: {err}") from None
+
+
+def _tracer():
+    shown = 0
+
+    def trace(run) -> None:
+        nonlocal shown
+        for t, text in run.log[shown:]:
+            print(f"[{t * 1e3:10.3f} ms] {text}", file=sys.stderr)
+        shown = len(run.log)
+    return trace
 
 
 def _progress(run) -> None:
@@ -110,6 +176,9 @@ def summary(result: dict, cfg) -> str:
         f"  integrity: {'ok' if result['integrity']['ok'] else 'BAD'} "
         f"({result['integrity']['checked']}; bad pages {result['integrity']['bad-pages']})",
     ]
+    for fault in result["faults"]:
+        lines.append(f"  fault: {fault['action']} {fault['channel']} at "
+                     f"{fault['time'] * 1e3:.1f} ms")
     lines += [f"  error: {e}" for e in result["errors"]]
     if "warning" in emu:
         lines.append(f"  warning: {emu['warning']}")

@@ -53,6 +53,7 @@ class Run:
         self.errors: list[str] = []
         self.switched = False
         self.dead: set[str] = set()
+        self.refused: list[tuple[str, str]] = []  # commands a side refused, with QEMU's words
 
     # ---- life cycle ----
 
@@ -274,9 +275,14 @@ class Run:
             self._state(*event[1:])
         elif kind == "listening":
             self.listening = event[1]
-        elif kind in ("paused", "refused", "link"):
-            self._note(self.clock.now(), " ".join(str(x) for x in event))
-            if kind == "refused" and self.recover_after is not None:
+        elif kind == "link":
+            self._note(event[3], f"link: {event[2]} connection {event[1]}")
+        elif kind == "paused":
+            self._note(self.clock.now(), f"{event[1]} paused: {event[2]}")
+        elif kind == "refused":
+            self._note(self.clock.now(), f"{event[1]} refused: {event[2]}")
+            self.refused.append((event[1], event[2]))
+            if self.recover_after is not None:
                 self.recover_at = self.clock.now() + self.recover_after
         elif kind == "error":
             self.errors.append(f"{event[1]}: {event[2].strip()}")
@@ -290,7 +296,13 @@ class Run:
         proc = self.children[role][0]
         self.dead.add(role)
         proc.join(1)
-        self.errors.append(f"{role} process died (exit code {proc.exitcode})")
+        why = f"{role} process died (exit code {proc.exitcode})"
+        if role != "network" and self.status["source"].startswith("postcopy"):
+            why += (": postcopy had started, so the guest's memory was split between source "
+                    "and destination; the guest cannot be saved")
+        elif role == "destination":
+            why += ": the migration failed; the guest keeps running on the source"
+        self.errors.append(why)
         for side in self.status:
             if self.status[side] not in FINAL:
                 self.status[side] = "failed"

@@ -115,6 +115,7 @@ class Relay:
         self.listener: socket.socket | None = None
         self.target = ""
         self.corrupt_next: set[str] = set()
+        self.cut_pending: set[str] = set()
         self.events: list[tuple] = []  # ("connected"/"broken", connection) for the controller
 
     def listen(self, listen_uri: str, target_uri: str) -> str:
@@ -138,8 +139,12 @@ class Relay:
 
     def cut(self, conn: str) -> None:
         """Break a connection: both ends see it fail, and whatever was in flight is lost.
-        The return path is the main connection's other direction, so it breaks with it."""
+        The return path is the main connection's other direction, so it breaks with it.
+        A connection being set up right now breaks as soon as it says hello."""
         conn = "main" if conn == "return" else conn
+        if f"src-{conn}" not in self.ports:
+            self.cut_pending.add(conn)
+            return
         for side in ("src", "dst"):
             self._close_port(f"{side}-{conn}")
         lost = [conn, "return"] if conn == "main" else [conn]
@@ -213,6 +218,10 @@ class Relay:
             self.sel.unregister(port.sock)
         self.attach(conn, ports[0].sock, ports[1].sock)
         self.ports[f"src-{conn}"].inbuf = ports[0].inbuf
+        if conn in self.cut_pending:
+            self.cut_pending.discard(conn)
+            self.cut(conn)
+            return None
         return conn
 
     def _close_port(self, name: str) -> None:
@@ -269,7 +278,8 @@ class Relay:
                 hello = bytes(buf[pos + channel.HEADER.size:end])
                 conn = self._name(name.split("-", 1)[1], hello) if name[:4] == "src-" else None
                 if conn is None:
-                    self._broken(name)  # not a migration stream: close it, disturb nothing
+                    if name in self.ports:  # not a migration stream: close it, disturb nothing
+                        self._broken(name)
                     return
                 name, port = f"src-{conn}", self.ports[f"src-{conn}"]
             if now is None:

@@ -60,6 +60,9 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                                           "checked": "not checked: the run did not complete"},
         "states": {side: [{"status": s, "time": round(t, 6)} for s, t in changes]
                    for side, changes in run.states.items()},
+        "faults": run.injected,
+        "recoveries": run.recoveries,
+        "events": [{"time": round(t, 6), "event": text} for t, text in run.log],
         "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }
