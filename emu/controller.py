@@ -102,6 +102,11 @@ class Run:
 
     @property
     def finished(self) -> bool:
+        if self.dead:
+            # let the survivors say what the loss did to them (failed, or paused in postcopy)
+            settled = all(self.status[side] in FINAL + ("postcopy-paused",)
+                          for side in self.status if side not in self.dead)
+            return settled or time.monotonic() > self.death_deadline
         if self.errors:
             return True
         return len(self.reports) == 2
@@ -295,6 +300,7 @@ class Run:
     def _died(self, role: str) -> None:
         proc = self.children[role][0]
         self.dead.add(role)
+        self.death_deadline = time.monotonic() + 3
         proc.join(1)
         why = f"{role} process died (exit code {proc.exitcode})"
         if role != "network" and self.status["source"].startswith("postcopy"):
@@ -303,9 +309,8 @@ class Run:
         elif role == "destination":
             why += ": the migration failed; the guest keeps running on the source"
         self.errors.append(why)
-        for side in self.status:
-            if self.status[side] not in FINAL:
-                self.status[side] = "failed"
+        if role in self.status:
+            self.status[role] = "failed"
 
 
 def migrate(cfg, progress=None, faults: list[Fault] = (),

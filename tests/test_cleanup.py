@@ -82,12 +82,18 @@ def test_killed_controller_takes_its_children_with_it():
     assert wait_for(lambda: not segments(proc.pid)), "segments left in /dev/shm"
 
 
+SURVIVOR = {"destination": "source", "source": "destination", "network": "source"}
+
+
+@pytest.mark.parametrize("phase", ["precopy", "postcopy"])
 @pytest.mark.parametrize("victim", ["destination", "source", "network"])
-def test_a_killed_child_fails_the_run_and_nothing_is_left(victim):
-    run = Run(config(emulator__time_scale="0.1", guest__ram="64MiB"))
+def test_a_killed_child_fails_the_run_and_nothing_is_left(victim, phase):
+    run = Run(config(emulator__time_scale="0.1", guest__ram="64MiB",
+                     migration__switchover_after="50ms"), recover_after=None)
     try:
         run.start()
-        while run.clock.now() < 0.05:
+        at = 0.02 if phase == "precopy" else 0.08
+        while run.clock.now() < at:
             run.poll()
         os.kill(run.children[victim][0].pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -95,6 +101,12 @@ def test_a_killed_child_fails_the_run_and_nothing_is_left(victim):
             run.poll()
         assert any(f"{victim} process died" in e for e in run.errors), run.errors
         assert not run.ok
+        # the other side says what the loss did to it, as QEMU would
+        survivor = run.status[SURVIVOR[victim]]
+        assert survivor == ("failed" if phase == "precopy" else "postcopy-paused"), run.states
+        message = "keeps running on the source" if phase == "precopy" else "cannot be saved"
+        if victim == "destination" or (victim == "source" and phase == "postcopy"):
+            assert any(message in e for e in run.errors), run.errors
         procs = [p for p, _ in run.children.values()]
     finally:
         run.stop()
