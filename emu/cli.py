@@ -177,8 +177,8 @@ def summary(result: dict, cfg) -> str:
         f"({result['integrity']['checked']}; bad pages {result['integrity']['bad-pages']})",
     ]
     for fault in result["faults"]:
-        lines.append(f"  fault: {fault['action']} {fault['channel']} at "
-                     f"{fault['time'] * 1e3:.1f} ms")
+        what = fault["action"] + ("" if fault["action"] == "pause" else f" {fault['channel']}")
+        lines.append(f"  fault: {what} at {fault['time'] * 1e3:.1f} ms")
     lines += [f"  error: {e}" for e in result["errors"]]
     if "warning" in emu:
         lines.append(f"  warning: {emu['warning']}")

@@ -116,13 +116,9 @@ class Run:
         return not self.errors and all(s == "completed" for s in self.status.values())
 
     def poll(self, timeout: float = 0.05) -> None:
-        """Take in what the children say, and issue migrate-start-postcopy when it is time."""
-        conns = self._live()
-        for conn in wait_connections(list(conns), timeout):
-            try:
-                self._event(conn.recv())
-            except (EOFError, OSError):
-                self._died(conns[conn])
+        """Take in what the children say, and act when it is time: migrate-start-postcopy,
+        faults, recovery."""
+        self._pump(timeout)
         now = self.clock.now()
         if (not self.switched and self.status["source"] == "active"
                 and now >= self.cfg["migration.switchover-after"]):
@@ -136,6 +132,14 @@ class Run:
         if limit and now > limit and not self.finished:
             self.errors.append(f"not completed after emulator.duration-limit = {limit}s")
 
+    def _pump(self, timeout: float) -> None:
+        conns = self._live()
+        for conn in wait_connections(list(conns), timeout):
+            try:
+                self._event(conn.recv())
+            except (EOFError, OSError):
+                self._died(conns[conn])
+
     def wait(self, progress=None, every: float = 0.5) -> None:
         next_progress = time.monotonic()
         while not self.finished:
@@ -143,6 +147,8 @@ class Run:
             if progress and time.monotonic() >= next_progress:
                 progress(self)
                 next_progress += every
+        if progress:
+            progress(self)
 
     # ---- state the window and the report read ----
 
@@ -195,13 +201,16 @@ class Run:
         """Where the destination listens: a new address for every recovery, as in QEMU."""
         return f"unix:{self.tmpdir}/incoming-{self.recoveries}.sock"
 
-    def _wait_listening(self, timeout: float = 10.0) -> None:
+    def _wait_listening(self, timeout: float = 10.0) -> bool:
+        """Wait for the destination's "listening" (True) or its refusal (False)."""
         self.listening = None
+        refused = len(self.refused)
         deadline = time.monotonic() + timeout
-        while self.listening is None and not self.errors:
+        while self.listening is None and not self.errors and len(self.refused) == refused:
             if time.monotonic() > deadline:
                 raise RunError("the destination did not listen")
-            self.poll(0.02)
+            self._pump(0.02)
+        return self.listening is not None
 
     # ---- faults and recovery ----
 
@@ -220,7 +229,8 @@ class Run:
         self.recoveries += 1
         address = self._incoming_uri()
         self.command("destination", "migrate-recover", address)
-        self._wait_listening()
+        if not self._wait_listening():
+            return  # refused (not paused yet): poll() tries again after recover-after
         self.command("network", "target", address)
         self.command("source", "migrate-resume", self.link_uri)
         self._note(self.clock.now(), f"recovery {self.recoveries}: migrate-recover {address}")
@@ -261,10 +271,11 @@ class Run:
         self.status[side] = status
         self.states[side].append((status, t))
         self._note(t, f"{side}: {status}")
-        if side != "source":
+        if side == "destination":
+            # faults count from here: postcopy runs once the destination has switched over
+            if status == "postcopy-active" and self.postcopy_start is None:
+                self.postcopy_start = t
             return
-        if status == "postcopy-active" and self.postcopy_start is None:
-            self.postcopy_start = t
         if status == "postcopy-paused" and self.recover_after is not None:
             self.recover_at = t + self.recover_after
         for fault in [f for f in self.pending_faults if f.at == status]:

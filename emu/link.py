@@ -237,6 +237,8 @@ class Relay:
 
     def _broken(self, name: str) -> None:
         """One end went away: in TCP the whole connection is gone."""
+        if name not in self.ports:
+            return  # already torn down with its connection
         conn = self.ports[name].conn
         if conn:
             self.cut(conn)
@@ -345,6 +347,8 @@ class Relay:
             port.out.popleft()
             if entry[1] is not None:
                 self._delivered(entry[1], entry[2])
+                if self.ports.get(name) is not port:
+                    return  # the credit's flush found the connection broken
         self._want_write(name, bool(port.out))
 
     def _delivered(self, conn: str, charge: int) -> None:

@@ -368,6 +368,13 @@ def _format_address(sock: socket.socket) -> str:
     return f"tcp:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"tcp:{host}:{port}"
 
 
+def _no_delay(sock: socket.socket) -> None:
+    # Replies and events are small writes in a row: Nagle's algorithm would hold each one
+    # back until the peer's delayed ACK, 40 ms later.
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _listen(family: int, where: str | tuple[str, int]) -> socket.socket:
     if family != socket.AF_UNIX:
         return socket.create_server(where, family=family)
@@ -430,7 +437,7 @@ class _Command:
         for name in arguments:
             if name not in self.args:
                 raise QmpError(f"Parameter '{name}' is unexpected")
-        # QEMU's generated C names turn '-' into '_'; so do Python keywords.
+        # A keyword argument cannot hold '-': make it '_', as QEMU's generated C names do.
         return {name.replace("-", "_"): value for name, value in arguments.items()}
 
 
@@ -512,7 +519,7 @@ class QmpServer:
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self.register("qmp_capabilities", self._qmp_capabilities, {"enable": list})
-        self.register("query-commands", lambda: [{"name": n} for n in self._commands])
+        self.register("query-commands", lambda: [{"name": n} for n in list(self._commands)])
         self.register("query-version", lambda: self.version)
 
     def __enter__(self) -> QmpServer:
@@ -532,6 +539,8 @@ class QmpServer:
         self._commands[name] = _Command(handler, args, required)
 
     def start(self) -> QmpServer:
+        if self._listener is not None or self._closed:
+            raise RuntimeError("a QmpServer starts once")
         self._listener = _listen(self._family, self._where)
         self.address = _format_address(self._listener)
         self._wake_r, self._wake_w = socket.socketpair()
@@ -584,6 +593,7 @@ class QmpServer:
                 self._open(sock)
 
     def _open(self, sock: socket.socket) -> None:
+        _no_delay(sock)
         with self._lock:
             if self._closed:
                 sock.close()
@@ -719,6 +729,7 @@ class QmpClient:
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.settimeout(self.timeout)
         self._sock.connect(where)
+        _no_delay(self._sock)
         self.greeting = self._read(self.timeout)
         if self.greeting is None or "QMP" not in self.greeting:
             raise ConnectionError(f"no QMP greeting from {self.address}: {self.greeting}")
@@ -741,9 +752,10 @@ class QmpClient:
             self._events.append(message)
         raise TimeoutError(f"no reply to {name} within {self.timeout} s")
 
-    def cmd(self, name: str, **args: Any) -> Any:
+    def cmd(self, name: str, /, **args: Any) -> Any:
         """Run a command and return its `return` value; raise QmpError for an error reply.
-        Keyword names have '_' turned into '-' (as qemu.machine's qmp() does)."""
+        Keyword names have '_' turned into '-' (as qemu.machine's qmp() does); `name` is
+        positional-only, so a command may take an argument called "name"."""
         arguments = {k.replace("_", "-"): v for k, v in args.items()}
         reply = self.execute(name, arguments or None)
         if "error" in reply:

@@ -19,13 +19,18 @@ makes the model's inputs well defined:
   preempt latency, a fifth of the 2M break-huge-off one), the workload is a tiny hot set, soon
   present, and rare cold touches: the gap between two faults is then a random number of the
   vCPU's 64-touch batches, spread over more than the unit's time on the link.
-- payload=false: headers travel and the link charges the page bytes, so a guest of 512 MiB
+- payload=false: headers travel and the link charges the page bytes, so a guest of 1 GiB
   costs neither memory nor copying (2 MiB pages need that many to fault often at 10 Gbit/s).
+
+A run in which the emulator fell behind its own schedule (its report's lag, emulated time) by
+more than half the tolerance of the prediction can not decide either way: the test skips it and
+says so, rather than compare figures the emulator itself reports as distorted.
 """
 
 import numpy as np
 import pytest
 
+from emu import report
 from emu.config import load_config
 from emu.controller import Run, migrate
 from emu.model import predict
@@ -50,46 +55,50 @@ def config(**sets: str):
     return load_config(None, [f"{k}={v}" for k, v in {**COMMON, **sets}.items()])
 
 
-def check(cfg, measured_us: np.ndarray | float, count: int, detail: str = "") -> None:
+def check(cfg, mean_us: float, count: int, lag_us: float) -> None:
     pred = predict(cfg)
+    if lag_us > TOLERANCE / 2 * pred["latency-us"]:
+        pytest.skip(f"inconclusive: the emulator fell {lag_us} us behind its schedule per frame "
+                    f"(predicted latency {pred['latency-us']:.0f} us); machine too busy")
     assert count >= MIN_FAULTS, f"only {count} faults to compare"
-    mean = float(np.mean(measured_us))
-    error = mean / pred["latency-us"] - 1
+    error = mean_us / pred["latency-us"] - 1
     terms = ", ".join(f"{k} {v:.1f}" for k, v in pred["terms-us"].items())
     assert abs(error) <= TOLERANCE, (
-        f"emulated mean {mean:.1f} us over {count} faults vs model {pred['latency-us']:.1f} us "
-        f"({error:+.1%}); model terms (us): {terms}{detail}")
+        f"emulated mean {mean_us:.1f} us over {count} faults vs model {pred['latency-us']:.1f} us "
+        f"({error:+.1%}); model terms (us): {terms}; emulator lag {lag_us} us per frame")
 
 
-def urgent_on_main_us(cfg) -> np.ndarray:
-    """Latencies (us) of the faults whose page the source sent as an urgent page on main.
-    The report mixes them with faults on pages already in flight on main, so ask the run."""
+def urgent_on_main(cfg) -> tuple[np.ndarray, float]:
+    """Latencies (us) of the faults whose page the source sent as an urgent page on main, and
+    the emulator's lag. The report mixes these faults with those on pages already in flight on
+    main, so ask the run how the source sent each page."""
     with Run(cfg) as run:
         run.wait()
         assert run.ok, run.errors
         faults = run.reports["destination"]["faults"]
         sent_as = run.src_states[faults["page"]]
-    return faults["latency"][sent_as == SENT_URGENT_MAIN] * 1e6
+        lag = report.build(run, None, 0.0)["emulator"]["lag-avg-us"]
+    return faults["latency"][sent_as == SENT_URGENT_MAIN] * 1e6, lag
 
 
 def test_vanilla_4k_waits_for_the_full_main_socket():
     # 1 MiB socket at 1 Gbit/s: ~8 ms of head-of-line blocking per fault
     cfg = config(**{"guest.ram": "64MiB", "link.bandwidth": "1Gbit",
                     "link.socket-buffer": "1MiB", "emulator.time-scale": "0.1"})
-    latencies = urgent_on_main_us(cfg)
-    check(cfg, latencies, len(latencies))
+    latencies, lag = urgent_on_main(cfg)
+    check(cfg, float(np.mean(latencies)), len(latencies), lag)
 
 
 PREEMPT = [
     pytest.param({
-        # r is half a 32 KiB record: 131 us of ~410
-        "guest.ram": "32MiB", "link.bandwidth": "1Gbit", "link.socket-buffer": "1MiB",
-        "emulator.time-scale": "0.05", **SPREAD,
+        # r is half a 32 KiB record: 131 us of ~400; time-scale 0.025 keeps c at 10 us
+        "guest.ram": "16MiB", "link.bandwidth": "1Gbit", "link.socket-buffer": "1MiB",
+        "emulator.time-scale": "0.025", **SPREAD,
         "workload.hot-probability": "0.99", "workload.touch-cost": "2.5us",
     }, id="4K"),
     pytest.param({
         # r is half a huge page: 0.84 ms of ~4.4
-        "guest.ram": "512MiB", "guest.page-size": "2MiB", "link.bandwidth": "10Gbit",
+        "guest.ram": "1GiB", "guest.page-size": "2MiB", "link.bandwidth": "10Gbit",
         "migration.x-postcopy-preempt-break-huge": "false", "emulator.time-scale": "0.1",
         **SPREAD, "workload.hot-probability": "0.999", "workload.touch-cost": "4us",
     }, id="2M-break-huge-off"),
@@ -107,5 +116,4 @@ def test_preempt_urgent_pages_share_the_link_with_the_full_main(sets):
     result = migrate(cfg)
     assert result["status"] == "completed", result["errors"]
     preempt = result["latency"]["by-channel"]["preempt"]
-    lag = f"; emulator lag {result['emulator']['lag-avg-us']} us per frame"
-    check(cfg, preempt["avg-us"], preempt["count"], lag)
+    check(cfg, preempt["avg-us"], preempt["count"], result["emulator"]["lag-avg-us"])

@@ -1,0 +1,53 @@
+"""The window's tests: offscreen Qt, small guests, and nothing left behind.
+
+QT_QPA_PLATFORM must be set before Qt is imported, so it is set here, first.
+"""
+
+import os
+
+os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+import pytest  # noqa: E402
+
+from emu.config import load_config  # noqa: E402
+from gui.qtfix import guard_singletons  # noqa: E402
+
+guard_singletons()
+
+# A guest small enough to migrate in a second or two of real time.
+SMALL = {
+    "guest.ram": "16MiB",
+    "link.bandwidth": "1Gbit",
+    "link.socket-buffer": "1MiB",
+    "migration.switchover-after": "100ms",
+    "emulator.time-scale": "0.5",
+    "emulator.duration-limit": "20s",
+}
+
+
+def small_config(**sets: str):
+    """SMALL with overrides given as section__key="value" (dashes as underscores)."""
+    merged = {**SMALL, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
+    return load_config(None, [f"{k}={v}" for k, v in merged.items()])
+
+
+@pytest.fixture
+def make_window(qtbot):
+    """make_window(cfg) -> a shown QtMainWindow, closed (and its run stopped) afterwards."""
+    from gui.app import application
+    from gui.window import QtMainWindow
+
+    application()  # the style the real window gets
+    windows = []
+
+    def make(cfg):
+        window = QtMainWindow(cfg)
+        qtbot.addWidget(window)
+        window.resize(1400, 900)
+        window.show()
+        windows.append(window)
+        return window
+
+    yield make
+    for window in windows:
+        window.close()

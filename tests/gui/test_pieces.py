@@ -1,0 +1,80 @@
+"""The window's plain-Python parts, without processes: page keys, grid, figures, scales."""
+
+import numpy as np
+import pytest
+
+from emu import metrics
+from emu import ram as R
+from gui import pagemap
+from gui.controls import slider_to_scale
+from gui.latency import bucket_label
+from gui.session import FaultLog
+
+
+def test_page_keys_show_what_display_states_shows():
+    rng = np.random.default_rng(1)
+    dst = rng.integers(0, len(R.DEST_STATE_NAMES), 5000).astype(np.uint8)
+    src = rng.integers(0, 4, 5000).astype(np.uint8)
+    keys = pagemap.page_keys(dst, src, np.empty(5000, np.uint8))
+    expected = R.display_states(dst, src)
+    expected[dst == R.DISCARDED] = R.DISCARDED  # see pagemap._key_codes
+    assert np.array_equal(pagemap.KEY_CODES[keys], expected)
+
+
+def test_a_queued_request_shows_as_requested_whatever_the_source_says():
+    dst = np.array([R.REQUESTED, R.REQUESTED, R.PRECOPY], np.uint8)
+    src = np.array([R.SENT_MAIN, R.SENT_MAIN, R.SENT_MAIN], np.uint8)
+    keys = pagemap.page_keys(dst, src, np.empty(3, np.uint8), queued=np.array([0, 2]))
+    assert pagemap.KEY_CODES[keys].tolist() == [R.REQUESTED, R.INFLIGHT_MAIN, R.PRECOPY]
+
+
+def test_counts_per_display_state():
+    dst = np.array([R.MISSING, R.BACKGROUND, R.BACKGROUND, R.URGENT_PREEMPT], np.uint8)
+    keys = pagemap.page_keys(dst, np.zeros(4, np.uint8), np.empty(4, np.uint8))
+    counts = pagemap.counts(keys)
+    assert (counts[R.MISSING], counts[R.BACKGROUND], counts[R.URGENT_PREEMPT]) == (1, 2, 1)
+
+
+def test_every_display_state_has_a_colour_and_a_legend_line():
+    lut = pagemap.lookup_table()
+    assert lut.shape == (256, 3)
+    assert set(pagemap.LEGEND) == set(range(len(R.DISPLAY_NAMES))) == set(pagemap.LEGEND_ORDER)
+    colours = {pagemap.COLOURS[code] for code in pagemap.LEGEND}
+    assert len(colours) == len(pagemap.LEGEND)  # no two states look the same
+
+
+@pytest.mark.parametrize("npages, shape", [(1, (1, 1)), (4096, (64, 64)), (16384, (128, 128)),
+                                           (32768, (128, 256)), (1 << 20, (1024, 1024)),
+                                           (3, (2, 2))])
+def test_grid_is_square_ish_with_round_rows(npages, shape):
+    rows, cols = pagemap.grid_shape(npages)
+    assert (rows, cols) == shape
+    assert rows * cols >= npages
+
+
+def test_fault_log_figures_match_metrics_summarize():
+    rng = np.random.default_rng(2)
+    log = FaultLog()
+    batches = []
+    for size in (0, 7, 300, 1, 2000, 50):
+        batch = np.zeros(size, metrics.FAULT_DTYPE)
+        batch["latency"] = rng.lognormal(-7, 1.5, size)
+        batch["channel"] = rng.integers(0, 2, size)
+        log.extend(batch)
+        batches.append(batch)
+    every = np.concatenate(batches)
+    expected = metrics.summarize(every["latency"])
+    assert log.summary() == {k: v for k, v in expected.items() if k != "dist"}
+    assert log.dist.sum(axis=0)[:len(expected["dist"])].tolist() == expected["dist"]
+    assert len(log.records) == len(every)
+
+
+def test_bucket_labels_are_qemus_log2_edges():
+    assert [bucket_label(n) for n in (0, 1, 9, 10, 13, 20)] == \
+        ["1us", "2us", "512us", "1ms", "8ms", "1s"]
+
+
+def test_time_scale_slider_spans_a_hundredth_to_ten():
+    assert slider_to_scale(0) == 0.01
+    assert slider_to_scale(100) == 0.1
+    assert slider_to_scale(300) == 10

@@ -1,0 +1,151 @@
+"""The window around real migrations: opens, runs, shows, obeys, and cleans up."""
+
+import os
+
+from emu import ram as R
+from gui.app import screenshot
+from gui.session import COMPLETED, IDLE, RUNNING
+from tests.gui.conftest import small_config
+
+WAIT_MS = 30_000  # generous: a loaded 2-core machine; no test asserts on durations
+
+
+def _leftovers() -> tuple[list[str], list]:
+    import multiprocessing
+
+    mine = f"pce_{os.getpid()}_"
+    return ([n for n in os.listdir("/dev/shm") if n.startswith(mine)],
+            multiprocessing.active_children())
+
+
+def _started(window) -> bool:
+    return window.session.phase == RUNNING
+
+
+def test_opens_idle_and_closes_cleanly(make_window):
+    window = make_window(small_config())
+    assert window.session.phase == IDLE
+    assert window.controls.start.isEnabled() and not window.controls.pause.isEnabled()
+    assert window.bitmap.count(R.MISSING) == small_config().npages
+    window.close()
+    assert _leftovers() == ([], [])
+
+
+def test_a_run_to_completion_fills_the_bitmap_and_the_latency_plot(make_window, qtbot):
+    cfg = small_config(migration__postcopy_preempt="true")
+    window = make_window(cfg)
+    window.start_migration()
+    qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=WAIT_MS)
+    qtbot.waitUntil(lambda: window.bitmap.count(R.MISSING) == 0)
+    present = sum(window.bitmap.count(code) for code in
+                  (R.PRECOPY, R.BACKGROUND, R.URGENT_MAIN, R.URGENT_PREEMPT))
+    assert present == cfg.npages
+    assert window.bitmap.count(R.URGENT_PREEMPT) > 0  # pages came on demand, on preempt
+    faults = window.session.faults.count
+    assert faults > 0
+    assert f"{faults:,} faults" in window.latency.stats_text()
+    assert window.latency.point_count() == faults
+    assert window.counters.value("memory check").startswith("ok")
+    assert window.counters.value("status") == "completed → completed"
+    assert "run completed" in window.events.toPlainText()
+    assert _leftovers() == ([], [])  # a finished run frees everything at once
+
+
+def test_a_vanilla_request_waits_in_view_behind_the_background_stream(make_window, qtbot):
+    window = make_window(small_config(guest__ram="32MiB", emulator__time_scale="0.2"))
+    window.start_migration()
+    # In vanilla postcopy an urgent page goes out on main, behind the background pages.
+    qtbot.waitUntil(lambda: "page " in window.queue.text("main")
+                    or "page " in window.queue.text("queue"), timeout=WAIT_MS)
+    assert "waiting" in window.queue.text("main") + window.queue.text("queue")
+    assert "off" in window.queue.text("preempt")
+    page = window.select_telling_page()
+    assert page is not None and f"page {page} " in window.bitmap.info_text()
+
+
+def test_settings_reach_the_engine(make_window, qtbot):
+    window = make_window(small_config(emulator__time_scale="0.3"))
+    controls = window.controls
+    controls.set_value("migration.postcopy-preempt", True)
+    controls.set_value("link.rtt", "1ms")
+    window.start_migration()
+    qtbot.waitUntil(lambda: _started(window), timeout=WAIT_MS)
+    run = window.session.run
+    assert run.cfg["migration.postcopy-preempt"] is True
+    assert run.cfg["link.rtt"] == 0.001
+    # the time scale changes the running migration at once
+    controls.scale.setValue(controls.scale.value() - 50)
+    assert run.clock.scale == controls.time_scale() != 0.3
+    # any other setting waits for the next run, and says so
+    assert controls.note.text() == ""
+    controls.set_value("guest.vcpus", 2)
+    assert "next run" in controls.note.text()
+    qtbot.waitUntil(lambda: window.session.report is not None, timeout=WAIT_MS)
+    assert window.session.report["query-migrate"]["ram"]["postcopy-requests"] > 0
+    assert window.session.faults.records["channel"].max() == 1  # served on preempt
+
+
+def test_pause_freezes_emulated_time_and_postcopy_starts_by_hand(make_window, qtbot):
+    window = make_window(small_config(migration__switchover_after="60s"))
+    window.start_migration()
+    qtbot.waitUntil(lambda: window.session.can_start_postcopy, timeout=WAIT_MS)
+    window.controls.pause.click()
+    frozen = window.session.run.clock.now()
+    qtbot.wait(200)
+    assert window.session.run.clock.now() == frozen
+    window.controls.pause.click()
+    qtbot.waitUntil(lambda: window.session.run.clock.now() > frozen)
+    assert window.controls.postcopy.isEnabled()
+    window.controls.postcopy.click()
+    qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=WAIT_MS)
+    assert "migrate-start-postcopy (by hand)" in window.events.toPlainText()
+
+
+def test_closing_mid_migration_leaves_nothing_behind(make_window, qtbot):
+    window = make_window(small_config(guest__ram="32MiB", emulator__time_scale="0.1"))
+    window.start_migration()
+    qtbot.waitUntil(lambda: window.session.run.status["destination"] == "postcopy-active",
+                    timeout=WAIT_MS)
+    pids = [proc.pid for proc, _ in window.session.run.children.values()]
+    window.close()
+    assert _leftovers() == ([], [])
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
+def test_reset_stops_the_run_and_keeps_a_finished_one_as_the_overlay(make_window, qtbot):
+    window = make_window(small_config())
+    window.start_migration()
+    qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=WAIT_MS)
+    window.controls.set_value("migration.postcopy-preempt", True)
+    window.start_migration()
+    assert "previous run, grey (vanilla postcopy)" in window.latency.stats_text()
+    qtbot.waitUntil(lambda: _started(window), timeout=WAIT_MS)
+    window.controls.reset.click()
+    assert window.session.phase == IDLE
+    assert _leftovers() == ([], [])
+    assert window.bitmap.count(R.MISSING) == window.session.cfg.npages
+
+
+def test_screenshot_saves_the_window_mid_migration(make_window, qtbot, tmp_path):
+    from gui.app import application
+
+    window = make_window(small_config(emulator__time_scale="0.2"))
+    path = tmp_path / "shot.png"
+    assert screenshot(application(), window, str(path), 2.0) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _leftovers() == ([], [])
+
+
+def test_a_bad_setting_is_refused_with_the_engines_words(make_window):
+    window = make_window(small_config())
+    window.controls.set_value("guest.ram", "3MiB")
+    window.controls.set_value("guest.page-size", "2MiB")
+    window.start_migration()
+    assert window.session.phase == IDLE
+    assert "guest.ram" in window.controls.note.text()
+
+
+def _zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] == "Z"
