@@ -273,6 +273,10 @@ class Relay:
         buf, pos, now = port.inbuf, 0, None
         while len(buf) - pos >= channel.HEADER.size:
             kind, size, virt, _, _ = channel.HEADER.unpack_from(buf, pos)
+            limit = channel.MAX_FRAME if port.conn else len(channel.MAIN_HELLO)
+            if kind != channel.DATA or size > limit:
+                self._broken(name)  # not our framing: a stranger, or a stream gone wrong
+                return
             end = pos + channel.HEADER.size + size
             if len(buf) < end:
                 break

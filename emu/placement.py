@@ -75,6 +75,8 @@ class Placer:
             tmp.page = -1
 
     def receive(self, channel: int, rec: RamRecord) -> None:
+        if rec.offset + rec.npages * R.TARGET_PAGE > len(self.states) * self.page_size:
+            raise ProtocolError(f"RAM record at {rec.offset} (+{rec.npages} pages) beyond RAM")
         if rec.offset % self.page_size == 0 and rec.npages % self.tpp == 0 \
                 and self.tmp[channel].page < 0:
             self._place(rec.offset // self.page_size, rec.npages // self.tpp, rec.data, channel)
