@@ -1,8 +1,9 @@
 """Fault injection: what to break, and when.
 
 A fault is an action on a channel at an emulated time counted from the start of postcopy
-(the destination entering postcopy-active: from then on the guest runs there), or at the moment the source enters a state
-(e.g. at = "postcopy-recover": during the recovery handshake, QEMU's double failure):
+(the destination entering postcopy-active: from then on the guest runs there), or at the
+moment the source enters a state (e.g. at = "postcopy-recover": during the recovery
+handshake, QEMU's double failure):
 - cut: break the connection in the link (both ends see it fail; what was in flight is lost);
   the return path is the main connection's reverse direction, so cutting it cuts main too;
 - corrupt: flip a byte of the next frame the link delivers on that channel;

@@ -5,17 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from PySide6 import QtCore, QtWidgets
 
 from emu.config import SCENARIO_DIR, ConfigError, load_config, scenario_names
+from gui.qtfix import guard_singletons
 from gui.style import STYLE_SHEET
 from gui.window import QtMainWindow
 
 # The window opens on this preset when no scenario is given: slow enough to watch.
 WINDOW_PRESET = "classroom"
 WINDOW_SIZE = (1600, 1000)
+CATCH_S = 1.0  # real seconds a screenshot may wait for a vCPU to be blocked on a page
 
 
 def main(cfg, args) -> int:
@@ -39,6 +42,7 @@ def main(cfg, args) -> int:
 
 
 def application() -> QtWidgets.QApplication:
+    guard_singletons()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([sys.argv[0]])
     app.setStyle("Fusion")  # the same look on every platform, offscreen included
     app.setStyleSheet(STYLE_SHEET)
@@ -61,15 +65,28 @@ def _scenario(cfg, args) -> tuple[object, str | None]:
 
 def screenshot(app: QtWidgets.QApplication, window: QtMainWindow, path: str,
                run_for: float) -> int:
-    """Start the migration, let it run for *run_for* real seconds, save the window as PNG."""
+    """Start the migration, let it run for *run_for* real seconds, save the window as PNG.
+
+    The capture waits up to CATCH_S more for a frame in which a vCPU is blocked on a page,
+    so the picture shows a waiting request as well as the pages that came on demand.
+    """
     saved = []
+    deadline = time.monotonic() + run_for + CATCH_S
 
     def capture() -> None:
+        if window.waiting_pages() == 0 and time.monotonic() < deadline:
+            return  # try again at the next tick
+        watch.stop()
+        window.refresh()
+        window.select_telling_page()
         saved.append(window.grab().save(os.fspath(path), "PNG"))
         window.close()
 
+    watch = QtCore.QTimer(window)
+    watch.setInterval(5)
+    watch.timeout.connect(capture)
     window.start_migration()
-    QtCore.QTimer.singleShot(round(run_for * 1000), capture)
+    QtCore.QTimer.singleShot(round(run_for * 1000), watch.start)
     app.exec()
     if not saved or not saved[0]:
         print(f"postcopy-emu: could not save {path}", file=sys.stderr)

@@ -15,7 +15,7 @@ from PySide6 import QtCore, QtWidgets
 
 from emu import ram as R
 from gui import pagemap, style
-from gui.session import Snapshot
+from gui.session import RUNNING, Snapshot
 from gui.style import swatch
 
 MARKED_MAX = 64  # waiting pages circled at once; more would hide the picture
@@ -38,17 +38,18 @@ class QtPageBitmap(QtWidgets.QWidget):
         # Circles around pages a vCPU waits for: one page is a pixel or less on a big guest.
         self._waiting = pg.ScatterPlotItem(symbol="o", size=15, pen=pg.mkPen((200, 0, 40), width=2),
                                            brush=None, pxMode=True)
-        self._pinned = pg.ScatterPlotItem(symbol="s", size=13, pen=pg.mkPen("k", width=2),
+        self._pinned = pg.ScatterPlotItem(symbol="s", size=21, pen=pg.mkPen("k", width=2),
                                           brush=None, pxMode=True)
         for item in (self._waiting, self._pinned):
             self._box.addItem(item)
         self._info = QtWidgets.QLabel("Hover over a page for its story; click to keep it.")
         self._info.setWordWrap(True)
-        self._info.setMinimumHeight(36)
+        style.fix_lines(self._info, 2)
         self._legend, self._counts = _legend()
         self._layout()
         self._view.scene().sigMouseMoved.connect(self._hovered)
         self._view.scene().sigMouseClicked.connect(self._clicked)
+        self._legend_turn = style.Turn("legend")
         self._describe: Callable[..., str] | None = None
         self._snap: Snapshot | None = None
         self._pin: int | None = None
@@ -74,17 +75,18 @@ class QtPageBitmap(QtWidgets.QWidget):
         self.npages = npages
         rows, cols = pagemap.grid_shape(npages)
         self._cols = cols
-        self._shown = np.full((rows, cols), pagemap.OUTSIDE, np.uint8)
-        self._shown.reshape(-1)[:npages] = R.MISSING
+        self._shown = np.full((rows, cols), pagemap.OUTSIDE_KEY, np.uint8)
+        self._keys(self._shown)[:] = R.MISSING << pagemap.SRC_BITS | R.UNSENT
         self._next = self._shown.copy()
         self._image.setImage(self._shown, autoLevels=False, levels=(0, 255))
         self._box.setRange(QtCore.QRectF(0, 0, cols, rows), padding=0.01)
         self._describe = describe
         self._snap = None
         self._pin = self._hover = None
+        self._marked = np.zeros(0, np.int64)
         self._waiting.setData([], [])
         self._pinned.setData([], [])
-        self._set_counts(np.bincount(self._codes(self._shown), minlength=pagemap.OUTSIDE))
+        self._set_counts()
         self._title.setText(
             f"Guest RAM on the destination: {npages:,} host pages of {style.size(page_size)}, "
             f"{cols} per row (page 0 top left)")
@@ -94,34 +96,43 @@ class QtPageBitmap(QtWidgets.QWidget):
 
     def update_from(self, snap: Snapshot) -> bool:
         """Redraw what changed; True if the picture changed."""
+        count_turn = self._legend_turn.due() or snap.phase != RUNNING
         self._snap = snap
         if snap.dst is None:
             return False
         queued = np.fromiter((p for p, _ in snap.urgent.queued), np.int64)
-        pagemap.display_codes(snap.dst, snap.src, self._codes(self._next), queued)
+        pagemap.page_keys(snap.dst, snap.src, self._keys(self._next), queued)
         changed = not np.array_equal(self._next, self._shown)
         if changed:
             self._shown, self._next = self._next, self._shown
             self._image.setImage(self._shown, autoLevels=False)
-            self._set_counts(np.bincount(self._codes(self._shown), minlength=pagemap.OUTSIDE))
-            self._mark_waiting()
+        self._stale_counts |= changed
+        if self._stale_counts and count_turn:
+            self._set_counts()
+        self._mark_waiting(snap.waiting[:MARKED_MAX])
         self._show_info()
         return changed
 
-    def _codes(self, grid: np.ndarray) -> np.ndarray:
+    def _keys(self, grid: np.ndarray) -> np.ndarray:
         return grid.reshape(-1)[:self.npages]
 
-    def _mark_waiting(self) -> None:
-        pages = np.flatnonzero(self._codes(self._shown) == R.REQUESTED)[:MARKED_MAX]
-        urgent = self._snap.urgent
-        inflight = [p for p, _ in urgent.main + urgent.preempt][:MARKED_MAX]
-        pages = np.union1d(pages, np.asarray(inflight, np.int64))
+    def _mark_waiting(self, pages: np.ndarray) -> None:
+        if np.array_equal(pages, self._marked):
+            return
+        self._marked = pages
         rows, cols = np.divmod(pages, self._cols)
         self._waiting.setData(cols + 0.5, rows + 0.5)
 
-    def _set_counts(self, counts: np.ndarray) -> None:
+    def _set_counts(self) -> None:
+        """The legend's page counts: a full pass over the pages, so a few times a second."""
+        self._stale_counts = False
+        counts = pagemap.counts(self._keys(self._shown))
         for code, label in self._counts.items():
             label.setText(f"{int(counts[code]):,}")
+
+    def count(self, code: int) -> int:
+        """Pages the legend counts in display state *code* (for tests)."""
+        return int(self._counts[code].text().replace(",", ""))
 
     # ---- hover and click ----
 
@@ -140,17 +151,16 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._show_info()
 
     def _clicked(self, event) -> None:
-        self._pin = self._page_at(event.scenePos())
-        if self._pin is None:
-            self._pinned.setData([], [])
-        else:
-            row, col = divmod(self._pin, self._cols)
-            self._pinned.setData([col + 0.5], [row + 0.5])
-        self._show_info()
+        self.select(self._page_at(event.scenePos()))
 
     def select(self, page: int | None) -> None:
-        """Pin a page as a click would (for tests and the queue view)."""
+        """Keep telling the story of *page* (None: forget it), as a click does."""
         self._pin = page
+        if page is None:
+            self._pinned.setData([], [])
+        else:
+            row, col = divmod(page, self._cols)
+            self._pinned.setData([col + 0.5], [row + 0.5])
         self._show_info()
 
     def info_text(self) -> str:
@@ -161,7 +171,7 @@ class QtPageBitmap(QtWidgets.QWidget):
         snap = self._snap
         if page is None or snap is None or snap.dst is None or self._describe is None:
             return
-        code = int(self._codes(self._shown)[page])
+        code = int(pagemap.KEY_CODES[self._keys(self._shown)[page]])
         self._info.setText(self._describe(page, snap.dst, snap.src, snap.arrival, code))
 
 
@@ -176,6 +186,8 @@ def _legend() -> tuple[QtWidgets.QGridLayout, dict[int, QtWidgets.QLabel]]:
         grid.addWidget(QtWidgets.QLabel(pagemap.LEGEND[code]), row, 1)
         counts[code] = QtWidgets.QLabel("0")
         counts[code].setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
+        # room for a million pages, so a growing count does not move the layout
+        counts[code].setMinimumWidth(counts[code].fontMetrics().horizontalAdvance("0,000,000"))
         grid.addWidget(counts[code], row, 2)
     ring = QtWidgets.QLabel("<span style='color:#c80028; font-size:15px'>&#9711;</span>")
     grid.addWidget(ring, len(pagemap.LEGEND_ORDER) + 1, 0)

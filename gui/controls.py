@@ -14,19 +14,18 @@ from PySide6 import QtCore, QtWidgets
 
 from emu.config import KEYS, scenario_names
 
-# (key, label, suggestions for the editable ones); bools become check boxes, keys with a
-# fixed choice of values plain combo boxes, and guest.vcpus a spin box.
+# (key, label, suggestions for the editable ones, or for check boxes what they do); bools
+# become check boxes, keys with a fixed choice of values plain combo boxes, and guest.vcpus a
+# spin box.
 GROUPS = (
     ("Capabilities", (
-        ("migration.postcopy-preempt", "postcopy-preempt: urgent pages on their own channel",
-         ()),
-        ("migration.x-postcopy-preempt-break-huge",
-         "break-huge: interrupt a huge page for an urgent one", ()),
+        ("migration.postcopy-preempt", "postcopy-preempt", "urgent pages on their own channel"),
+        ("migration.x-postcopy-preempt-break-huge", "break-huge",
+         "pause a huge page for an urgent one"),
     )),
     ("Migration parameters", (
-        ("migration.switchover-after", "switchover after", ("100ms", "250ms", "500ms", "1s")),
-        ("migration.max-postcopy-bandwidth", "max-postcopy-bandwidth (0 = none)",
-         ("0", "50MiB/s", "100MiB/s")),
+        ("migration.switchover-after", "switchover after", ("100ms", "200ms", "500ms", "1s")),
+        ("migration.max-postcopy-bandwidth", "background cap", ("0", "50MiB/s", "100MiB/s")),
     )),
     ("Link", (
         ("link.bandwidth", "bandwidth", ("100Mbit/s", "1Gbit/s", "10Gbit/s", "25Gbit/s")),
@@ -88,11 +87,14 @@ class QtControls(QtWidgets.QWidget):
         box = QtWidgets.QGroupBox(title)
         form = QtWidgets.QFormLayout(box)
         form.setContentsMargins(6, 4, 6, 4)
-        for key, label, suggestions in fields:
-            editor = self._editor(key, suggestions, label)
+        form.setVerticalSpacing(3)
+        for key, label, extra in fields:
+            editor = self._editor(key, extra, label)
             self._editors[key] = editor
             if isinstance(editor, QtWidgets.QCheckBox):
-                form.addRow(editor)
+                hint = QtWidgets.QLabel(f"<span style='color:#666'>{extra}</span>")
+                hint.setWordWrap(True)
+                form.addRow(editor, hint)
             else:
                 form.addRow(label, editor)
         return box

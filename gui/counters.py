@@ -3,15 +3,11 @@ second, and the report's own figures once the run has ended."""
 
 from __future__ import annotations
 
-import time
-
 from PySide6 import QtCore, QtWidgets
 
 from emu import metrics, report
 from gui import style
 from gui.session import FaultLog, Snapshot
-
-REFRESH_S = 0.25
 
 # (label, how to read it from (query-migrate reply, snapshot)); labels are QEMU's names.
 ROWS = (
@@ -50,22 +46,19 @@ class QtCounters(QtWidgets.QWidget):
         layout.addWidget(title)
         layout.addLayout(form)
         layout.addStretch(1)
-        self._last = 0.0
+        self._turn = style.Turn("counters")
         self._final_shown = False
 
     def reset(self) -> None:
         for label in self._values.values():
             label.setText("–")
-        self._last = 0.0
         self._final_shown = False
 
     def update_from(self, snap: Snapshot, cfg, log: FaultLog, final: dict | None) -> None:
         """Live figures from the boards while running; the report's once it exists."""
-        if self._final_shown or "source" not in snap.boards:
+        turn = self._turn.due() or final is not None
+        if self._final_shown or "source" not in snap.boards or not turn:
             return
-        if final is None and time.monotonic() - self._last < REFRESH_S:
-            return
-        self._last = time.monotonic()
         qm = final["query-migrate"] if final else _live_query_migrate(snap, cfg, log)
         for name, read in ROWS:
             self.value(name, read(qm, snap))
@@ -107,6 +100,7 @@ def _blocktime(qm: dict) -> str:
 
 
 def _lag(snap: Snapshot) -> str:
-    net = snap.boards["network"]
-    avg = net["lag-sum"] / max(net["frames"], 1)
-    return f"avg {style.duration(avg)}, max {style.duration(net['lag-max'])} behind the link"
+    """How late the destination got the link's frames (emu.report.emulator_health)."""
+    dst = snap.boards["destination"]
+    avg = dst["rx-lag-sum"] / max(dst["rx-frames"], 1)
+    return f"avg {style.duration(avg)}, max {style.duration(dst['rx-lag-max'])} late"

@@ -1,6 +1,11 @@
-"""Guest RAM as a picture: host pages laid out on a grid, and what one page went through.
+"""Guest RAM as a picture: host pages laid out on a grid, coloured by display state.
 
-Plain numpy, no Qt: the bitmap widget draws what these functions compute.
+The grid does not hold display codes but page keys, (destination state << 2) | source state:
+two byte-wide numpy passes over the published arrays, and the image's 256-entry lookup table
+turns each key into the colour of its display code. The key -> code table is computed once
+with the engine's own emu.ram.display_states, so the engine stays the one definition.
+
+Plain numpy, no Qt: the bitmap widget draws what this module computes.
 """
 
 from __future__ import annotations
@@ -11,20 +16,23 @@ import numpy as np
 
 from emu import ram as R
 
-# Grid cells past the end of guest RAM (the last row is rarely full).
-OUTSIDE = len(R.DISPLAY_NAMES)
+SRC_BITS = 2  # source states UNSENT .. SENT_PREEMPT fit in two bits
+NDST = len(R.DEST_STATE_NAMES)
+OUTSIDE = len(R.DISPLAY_NAMES)  # display code of grid cells past the end of guest RAM
+OUTSIDE_KEY = 255
+REQUESTED_KEY = R.REQUESTED << SRC_BITS | R.UNSENT
 
 # What each display code means to someone who has never read QEMU's source: the legend text.
 LEGEND = {
     R.MISSING: "not here yet",
-    R.DISCARDED: "discarded at switchover (re-dirtied)",
-    R.REQUESTED: "requested: a vCPU is waiting",
+    R.DISCARDED: "discarded (re-dirtied)",
+    R.REQUESTED: "requested, not sent yet",
     R.PRECOPY: "arrived in precopy",
-    R.BACKGROUND: "arrived in background (postcopy)",
-    R.URGENT_MAIN: "on demand, via main channel",
-    R.URGENT_PREEMPT: "on demand, via preempt channel",
-    R.INFLIGHT_MAIN: "in flight on main channel",
-    R.INFLIGHT_PREEMPT: "in flight on preempt channel",
+    R.BACKGROUND: "arrived in background",
+    R.URGENT_MAIN: "on demand, via main",
+    R.URGENT_PREEMPT: "on demand, via preempt",
+    R.INFLIGHT_MAIN: "in flight on main",
+    R.INFLIGHT_PREEMPT: "in flight on preempt",
 }
 # Legend order: the story of a page, from absent to delivered on demand.
 LEGEND_ORDER = (R.MISSING, R.DISCARDED, R.REQUESTED, R.INFLIGHT_MAIN, R.INFLIGHT_PREEMPT,
@@ -34,7 +42,7 @@ LEGEND_ORDER = (R.MISSING, R.DISCARDED, R.REQUESTED, R.INFLIGHT_MAIN, R.INFLIGHT
 # streams, warm colours for what a vCPU waited for, red for what it waits for now.
 COLOURS = {
     R.MISSING: (222, 222, 222),
-    R.DISCARDED: (120, 120, 120),
+    R.DISCARDED: (160, 160, 160),
     R.REQUESTED: (220, 20, 60),
     R.PRECOPY: (166, 199, 232),
     R.BACKGROUND: (52, 110, 190),
@@ -46,12 +54,30 @@ COLOURS = {
 }
 
 
+def _key_codes() -> np.ndarray:
+    """Display code of every page key (unused keys show as outside)."""
+    dst = np.repeat(np.arange(NDST, dtype=np.uint8), 1 << SRC_BITS)
+    src = np.tile(np.arange(1 << SRC_BITS, dtype=np.uint8), NDST)
+    codes = np.full(256, OUTSIDE, np.uint8)
+    shown = R.display_states(dst, src)
+    # The source leaves a page's state at "sent on main" (from precopy) when the page is
+    # discarded at switchover, so display_states shows every discarded page in flight. Until
+    # the source resets those states, a discarded page that really is in flight again shows
+    # as discarded for the few ms it spends on the link: far less wrong than the reverse.
+    shown[dst == R.DISCARDED] = R.DISCARDED
+    codes[dst << SRC_BITS | src] = shown
+    return codes
+
+
+KEY_CODES = _key_codes()
+
+
 def lookup_table() -> np.ndarray:
-    """The fixed 256-entry RGB table: display code -> colour (unused codes are black)."""
-    lut = np.zeros((256, 3), np.uint8)
+    """The fixed 256-entry RGB table: page key -> colour of its display code."""
+    palette = np.zeros((256, 3), np.uint8)
     for code, rgb in COLOURS.items():
-        lut[code] = rgb
-    return lut
+        palette[code] = rgb
+    return palette[KEY_CODES]
 
 
 def grid_shape(npages: int) -> tuple[int, int]:
@@ -61,24 +87,19 @@ def grid_shape(npages: int) -> tuple[int, int]:
     return math.ceil(npages / cols), cols
 
 
-def display_codes(dst: np.ndarray, src: np.ndarray, out: np.ndarray,
-                  queued: np.ndarray | None = None) -> np.ndarray:
-    """emu.ram.display_states, except that a discarded page stays "discarded" and a page in
-    the source's request queue (*queued*, page numbers) stays "requested".
-
-    The source leaves a page's src state at "sent on main" (from precopy) when the page is
-    discarded at switchover, so display_states shows every discarded page, and every request
-    for one, in flight. Until the source resets those states, a discarded page that really is
-    in flight again shows as discarded for the few ms it spends on the link: far less wrong
-    than the reverse.
-    """
-    R.display_states(dst, src, out)
-    out[dst == R.DISCARDED] = R.DISCARDED
+def page_keys(dst: np.ndarray, src: np.ndarray, out: np.ndarray,
+              queued: np.ndarray | None = None) -> np.ndarray:
+    """Write every page's key into *out*. A page still in the source's request queue
+    (*queued*: page numbers) shows as requested: the source has not sent it, whatever a stale
+    source state says."""
+    np.left_shift(dst, SRC_BITS, out=out)
+    np.bitwise_or(out, src, out=out)
     if queued is not None and len(queued):
-        waiting = queued[dst[queued] == R.REQUESTED]
-        out[waiting] = R.REQUESTED
+        out[queued[dst[queued] == R.REQUESTED]] = REQUESTED_KEY
     return out
 
 
-def channel_name(code: int) -> str:
-    return "preempt" if code == R.URGENT_PREEMPT else "main"
+def counts(keys: np.ndarray) -> np.ndarray:
+    """Pages per display code, from page keys."""
+    per_key = np.bincount(keys, minlength=256)
+    return np.bincount(KEY_CODES, weights=per_key, minlength=OUTSIDE + 1).astype(np.int64)

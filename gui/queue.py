@@ -13,7 +13,7 @@ from PySide6 import QtCore, QtWidgets
 from gui import style
 from gui.session import Snapshot
 
-SHOWN = 4  # pages listed per row; the rest are counted
+SHOWN = 2  # pages listed per row; the rest are counted
 BAR_STEPS = 1000
 
 
@@ -34,17 +34,20 @@ class QtUrgentQueue(QtWidgets.QWidget):
                 ("main", "main channel\nsource → dest"),
                 ("preempt", "preempt channel\nsource → dest"),
                 ("return", "return path\ndest → source"))
+        top = QtCore.Qt.AlignmentFlag.AlignTop
         for row, (key, text) in enumerate(rows, start=2):
-            grid.addWidget(QtWidgets.QLabel(text), row, 0)
+            grid.addWidget(QtWidgets.QLabel(text), row, 0, top)
             if key != "queue":
                 self._bars[key] = _bar()
-                grid.addWidget(self._bars[key], row, 1)
+                grid.addWidget(self._bars[key], row, 1, top)
             self._lists[key] = QtWidgets.QLabel()
             self._lists[key].setTextFormat(QtCore.Qt.TextFormat.RichText)
             self._lists[key].setAlignment(QtCore.Qt.AlignmentFlag.AlignTop)
+            style.fix_lines(self._lists[key], SHOWN + 1)
             grid.addWidget(self._lists[key], row, 2)
         self._hint = QtWidgets.QLabel()
         self._hint.setWordWrap(True)
+        style.fix_lines(self._hint, 2)
         grid.addWidget(self._hint, len(rows) + 2, 0, 1, 3)
         grid.setColumnStretch(1, 2)
         grid.setColumnStretch(2, 3)

@@ -17,22 +17,29 @@ import numpy as np
 from emu import metrics, report
 from emu import ram as R
 from emu.controller import Run
+from emu.faults import from_config as scenario_faults
 from emu.page_requests import read_published
+from gui import pagemap
 
 # Phases of a session, in order; "completed" and "failed" are final.
 IDLE, STARTING, RUNNING, CHECKING, COMPLETED, FAILED = (
     "idle", "starting", "running", "checking", "completed", "failed")
 FINAL = (COMPLETED, FAILED)
 BUCKETS = 40  # log2 latency buckets kept: 2^40 us is 12 days
+RECOVER_AFTER = 0.2  # emulated s in postcopy-paused before recovering, as the command line
 
 
 class FaultLog:
-    """Every resolved fault of one run, with the running log2 histogram per channel."""
+    """Every resolved fault of one run, with the running log2 histogram per channel and the
+    latencies kept sorted, so the figures cost the same at the end of a long run as at the
+    start."""
 
     def __init__(self) -> None:
         self._buf = np.zeros(1024, metrics.FAULT_DTYPE)
         self.count = 0
         self.dist = np.zeros((len(metrics.CHANNELS), BUCKETS), np.int64)
+        self._sorted = np.zeros(0)  # every latency so far, ascending
+        self._sum = 0.0
 
     @property
     def records(self) -> np.ndarray:
@@ -50,11 +57,26 @@ class FaultLog:
         for channel in range(len(metrics.CHANNELS)):
             counts = metrics.latency_dist(new["latency"][new["channel"] == channel])[:BUCKETS]
             self.dist[channel, :len(counts)] += np.asarray(counts, np.int64)
+        lat = np.sort(new["latency"])
+        self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, lat), lat)
+        self._sum += float(lat.sum())
 
     def summary(self) -> dict:
-        """count, avg-us, p50-us, p99-us, max-us (metrics.summarize without the dist)."""
-        return {k: v for k, v in metrics.summarize(self.records["latency"]).items()
-                if k != "dist"}
+        """count, avg-us, p50-us, p99-us, max-us, as metrics.summarize gives them."""
+        if not self.count:
+            return {"count": 0, "avg-us": 0.0, "p50-us": 0.0, "p99-us": 0.0, "max-us": 0.0}
+        us = self._sorted * 1e6
+        return {"count": self.count, "avg-us": round(self._sum * 1e6 / self.count, 1),
+                "p50-us": round(_quantile(us, 0.5), 1), "p99-us": round(_quantile(us, 0.99), 1),
+                "max-us": round(float(us[-1]), 1)}
+
+
+def _quantile(ascending: np.ndarray, q: float) -> float:
+    """numpy.percentile's default (linear) on data already sorted: no pass over the data."""
+    pos = q * (len(ascending) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ascending) - 1)
+    return float(ascending[lo] + (ascending[hi] - ascending[lo]) * (pos - lo))
 
 
 @dataclass
@@ -78,6 +100,7 @@ class Snapshot:
     src: np.ndarray | None
     arrival: np.ndarray | None
     new_faults: np.ndarray
+    waiting: np.ndarray  # pages a vCPU is blocked on (destination state "requested")
     urgent: Urgent
     boards: dict[str, dict[str, float]]
     events: list[str]  # event-log lines new since the last tick
@@ -95,13 +118,13 @@ class Session:
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
         self._events: list[str] = []
-        self._states_seen = {"source": 0, "destination": 0}
+        self._log_seen = 0  # entries of Run.log already in the event log
         self._errors_seen = 0
         self._asked: dict[int, float] = {}  # requested page -> emulated time it was asked for
         self._started_real = 0.0
         self._final: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._final_boards: dict[str, dict[str, float]] = {}
-        self._now = 0.0
+        self._now = self._prev_now = 0.0
 
     # ---- commands ----
 
@@ -110,7 +133,10 @@ class Session:
         stay responsive meanwhile."""
         if self.phase != IDLE:
             raise RuntimeError(f"session already {self.phase}")
-        self.run = Run(self.cfg.with_overrides([f"emulator.time-scale={self.scale}"]))
+        cfg = self.cfg.with_overrides([f"emulator.time-scale={self.scale}"])
+        # a scenario's [[faults]] break channels during postcopy; the run recovers from them
+        # as `postcopy-emu run` does by default
+        self.run = Run(cfg, scenario_faults(cfg), RECOVER_AFTER)
         self.phase = STARTING
         self._started_real = time.monotonic()
         self._log("starting source, destination and network processes")
@@ -190,12 +216,12 @@ class Session:
     def _poll(self) -> np.ndarray:
         run = self.run
         run.poll(timeout=0)
-        self._now = run.clock.now()
-        self._log_states()
+        self._prev_now, self._now = self._now, run.clock.now()
+        self._log_run()
         new, _ = run.faults(self.faults.count)
         self.faults.extend(new)
         if run.finished:
-            self._log_states()
+            self._log_run()
             self.phase = CHECKING
             self._final = (run.dst_states.copy(), run.src_states.copy(), run.dst_arrival.copy())
             self._final_boards = {role: run.board(role) for role in run.boards}
@@ -253,18 +279,22 @@ class Session:
             boards = {role: run.board(role) for role in run.boards}
         events, self._events = self._events, []
         status = dict(run.status) if run else {"source": "none", "destination": "none"}
-        return Snapshot(self.phase, self._now, status, dst, src, arrival, new,
-                        self._urgent(dst, src), boards, events)
+        waiting = np.zeros(0, np.int64)
+        if dst is not None and self.phase == RUNNING:
+            waiting = np.flatnonzero(dst == R.REQUESTED)
+        return Snapshot(self.phase, self._now, status, dst, src, arrival, new, waiting,
+                        self._urgent(waiting, src), boards, events)
 
-    def _urgent(self, dst: np.ndarray | None, src: np.ndarray | None) -> Urgent:
-        if dst is None or self.phase != RUNNING:
+    def _urgent(self, waiting: np.ndarray, src: np.ndarray | None) -> Urgent:
+        if self.phase != RUNNING:
             self._asked.clear()
             return Urgent()
         queued = read_published(self.run.queue_buf)
-        waiting = np.flatnonzero(dst == R.REQUESTED)
-        # Ages: the source stamps each queued request; a page we first see elsewhere is aged
-        # from the tick that saw it (the destination does not publish its fault times).
-        asked = {int(p): self._asked.get(int(p), self._now) for p in waiting}
+        # Ages: the source stamps each queued request. The destination does not publish when
+        # it faulted, so a page first seen elsewhere was asked for between the last tick and
+        # this one: take the middle.
+        first_seen = (self._prev_now + self._now) / 2
+        asked = {int(p): self._asked.get(int(p), first_seen) for p in waiting}
         asked.update((p, t) for p, t in queued if p in asked)
         self._asked = asked
         urgent = Urgent(queued=[(p, self._now - asked.get(p, t)) for p, t in queued])
@@ -285,13 +315,11 @@ class Session:
         t = self._now if t is None else t
         self._events.append(f"[{t:8.3f} s] {text}")
 
-    def _log_states(self) -> None:
-        changes = []
-        for side, seen in self._states_seen.items():
-            changes += [(t, side, status) for status, t in self.run.states[side][seen:]]
-            self._states_seen[side] = len(self.run.states[side])
-        for t, side, status in sorted(changes):
-            self._log(f"{side}: {status}", t)
+    def _log_run(self) -> None:
+        """The run's own log: state changes, link events, faults injected, recovery."""
+        for t, text in self.run.log[self._log_seen:]:
+            self._log(text, t)
+        self._log_seen = len(self.run.log)
         self._log_errors()
 
     def _log_errors(self) -> None:
@@ -305,7 +333,7 @@ class Session:
                  arrival: np.ndarray, code: int) -> str:
         """One line about host page *page*: state, arrival, and the faults that waited."""
         size = self.cfg.page_size
-        text = f"page {page} (guest address 0x{page * size:x}): {R.DISPLAY_NAMES[code]}"
+        text = f"page {page} (guest address 0x{page * size:x}): {pagemap.LEGEND[code]}"
         if dst[page] >= R.PRESENT:
             how = {R.PRECOPY: "precopy stream on main", R.BACKGROUND: "background on main",
                    R.URGENT_MAIN: "main channel", R.URGENT_PREEMPT: "preempt channel"}

@@ -18,11 +18,48 @@ QLabel#note { color: #b03000; }
 """
 
 
+# Heavy redraws are spread over the frames of an 8-frame cycle (the window ticks every panel
+# once per frame), so no frame pays for two of them: (phase, period) of each. A plot paints
+# one frame after its update (the scene tells its view on the next pass of the event loop),
+# a label on the same frame: the phases below make their paints land on distinct frames.
+TURNS = {
+    "points": (0, 4),  # new points on the latency scatter (painted on frames 1 and 5)
+    "histogram": (2, 8),  # histogram and percentiles (painted on frame 3)
+    "legend": (6, 8),  # page counts of the bitmap's legend
+    "counters": (7, 8),  # query-migrate and blocktime
+    "banner": (4, 8),  # the window's status line
+}
+
+
+class Turn:
+    """due() is True once every `period` calls, at call number `phase` of each period, and
+    always while Turn.everyone is set (a frame that must show everything, e.g. a screenshot)."""
+
+    everyone = False
+
+    def __init__(self, name: str) -> None:
+        self.phase, self.period = TURNS[name]
+        self._frame = -1
+
+    def due(self) -> bool:
+        self._frame += 1
+        return Turn.everyone or self._frame % self.period == self.phase
+
+
 def swatch(rgb: tuple[int, int, int], size: int = 14) -> QtWidgets.QLabel:
     """A small square of colour, for legends."""
     label = QtWidgets.QLabel()
     label.setFixedSize(size, size)
     label.setStyleSheet(f"background: rgb{rgb}; border: 1px solid #555;")
+    return label
+
+
+def fix_lines(label: QtWidgets.QLabel, lines: int) -> QtWidgets.QLabel:
+    """Give a label whose text changes every frame a fixed height (and no say in its width):
+    a label that grows or shrinks makes the layout move, and Qt then repaints every plot."""
+    label.setFixedHeight(label.fontMetrics().lineSpacing() * lines + 4)
+    label.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored,
+                        QtWidgets.QSizePolicy.Policy.Fixed)
     return label
 
 

@@ -12,6 +12,7 @@ import time
 from PySide6 import QtCore, QtGui, QtWidgets
 
 from emu.config import ConfigError, load_config
+from emu.faults import from_config as scenario_faults
 from gui import style
 from gui.bitmap import QtPageBitmap
 from gui.controls import QtControls
@@ -52,7 +53,9 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.setWindowTitle("postcopy-emu: watch a postcopy live migration")
         self._base = cfg  # the scenario the controls start from (file or preset, + --set)
         self.session = Session(cfg)
-        self.frame_ms = 0.0  # cost of the last tick, for the status bar and the benchmark
+        self.frame_ms = 0.0  # cost of the last tick, for the benchmark
+        self._last = None  # the last Snapshot
+        self._banner_turn = style.Turn("banner")
         self._build()
         self._connect()
         self.controls.show_config(cfg, preset)
@@ -61,6 +64,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self._timer.setInterval(TICK_MS)
         self._timer.timeout.connect(self.tick)
         self._timer.start()
+        self.tick()
 
     # ---- building ----
 
@@ -75,6 +79,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.banner = QtWidgets.QLabel()
         self.banner.setObjectName("banner")
         self.banner.setTextFormat(QtCore.Qt.TextFormat.RichText)
+        style.fix_lines(self.banner, 2).setMinimumHeight(44)
         log = QtWidgets.QWidget()
         log_layout = QtWidgets.QVBoxLayout(log)
         log_layout.setContentsMargins(0, 0, 0, 0)
@@ -82,7 +87,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         log_title.setObjectName("title")
         log_layout.addWidget(log_title)
         log_layout.addWidget(self.events)
-        top = _row((self.bitmap, 11), (self.latency, 9))
+        top = _row((self.bitmap, 12), (self.latency, 8))
         bottom = _row((self.queue, 9), (self.counters, 6), (log, 5))
         main = QtWidgets.QWidget()
         column = QtWidgets.QVBoxLayout(main)
@@ -92,7 +97,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         scroll = QtWidgets.QScrollArea()
         scroll.setWidget(self.controls)
         scroll.setWidgetResizable(True)
-        scroll.setFixedWidth(310)
+        scroll.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setFixedWidth(self.controls.sizeHint().width() + 16)
         scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
         central = QtWidgets.QWidget()
         layout = QtWidgets.QHBoxLayout(central)
@@ -115,7 +121,9 @@ class QtMainWindow(QtWidgets.QMainWindow):
     def config(self) -> object | None:
         """The run the controls describe, or None (the reason goes to the note)."""
         try:
-            return self._base.with_overrides(self.controls.overrides())
+            cfg = self._base.with_overrides(self.controls.overrides())
+            scenario_faults(cfg)  # a bad [[faults]] entry stops here, not in the run
+            return cfg
         except ConfigError as err:
             self.controls.note.setText(str(err))
             return None
@@ -158,6 +166,26 @@ class QtMainWindow(QtWidgets.QMainWindow):
         if self.session.phase == IDLE:
             self.reset()  # an idle window shows the guest it would migrate
 
+    def select_telling_page(self) -> int | None:
+        """Pin the page with the most to tell: the one a vCPU has waited for longest, else
+        the last one a vCPU waited for. Used before a screenshot."""
+        snap = self._last
+        urgent = snap.urgent.queued + snap.urgent.main + snap.urgent.preempt if snap else []
+        records = self.session.faults.records
+        page = None
+        if urgent:
+            page = max(urgent, key=lambda entry: entry[1])[0]
+        elif snap is not None and len(snap.waiting):
+            page = int(snap.waiting[0])
+        elif len(records):
+            page = int(records["page"][-1])
+        self.bitmap.select(page)
+        return page
+
+    def waiting_pages(self) -> int:
+        """How many pages a vCPU is blocked on, as of the last tick."""
+        return len(self._last.waiting) if self._last else 0
+
     def _retire(self) -> None:
         """End the current session; a completed run stays as the grey overlay."""
         old = self.session
@@ -179,10 +207,22 @@ class QtMainWindow(QtWidgets.QMainWindow):
 
     # ---- the timer ----
 
+    def refresh(self) -> None:
+        """One frame that brings every panel up to date, then paints it (before a capture:
+        the panels that refresh a few times a second may be a few frames behind)."""
+        style.Turn.everyone = True
+        try:
+            self.tick()
+        finally:
+            style.Turn.everyone = False
+        for _ in range(2):  # plots paint on the event loop's next pass
+            QtWidgets.QApplication.processEvents()
+
     def tick(self) -> None:
         started = time.perf_counter()
         session = self.session
         snap = session.tick()
+        self._last = snap
         self.bitmap.update_from(snap)
         self.latency.update_from(snap, session.faults, session.switchover)
         self.queue.update_from(snap)
@@ -193,7 +233,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.controls.set_state(startable=snap.phase not in (STARTING, RUNNING),
                                 running=snap.phase == RUNNING,
                                 can_postcopy=session.can_start_postcopy)
-        self._show_banner(snap)
+        if self._banner_turn.due() or snap.phase != RUNNING:
+            self._show_banner(snap)
         self.frame_ms = (time.perf_counter() - started) * 1e3
 
     def _show_banner(self, snap) -> None:
