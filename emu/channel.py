@@ -35,11 +35,12 @@ class ChannelError(ConnectionError):
 
 class Endpoint:
     def __init__(self, sock: socket.socket, window: int, name: str = "",
-                 on_arrival=None) -> None:
+                 on_arrival=None, wakeup: int = 0) -> None:
         self.name = name
         self.on_arrival = on_arrival  # called with each DATA frame's scheduled arrival time
         self.sock = sock
         self.window = window
+        self.wakeup = wakeup  # link.write-wakeup
         self._reader = sock.makefile("rb", buffering=1 << 20)
         self._send_lock = threading.Lock()
         self._credit = threading.Condition()
@@ -58,10 +59,14 @@ class Endpoint:
         charge = size + virt
         with self._send_lock:
             with self._credit:
-                while self._outstanding and self._outstanding + charge > self.window:
-                    if self._closed:
-                        raise ChannelError(f"{self.name}: closed")
-                    self._credit.wait(0.5)
+                if self._outstanding + charge > self.window:
+                    # blocked: like a writer asleep on a full TCP socket, wake only once
+                    # `wakeup` bytes more than this write needs have drained
+                    room = self.window - self.wakeup
+                    while self._outstanding and self._outstanding + charge > room:
+                        if self._closed:
+                            raise ChannelError(f"{self.name}: closed")
+                        self._credit.wait(0.5)
                 self._outstanding += charge
             crc = 0
             for part in parts:

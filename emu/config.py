@@ -226,6 +226,9 @@ KEYS: dict[str, Key] = {
     "link.socket-buffer": _key(
         "size", "4MiB", "bytes one connection holds queued (send + receive)", low="64KiB"
     ),
+    "link.write-wakeup": _key(
+        "size", 0, "room a blocked writer waits for beyond its own write", low=0
+    ),
     "guest.ram": _key("size", "256MiB", "guest RAM size", low=0, low_open=True),
     "guest.page-size": _key("size", "4KiB", "host page size", choices=("4KiB", "2MiB", "1GiB")),
     "guest.vcpus": _key("int", 1, "vCPUs running the workload", low=1, high=64),

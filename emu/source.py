@@ -146,12 +146,12 @@ class Source:
     # ---- connections ----
 
     def _connect(self, address: str) -> None:
-        window = self.cfg["link.socket-buffer"]
-        main = Endpoint(uri.connect(address), window, "main")
+        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
+        main = Endpoint(uri.connect(address), window, "main", wakeup=wakeup)
         main.send([channel.MAIN_HELLO])
         preempt = None
         if self.cfg["migration.postcopy-preempt"]:
-            preempt = Endpoint(uri.connect(address), window, "preempt")
+            preempt = Endpoint(uri.connect(address), window, "preempt", wakeup=wakeup)
             preempt.send([channel.PREEMPT_HELLO])
         with self.lock:
             self.main, self.preempt = main, preempt

@@ -164,3 +164,22 @@ def test_virtual_bytes_are_charged_but_not_carried(bench):
     link.src["main"].send([b"hdr"], virt=200_000)
     assert link.dst["main"].recv() == b"hdr"
     assert link.clock.now() - t0 == pytest.approx(200_003 / B, rel=0.15)
+
+
+def test_a_blocked_writer_wakes_only_when_write_wakeup_bytes_more_are_free(bench):
+    """Linux wakes a writer asleep on a full socket once a good part of it has drained."""
+    B, window = 1e6, 64 << 10
+    link = bench(bandwidth=B, rtt=0.0, window=window, scale=1.0)
+    ep = link.src["main"]
+    ep.wakeup = 32 << 10
+    for _ in range(16):  # fill the window
+        ep.send([bytes(4096)])
+    drained = []
+    reader = threading.Thread(target=receive_times,
+                              args=(link.dst["main"], link.clock, 17, drained))
+    reader.start()
+    t0 = link.clock.now()
+    ep.send([bytes(4096)])  # needs 4 KiB, waits for 4 + 32 KiB
+    waited = link.clock.now() - t0
+    reader.join(5)
+    assert waited == pytest.approx((4096 + (32 << 10)) / B, rel=0.2)
