@@ -64,7 +64,8 @@ def main() -> int:
             ok += 1
         else:
             failures.append({"run": i, "sets": sets, "faults": [f.describe() for f in faults],
-                             "errors": result["errors"], "integrity": result["integrity"]})
+                             "errors": result["errors"], "integrity": result["integrity"],
+                             "last-events": [e["event"] for e in result["events"][-12:]]})
             print(f"run {i} FAILED: {failures[-1]}", file=sys.stderr)
     summary = {"runs": args.n, "completed-intact": ok, "recoveries": recoveries,
                "real-time-s": round(time.monotonic() - started, 1), "failures": failures}

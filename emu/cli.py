@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                        "analytical model, term by term (no migration runs)")
     predict.add_argument("--json", action="store_true", help="print one JSON object")
     predict.set_defaults(func=cmd_predict)
+    bench = sub.add_parser("bench", help="run a benchmark that prints figures",
+                           description="seed-table: the postcopy-preempt series' latency "
+                                       "table (3 page sizes x 3 modes) under the seed-10g "
+                                       "preset, next to the seed's figures and the model's")
+    bench.add_argument("name", choices=["seed-table"])
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer samples, about 3 minutes instead of about 13")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=cmd_bench, scenario=None, set=[])
     gui = _command(sub, "gui", "open the window")
     gui.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
     gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
@@ -103,6 +112,12 @@ def cmd_predict(args, cfg) -> int:
     for mode, us in modes.items():
         print(f"  {model.MODE_TITLES[mode]:<34}{us / 1e3:10.3f} ms")
     return 0
+
+
+def cmd_bench(args, cfg) -> int:
+    from emu import seedtable
+
+    return seedtable.main(args.quick, args.json)
 
 
 def cmd_gui(args, cfg) -> int:

@@ -10,6 +10,7 @@ writing the main channel, urgent pages wait too.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -92,6 +93,7 @@ class Source:
         self.preempt: Endpoint | None = None
         self.lock = threading.Lock()
         self.pos = 0  # where the background scan goes on (PageSearchStatus)
+        self._remaining_at = 0.0
         self.switchover = threading.Event()
         self.quit = threading.Event()
         self.resumed = threading.Event()  # set again when a recovery has finished
@@ -379,7 +381,15 @@ class Source:
                 between()
             n = min(self.piece, total - start)
             self._write_record(ep, (first + start) * R.TARGET_PAGE, n, counter)
-        self.board["remaining"] = int(np.count_nonzero(self.dirty)) * self.P
+        self._publish_remaining()
+
+    def _publish_remaining(self) -> None:
+        """query-migrate's ram.remaining; counting a multi-GiB bitmap costs milliseconds, so
+        at most ten times a second."""
+        now = time.monotonic()
+        if now - self._remaining_at > 0.1:
+            self._remaining_at = now
+            self.board["remaining"] = int(np.count_nonzero(self.dirty)) * self.P
 
     def _write_record(self, ep: Endpoint, offset: int, n: int, counter: str) -> None:
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
