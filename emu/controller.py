@@ -165,8 +165,9 @@ class Run:
         ram = cfg["guest.ram"]
         npages = cfg.npages
         self.clock = Clock(seg.create("clock", Clock.NBYTES))
-        self.src_ram = seg.create("src-ram", ram)
-        self.dst_ram = seg.create("dst-ram", ram)
+        payload = cfg["emulator.payload"]  # without it the RAM is never written: keep it sparse
+        self.src_ram = seg.create("src-ram", ram, populate=payload)
+        self.dst_ram = seg.create("dst-ram", ram, populate=payload)
         self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.create("src-states", npages))
         self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.create("dst-states", npages))
         self.dst_arrival = np.ndarray((npages,), np.float64,

@@ -14,6 +14,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
 PREFIX = "pce"  # visible in /dev/shm, so leaks are easy to spot
+MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it on Python 3.11
 
 
 def create(size: int) -> SharedMemory:
@@ -38,9 +39,16 @@ class Segments:
     def __init__(self) -> None:
         self._shm: dict[str, SharedMemory] = {}
 
-    def create(self, role: str, size: int) -> memoryview:
-        self._shm[role] = create(size)
-        return self._shm[role].buf
+    def create(self, role: str, size: int, populate: bool = False) -> memoryview:
+        """A new segment; populate=True allocates its pages now, so that the first write to
+        each page (a page fault that allocates it) is not paid during the migration."""
+        shm = self._shm[role] = create(size)
+        if populate:
+            try:
+                shm._mmap.madvise(MADV_POPULATE_WRITE)
+            except (OSError, AttributeError):
+                shm.buf[:] = bytes(len(shm.buf))  # older kernels: touch every page
+        return shm.buf
 
     def names(self) -> dict[str, str]:
         return {role: shm.name for role, shm in self._shm.items()}
