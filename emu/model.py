@@ -22,6 +22,11 @@ host page (vanilla, break-huge off), or one record of it with break-huge, which 
 between records. The notes' T/B (break-huge on) is this term for QEMU, whose thread checks
 before every 4 KiB piece: it is the second mode of QEMU 7.1's histogram, the migration thread
 blocked in write() on a full main socket. Here the write granularity is emulator.chunk, not T.
+With link.write-wakeup K, a thread blocked on a full main sleeps until K more bytes than its
+record have drained, then writes records back to back (looking at the queue between them)
+until main is full again: it looks at the queue once per K + record bytes drained, so
+r = max(U, K + record) / 2, and the request finds main holding only what is left below the
+wake-up mark, W - K (a huge page sent whole ends anywhere in a wake-up's records: W - K/2).
 
 shared: with preempt the urgent page crosses the bottleneck beside main, at half the bandwidth
 while main has bytes waiting, so main adds min(P, S) / B. The migration thread goes back to main
@@ -74,9 +79,9 @@ TERMS = {
     "shared": "min(P,S)/B: main's share of the link (preempt)",
 }
 # Measured: the emulator's real time per fault beyond the link's own delays, with 4 KiB pages,
-# preempt and an idle main, on a 2-core machine with the relay keeping up: 0.55 ms at
-# time-scale 0.05, 0.40 ms at 0.1 and 0.2, 0.33 ms at 0.5 and 1. 0.4 ms fits the time-scales
-# that give exact figures (0.05 to 0.2) within 10 us of emulated time.
+# preempt and an idle main, on an idle 2-core machine with the relay waking on time: 0.55 ms
+# at time-scale 0.05, 0.40 ms at 0.1 and 0.2, 0.33 ms at 0.5 and 1. 0.4 ms fits the
+# time-scales that give exact figures (0.05 to 0.2) within 10 us of emulated time.
 SOFTWARE_COST_S = 400e-6
 RECORD_HEADER = len(wire.ram_header(0, 1, 0))  # bytes each RAM record adds on the wire
 DRAIN_STEPS = 100  # points at which the draining phase of a capped stream is sampled
@@ -138,10 +143,19 @@ def _unit(cfg: Config, mode: str) -> int:
     return cfg.page_size
 
 
-def _held(cfg: Config) -> int:
-    """Bytes main holds in the link when full: whole records only."""
+def _held(cfg: Config, mode: str) -> int:
+    """Bytes main holds in the link when the urgent page follows: whole records below the mark
+    where a blocked migration thread wakes up."""
     record = _record(cfg) + RECORD_HEADER
-    return max(1, cfg["link.socket-buffer"] // record) * record
+    wakeup = cfg["link.write-wakeup"]
+    mark = cfg["link.socket-buffer"] - (wakeup if _unit(cfg, mode) == _record(cfg) else wakeup / 2)
+    return max(1, int(mark // record)) * record
+
+
+def _rest(cfg: Config, mode: str) -> float:
+    """Mean rest r while main is full: the thread looks at the queue after each unit, and at
+    most once per wake-up (write-wakeup + one record) when it sleeps on a full main."""
+    return max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg)) / 2
 
 
 def _phases(cfg: Config, mode: str) -> list[tuple[float, float, float]]:
@@ -149,8 +163,8 @@ def _phases(cfg: Config, mode: str) -> list[tuple[float, float, float]]:
     first is main full, with the migration thread blocked writing it."""
     bandwidth = cfg["link.bandwidth"]
     on_wire = bandwidth * cfg["link.rtt"] / 2
-    held = _held(cfg)
-    full = (max(0.0, held - on_wire), _unit(cfg, mode) / 2)
+    held = _held(cfg, mode)
+    full = (max(0.0, held - on_wire), _rest(cfg, mode))
     cap = cfg["migration.max-postcopy-bandwidth"]
     if not 0 < cap < bandwidth:
         return [(1.0, *full)]

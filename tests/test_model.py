@@ -118,6 +118,23 @@ def test_rest_follows_the_write_granularity():
     assert large["latency-us"] > small["latency-us"]
 
 
+def test_write_wakeup_makes_the_thread_look_at_the_queue_less_often():
+    # asleep on a full main until 1 MiB more than its record has drained, then a burst
+    sets = ("link.socket-buffer=4MiB", "link.write-wakeup=1MiB", "link.bandwidth=1Gbit")
+    preds = predict_all(cfg(*sets))
+    assert preds["preempt"]["inputs"]["rest"] == (MIB + 32 * KIB) / 2
+    # the urgent page follows the first record of a wake-up: main holds what is below 3 MiB
+    held = (3 * MIB // RECORD) * RECORD
+    assert preds["vanilla"]["inputs"]["backlog"] == pytest.approx(held - 125e6 * 100e-6)
+    without = predict_all(cfg(*sets[:1], *sets[2:]))
+    assert preds["preempt"]["latency-us"] > without["preempt"]["latency-us"]
+
+
+def test_write_wakeup_hides_inside_a_huge_page_sent_whole():
+    pred = predict(cfg("guest.page-size=2MiB", "guest.ram=1GiB", "link.write-wakeup=256KiB"))
+    assert pred["inputs"]["rest"] == MIB
+
+
 def test_software_cost_shrinks_with_the_time_scale():
     slow = predict(cfg("emulator.time-scale=0.1"))
     assert slow["terms-us"]["software"] == pytest.approx(model.SOFTWARE_COST_S * 0.1 * 1e6)
