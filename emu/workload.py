@@ -130,15 +130,16 @@ class VCpu(threading.Thread):
     def run(self) -> None:
         vt = self.clock.now()  # how far this vCPU has got, in emulated time
         while not self.stop.is_set():
-            n = min(int((self.clock.now() - vt) / self.cost), self.workload.max_batch)
-            if n <= 0:
-                self.clock.sleep_until(vt + self.cost * 64, max_real=0.01)
-                continue
-            pages = self.workload.peek(n)
+            pages = self.workload.peek(self.workload.max_batch)
             k = self.memory.first_missing(pages)
+            # the guest reaches touch k at vt + k x cost: do the touches before it then, so a
+            # fault is raised at its own time, not at the end of a batch
+            vt += k * self.cost
+            while not self.clock.sleep_until(vt, max_real=0.01):
+                if self.stop.is_set():
+                    return
             self.bad += self.workload.commit(self.memory.ram, pages[:k])
             self.memory.touched(self.index, pages[:k])
-            vt += k * self.cost
-            if k < n:
+            if k < len(pages):
                 self.memory.fault(self.index, int(pages[k]))
                 vt = max(vt, self.clock.now())  # the time spent blocked is lost to the guest
