@@ -109,11 +109,20 @@ class Run:
             return settled or time.monotonic() > self.death_deadline
         if self.errors:
             return True
-        return len(self.reports) == 2
+        return len(self.reports) == 2 or self._done_before_pause
 
     @property
     def ok(self) -> bool:
-        return not self.errors and all(s == "completed" for s in self.status.values())
+        return not self.errors and (self._done_before_pause or all(
+            s == "completed" for s in self.status.values()))
+
+    @property
+    def _done_before_pause(self) -> bool:
+        """The destination completed, but a fault broke the link before its SHUT reached the
+        source, which sits in postcopy-paused with nothing to recover (QEMU would too): the
+        guest has all its memory on the destination."""
+        return ("destination" in self.reports and self.status["destination"] == "completed"
+                and self.status["source"] == "postcopy-paused")
 
     def poll(self, timeout: float = 0.05) -> None:
         """Take in what the children say, and act when it is time: migrate-start-postcopy,
@@ -237,7 +246,7 @@ class Run:
         self._note(self.clock.now(), f"recovery {self.recoveries}: migrate-recover {address}")
 
     def _inject_due(self, now: float) -> None:
-        if self.postcopy_start is None:
+        if self.postcopy_start is None or self.status["destination"] in FINAL:
             return
         due = [f for f in self.pending_faults
                if not isinstance(f.at, str) and now >= self.postcopy_start + f.at]
@@ -277,7 +286,8 @@ class Run:
             if status == "postcopy-active" and self.postcopy_start is None:
                 self.postcopy_start = t
             return
-        if status == "postcopy-paused" and self.recover_after is not None:
+        if status == "postcopy-paused" and self.recover_after is not None \
+                and self.status["destination"] not in FINAL:
             self.recover_at = t + self.recover_after
         for fault in [f for f in self.pending_faults if f.at == status]:
             self.pending_faults.remove(fault)
