@@ -54,6 +54,11 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
         "query-migrate": query_migrate(cfg, run.status["source"], src, faults,
                                        total_ms, per_vcpu_ms),
         "latency": latency,
+        # what the source's migration thread did with the requests it received
+        "requests": {"urgent-main": int(src["urgent-main"]),
+                     "urgent-preempt": int(src["urgent-preempt"]),
+                     "dropped-already-sent": int(src["dropped-requests"]),
+                     "break-huge": int(src["break-huge"])},
         "blocktime-ms": {"total": round(total_ms, 3),
                          "per-vcpu": [round(x, 3) for x in per_vcpu_ms]},
         "integrity": integrity_result or {"ok": False, "bad-pages": None,

@@ -111,3 +111,15 @@ def test_fault_records_are_complete():
         assert (faults["page"] < run.cfg.npages).all()
         live, count = run.faults(0)
         assert count == len(faults) and (live["page"] == faults["page"]).all()
+
+
+def test_break_huge_interrupts_huge_pages_only_when_on(run_migration):
+    sets = dict(guest__page_size="2MiB", guest__ram="64MiB", migration__postcopy_preempt="true",
+                guest__vcpus=2)
+    on = run_migration(migration__x_postcopy_preempt_break_huge="true", **sets)
+    off = run_migration(migration__x_postcopy_preempt_break_huge="false", **sets)
+    assert on["requests"]["break-huge"] > 0
+    assert off["requests"]["break-huge"] == 0
+    for result in (on, off):
+        assert_postcopy(result)
+        assert result["requests"]["urgent-main"] == 0  # preempt: urgent pages never on main
