@@ -42,7 +42,8 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
     cfg = run.cfg
     src = run.reports.get("source", {}).get("board") or run.board("source")
     dst = run.reports.get("destination", {})
-    faults = dst.get("faults", np.zeros(0, metrics.FAULT_DTYPE))
+    # a run that did not complete has no final report: the live record holds its faults
+    faults = dst["faults"] if "faults" in dst else run.faults(0)[0]
     latency = metrics.summarize(faults["latency"])
     latency["by-channel"] = {name: metrics.summarize(faults["latency"][faults["channel"] == i])
                              for i, name in enumerate(metrics.CHANNELS)}
