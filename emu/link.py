@@ -18,6 +18,7 @@ import collections
 import selectors
 import socket
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from emu import channel, uri
@@ -33,6 +34,7 @@ ROUTES = {
 }
 FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered")) + (
     "lag-max", "lag-sum", "frames", "late-frames")
+INBUF = 4 << 20  # bytes a port reads ahead; grows for a larger frame
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
 
 
@@ -42,6 +44,16 @@ def _conn_from(port: str) -> str | None:
     if side == "src":
         return conn
     return "return" if conn == "main" else None  # nothing flows back on preempt
+
+
+def _frame(buf: bytearray, pos: int, end: int) -> bytearray:
+    """One frame out of a port's input, with the checksum of its payload as it was sent."""
+    with memoryview(buf) as view:
+        frame = bytearray(view[pos:end])
+    with memoryview(frame) as view:
+        crc = zlib.crc32(view[channel.HEADER.size:])
+    struct.pack_into("<I", frame, channel.CRC_OFFSET, crc)
+    return frame
 
 
 class Bottleneck:
@@ -94,7 +106,8 @@ class Port:
     """The relay's end of one endpoint's socket."""
     sock: socket.socket
     conn: str = ""  # the connection it belongs to: "main" or "preempt" ("" until the hello)
-    inbuf: bytearray = field(default_factory=bytearray)
+    inbuf: bytearray = field(default_factory=lambda: bytearray(INBUF))
+    fill: int = 0  # bytes of inbuf holding input not parsed yet
     out: collections.deque = field(default_factory=collections.deque)  # [view, conn, charge]
 
 
@@ -218,6 +231,7 @@ class Relay:
             self.sel.unregister(port.sock)
         self.attach(conn, ports[0].sock, ports[1].sock)
         self.ports[f"src-{conn}"].inbuf = ports[0].inbuf
+        self.ports[f"src-{conn}"].fill = ports[0].fill
         if conn in self.cut_pending:
             self.cut_pending.discard(conn)
             self.cut(conn)
@@ -256,29 +270,32 @@ class Relay:
 
     def _read(self, name: str) -> None:
         port = self.ports[name]
+        if port.fill == len(port.inbuf):  # a frame larger than the buffer: make room
+            port.inbuf.extend(bytes(len(port.inbuf)))
         try:
-            data = port.sock.recv(1 << 20)
+            with memoryview(port.inbuf) as view:
+                n = port.sock.recv_into(view[port.fill:])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._broken(name)
             return
-        port.inbuf += data
+        port.fill += n
         self._parse(name)
 
     def _parse(self, name: str) -> None:
         port = self.ports[name]
         buf, pos, now = port.inbuf, 0, None
-        while len(buf) - pos >= channel.HEADER.size:
+        while port.fill - pos >= channel.HEADER.size:
             kind, size, virt, _, _ = channel.HEADER.unpack_from(buf, pos)
             limit = channel.MAX_FRAME if port.conn else len(channel.MAIN_HELLO)
             if kind != channel.DATA or size > limit:
                 self._broken(name)  # not our framing: a stranger, or a stream gone wrong
                 return
             end = pos + channel.HEADER.size + size
-            if len(buf) < end:
+            if port.fill < end:
                 break
             if not port.conn:  # the hello of a new connection names it
                 hello = bytes(buf[pos + channel.HEADER.size:end])
@@ -293,9 +310,11 @@ class Relay:
                 self._advance_all(now)
             conn = _conn_from(name)
             if kind == channel.DATA and conn is not None:
-                self._enqueue(conn, bytearray(buf[pos:end]), size + virt)
+                self._enqueue(conn, _frame(buf, pos, end), size + virt)
             pos = end
-        del buf[:pos]
+        # keep the start of a frame not complete yet at the front
+        buf[:port.fill - pos] = buf[pos:port.fill]
+        port.fill -= pos
 
     def _advance_all(self, now: float) -> None:
         for neck in self.bottleneck.values():

@@ -395,9 +395,9 @@ class Source:
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * R.TARGET_PAGE
         if self.ram is not None:
-            # a snapshot: the guest may write the page while it is being sent, and the bytes
-            # checksummed must be the bytes sent (a re-dirtied page is sent again anyway)
-            ep.send([header, bytes(self.raw[offset:offset + size])])
+            # straight from guest RAM: a page the guest writes meanwhile is re-dirtied and
+            # sent again, as in QEMU
+            ep.send([header, self.raw[offset:offset + size]])
         else:
             ep.send([header], virt=size)
         b = self.board
