@@ -51,7 +51,7 @@ class Pacer:
     @property
     def t(self) -> float:
         """When the stream may go on."""
-        if self.sent < self.rate * self.WINDOW:
+        if not self.rate or self.sent < self.rate * self.WINDOW:
             return self.start
         return self.start + self.WINDOW
 
@@ -100,10 +100,15 @@ class Source:
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
+        self.workloads = [Workload(cfg, v) for v in range(cfg["guest.vcpus"])]
+        self.vcpus: list[VCpu] = []  # the running vCPU threads
         self.vcpu_stop = threading.Event()
-        self.vcpus = [VCpu(v, Workload(cfg, v), SourceMemory(self.ram, self.dirty, self.tpp),
-                           self.clock, cfg["workload.touch-cost"], self.vcpu_stop)
-                      for v in range(cfg["guest.vcpus"])]
+        self.vcpu_lock = threading.Lock()
+        self.guest_running = True  # QMP stop/cont: the vCPUs run only while this holds
+        # migrate-set-parameters changes them while the migration runs, as in QEMU
+        self.rates = {"max-bandwidth": cfg["migration.max-bandwidth"],
+                      "max-postcopy-bandwidth": cfg["migration.max-postcopy-bandwidth"]}
+        self.pacer: tuple[str, Pacer] | None = None  # the rate cap in force, by parameter
 
     # ---- commands ----
 
@@ -116,8 +121,9 @@ class Source:
             self.control.fail(f"source: cannot connect to {address}: {err}")
             self.state.set("failed")
             return
-        for vcpu in self.vcpus:
-            vcpu.start()
+        with self.vcpu_lock:
+            if self.guest_running:
+                self._start_vcpus()
         _thread("migration", self._migration_thread)
 
     def resume(self, address: str) -> None:
@@ -138,6 +144,35 @@ class Source:
 
     def start_postcopy(self) -> None:
         self.switchover.set()
+
+    def cancel(self) -> None:
+        """migrate_cancel before postcopy: give up; the guest goes on running here."""
+        with self.lock:
+            if self.state.status not in ("setup", "active"):
+                return
+            self.state.set("cancelling")
+        self._close_channels()
+
+    def stop_guest(self) -> None:
+        """QMP stop: pause the vCPUs; they keep their place in the workload."""
+        with self.vcpu_lock:
+            self.guest_running = False
+            self._stop_vcpus()
+
+    def cont_guest(self) -> None:
+        """QMP cont: run the vCPUs again, until the switchover stops them for good."""
+        with self.vcpu_lock:
+            if self.guest_running or self.switchover.is_set():
+                return
+            self.guest_running = True
+            if self.state.status != "none":  # before migrate, migrate starts them
+                self._start_vcpus()
+
+    def set_parameters(self, rates: dict[str, float]) -> None:
+        """migrate-set-parameters: a new rate cap applies at once, as in QEMU."""
+        self.rates.update(rates)
+        if self.pacer and self.pacer[0] in rates:
+            self.pacer[1].rate = rates[self.pacer[0]]
 
     def shutdown(self) -> None:
         self.quit.set()
@@ -181,6 +216,8 @@ class Source:
                 self.state.set("postcopy-paused")
                 self.queue.clear()  # lost: the destination asks again after resuming
                 self.control.emit(("paused", "source", reason))
+            elif status == "cancelling":
+                self.state.set("cancelled")  # migrate_cancel closed the channels
             elif status not in FINAL and status != "postcopy-paused":
                 self.control.fail(f"source: {reason}")
                 self.state.set("failed")
@@ -204,6 +241,9 @@ class Source:
         self.board["setup-time"] = self.clock.now() - t0
         self.state.set("active")
         self._precopy()
+        if self.state.status == "cancelling":
+            self.state.set("cancelled")
+            return
         if self.cfg["migration.postcopy-ram"]:
             self._start_postcopy()
             self._postcopy()
@@ -219,8 +259,8 @@ class Source:
         self.state.set("completed")
 
     def _precopy(self) -> None:
-        pacer = Pacer(self.cfg["migration.max-bandwidth"])
-        while not self.switchover.is_set():
+        pacer = self._pacer("max-bandwidth")
+        while not self.switchover.is_set() and self.state.status != "cancelling":
             page = self._next_dirty()
             if page is None:
                 self.switchover.wait(0.01)  # all clean: wait for the guest to dirty something
@@ -232,14 +272,16 @@ class Source:
         """migrate-start-postcopy: stop the guest, discard, device state, run on the other side."""
         t_stop = self.clock.now()
         self.state.set("device")
-        self._stop_vcpus()
+        with self.vcpu_lock:
+            self._stop_vcpus()
         stale = np.flatnonzero(self.dirty & self.sent_once)
+        self.states[stale] = R.UNSENT  # dropped on the other side: not in flight any more
         runs = _runs(stale)
         for i in range(0, len(runs), DISCARDS_PER_COMMAND):
             ranges = [(s * self.P, n * self.P) for s, n in runs[i:i + DISCARDS_PER_COMMAND]]
             self.main.send([wire.discard_ranges(ranges)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
-        self.main.send([wire.device_state({"vcpus": [v.workload.pos for v in self.vcpus]})])
+        self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RUN)])
         self.board["downtime"] = self.clock.now() - t_stop
         self.resumed.set()
@@ -259,7 +301,7 @@ class Source:
                     return
 
     def _postcopy_stream(self) -> None:
-        pacer = Pacer(self.cfg["migration.max-postcopy-bandwidth"])
+        pacer = self._pacer("max-postcopy-bandwidth")
         break_huge = (self.preempt is not None and self.tpp > 1
                       and self.cfg["migration.x-postcopy-preempt-break-huge"])
         while True:
@@ -288,16 +330,32 @@ class Source:
     def _stop_and_copy(self) -> None:
         t_stop = self.clock.now()
         self.state.set("device")
-        self._stop_vcpus()
+        with self.vcpu_lock:
+            self._stop_vcpus()
         while (page := self._next_dirty()) is not None:
             self._send_background(page, None, "downtime-bytes", None)
-        self.main.send([wire.device_state({"vcpus": [v.workload.pos for v in self.vcpus]})])
+        self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.board["downtime"] = self.clock.now() - t_stop
+
+    def _start_vcpus(self) -> None:
+        """Run the vCPUs from where their workloads stand (a thread runs once: new ones)."""
+        self.vcpu_stop = threading.Event()
+        memory = SourceMemory(self.ram, self.dirty, self.tpp)
+        self.vcpus = [VCpu(v, w, memory, self.clock, self.cfg["workload.touch-cost"],
+                           self.vcpu_stop) for v, w in enumerate(self.workloads)]
+        for vcpu in self.vcpus:
+            vcpu.start()
 
     def _stop_vcpus(self) -> None:
         self.vcpu_stop.set()
         for vcpu in self.vcpus:
             vcpu.join()
+        self.vcpus = []
+
+    def _pacer(self, parameter: str) -> Pacer:
+        pacer = Pacer(self.rates[parameter])
+        self.pacer = (parameter, pacer)
+        return pacer
 
     # ---- page selection ----
 
@@ -479,5 +537,7 @@ def _thread(name: str, target, *args) -> threading.Thread:
 def main(control, bufs: dict, cfg) -> None:
     src = Source(control, bufs, cfg)
     control.serve({"migrate": src.migrate, "migrate-resume": src.resume,
-                   "migrate-pause": src.pause, "migrate-start-postcopy": src.start_postcopy})
+                   "migrate-pause": src.pause, "migrate-start-postcopy": src.start_postcopy,
+                   "migrate_cancel": src.cancel, "stop": src.stop_guest, "cont": src.cont_guest,
+                   "migrate-set-parameters": src.set_parameters})
     src.shutdown()

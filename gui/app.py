@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PySide6 import QtCore, QtWidgets
 
-from emu.config import SCENARIO_DIR, ConfigError, load_config, scenario_names
+from emu.config import SCENARIO_DIR, Config, ConfigError, load_config, scenario_names
 from gui.qtfix import guard_singletons
 from gui.style import STYLE_SHEET
 from gui.window import QtMainWindow
@@ -18,10 +18,10 @@ from gui.window import QtMainWindow
 # The window opens on this preset when no scenario is given: slow enough to watch.
 WINDOW_PRESET = "classroom"
 WINDOW_SIZE = (1600, 1000)
-CATCH_S = 1.0  # real seconds a screenshot may wait for a vCPU to be blocked on a page
+CATCH_S = 1.0  # real seconds a screenshot may wait for a request to be on its way
 
 
-def main(cfg, args) -> int:
+def main(cfg: Config, args) -> int:
     """Open the window on *cfg* (args: the `gui` command's scenario, set, screenshot,
     run_for); returns the exit code."""
     try:
@@ -42,6 +42,7 @@ def main(cfg, args) -> int:
 
 
 def application() -> QtWidgets.QApplication:
+    """The process's QApplication, made or found, with the window's look."""
     guard_singletons()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([sys.argv[0]])
     app.setStyle("Fusion")  # the same look on every platform, offscreen included
@@ -49,7 +50,7 @@ def application() -> QtWidgets.QApplication:
     return app
 
 
-def _scenario(cfg, args) -> tuple[object, str | None]:
+def _scenario(cfg: Config, args) -> tuple[Config, str | None]:
     """The configuration and the preset name the controls show."""
     if args.scenario is None:
         if WINDOW_PRESET in scenario_names():
@@ -67,14 +68,15 @@ def screenshot(app: QtWidgets.QApplication, window: QtMainWindow, path: str,
                run_for: float) -> int:
     """Start the migration, let it run for *run_for* real seconds, save the window as PNG.
 
-    The capture waits up to CATCH_S more for a frame in which a vCPU is blocked on a page,
-    so the picture shows a waiting request as well as the pages that came on demand.
+    The capture waits up to CATCH_S more for a frame with a request in the source's queue or
+    on the link, so the picture shows a waiting request as well as the pages that came on
+    demand.
     """
     saved = []
     deadline = time.monotonic() + run_for + CATCH_S
 
     def capture() -> None:
-        if window.waiting_pages() == 0 and time.monotonic() < deadline:
+        if window.urgent_pages() == 0 and time.monotonic() < deadline:
             return  # try again at the next tick
         watch.stop()
         window.refresh()
@@ -88,7 +90,10 @@ def screenshot(app: QtWidgets.QApplication, window: QtMainWindow, path: str,
     window.start_migration()
     QtCore.QTimer.singleShot(round(run_for * 1000), watch.start)
     app.exec()
-    if not saved or not saved[0]:
+    if not saved:
+        print("postcopy-emu: the window closed before the screenshot", file=sys.stderr)
+        return 1
+    if not saved[0]:
         print(f"postcopy-emu: could not save {path}", file=sys.stderr)
         return 1
     print(f"postcopy-emu: saved {path}", file=sys.stderr)

@@ -1,8 +1,9 @@
 """QtPageBitmap: every host page of guest RAM as one cell, coloured by what happened to it.
 
-One persistent ImageItem holds a 2-D uint8 grid of display codes drawn through a fixed
-256-entry lookup table with levels (0, 255): Qt paints it as an indexed image, so a million
-pages cost one array compare per frame and a redraw only when a page changed.
+One persistent ImageItem holds a 2-D uint8 grid of page keys (see gui.pagemap) drawn through
+a fixed 256-entry lookup table with levels (0, 255): Qt paints it as an indexed image, so a
+million pages cost two byte-wide passes and one compare per frame, and a redraw only when a
+page changed.
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._view = pg.GraphicsLayoutWidget()
         self._view.setBackground("w")
         self._box = self._view.addViewBox(lockAspect=True, invertY=True, enableMenu=False)
+        self._box.setMouseEnabled(x=False, y=False)  # the whole guest, always: hover for detail
         self._image = pg.ImageItem(axisOrder="row-major", autoDownsample=False)
         self._image.setLookupTable(pagemap.lookup_table())
         self._image.setLevels((0, 255))
         self._box.addItem(self._image)
         # Circles around pages a vCPU waits for: one page is a pixel or less on a big guest.
-        self._waiting = pg.ScatterPlotItem(symbol="o", size=15, pen=pg.mkPen((200, 0, 40), width=2),
-                                           brush=None, pxMode=True)
+        ring = pg.mkPen((200, 0, 40), width=2)
+        self._waiting = pg.ScatterPlotItem(symbol="o", size=15, pen=ring, brush=None)
         self._pinned = pg.ScatterPlotItem(symbol="s", size=21, pen=pg.mkPen("k", width=2),
-                                          brush=None, pxMode=True)
+                                          brush=None)
         for item in (self._waiting, self._pinned):
             self._box.addItem(item)
         self._info = QtWidgets.QLabel("Hover over a page for its story; click to keep it.")
@@ -50,7 +52,7 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._view.scene().sigMouseMoved.connect(self._hovered)
         self._view.scene().sigMouseClicked.connect(self._clicked)
         self._legend_turn = style.Turn("legend")
-        self._describe: Callable[..., str] | None = None
+        self._describe: Callable[[int, int, np.ndarray], str] | None = None
         self._snap: Snapshot | None = None
         self._pin: int | None = None
         self._hover: int | None = None
@@ -69,16 +71,17 @@ class QtPageBitmap(QtWidgets.QWidget):
     # ---- a new run ----
 
     def reset(self, npages: int, page_size: int,
-              describe: Callable[..., str] | None = None) -> None:
-        """Blank grid for a guest of npages host pages; describe(page, dst, src, arrival,
-        code) gives the hover text."""
+              describe: Callable[[int, int, np.ndarray], str] | None = None) -> None:
+        """Blank grid for a guest of npages host pages; describe(page, display code, arrival
+        times) gives the hover text."""
         self.npages = npages
         rows, cols = pagemap.grid_shape(npages)
         self._cols = cols
         self._shown = np.full((rows, cols), pagemap.OUTSIDE_KEY, np.uint8)
         self._keys(self._shown)[:] = R.MISSING << pagemap.SRC_BITS | R.UNSENT
         self._next = self._shown.copy()
-        self._image.setImage(self._shown, autoLevels=False, levels=(0, 255))
+        self._factor = 0  # pages per screen pixel, each way, of the picture drawn
+        self._draw()
         self._box.setRange(QtCore.QRectF(0, 0, cols, rows), padding=0.01)
         self._describe = describe
         self._snap = None
@@ -105,13 +108,29 @@ class QtPageBitmap(QtWidgets.QWidget):
         changed = not np.array_equal(self._next, self._shown)
         if changed:
             self._shown, self._next = self._next, self._shown
-            self._image.setImage(self._shown, autoLevels=False)
+        if changed or self._factor != self._fit_factor():
+            self._draw()
         self._stale_counts |= changed
         if self._stale_counts and count_turn:
             self._set_counts()
         self._mark_waiting(snap.waiting[:MARKED_MAX])
         self._show_info()
         return changed
+
+    def _fit_factor(self) -> int:
+        rows, cols = self._shown.shape
+        return pagemap.pool_factor(rows, cols, self._box.width(), self._box.height())
+
+    def _draw(self) -> None:
+        """Hand the grid to the image; with more pages than pixels, a pooled copy that keeps
+        the rare states visible (Qt's own scaling would drop three pages in four)."""
+        factor = self._fit_factor()
+        picture = self._shown if factor == 1 else pagemap.pool(self._shown, factor)
+        self._image.setImage(picture, autoLevels=False, levels=(0, 255))
+        if factor != self._factor:
+            rows, cols = picture.shape
+            self._image.setRect(QtCore.QRectF(0, 0, cols * factor, rows * factor))
+            self._factor = factor
 
     def _keys(self, grid: np.ndarray) -> np.ndarray:
         return grid.reshape(-1)[:self.npages]
@@ -166,13 +185,17 @@ class QtPageBitmap(QtWidgets.QWidget):
     def info_text(self) -> str:
         return self._info.text()
 
+    @property
+    def view(self) -> pg.GraphicsLayoutWidget:
+        return self._view
+
     def _show_info(self) -> None:
         page = self._hover if self._hover is not None else self._pin
         snap = self._snap
         if page is None or snap is None or snap.dst is None or self._describe is None:
             return
         code = int(pagemap.KEY_CODES[self._keys(self._shown)[page]])
-        self._info.setText(self._describe(page, snap.dst, snap.src, snap.arrival, code))
+        self._info.setText(self._describe(page, code, snap.arrival))
 
 
 def _legend() -> tuple[QtWidgets.QGridLayout, dict[int, QtWidgets.QLabel]]:

@@ -12,7 +12,7 @@ import math
 
 from PySide6 import QtCore, QtWidgets
 
-from emu.config import KEYS, scenario_names
+from emu.config import KEYS, Config, Key, scenario_names
 
 # (key, label, suggestions for the editable ones, or for check boxes what they do); bools
 # become check boxes, keys with a fixed choice of values plain combo boxes, and guest.vcpus a
@@ -99,7 +99,9 @@ class QtControls(QtWidgets.QWidget):
                 form.addRow(label, editor)
         return box
 
-    def _editor(self, key: str, suggestions: tuple[str, ...], label: str) -> QtWidgets.QWidget:
+    def _editor(self, key: str, extra: tuple[str, ...] | str, label: str) -> QtWidgets.QWidget:
+        """The editor of one key; *extra* is what a combo box suggests (a check box's hint
+        is shown beside it instead)."""
         spec = KEYS[key]
         if spec.kind == "bool":
             editor = QtWidgets.QCheckBox(label)
@@ -111,7 +113,7 @@ class QtControls(QtWidgets.QWidget):
         else:
             editor = QtWidgets.QComboBox()
             editor.setEditable(not spec.choices)
-            editor.addItems([spec.show(c) for c in spec.choices] or list(suggestions))
+            editor.addItems([spec.show(c) for c in spec.choices] or list(extra))
             editor.currentTextChanged.connect(lambda text, k=key: self._check(k, text))
         _mark(editor, key, None)
         return editor
@@ -148,7 +150,7 @@ class QtControls(QtWidgets.QWidget):
 
     # ---- settings in and out ----
 
-    def show_config(self, cfg, preset: str | None = None) -> None:
+    def show_config(self, cfg: Config, preset: str | None = None) -> None:
         """Show cfg's values (a preset was chosen, or the window opened)."""
         if preset is not None:
             if self.preset.findText(preset) < 0:  # a scenario file of the user's own
@@ -222,7 +224,7 @@ def _group(title: str, widgets: list[QtWidgets.QWidget]) -> QtWidgets.QGroupBox:
     return box
 
 
-def _set_editor(editor: QtWidgets.QWidget, spec, value: object) -> None:
+def _set_editor(editor: QtWidgets.QWidget, spec: Key, value: object) -> None:
     if isinstance(editor, QtWidgets.QCheckBox):
         editor.setChecked(bool(value))
     elif isinstance(editor, QtWidgets.QSpinBox):

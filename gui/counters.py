@@ -6,6 +6,7 @@ from __future__ import annotations
 from PySide6 import QtCore, QtWidgets
 
 from emu import metrics, report
+from emu.config import Config
 from gui import style
 from gui.session import FaultLog, Snapshot
 
@@ -54,7 +55,8 @@ class QtCounters(QtWidgets.QWidget):
             label.setText("–")
         self._final_shown = False
 
-    def update_from(self, snap: Snapshot, cfg, log: FaultLog, final: dict | None) -> None:
+    def update_from(self, snap: Snapshot, cfg: Config, log: FaultLog,
+                    final: dict | None) -> None:
         """Live figures from the boards while running; the report's once it exists."""
         turn = self._turn.due() or final is not None
         if self._final_shown or "source" not in snap.boards or not turn:
@@ -75,7 +77,7 @@ class QtCounters(QtWidgets.QWidget):
         return self._values[name].text()
 
 
-def _live_query_migrate(snap: Snapshot, cfg, log: FaultLog) -> dict:
+def _live_query_migrate(snap: Snapshot, cfg: Config, log: FaultLog) -> dict:
     board = dict(snap.boards["source"])
     if not board["total-time"]:  # the source sets it at the end: show the time so far
         board["total-time"] = snap.now

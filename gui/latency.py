@@ -15,11 +15,12 @@ from PySide6 import QtCore, QtWidgets
 
 from emu import metrics
 from gui import style
+from gui.pointraster import QtPointRaster
 from gui.session import BUCKETS, RUNNING, FaultLog, Snapshot
 
 DASH = QtCore.Qt.PenStyle.DashLine
 FLOOR_S = 1e-6  # latencies are drawn no lower than 1 us (a log scale has no zero)
-CHUNK = 8000  # points per scatter item
+PREVIOUS_POINTS = (175, 175, 175)  # the previous run's points: light, under this run's
 X_END = 0.5  # emulated seconds shown at first
 Y_RANGE = (-2.0, 2.0)  # log10(ms): 10 us to 100 ms, widened to fit every point
 
@@ -32,47 +33,18 @@ def bucket_label(n: int) -> str:
     return f"{1 << n}us"
 
 
-class PointCloud:
-    """Points appended as they come, in ScatterPlotItems of at most CHUNK points each:
-    ScatterPlotItem.addPoints copies every point it holds, so one item for a whole run
-    would make each frame slower than the last."""
-
-    def __init__(self, plot: pg.PlotItem, brush: tuple[int, ...]) -> None:
-        self._plot = plot
-        self._brush = brush
-        self._items: list[pg.ScatterPlotItem] = []
-        self.clear()
-
-    def clear(self) -> None:
-        for item in self._items[1:]:
-            self._plot.removeItem(item)
-        if self._items:
-            self._items[0].clear()
-        else:
-            self._items.append(self._new_item())
-        self._items = self._items[:1]
-
-    @property
-    def count(self) -> int:
-        return sum(len(item.data) for item in self._items)
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        if len(self._items[-1].data) >= CHUNK:
-            self._items.append(self._new_item())
-        self._items[-1].addPoints(x=x, y=y)
-
-    def _new_item(self) -> pg.ScatterPlotItem:
-        item = pg.ScatterPlotItem(size=5, pen=None, brush=self._brush)
-        self._plot.addItem(item)
-        return item
+def _log_ms(latency_s: np.ndarray) -> np.ndarray:
+    """What the scatter plots: log10 of the latency in ms (the axis labels it in ms)."""
+    return np.log10(np.maximum(latency_s, FLOOR_S) * 1e3)
 
 
 def _key_html(previous: str | None) -> str:
-    dots = [(rgb, f"page came on {name}") for rgb, name in
-            zip(style.CHANNEL_COLOURS, metrics.CHANNELS, strict=True)]
-    dots.append((style.PREVIOUS, f"previous run: {previous}" if previous else "previous run"))
-    return " &nbsp; ".join(f"<span style='color:{style.css(rgb)}; font-size:16px'>&#9679;"
-                           f"</span> {text}" for rgb, text in dots)
+    """What the dots' colours mean: the channel that brought the page, or the previous run."""
+    dots = list(zip(style.CHANNEL_COLOURS, metrics.CHANNELS, strict=True))
+    dots.append((PREVIOUS_POINTS, f"previous run: {previous}" if previous else "previous run"))
+    return "page came via " + " &nbsp; ".join(
+        f"<span style='color:{style.css(rgb)}; font-size:16px'>&#9679;</span> {text}"
+        for rgb, text in dots)
 
 
 def stats_row(name: str, stats: dict, colour: str = "#000") -> str:
@@ -99,7 +71,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         style.fix_lines(self._key, 1)
         self._scatter = pg.PlotWidget(background="w")
         self._hist = pg.PlotWidget(background="w")
-        self._points, self._prev_points, self._switch = self._build_scatter()
+        self._raster, self._switch = self._build_scatter()
         self._bars, self._prev_bars = self._build_hist()
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -107,13 +79,15 @@ class QtLatencyPlots(QtWidgets.QWidget):
                                 (self._scatter, 3), (self._hist, 2)):
             layout.addWidget(widget, stretch)
         self._previous: tuple[str, FaultLog] | None = None
+        self._prev_xy = (np.zeros(0), np.zeros(0))  # the previous run's points
+        self._buckets_shown: tuple[int, int] | None = None
         self._points_turn = style.Turn("points")
         self._hist_turn = style.Turn("histogram")
         self.reset("")
 
     # ---- building ----
 
-    def _build_scatter(self):
+    def _build_scatter(self) -> tuple[QtPointRaster, pg.InfiniteLine]:
         plot = self._scatter.getPlotItem()
         plot.setLabel("left", "latency of each fault (ms, log)")
         plot.setLabel("bottom", "emulated time (s)")
@@ -127,16 +101,16 @@ class QtLatencyPlots(QtWidgets.QWidget):
         plot.setMouseEnabled(x=False, y=False)
         plot.disableAutoRange()
         plot.setMenuEnabled(False)
-        previous = pg.ScatterPlotItem(size=5, pen=None, brush=(*style.PREVIOUS, 60))
-        plot.addItem(previous)
-        points = [PointCloud(plot, (*rgb, 190)) for rgb in style.CHANNEL_COLOURS]
+        # layer 0: the previous run, under the current run's channels (1: main, 2: preempt)
+        raster = QtPointRaster(plot.getViewBox(), [(*PREVIOUS_POINTS, 255)] + [
+            (*rgb, 255) for rgb in style.CHANNEL_COLOURS])
         switch = pg.InfiniteLine(angle=90, pen=pg.mkPen((80, 80, 80), style=DASH),
                                  label="switchover", labelOpts={"position": 0.95,
                                                                 "color": (60, 60, 60)})
         plot.addItem(switch)
-        return points, previous, switch
+        return raster, switch
 
-    def _build_hist(self):
+    def _build_hist(self) -> tuple[list[pg.BarGraphItem], pg.PlotCurveItem]:
         plot = self._hist.getPlotItem()
         plot.setTitle("postcopy-latency-dist: faults per log2 bucket", size="10pt",
                       color="#333")
@@ -144,7 +118,12 @@ class QtLatencyPlots(QtWidgets.QWidget):
         plot.setLabel("bottom", "latency bucket [2^N us, 2^(N+1) us)")
         plot.setMenuEnabled(False)
         plot.setMouseEnabled(x=False, y=False)
-        plot.showGrid(y=True, alpha=0.25)
+        plot.disableAutoRange()
+        # A fixed scale, the 0 line clear of the axis below: the axes repaint only on resize.
+        plot.setYRange(-8, 104, padding=0)
+        for share in range(20, 101, 20):  # grid lines as items: see _build_scatter
+            plot.addItem(pg.InfiniteLine(share, angle=0, pen=pg.mkPen((225, 225, 225))),
+                         ignoreBounds=True)
         bars = []
         for rgb in style.CHANNEL_COLOURS:
             item = pg.BarGraphItem(x0=[], width=1, height=[], brush=rgb, pen=pg.mkPen("w"))
@@ -165,27 +144,28 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._log: FaultLog | None = None
         self._shown_count = -1
         self._pending: list[np.ndarray] = []
-        for cloud in self._points:
-            cloud.clear()
+        for channel in range(len(metrics.CHANNELS)):
+            self._raster.clear(1 + channel)
         self._switch.hide()
         self._y = Y_RANGE
         self._x_end = X_END
-        prev_t, prev_log_ms = self._prev_points.getData()
-        self._fit_y(prev_log_ms)
-        self._fit_x(prev_t)
+        self._fit_y(self._prev_xy[1])
+        self._fit_x(self._prev_xy[0])
+        self._raster.redraw()
         self._redraw()
 
     def set_previous(self, label: str, log: FaultLog | None) -> None:
         """Keep a finished run in grey under the next one (None: no overlay)."""
         self._previous = (label, log) if log is not None and log.count else None
         self._key.setText(_key_html(label if self._previous else None))
-        if self._previous is None:
-            self._prev_points.clear()
-        else:
-            lat = np.maximum(log.records["latency"], FLOOR_S) * 1e3
-            self._prev_points.setData(x=log.records["time"], y=np.log10(lat))
-            self._fit_y(np.log10(lat))
-            self._fit_x(log.records["time"])
+        self._raster.clear(0)
+        self._prev_xy = (np.zeros(0), np.zeros(0))
+        if self._previous is not None:
+            self._prev_xy = (log.records["time"], _log_ms(log.records["latency"]))
+            self._fit_y(self._prev_xy[1])
+            self._fit_x(self._prev_xy[0])
+            self._raster.add(0, *self._prev_xy)
+        self._raster.redraw()
         self._redraw()
 
     def _fit_y(self, log_ms: np.ndarray | None) -> None:
@@ -219,6 +199,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
             self._pending.append(snap.new_faults)
         if self._points_turn.due() or not running:
             self._add_points()
+        self._raster.redraw()  # only does something after a new range or a resize
         if switchover is not None and not self._switch.isVisible():
             self._switch.setValue(switchover)
             self._switch.show()
@@ -230,39 +211,46 @@ class QtLatencyPlots(QtWidgets.QWidget):
             return
         new = np.concatenate(self._pending)
         self._pending.clear()
-        for channel, cloud in enumerate(self._points):
-            mine = new[new["channel"] == channel]
-            if len(mine):
-                log_ms = np.log10(np.maximum(mine["latency"], FLOOR_S) * 1e3)
-                cloud.add(mine["time"], log_ms)
-                self._fit_y(log_ms)
-                self._fit_x(mine["time"])
+        log_ms = _log_ms(new["latency"])
+        self._fit_y(log_ms)  # first: a new range redraws every point anyway
+        self._fit_x(new["time"])
+        for channel in range(len(metrics.CHANNELS)):
+            mine = new["channel"] == channel
+            if mine.any():
+                self._raster.add(1 + channel, new["time"][mine], log_ms[mine])
 
     def _redraw(self) -> None:
         """The histogram and the figures."""
         log = self._log
         self._shown_count = log.count if log else 0
         dist = log.dist if log else np.zeros((len(metrics.CHANNELS), BUCKETS))
-        total = max(int(dist.sum()), 1)
-        base = np.zeros(BUCKETS)
+        prev = self._previous[1].dist.sum(axis=0) if self._previous else np.zeros(BUCKETS)
+        lo, hi = self._fit_buckets(dist.sum(axis=0) + prev)
+        # Bars only where the axis shows them: a bar off to the side would still make the
+        # axes repaint with every redraw.
+        shown = np.arange(lo, hi)
+        base = np.zeros(len(shown))
         for channel, bars in enumerate(self._bars):
-            share = dist[channel] * 100 / total
-            bars.setOpts(x0=np.arange(BUCKETS), width=1, y0=base.copy(), height=share)
+            share = dist[channel, lo:hi] * 100 / max(int(dist.sum()), 1)
+            bars.setOpts(x0=shown, width=1, y0=base.copy(), height=share)
             base += share
-        prev_dist = self._previous[1].dist.sum(axis=0) if self._previous else None
-        if prev_dist is not None:
-            share = prev_dist * 100 / max(int(prev_dist.sum()), 1)
-            self._prev_bars.setData(np.arange(BUCKETS + 1), share)
+        if self._previous:
+            share = prev[lo:hi] * 100 / max(int(prev.sum()), 1)
+            self._prev_bars.setData(np.arange(lo, hi + 1), share)
         else:
             self._prev_bars.setData([0.0], [])
-        self._fit_buckets(dist.sum(axis=0), prev_dist)
         self._stats.setText(self._stats_html())
 
-    def _fit_buckets(self, dist: np.ndarray, prev: np.ndarray | None) -> None:
-        used = np.flatnonzero(dist if prev is None else dist + prev)
-        lo, hi = (used[0], used[-1] + 1) if len(used) else (6, 14)  # 64 us .. 16 ms
-        lo, hi = min(lo, hi - 8), max(hi, lo + 8)
-        self._hist.getPlotItem().setXRange(max(lo - 1, 0), hi + 1, padding=0)
+    def _fit_buckets(self, used_dist: np.ndarray) -> tuple[int, int]:
+        """The buckets to show, [lo, hi): every one in use and a spare each side, at least
+        ten; the axis range changes only when they do."""
+        used = np.flatnonzero(used_dist)
+        lo, hi = (used[0] - 1, used[-1] + 2) if len(used) else (5, 15)  # 32 us .. 32 ms
+        lo, hi = max(min(lo, hi - 10), 0), max(hi, lo + 10)
+        if (lo, hi) != self._buckets_shown:
+            self._buckets_shown = (lo, hi)
+            self._hist.getPlotItem().setXRange(lo - 0.3, hi + 0.3, padding=0)  # clear of the axes
+        return lo, hi
 
     def _stats_html(self) -> str:
         log = self._log or FaultLog()
@@ -275,6 +263,10 @@ class QtLatencyPlots(QtWidgets.QWidget):
     def stats_text(self) -> str:
         return self._stats.text()
 
+    def previous_label(self) -> str | None:
+        """The mode of the run shown in grey, if any."""
+        return self._previous[0] if self._previous else None
+
     def point_count(self) -> int:
         """Points drawn for the current run (for tests)."""
-        return sum(cloud.count for cloud in self._points)
+        return sum(self._raster.count(1 + channel) for channel in range(len(metrics.CHANNELS)))

@@ -72,6 +72,45 @@ def _key_codes() -> np.ndarray:
 KEY_CODES = _key_codes()
 
 
+# When one screen pixel covers several pages, it shows the most telling of their states: what
+# a vCPU waits for, then what came on demand, what is in flight, what was thrown away. At a
+# million pages the urgent ones would otherwise vanish between the background pages.
+PRIORITY = (OUTSIDE, R.MISSING, R.PRECOPY, R.BACKGROUND, R.DISCARDED, R.INFLIGHT_MAIN,
+            R.INFLIGHT_PREEMPT, R.URGENT_MAIN, R.URGENT_PREEMPT, R.REQUESTED)
+
+
+def _ranks() -> tuple[np.ndarray, np.ndarray]:
+    """key -> rank in PRIORITY, and rank -> a key showing that state."""
+    rank_of_code = np.zeros(OUTSIDE + 1, np.uint8)
+    rank_of_code[list(PRIORITY)] = np.arange(len(PRIORITY))
+    key_rank = rank_of_code[KEY_CODES]
+    rank_key = np.array([np.flatnonzero(KEY_CODES == code)[0] for code in PRIORITY], np.uint8)
+    return key_rank, rank_key
+
+
+KEY_RANK, RANK_KEY = _ranks()
+
+
+def pool(keys: np.ndarray, factor: int) -> np.ndarray:
+    """Shrink a grid of page keys by *factor* (a power of two) in each direction, each cell
+    keeping the most telling key of the block it covers (never an average: that would be a
+    colour no state has)."""
+    ranks = np.take(KEY_RANK, keys)
+    while factor > 1:
+        if len(ranks) % 2:  # an odd last row: pad with "outside", the lowest rank
+            ranks = np.vstack([ranks, np.zeros((1, ranks.shape[1]), np.uint8)])
+        ranks = np.maximum(np.maximum(ranks[0::2, 0::2], ranks[0::2, 1::2]),
+                           np.maximum(ranks[1::2, 0::2], ranks[1::2, 1::2]))
+        factor //= 2
+    return np.take(RANK_KEY, ranks)
+
+
+def pool_factor(rows: int, cols: int, width_px: float, height_px: float) -> int:
+    """The largest power of two that still leaves at least one cell per screen pixel."""
+    fit = min(cols / max(width_px, 1), rows / max(height_px, 1))
+    return 1 << max(0, math.floor(math.log2(fit))) if fit >= 2 else 1
+
+
 def lookup_table() -> np.ndarray:
     """The fixed 256-entry RGB table: page key -> colour of its display code."""
     palette = np.zeros((256, 3), np.uint8)

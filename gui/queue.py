@@ -1,15 +1,16 @@
 """QtUrgentQueue: where the pages that vCPUs wait for are, and what is ahead of them.
 
-One row per place an urgent page can be: the source's request queue (QEMU's
-src_page_requests), the main channel (behind the background stream, in vanilla postcopy) and
-the preempt channel; plus the bytes each link connection holds queued, and the return path
-that carries the requests. Each page shows its age: how long its vCPU has been blocked.
+One row per stop on an urgent page's round trip: its request on the return path, the request
+in the source's queue (QEMU's src_page_requests), then the page on the main channel (behind
+the background stream, in vanilla postcopy) or on the preempt channel; with the bytes each
+link connection holds queued. Each page shows its age: how long its vCPU has been blocked.
 """
 
 from __future__ import annotations
 
 from PySide6 import QtCore, QtWidgets
 
+from emu.config import Config
 from gui import style
 from gui.session import Snapshot
 
@@ -30,10 +31,10 @@ class QtUrgentQueue(QtWidgets.QWidget):
             grid.addWidget(QtWidgets.QLabel(_grey(text)), 1, col)
         self._bars: dict[str, QtWidgets.QProgressBar] = {}
         self._lists: dict[str, QtWidgets.QLabel] = {}
-        rows = (("queue", "request queue\nat the source"),
+        rows = (("return", "return path\ndest → source"),
+                ("queue", "request queue\nat the source"),
                 ("main", "main channel\nsource → dest"),
-                ("preempt", "preempt channel\nsource → dest"),
-                ("return", "return path\ndest → source"))
+                ("preempt", "preempt channel\nsource → dest"))
         top = QtCore.Qt.AlignmentFlag.AlignTop
         for row, (key, text) in enumerate(rows, start=2):
             grid.addWidget(QtWidgets.QLabel(text), row, 0, top)
@@ -55,7 +56,7 @@ class QtUrgentQueue(QtWidgets.QWidget):
         self._texts: dict[str, str] = {}
         self.reset(None)
 
-    def reset(self, cfg) -> None:
+    def reset(self, cfg: Config | None) -> None:
         """A new run: the socket buffer sets the bars' scale; preempt may be off."""
         self._cfg = cfg
         self._window = cfg["link.socket-buffer"] if cfg else 1
@@ -80,9 +81,11 @@ class QtUrgentQueue(QtWidgets.QWidget):
             bar.setFormat(f"{style.size(queued)} of {style.size(self._window)}")
         urgent = snap.urgent
         self._set("queue", _pages(urgent.queued, "none waiting"))
-        self._set("main", _pages(urgent.main, "none"))
+        background = [(page, age, "(background)") for page, age in urgent.background]
+        self._set("main", _pages(urgent.main + background, "none"))
         off = "off: postcopy-preempt is not enabled"
         self._set("preempt", _pages(urgent.preempt, "none") if self._preempt else _grey(off))
+        self._set("return", _pages(urgent.asking, "no request on its way"))
         self._set_hint(self._explain(net.get("queued-main", 0.0)))
 
     def _explain(self, queued_main: float) -> str:
@@ -112,12 +115,13 @@ class QtUrgentQueue(QtWidgets.QWidget):
         return self._lists[key].text()
 
 
-def _pages(entries: list[tuple[int, float]], empty: str) -> str:
+def _pages(entries: list[tuple], empty: str) -> str:
+    """Oldest first: (page, age) or (page, age, where)."""
     if not entries:
         return _grey(empty)
     oldest = sorted(entries, key=lambda e: -e[1])
-    lines = [f"page {page} · waiting <b>{style.duration(age)}</b>" for page, age in
-             oldest[:SHOWN]]
+    lines = [f"page {entry[0]} · waiting <b>{style.duration(entry[1])}</b>"
+             + (f" {entry[2]}" if len(entry) > 2 else "") for entry in oldest[:SHOWN]]
     if len(oldest) > SHOWN:
         lines.append(f"+ {len(oldest) - SHOWN} more")
     return "<br>".join(lines)

@@ -16,6 +16,7 @@ import numpy as np
 
 from emu import metrics, report
 from emu import ram as R
+from emu.config import Config
 from emu.controller import Run
 from emu.faults import from_config as scenario_faults
 from emu.page_requests import read_published
@@ -26,6 +27,9 @@ IDLE, STARTING, RUNNING, CHECKING, COMPLETED, FAILED = (
     "idle", "starting", "running", "checking", "completed", "failed")
 FINAL = (COMPLETED, FAILED)
 BUCKETS = 40  # log2 latency buckets kept: 2^40 us is 12 days
+# How a page in each present display state came.
+ARRIVED_HOW = {R.PRECOPY: "in the precopy stream", R.BACKGROUND: "in the background stream",
+               R.URGENT_MAIN: "on the main channel", R.URGENT_PREEMPT: "on the preempt channel"}
 RECOVER_AFTER = 0.2  # emulated s in postcopy-paused before recovering, as the command line
 
 
@@ -86,6 +90,14 @@ class Urgent:
     queued: list[tuple[int, float]] = field(default_factory=list)  # source's request queue
     main: list[tuple[int, float]] = field(default_factory=list)  # sent urgently on main
     preempt: list[tuple[int, float]] = field(default_factory=list)  # sent on preempt
+    # already on main in the background stream when the vCPU touched it: no channel helps
+    background: list[tuple[int, float]] = field(default_factory=list)
+    # neither queued nor sent: the request itself is still on the return path
+    asking: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> list[tuple[int, float]]:
+        return self.main + self.preempt + self.background
 
 
 @dataclass
@@ -107,7 +119,7 @@ class Snapshot:
 
 
 class Session:
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.run: Run | None = None
         self.phase = IDLE
@@ -178,12 +190,17 @@ class Session:
         self._log("paused" if paused else f"resumed at time-scale {self.scale:g}")
 
     def stop(self) -> None:
-        """End every process and free every segment; safe to call at any time, twice."""
+        """End every process and free every segment; safe to call at any time, twice. A run
+        that had already ended keeps its result."""
         if self._worker is not None:
             self._worker.join()  # start() or the memory check: both end on their own
+        if self.phase == STARTING:
+            self._started()
+        if self.phase == CHECKING:
+            self._checked()
         if self.run is not None:
             self.run.stop()
-        if self.phase not in FINAL and self.phase != IDLE:
+        if self.phase == RUNNING:
             self.phase = FAILED
             self._log("stopped")
 
@@ -307,6 +324,10 @@ class Session:
                 urgent.main.append(entry)
             elif src[page] == R.SENT_PREEMPT:
                 urgent.preempt.append(entry)
+            elif src[page] == R.SENT_MAIN:
+                urgent.background.append(entry)
+            else:
+                urgent.asking.append(entry)
         return urgent
 
     # ---- the event log ----
@@ -329,21 +350,19 @@ class Session:
 
     # ---- one page, for the bitmap's hover text ----
 
-    def describe(self, page: int, dst: np.ndarray, src: np.ndarray,
-                 arrival: np.ndarray, code: int) -> str:
-        """One line about host page *page*: state, arrival, and the faults that waited."""
+    def describe(self, page: int, code: int, arrival: np.ndarray) -> str:
+        """One line about host page *page*, shown in display state *code*: how and when it
+        arrived, and how long each vCPU that faulted on it waited."""
         size = self.cfg.page_size
         text = f"page {page} (guest address 0x{page * size:x}): {pagemap.LEGEND[code]}"
-        if dst[page] >= R.PRESENT:
-            how = {R.PRECOPY: "precopy stream on main", R.BACKGROUND: "background on main",
-                   R.URGENT_MAIN: "main channel", R.URGENT_PREEMPT: "preempt channel"}
-            text += f", arrived at {arrival[page]:.4f} s via {how[int(dst[page])]}"
+        if code in ARRIVED_HOW:
+            text += f", arrived at {arrival[page]:.4f} s {ARRIVED_HOW[code]}"
         recs = self.faults.records
         for rec in recs[recs["page"] == page][:4]:
-            text += (f"; vCPU {rec['vcpu']} faulted at {rec['time']:.4f} s and waited "
+            text += (f"; vCPU {rec['vcpu']} faulted on it at {rec['time']:.4f} s and waited "
                      f"{_ms(rec['latency'])}")
-        if page in self._asked:
-            text += f"; requested {_ms(self._now - self._asked[page])} ago, vCPU blocked"
+        if page in self._asked and code not in ARRIVED_HOW:
+            text += f"; a vCPU has been blocked on it for {_ms(self._now - self._asked[page])}"
         return text
 
 

@@ -7,11 +7,9 @@ each panel redraws only what changed.
 
 from __future__ import annotations
 
-import time
-
 from PySide6 import QtCore, QtGui, QtWidgets
 
-from emu.config import ConfigError, load_config
+from emu.config import Config, ConfigError, load_config
 from emu.faults import from_config as scenario_faults
 from gui import style
 from gui.bitmap import QtPageBitmap
@@ -25,7 +23,7 @@ TICK_MS = 40  # 25 Hz: smooth enough to watch, cheap enough for a 2-core machine
 SAME_RUN_KEYS_IGNORED = ("emulator.time-scale",)  # changes a running migration in place
 
 
-def mode_label(cfg) -> str:
+def mode_label(cfg: Config) -> str:
     """The migration mode in a few words: "vanilla postcopy", "postcopy-preempt", ..."""
     if not cfg["migration.postcopy-ram"]:
         label = "precopy only"
@@ -40,7 +38,7 @@ def mode_label(cfg) -> str:
     return label
 
 
-def describe_run(cfg) -> str:
+def describe_run(cfg: Config) -> str:
     return (f"{mode_label(cfg)} · guest {style.size(cfg['guest.ram'])}, "
             f"{cfg['guest.vcpus']} vCPU, {cfg['workload.pattern']} workload · link "
             f"{style.rate(cfg['link.bandwidth'])}, RTT {style.duration(cfg['link.rtt'])}, "
@@ -48,12 +46,11 @@ def describe_run(cfg) -> str:
 
 
 class QtMainWindow(QtWidgets.QMainWindow):
-    def __init__(self, cfg, preset: str | None = None) -> None:
+    def __init__(self, cfg: Config, preset: str | None = None) -> None:
         super().__init__()
         self.setWindowTitle("postcopy-emu: watch a postcopy live migration")
         self._base = cfg  # the scenario the controls start from (file or preset, + --set)
         self.session = Session(cfg)
-        self.frame_ms = 0.0  # cost of the last tick, for the benchmark
         self._last = None  # the last Snapshot
         self._banner_turn = style.Turn("banner")
         self._build()
@@ -69,6 +66,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
     # ---- building ----
 
     def _build(self) -> None:
+        """Controls on the left; on the right the banner, the bitmap and the latency plots,
+        and under them the urgent queue, the counters and the event log."""
         self.controls = QtControls()
         self.bitmap = QtPageBitmap()
         self.latency = QtLatencyPlots()
@@ -77,32 +76,17 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.events = QtWidgets.QPlainTextEdit(readOnly=True)
         self.events.setMaximumBlockCount(2000)
         self.banner = QtWidgets.QLabel()
-        self.banner.setObjectName("banner")
         self.banner.setTextFormat(QtCore.Qt.TextFormat.RichText)
         style.fix_lines(self.banner, 2).setMinimumHeight(44)
-        log = QtWidgets.QWidget()
-        log_layout = QtWidgets.QVBoxLayout(log)
-        log_layout.setContentsMargins(0, 0, 0, 0)
-        log_title = QtWidgets.QLabel("Event log (emulated time)")
-        log_title.setObjectName("title")
-        log_layout.addWidget(log_title)
-        log_layout.addWidget(self.events)
-        top = _row((self.bitmap, 12), (self.latency, 8))
-        bottom = _row((self.queue, 9), (self.counters, 6), (log, 5))
         main = QtWidgets.QWidget()
         column = QtWidgets.QVBoxLayout(main)
         column.addWidget(self.banner)
-        column.addWidget(top, 7)
-        column.addWidget(bottom, 3)
-        scroll = QtWidgets.QScrollArea()
-        scroll.setWidget(self.controls)
-        scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        scroll.setFixedWidth(self.controls.sizeHint().width() + 16)
-        scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+        column.addWidget(_row((self.bitmap, 12), (self.latency, 8)), 7)
+        column.addWidget(_row((self.queue, 9), (self.counters, 6),
+                              (_titled("Event log (emulated time)", self.events), 5)), 3)
         central = QtWidgets.QWidget()
         layout = QtWidgets.QHBoxLayout(central)
-        layout.addWidget(scroll)
+        layout.addWidget(_scrolled(self.controls))
         layout.addWidget(main, 1)
         self.setCentralWidget(central)
 
@@ -118,7 +102,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
 
     # ---- commands ----
 
-    def config(self) -> object | None:
+    def config(self) -> Config | None:
         """The run the controls describe, or None (the reason goes to the note)."""
         try:
             cfg = self._base.with_overrides(self.controls.overrides())
@@ -163,6 +147,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
             self.controls.note.setText(str(err))
             return
         self.controls.show_config(self._base, name)
+        self.set_scale(self.controls.time_scale())  # the slider shows the preset's scale
         if self.session.phase == IDLE:
             self.reset()  # an idle window shows the guest it would migrate
 
@@ -170,7 +155,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         """Pin the page with the most to tell: the one a vCPU has waited for longest, else
         the last one a vCPU waited for. Used before a screenshot."""
         snap = self._last
-        urgent = snap.urgent.queued + snap.urgent.main + snap.urgent.preempt if snap else []
+        urgent = snap.urgent.queued + snap.urgent.in_flight if snap else []
         records = self.session.faults.records
         page = None
         if urgent:
@@ -182,9 +167,13 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.bitmap.select(page)
         return page
 
-    def waiting_pages(self) -> int:
-        """How many pages a vCPU is blocked on, as of the last tick."""
-        return len(self._last.waiting) if self._last else 0
+    def urgent_pages(self) -> int:
+        """How many requests the source holds or serves on the link, as of the last tick
+        (not counting pages that were already on their way in the background stream)."""
+        if self._last is None:
+            return 0
+        urgent = self._last.urgent
+        return len(urgent.queued) + len(urgent.main) + len(urgent.preempt)
 
     def _retire(self) -> None:
         """End the current session; a completed run stays as the grey overlay."""
@@ -193,7 +182,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         if old.phase == COMPLETED:
             self.latency.set_previous(mode_label(old.cfg), old.faults)
 
-    def _reset_views(self, cfg) -> None:
+    def _reset_views(self, cfg: Config) -> None:
         self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe)
         self.latency.reset(mode_label(cfg))
         self.queue.reset(cfg)
@@ -219,7 +208,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
             QtWidgets.QApplication.processEvents()
 
     def tick(self) -> None:
-        started = time.perf_counter()
+        """One frame: read the session, update every panel."""
         session = self.session
         snap = session.tick()
         self._last = snap
@@ -235,7 +224,6 @@ class QtMainWindow(QtWidgets.QMainWindow):
                                 can_postcopy=session.can_start_postcopy)
         if self._banner_turn.due() or snap.phase != RUNNING:
             self._show_banner(snap)
-        self.frame_ms = (time.perf_counter() - started) * 1e3
 
     def _show_banner(self, snap) -> None:
         cfg = self.session.cfg
@@ -266,6 +254,28 @@ class QtMainWindow(QtWidgets.QMainWindow):
                    and cfg[k] != self.session.cfg[k]]
         self.controls.note.setText(
             "Changed settings apply to the next run: press Start migration." if differs else "")
+
+
+def _titled(title: str, widget: QtWidgets.QWidget) -> QtWidgets.QWidget:
+    box = QtWidgets.QWidget()
+    layout = QtWidgets.QVBoxLayout(box)
+    layout.setContentsMargins(0, 0, 0, 0)
+    label = QtWidgets.QLabel(title)
+    label.setObjectName("title")
+    layout.addWidget(label)
+    layout.addWidget(widget)
+    return box
+
+
+def _scrolled(widget: QtWidgets.QWidget) -> QtWidgets.QScrollArea:
+    """A column that scrolls up and down when the window is short, never sideways."""
+    scroll = QtWidgets.QScrollArea()
+    scroll.setWidget(widget)
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setFixedWidth(widget.sizeHint().width() + 16)
+    scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+    return scroll
 
 
 def _row(*widgets: tuple[QtWidgets.QWidget, int]) -> QtWidgets.QWidget:

@@ -8,6 +8,7 @@ from emu import ram as R
 from gui import pagemap
 from gui.controls import slider_to_scale
 from gui.latency import bucket_label
+from gui.pointraster import stamp
 from gui.session import FaultLog
 
 
@@ -33,6 +34,27 @@ def test_counts_per_display_state():
     keys = pagemap.page_keys(dst, np.zeros(4, np.uint8), np.empty(4, np.uint8))
     counts = pagemap.counts(keys)
     assert (counts[R.MISSING], counts[R.BACKGROUND], counts[R.URGENT_PREEMPT]) == (1, 2, 1)
+
+
+def test_pooling_keeps_the_most_telling_page_of_each_block():
+    dst = np.full((4, 4), R.BACKGROUND, np.uint8)
+    dst[0, 1] = R.URGENT_PREEMPT
+    dst[3, 3] = R.REQUESTED
+    dst[2, 0] = R.MISSING
+    keys = pagemap.page_keys(dst, np.zeros((4, 4), np.uint8), np.empty((4, 4), np.uint8))
+    pooled = pagemap.KEY_CODES[pagemap.pool(keys, 2)]
+    assert pooled.tolist() == [[R.URGENT_PREEMPT, R.BACKGROUND], [R.BACKGROUND, R.REQUESTED]]
+    assert pagemap.KEY_CODES[pagemap.pool(keys, 4)].tolist() == [[R.REQUESTED]]
+
+
+def test_pooling_an_odd_grid_and_its_factor():
+    keys = np.full((3, 4), pagemap.OUTSIDE_KEY, np.uint8)
+    keys[2, 3] = pagemap.REQUESTED_KEY
+    assert pagemap.KEY_CODES[pagemap.pool(keys, 2)].tolist() == \
+        [[pagemap.OUTSIDE, pagemap.OUTSIDE], [pagemap.OUTSIDE, R.REQUESTED]]
+    assert pagemap.pool_factor(1024, 1024, 480, 480) == 2  # a 4 GiB guest in 480 pixels
+    assert pagemap.pool_factor(128, 128, 480, 480) == 1
+    assert pagemap.pool_factor(2048, 2048, 300, 300) == 4
 
 
 def test_every_display_state_has_a_colour_and_a_legend_line():
@@ -78,3 +100,15 @@ def test_time_scale_slider_spans_a_hundredth_to_ten():
     assert slider_to_scale(0) == 0.01
     assert slider_to_scale(100) == 0.1
     assert slider_to_scale(300) == 10
+
+
+def test_points_become_dots_clipped_at_the_edges():
+    image = np.zeros((5, 5, 4), np.uint8)
+    stamp(image, (0, 5, 0, 5), np.array([2.5]), np.array([2.5]), (9, 8, 7, 255))
+    assert (image[..., 0] > 0).tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1],
+                                            [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]]
+    assert image[2, 2].tolist() == [9, 8, 7, 255]
+    image[:] = 0  # a point just outside still shows the part of its dot that is inside
+    stamp(image, (0, 5, 0, 5), np.array([-1.5, 4.9, 99.0]), np.array([0.5, 6.5, 99.0]),
+          (9, 9, 9, 255))
+    assert np.argwhere(image[..., 0]).tolist() == [[0, 0], [1, 0], [4, 3], [4, 4]]

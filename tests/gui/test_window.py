@@ -46,6 +46,11 @@ def test_a_run_to_completion_fills_the_bitmap_and_the_latency_plot(make_window, 
     assert f"{faults:,} faults" in window.latency.stats_text()
     assert window.latency.point_count() == faults
     assert window.counters.value("memory check").startswith("ok")
+    # hovering over a page tells its story
+    view = window.bitmap.view.viewport()
+    qtbot.mouseMove(view, view.rect().center())
+    qtbot.waitUntil(lambda: window.bitmap.info_text().startswith("page "))
+    assert "arrived at" in window.bitmap.info_text()
     assert window.counters.value("status") == "completed → completed"
     assert "run completed" in window.events.toPlainText()
     assert _leftovers() == ([], [])  # a finished run frees everything at once
@@ -119,7 +124,8 @@ def test_reset_stops_the_run_and_keeps_a_finished_one_as_the_overlay(make_window
     qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=WAIT_MS)
     window.controls.set_value("migration.postcopy-preempt", True)
     window.start_migration()
-    assert "previous run, grey (vanilla postcopy)" in window.latency.stats_text()
+    assert window.latency.previous_label() == "vanilla postcopy"
+    assert "previous run" in window.latency.stats_text()
     qtbot.waitUntil(lambda: _started(window), timeout=WAIT_MS)
     window.controls.reset.click()
     assert window.session.phase == IDLE
