@@ -16,8 +16,6 @@ from collections.abc import Callable
 
 from emu import shm
 
-ROLES = ("source", "destination", "network")
-
 
 class Control:
     """A child's end of the control connection: thread-safe events out, commands in."""
