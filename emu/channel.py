@@ -50,6 +50,11 @@ class Endpoint:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        """This side closed it (a failure it reports afterwards is old news)."""
+        return self._closed
+
+    @property
     def outstanding(self) -> int:
         """Bytes this side has written that the link has not delivered yet."""
         return self._outstanding
@@ -99,9 +104,9 @@ class Endpoint:
                 while True:
                     self.recv()
             except ChannelError as err:
-                self.close()
-                if on_error:
+                if on_error:  # before close(): a failure of a closed endpoint is old news
                     on_error(err)
+                self.close()
         thread = threading.Thread(target=loop, name=f"{self.name}-credits", daemon=True)
         thread.start()
         return thread

@@ -64,7 +64,36 @@ def _parser() -> argparse.ArgumentParser:
     gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
                      help="with --screenshot: real seconds to run before the capture")
     gui.set_defaults(func=cmd_gui)
+    _standalone_commands(sub)
     return parser
+
+
+def _standalone_commands(sub) -> None:
+    """source, destination and link: the migration as separate programs, like two QEMUs."""
+    src = _command(sub, "source", "start the source side on its own, driven over QMP")
+    dst = _command(sub, "destination", "start the destination side on its own, driven over QMP")
+    dst.add_argument("--incoming", required=True, metavar="defer|URI",
+                     help="listen for the migration at URI from the start, or wait for "
+                          "migrate-incoming (defer), as QEMU's -incoming")
+    for side in (src, dst):
+        side.add_argument("--qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+                          help="where to serve the QMP monitor")
+        side.set_defaults(func=cmd_side)
+    link = _command(sub, "link", "relay migration connections through the emulated network")
+    link.add_argument("--listen", required=True, metavar="URI",
+                      help="where the source connects (migrate's uri)")
+    link.add_argument("--connect", required=True, metavar="URI",
+                      help="where the destination listens (migrate-incoming's uri)")
+    link.add_argument("--qmp", metavar="unix:PATH|tcp:HOST:PORT",
+                      help="serve a QMP monitor with x-link-cut, x-link-corrupt, "
+                           "x-link-connect and x-query-link")
+    link.set_defaults(func=cmd_link)
+    for cmd in (src, dst, link):
+        cmd.add_argument("--allow-remote", action="store_true",
+                         help="serve QMP on a non-loopback TCP address (whoever connects "
+                              "controls the program)")
+        cmd.add_argument("--trace", action="store_true",
+                         help="print every state change (link: every connection) on stderr")
 
 
 def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -124,6 +153,18 @@ def cmd_gui(args, cfg) -> int:
     from gui.app import main as gui_main
 
     return gui_main(cfg, args)
+
+
+def cmd_side(args, cfg) -> int:
+    from emu import standalone
+
+    return standalone.run_side(args.command, args, cfg)
+
+
+def cmd_link(args, cfg) -> int:
+    from emu import standalone
+
+    return standalone.run_link(args, cfg)
 
 
 def _faults_and_recovery(args, cfg):

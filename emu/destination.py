@@ -13,6 +13,7 @@ the guest keeps running here, and only vCPUs touching missing pages stay blocked
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 
 import numpy as np
@@ -98,21 +99,37 @@ class Destination:
             return
         self._listen(address)
 
+    def pause(self) -> None:
+        """migrate-pause on the destination: break the channels; both sides pause."""
+        if self.state.status not in ("postcopy-active", "postcopy-recover"):
+            self.control.emit(("refused", "migrate-pause", "migrate-pause is currently only "
+                               "supported during postcopy-active or postcopy-recover state"))
+            return
+        self._channel_failed("migrate-pause")
+
     def shutdown(self) -> None:
         self.stop.set()
         self.faults.put(None)
         self._close_channels()
-        if self.listener:
-            self.listener.close()
+        self._stop_listening()
 
     # ---- connections ----
 
     def _listen(self, address: str) -> None:
-        if self.listener:
-            self.listener.close()
+        self._stop_listening()
         self.listener = uri.listen(address)
         self.control.emit(("listening", uri.bound(self.listener)))
         _thread("accept", self._accept_thread, self.listener)
+
+    def _stop_listening(self) -> None:
+        """Really stop: close() alone leaves a socket that a thread sits in accept() on
+        listening (the kernel holds it), and a recovery could not listen there again."""
+        if self.listener:
+            try:
+                self.listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.listener.close()
 
     def _accept_thread(self, listener) -> None:
         while not self.stop.is_set():
@@ -142,8 +159,13 @@ class Destination:
         ep.name = ("main", "preempt")[which]
         with self.lock:
             old, self.channels[which] = self.channels[which], ep
+            complete = self.channels[MAIN] and (
+                self.channels[PREEMPT] or not self.cfg["migration.postcopy-preempt"])
         if old:
             old.close()
+        if complete:
+            # every channel is in: like QEMU, take no more connections (a recovery listens anew)
+            self._stop_listening()
         if which == MAIN:
             self._block_named = False
             if self.state.status == "postcopy-paused":
@@ -307,7 +329,8 @@ class Destination:
         return {
             "states": self.state.changes,
             "faults": np.array(self.records, dtype=FAULT_DTYPE),
-            "positions": [v.workload.pos for v in self.vcpus],
+            # without postcopy no vCPU ran here: they stand where the device state put them
+            "positions": [v.workload.pos for v in self.vcpus] or self.device.get("vcpus", []),
             "bad-touches": sum(v.bad for v in self.vcpus),
             "increments": self.memory.increments,
             "board": self.board.snapshot(),
@@ -322,5 +345,6 @@ def _thread(name: str, target, *args) -> threading.Thread:
 
 def main(control, bufs: dict, cfg) -> None:
     dst = Destination(control, bufs, cfg)
-    control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover})
+    control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover,
+                   "migrate-pause": dst.pause})
     dst.shutdown()

@@ -19,6 +19,7 @@ import selectors
 import socket
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from emu import channel, uri
@@ -130,6 +131,9 @@ class Relay:
         self.corrupt_next: set[str] = set()
         self.cut_pending: set[str] = set()
         self.events: list[tuple] = []  # ("connected"/"broken", connection) for the controller
+        # whether the controller has a command waiting: it goes before a new connection, since
+        # it may say where connections go now (a recovery's new address: "target")
+        self.commands_waiting: Callable[[], bool] = lambda: False
 
     def listen(self, listen_uri: str, target_uri: str) -> str:
         self.listener = uri.listen(listen_uri)
@@ -182,7 +186,8 @@ class Relay:
             wait = 0
         for key, mask in self.sel.select(wait):
             if key.fileobj is self.listener:
-                self._accept()
+                if not self.commands_waiting():
+                    self._accept()
                 continue
             if key.data not in self.ports:
                 continue  # closed earlier in this turn
@@ -398,6 +403,7 @@ def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
     relay.listen(listen_uri, target_uri)
     actions = {"cut": relay.cut, "corrupt": relay.corrupt,
                "target": lambda target: setattr(relay, "target", target)}
+    relay.commands_waiting = control.conn.poll
     control.emit(("ready", control.role))
     try:
         while True:

@@ -208,8 +208,8 @@ class Source:
         """A channel broke. In postcopy the guest's memory is split between the hosts, so
         the migration pauses and waits for recovery; before that, it fails."""
         with self.lock:
-            if ep is not None and ep not in (self.main, self.preempt):
-                return  # an old connection, already replaced
+            if ep is not None and (ep.closed or ep not in (self.main, self.preempt)):
+                return  # a connection already given up (a recovery may be using new ones)
             status = self.state.status
             if status in ("postcopy-active", "postcopy-recover-setup", "postcopy-recover"):
                 self.resumed.clear()
@@ -221,7 +221,10 @@ class Source:
             elif status not in FINAL and status != "postcopy-paused":
                 self.control.fail(f"source: {reason}")
                 self.state.set("failed")
-        self._close_channels()
+            broken = (self.main, self.preempt)  # not what a recovery connects meanwhile
+        for channel_ep in broken:
+            if channel_ep:
+                channel_ep.close()
 
     # ---- migration thread ----
 
@@ -290,12 +293,13 @@ class Source:
     def _postcopy(self) -> None:
         """Stream until the destination has it all, pausing and resuming across failures."""
         while not self.quit.is_set():
+            main = self.main  # a failure noticed late must not break a recovery's new channels
             try:
                 self._postcopy_stream()
                 if self._wait_for(self.shut):
                     return
             except ChannelError as err:
-                self._channel_failed(str(err))
+                self._channel_failed(str(err), main)
             while not self.resumed.wait(0.1):
                 if self.quit.is_set():
                     return

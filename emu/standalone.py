@@ -1,0 +1,284 @@
+"""The standalone programs: `postcopy-emu source`, `destination` and `link`.
+
+Like two QEMUs and the network between them, each side runs as its own program, driven over
+its own QMP monitor (emu/monitor.py), and the migration channels are unix or TCP sockets given
+as QEMU URIs: the source connects to the link, which forwards each connection to the
+destination's migrate-incoming address. Each program is a small controller that owns its
+shared memory and its one engine child (source, destination or network, the same code
+`postcopy-emu run` uses); a side spawns its child only when its configuration is final, at
+migrate or migrate-incoming, since capabilities may change over QMP until then.
+
+Each program has its own clock, started at emulator.time-scale when the program starts: the
+emulated times one program reports are its own, not comparable with another's. Run the three
+at the same time scale, or bandwidths and delays mean different things on each side.
+
+Whatever way a program ends (quit, SIGTERM, Ctrl-C, an error), its child is stopped and its
+segments unlinked; if the program itself is killed, its child sees its control connection
+close and exits, and the resource tracker unlinks the segments.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+from emu import destination, link, source, uri
+from emu.clock import Clock
+from emu.metrics import FaultRing
+from emu.monitor import Monitor, remove_socket, serve_link
+from emu.page_requests import PageRequestQueue
+from emu.process import child_main
+from emu.qmp import QmpError, QmpServer
+from emu.shm import Segments
+from emu.status import Board
+
+BODIES = {"source": source.main, "destination": destination.main, "network": link.main}
+BOARDS = {"source": ("src-board", source.FIELDS),
+          "destination": ("dst-board", destination.FIELDS),
+          "network": ("relay-board", link.FIELDS)}
+QUIT_GRACE = 0.1  # real seconds for the reply to quit to go out before the monitor closes
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every cleanup on the way runs."""
+
+
+def _layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
+    """The shared memory one engine child works on: name -> (bytes, allocate now)."""
+    npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
+    if role == "source":
+        return {"src-ram": (ram, payload), "src-states": (npages, False),
+                "src-board": (Board.nbytes(source.FIELDS), False),
+                "src-queue": (PageRequestQueue.nbytes(), False)}
+    if role == "destination":
+        return {"dst-ram": (ram, payload), "dst-states": (npages, False),
+                "dst-arrival": (8 * npages, False),
+                "dst-board": (Board.nbytes(destination.FIELDS), False),
+                "faults": (FaultRing.nbytes(destination.RING), False)}
+    return {"relay-board": (Board.nbytes(link.FIELDS), False)}
+
+
+class Engine:
+    """One standalone program's engine child, the shared memory it works on, and the
+    program's clock. Events from the child go to on_event, from a thread of their own."""
+
+    def __init__(self, role: str, cfg) -> None:
+        self.role = role
+        self.on_event: Callable[[tuple], None] = lambda event: None
+        self.segments = Segments()
+        try:
+            self.clock = Clock(self.segments.create("clock", Clock.NBYTES))
+            for name, (size, populate) in _layout(role, cfg).items():
+                self.segments.create(name, size, populate)
+        except BaseException:
+            self.segments.close()
+            raise
+        name, fields = BOARDS[role]
+        self.board = Board(fields, self.segments.buf(name))
+        self.clock.start(cfg["emulator.time-scale"])
+        self.proc: mp.Process | None = None
+        self.conn = None
+        self.ready = threading.Event()
+        self.errors: list[str] = []
+        self._send_lock = threading.Lock()
+        self._stopping = False
+
+    @property
+    def spawned(self) -> bool:
+        return self.proc is not None
+
+    def spawn(self, cfg, *args) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=child_main, name=f"postcopy-emu-{self.role}",
+                                daemon=True, args=(self.role, BODIES[self.role], child,
+                                                   self.segments.names(), cfg, *args))
+        self.proc.start()
+        child.close()
+        self.conn, self._stopping = parent, False
+        threading.Thread(target=self._read, args=(parent,), name=f"{self.role}-events",
+                         daemon=True).start()
+
+    def send(self, *command) -> None:
+        """A command to the child; it reads them in order once it has started."""
+        with self._send_lock:
+            try:
+                self.conn.send(command)
+            except (OSError, AttributeError):
+                pass  # the child is gone (its reader says so) or was stopped
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.05):
+            if self.errors or time.monotonic() > deadline:
+                raise EngineError(self.errors[-1] if self.errors
+                                  else f"the {self.role} process did not start")
+
+    def stop_child(self) -> None:
+        if self.proc is None:
+            return
+        self._stopping = True
+        self.send("quit")
+        self.proc.join(3)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+        with self._send_lock:
+            self.conn.close()
+            self.proc = self.conn = None
+        self.ready.clear()
+
+    def close(self) -> None:
+        self.stop_child()
+        self.segments.close()
+
+    def _read(self, conn) -> None:
+        while True:
+            try:
+                event = conn.recv()
+            except (EOFError, OSError):
+                if conn is self.conn and not self._stopping:  # not one we stopped
+                    self.errors.append(f"the {self.role} process died")
+                    self.on_event(("died", self.role))
+                return
+            if event[0] == "ready":
+                self.ready.set()
+            elif event[0] == "error":
+                self.errors.append(event[2].strip().splitlines()[-1])
+            self.on_event(event)
+
+
+class Program:
+    """What each standalone program does around its work: say things on stderr, and run
+    until quit, SIGTERM or Ctrl-C."""
+
+    def __init__(self, name: str, trace: bool) -> None:
+        self.name = name
+        self.trace = trace
+        self.done = threading.Event()
+
+    def say(self, text: str) -> None:
+        print(f"{self.name}: {text}", file=sys.stderr, flush=True)
+
+    def log(self, text: str, always: bool = False) -> None:
+        if self.trace or always:
+            self.say(text)
+
+    def quit(self) -> None:
+        # the monitor closes when done is set: let the reply to quit go out first
+        threading.Timer(QUIT_GRACE, self.done.set).start()
+
+    def wait(self) -> None:
+        while not self.done.wait(0.2):
+            pass
+
+
+def _terminate(signum: int, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated(signum)
+
+
+def _run(name: str, trace: bool, body: Callable[[Program], int]) -> int:
+    """Run a program's body with SIGTERM turned into a clean exit, as QEMU does."""
+    program = Program(name, trace)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return body(program)
+    except Terminated as sig:
+        program.say(f"terminating on signal {sig.args[0]}")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _monitor_server(program: Program, address: str, allow_remote: bool) -> QmpServer | None:
+    try:
+        return QmpServer(address, allow_remote=allow_remote)
+    except (ValueError, OSError) as err:
+        program.say(str(err))
+        return None
+
+
+def run_side(role: str, args, cfg) -> int:
+    """`postcopy-emu source` / `postcopy-emu destination`."""
+    return _run(f"postcopy-emu {role}", args.trace, partial(_side, role, args, cfg))
+
+
+def _side(role: str, args, cfg, program: Program) -> int:
+    server = _monitor_server(program, args.qmp, args.allow_remote)
+    if server is None:
+        return 2
+    engine = Engine(role, cfg)
+    monitor = Monitor(role, cfg, engine, program.quit, program.log)
+    try:
+        monitor.serve(server)
+        incoming = getattr(args, "incoming", "defer")
+        if incoming != "defer":
+            monitor.migrate_incoming(incoming)  # -incoming URI: listening before QMP answers
+        server.start()
+        program.say(f"QMP monitor on {server.address}")
+        program.wait()
+        return 0
+    except (QmpError, OSError) as err:
+        program.say(str(err))
+        return 1
+    finally:
+        server.close()
+        monitor.close()
+
+
+def run_link(args, cfg) -> int:
+    """`postcopy-emu link`: the emulated network between a source and a destination."""
+    return _run("postcopy-emu link", args.trace, partial(_link, args, cfg))
+
+
+def _link(args, cfg, program: Program) -> int:
+    try:
+        for address in (args.listen, args.connect):
+            uri.parse(address)
+    except ValueError as err:
+        program.say(str(err))
+        return 2
+    server = None
+    if args.qmp:
+        server = _monitor_server(program, args.qmp, args.allow_remote)
+        if server is None:
+            return 2
+    engine = Engine("network", cfg)
+    engine.on_event = lambda event: _link_event(program, event)
+    try:
+        engine.spawn(cfg, args.listen, args.connect)
+        engine.wait_ready()
+        if server:
+            serve_link(server, engine, program.quit)
+            server.start()
+        monitor = f"; QMP monitor on {server.address}" if server else ""
+        program.say(f"relaying {args.listen} -> {args.connect}{monitor}")
+        program.wait()
+        return 0
+    except (EngineError, OSError) as err:
+        program.say(str(err))
+        return 1
+    finally:
+        if server:
+            server.close()
+        engine.close()
+        remove_socket(args.listen)
+
+
+def _link_event(program: Program, event: tuple) -> None:
+    if event[0] == "link":
+        program.log(f"[{event[3] * 1e3:10.3f} ms] {event[2]} connection {event[1]}")
+    elif event[0] == "error":
+        program.say(f"error: {event[2].strip().splitlines()[-1]}")
+    elif event[0] == "died":
+        program.say("the network process died")
