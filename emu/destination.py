@@ -24,6 +24,7 @@ from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.metrics import FAULT_DTYPE, FaultRing
 from emu.placement import MAIN, PREEMPT, Placer
+from emu.process import start_thread
 from emu.states import StateLog
 from emu.status import LAG_FIELDS, Board, lag_meter
 from emu.workload import SLICED, Memory, VCpu, Workload
@@ -89,7 +90,7 @@ class Destination:
         """migrate-incoming: listen for the source's channels."""
         self.state.set("setup")
         self._listen(address)
-        _thread("fault", self._fault_thread)
+        start_thread("fault", self._fault_thread)
 
     def recover(self, address: str) -> None:
         """migrate-recover: listen on a new address for the source to resume; may be retried."""
@@ -119,7 +120,7 @@ class Destination:
         self._stop_listening()
         self.listener = uri.listen(address)
         self.control.emit(("listening", uri.bound(self.listener)))
-        _thread("accept", self._accept_thread, self.listener)
+        start_thread("accept", self._accept_thread, self.listener)
 
     def _stop_listening(self) -> None:
         """Really stop: close() alone leaves a socket that a thread sits in accept() on
@@ -137,7 +138,7 @@ class Destination:
                 sock, _ = listener.accept()
             except OSError:
                 return  # closed: a newer listener took over, or we are done
-            _thread("hello", self._hello, uri.tune(sock))
+            start_thread("hello", self._hello, uri.tune(sock))
 
     def _hello(self, sock) -> None:
         """Tell the channels apart by their first frame; anything else is closed unheard."""
@@ -170,7 +171,7 @@ class Destination:
             self._block_named = False
             if self.state.status == "postcopy-paused":
                 self.state.set("postcopy-recover")
-        _thread(("listen", "preempt")[which], self._read_channel, ep, which)
+        start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
 
     def _close_channels(self) -> None:
         with self.lock:
@@ -335,12 +336,6 @@ class Destination:
             "increments": self.memory.increments,
             "board": self.board.snapshot(),
         }
-
-
-def _thread(name: str, target, *args) -> threading.Thread:
-    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
-    thread.start()
-    return thread
 
 
 def main(control, bufs: dict, cfg) -> None:

@@ -17,6 +17,13 @@ from collections.abc import Callable
 from emu import shm
 
 
+def start_thread(name: str, target, *args) -> threading.Thread:
+    """A daemon thread named as QEMU names its threads (migration, return-path, listen, ...)."""
+    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
 class Control:
     """A child's end of the control connection: thread-safe events out, commands in."""
 

@@ -19,6 +19,7 @@ from emu import ram as R
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.page_requests import PageRequestQueue
+from emu.process import start_thread
 from emu.states import FINAL, StateLog
 from emu.status import Board
 from emu.workload import Memory, VCpu, Workload
@@ -124,7 +125,7 @@ class Source:
         with self.vcpu_lock:
             if self.guest_running:
                 self._start_vcpus()
-        _thread("migration", self._migration_thread)
+        start_thread("migration", self._migration_thread)
 
     def resume(self, address: str) -> None:
         """migrate with resume=true: reconnect and run the recovery handshake."""
@@ -132,7 +133,7 @@ class Source:
             self.control.emit(("refused", "migrate", "Cannot resume if there is no paused "
                                "migration"))
             return
-        _thread("resume", self._resume, address)
+        start_thread("resume", self._resume, address)
 
     def pause(self) -> None:
         """migrate-pause: break the channels on purpose; both sides go to postcopy-paused."""
@@ -192,7 +193,7 @@ class Source:
             preempt.send([channel.PREEMPT_HELLO])
         with self.lock:
             self.main, self.preempt = main, preempt
-        _thread("return-path", self._return_path_thread, main)
+        start_thread("return-path", self._return_path_thread, main)
         if preempt:
             preempt.read_credits_in_background(
                 lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
@@ -530,12 +531,6 @@ def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
     return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
-
-
-def _thread(name: str, target, *args) -> threading.Thread:
-    thread = threading.Thread(target=target, name=name, args=args, daemon=True)
-    thread.start()
-    return thread
 
 
 def main(control, bufs: dict, cfg) -> None:
