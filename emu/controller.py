@@ -43,7 +43,7 @@ class Run:
         self.postcopy_start: float | None = None
         self.log: list[tuple[float, str]] = []  # every notable event, for --trace and the window
         self.listening: str | None = None
-        self.tmpdir = tempfile.mkdtemp(prefix="postcopy-emu-")
+        self.tmpdir = tempfile.mkdtemp(prefix=link.RUN_DIR_PREFIX)
         self.link_uri = f"unix:{self.tmpdir}/link.sock"
         self.segments = Segments()
         self.children: dict[str, tuple[mp.Process, object]] = {}

@@ -15,7 +15,9 @@ path goes destination -> source on its own (the link is full duplex).
 from __future__ import annotations
 
 import collections
+import os
 import selectors
+import shutil
 import socket
 import struct
 import zlib
@@ -35,6 +37,7 @@ ROUTES = {
 }
 FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered")) + (
     "lag-max", "lag-sum", "frames", "late-frames")
+RUN_DIR_PREFIX = "postcopy-emu-"  # the controller's socket directory (controller.Run)
 INBUF = 4 << 20  # bytes a port reads ahead; grows for a larger frame
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
 
@@ -397,6 +400,15 @@ class Relay:
             self.sel.modify(port.sock, events, name)
 
 
+def _orphaned(listen_uri: str) -> None:
+    """The controller vanished (killed): it cannot remove the run's socket directory, so the
+    network process, the last to use it, does, if it is one a controller made."""
+    family, path = uri.parse(listen_uri)
+    folder = os.path.dirname(path) if family == socket.AF_UNIX else ""
+    if os.path.basename(folder).startswith(RUN_DIR_PREFIX):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
     relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
@@ -404,6 +416,7 @@ def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
     actions = {"cut": relay.cut, "corrupt": relay.corrupt,
                "target": lambda target: setattr(relay, "target", target)}
     relay.commands_waiting = control.conn.poll
+    control.on_orphan = lambda: _orphaned(listen_uri)
     control.emit(("ready", control.role))
     try:
         while True:
@@ -411,7 +424,7 @@ def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
                 try:
                     command, *args = control.conn.recv()
                 except (EOFError, OSError):
-                    return
+                    control.orphaned()
                 if command == "quit":
                     return
                 actions[command](*args)

@@ -31,13 +31,19 @@ class Control:
         self.conn = conn
         self.role = role
         self._lock = threading.Lock()
+        self.on_orphan: Callable[[], None] = lambda: None  # last words before exiting
+
+    def orphaned(self) -> None:
+        """The controller is gone (killed): clean up what only it would have, then exit."""
+        self.on_orphan()
+        os._exit(1)
 
     def emit(self, event: tuple) -> None:
         with self._lock:
             try:
                 self.conn.send(event)
             except OSError:
-                os._exit(1)  # the controller is gone
+                self.orphaned()
 
     def fail(self, message: str) -> None:
         self.emit(("error", self.role, message))
@@ -49,7 +55,7 @@ class Control:
             try:
                 command, *args = self.conn.recv()
             except (EOFError, OSError):
-                os._exit(1)
+                self.orphaned()
             if command == "quit":
                 return
             try:

@@ -74,12 +74,19 @@ def test_ctrl_c_stops_everything():
     assert wait_for(lambda: not any(alive(k) for k in kids))
 
 
+def socket_dirs() -> set[str]:
+    import tempfile
+    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("postcopy-emu-")}
+
+
 def test_killed_controller_takes_its_children_with_it():
+    before = socket_dirs()
     proc, kids = start_cli(*SLOW)
     proc.kill()
     proc.communicate(timeout=30)
     assert wait_for(lambda: not any(alive(k) for k in kids)), "orphaned emulator processes"
     assert wait_for(lambda: not segments(proc.pid)), "segments left in /dev/shm"
+    assert wait_for(lambda: not socket_dirs() - before), "socket directory left in /tmp"
 
 
 SURVIVOR = {"destination": "source", "source": "destination", "network": "source"}
