@@ -25,7 +25,7 @@ from emu.clock import Clock
 from emu.metrics import FAULT_DTYPE, FaultRing
 from emu.placement import MAIN, PREEMPT, Placer
 from emu.process import start_thread
-from emu.states import StateLog
+from emu.states import StateLog, pause_refusal
 from emu.status import LAG_FIELDS, Board, lag_meter
 from emu.workload import SLICED, Memory, VCpu, Workload
 
@@ -102,9 +102,8 @@ class Destination:
 
     def pause(self) -> None:
         """migrate-pause on the destination: break the channels; both sides pause."""
-        if self.state.status not in ("postcopy-active", "postcopy-recover"):
-            self.control.emit(("refused", "migrate-pause", "migrate-pause is currently only "
-                               "supported during postcopy-active or postcopy-recover state"))
+        if refusal := pause_refusal(self.state.status):
+            self.control.emit(("refused", "migrate-pause", refusal))
             return
         self._channel_failed("migrate-pause")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from emu import faults, metrics, replay, report, source
+from emu import faults, metrics, replay, report, source, states
 from emu import uri as uris
 from emu.qmp import QmpError, QmpServer
 from emu.status import Board
@@ -331,9 +331,8 @@ class Monitor:
             self.engine.send("migrate-start-postcopy")
 
     def pause(self) -> None:
-        if self.status not in ("postcopy-active", "postcopy-recover"):
-            raise QmpError("migrate-pause is currently only supported during postcopy-active "
-                           "or postcopy-recover state")
+        if refusal := states.pause_refusal(self.status):
+            raise QmpError(refusal)
         self.engine.send("migrate-pause")
 
     def cancel(self) -> None:

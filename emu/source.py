@@ -20,7 +20,7 @@ from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.page_requests import PageRequestQueue
 from emu.process import start_thread
-from emu.states import FINAL, StateLog
+from emu.states import FINAL, StateLog, pause_refusal
 from emu.status import Board
 from emu.workload import Memory, VCpu, Workload
 
@@ -137,9 +137,8 @@ class Source:
 
     def pause(self) -> None:
         """migrate-pause: break the channels on purpose; both sides go to postcopy-paused."""
-        if self.state.status not in ("postcopy-active", "postcopy-recover"):
-            self.control.emit(("refused", "migrate-pause", "migrate-pause is currently only "
-                               "supported during postcopy-active or postcopy-recover state"))
+        if refusal := pause_refusal(self.state.status):
+            self.control.emit(("refused", "migrate-pause", refusal))
             return
         self._channel_failed("migrate-pause")
 

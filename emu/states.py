@@ -30,3 +30,14 @@ class StateLog:
             self.status = status
             self.changes.append((status, t))
         self._emit(("state", self.side, status, t))
+
+
+PAUSABLE = ("postcopy-active", "postcopy-recover")
+
+
+def pause_refusal(status: str) -> str | None:
+    """QEMU's refusal of migrate-pause in `status`, or None when it may pause."""
+    if status in PAUSABLE:
+        return None
+    return ("migrate-pause is currently only supported during postcopy-active or "
+            "postcopy-recover state")
