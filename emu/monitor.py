@@ -423,8 +423,8 @@ class Monitor:
                            f"(status: {self.status})")
         if self.integrity is None:
             ram = np.frombuffer(self.engine.segments.buf("dst-ram"), np.uint8)
-            states = np.frombuffer(self.engine.segments.buf("dst-states"), np.uint8)
-            self.integrity = replay.check(self.final_cfg, ram, states, self.report)
+            page_states = np.frombuffer(self.engine.segments.buf("dst-states"), np.uint8)
+            self.integrity = replay.check(self.final_cfg, ram, page_states, self.report)
         return self.integrity
 
 
