@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from emu import channel, uri, wire
+from emu import channel, shm, uri, wire
 from emu import ram as R
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
@@ -66,8 +66,10 @@ class Destination:
         npages, ntarget = cfg.npages, cfg["guest.ram"] // R.TARGET_PAGE
         states = np.ndarray((npages,), np.uint8, buffer=bufs["dst-states"])
         self.arrival = np.ndarray((npages,), np.float64, buffer=bufs["dst-arrival"])
-        self.ram = (np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs["dst-ram"])
-                    if cfg["emulator.payload"] else None)
+        self.ram = None
+        if cfg["emulator.payload"]:
+            shm.map_in(bufs["dst-ram"])
+            self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs["dst-ram"])
         self.placer = Placer(states, self.ram, cfg.page_size, self._placed)
         self.ring = FaultRing(bufs["faults"], RING)
         self.state = StateLog("destination", self.clock.now, control.emit)

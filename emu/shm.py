@@ -7,6 +7,7 @@ the guest's RAM from under everybody else.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import sys
@@ -20,6 +21,17 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it on Pyth
 def create(size: int) -> SharedMemory:
     name = f"{PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
     return SharedMemory(name, create=True, size=max(size, 1))
+
+
+def map_in(buf: memoryview) -> None:
+    """Map a segment's pages into this process now: page tables are per process, so without
+    this the first write here to each 4 KiB page takes a fault, in the middle of a migration."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf)), MADV_POPULATE_WRITE):
+        pass  # older kernels: the pages map in as they are first written
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def attach(name: str) -> SharedMemory:
