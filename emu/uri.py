@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-KERNEL_BUFFER = 64 << 10  # small: the link's window, not the kernel, should hold the queue
+KERNEL_BUFFER = 4 << 20
 
 
 def parse(uri: str) -> tuple[int, object]:
