@@ -15,12 +15,12 @@ path goes destination -> source on its own (the link is full duplex).
 from __future__ import annotations
 
 import collections
+import itertools
 import os
 import selectors
 import shutil
 import socket
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +39,7 @@ FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered"))
     "lag-max", "lag-sum", "frames", "late-frames")
 RUN_DIR_PREFIX = "postcopy-emu-"  # the controller's socket directory (controller.Run)
 INBUF = 4 << 20  # bytes a port reads ahead; grows for a larger frame
+IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
 
 
@@ -55,8 +56,8 @@ def _frame(buf: bytearray, pos: int, end: int) -> bytearray:
     with memoryview(buf) as view:
         frame = bytearray(view[pos:end])
     with memoryview(frame) as view:
-        crc = zlib.crc32(view[channel.HEADER.size:])
-    struct.pack_into("<I", frame, channel.CRC_OFFSET, crc)
+        check = channel.checksum(view[channel.HEADER.size:])
+    struct.pack_into("<Q", frame, channel.CHECKSUM_OFFSET, check)
     return frame
 
 
@@ -127,6 +128,7 @@ class Relay:
         self.bottleneck = {"forward": Bottleneck(bandwidth), "reverse": Bottleneck(bandwidth)}
         self.arrivals = {c: collections.deque() for c in CONNECTIONS}  # (t, frame, charge)
         self.queued = dict.fromkeys(CONNECTIONS, 0)
+        self.credit_due = dict.fromkeys(CONNECTIONS, 0)  # delivered, not yet credited back
         # select(), not epoll: epoll rounds timeouts up to whole milliseconds
         self.sel = selectors.SelectSelector()
         self.listener: socket.socket | None = None
@@ -171,7 +173,7 @@ class Relay:
         for c in lost:
             self.bottleneck[ROUTES[c][2]].drop(c)
             self.arrivals[c].clear()
-            self.queued[c] = 0
+            self.queued[c] = self.credit_due[c] = 0
             self.board[f"queued-{c}"] = 0
         self.events.append(("broken", conn))
 
@@ -184,6 +186,7 @@ class Relay:
         now = self.clock.now()
         self._advance_all(now)
         self._deliver(now)
+        self._return_credits()
         wait = min(max_wait, self.clock.real_wait(self._next_event()))
         if wait < SPIN_S:
             wait = 0
@@ -198,6 +201,7 @@ class Relay:
                 self._read(key.data)
             if mask & selectors.EVENT_WRITE and key.data in self.ports:
                 self._flush(key.data)
+        self._return_credits()
 
     def close(self) -> None:
         for name in list(self.ports):
@@ -360,36 +364,44 @@ class Relay:
             b.add("late-frames", 1)
 
     def _flush(self, name: str) -> None:
+        """Write what `name` has waiting, many frames per system call."""
         port = self.ports.get(name)
         if port is None:
             return
-        while port.out:
-            entry = port.out[0]
+        out = port.out
+        while out:
             try:
-                sent = port.sock.send(entry[0])
+                sent = port.sock.sendmsg([e[0] for e in itertools.islice(out, IOV_MAX)])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self._broken(name)
                 return
-            entry[0] = entry[0][sent:]
-            if len(entry[0]):
+            while out and sent >= len(out[0][0]):
+                sent -= len(out[0][0])
+                _, conn, charge = out.popleft()
+                if conn is not None:
+                    self._delivered(conn, charge)
+            if sent:  # the socket is full: the rest of this frame goes next time
+                out[0][0] = out[0][0][sent:]
                 break
-            port.out.popleft()
-            if entry[1] is not None:
-                self._delivered(entry[1], entry[2])
-                if self.ports.get(name) is not port:
-                    return  # the credit's flush found the connection broken
-        self._want_write(name, bool(port.out))
+        self._want_write(name, bool(out))
 
     def _delivered(self, conn: str, charge: int) -> None:
         self.queued[conn] -= charge
         self.board[f"queued-{conn}"] = self.queued[conn]
         self.board.add(f"delivered-{conn}", charge)
-        sender = ROUTES[conn][0]
-        if sender in self.ports:
-            self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
-            self._flush(sender)
+        self.credit_due[conn] += charge
+
+    def _return_credits(self) -> None:
+        """Free the senders' windows by what was delivered, one credit per connection and
+        turn of the loop (the deliveries all happened at this same emulated instant)."""
+        for conn, charge in self.credit_due.items():
+            sender = ROUTES[conn][0]
+            if charge and sender in self.ports:
+                self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
+                self._flush(sender)
+        self.credit_due = dict.fromkeys(CONNECTIONS, 0)
 
     def _want_write(self, name: str, want: bool) -> None:
         port = self.ports.get(name)
