@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 # Below this real wait, sleep() overshoots by more than the wait itself: spin instead.
 SPIN_S = 200e-6
 
@@ -20,7 +18,10 @@ class Clock:
     NBYTES = 4 * 8
 
     def __init__(self, buf: memoryview | None = None) -> None:
-        self._v = np.ndarray((4,), np.float64, buffer=buf) if buf is not None else np.zeros(4)
+        # doubles: real_base, emu_base, scale, sequence (a memoryview: read at every step
+        # of every process, where numpy's scalar access would cost ten times as much)
+        self._v = memoryview(buf if buf is not None else bytearray(self.NBYTES))[:self.NBYTES] \
+            .cast("d")
 
     def start(self, scale: float, at: float = 0.0) -> None:
         """Set emulated time to `at` now, running at `scale` (controller only)."""
@@ -31,7 +32,7 @@ class Clock:
 
     @property
     def scale(self) -> float:
-        return float(self._read()[2])
+        return self._read()[2]
 
     @property
     def started(self) -> bool:
@@ -64,12 +65,13 @@ class Clock:
     def _write(self, real_base: float, emu_base: float, scale: float) -> None:
         seq = self._v[3]
         self._v[3] = seq + 1  # odd: a write is in progress
-        self._v[0:3] = (real_base, emu_base, scale)
+        self._v[0], self._v[1], self._v[2] = real_base, emu_base, scale
         self._v[3] = seq + 2
 
     def _read(self) -> tuple[float, float, float]:
         while True:
-            seq = self._v[3]
-            real_base, emu_base, scale = self._v[0:3]
-            if seq % 2 == 0 and self._v[3] == seq:
-                return float(real_base), float(emu_base), float(scale)
+            v = self._v
+            seq = v[3]
+            real_base, emu_base, scale = v[0], v[1], v[2]
+            if seq % 2 == 0 and v[3] == seq:
+                return real_base, emu_base, scale
