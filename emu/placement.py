@@ -31,6 +31,7 @@ class Placer:
                  on_place=lambda first, count, channel: None) -> None:
         self.states = states  # destination page states, one byte per host page
         self.ram = ram  # (target pages, 4096) uint8, or None without payload
+        self._bytes = memoryview(ram).cast("B", (ram.size,)) if ram is not None else None
         self.page_size = page_size
         self.tpp = page_size // R.TARGET_PAGE
         self.cond = threading.Condition()
@@ -106,29 +107,30 @@ class Placer:
 
     def _place(self, first: int, count: int, data, channel: int) -> None:
         with self.cond:
-            span = self.states[first:first + count]
             if self.postcopy:
-                # a page already present is left alone (UFFDIO_COPY would say EEXIST)
-                new = span < R.PRESENT
-                codes = np.where(span == R.REQUESTED,
-                                 R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
-                                 R.BACKGROUND)
-            else:
-                new = np.ones(count, bool)
-                codes = np.full(count, R.PRECOPY)
-            if self.ram is not None and data is not None:
-                self._copy(first, count, data, new)
-            self.present += int(np.count_nonzero(span[new] < R.PRESENT))
-            span[new] = codes[new]
-            self.placed[channel] += int(np.count_nonzero(new))
+                self._place_postcopy(first, count, data, channel)
+            else:  # precopy: the guest here is not running yet, pages are simply (re)written
+                span = self.states[first:first + count]
+                if self.ram is not None and data is not None:
+                    self._bytes[first * self.page_size:(first + count) * self.page_size] = data
+                self.present += count - int(np.count_nonzero(span))  # MISSING (0) or PRECOPY
+                span.fill(R.PRECOPY)
+                self.placed[channel] += count
             self.on_place(first, count, channel)
             self.cond.notify_all()
 
-    def _copy(self, first: int, count: int, data, new: np.ndarray) -> None:
-        src = np.frombuffer(data, np.uint8).reshape(count, self.tpp, R.TARGET_PAGE)
-        dst = self.ram[first * self.tpp:(first + count) * self.tpp].reshape(
-            count, self.tpp, R.TARGET_PAGE)
-        if new.all():
-            dst[:] = src
-        else:
+    def _place_postcopy(self, first: int, count: int, data, channel: int) -> None:
+        span = self.states[first:first + count]
+        # a page already present is left alone (UFFDIO_COPY would say EEXIST)
+        new = span < R.PRESENT
+        codes = np.where(span == R.REQUESTED,
+                         R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
+                         R.BACKGROUND)
+        if self.ram is not None and data is not None:
+            src = np.frombuffer(data, np.uint8).reshape(count, self.tpp, R.TARGET_PAGE)
+            dst = self.ram[first * self.tpp:(first + count) * self.tpp].reshape(
+                count, self.tpp, R.TARGET_PAGE)
             dst[new] = src[new]
+        self.present += int(np.count_nonzero(new))
+        span[new] = codes[new]
+        self.placed[channel] += int(np.count_nonzero(new))
