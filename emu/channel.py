@@ -29,6 +29,8 @@ PREEMPT_HELLO = b"QEPC\x00\x00\x00\x01"
 DATA = 0
 CREDIT = 1
 MAX_FRAME = 64 << 20
+BATCH = 256 << 10  # bytes of frames send(more=True) gathers before writing them
+BATCH_PARTS = 512  # buffers one sendmsg() gets at most (Linux takes 1024)
 
 
 class ChannelError(ConnectionError):
@@ -48,6 +50,8 @@ class Endpoint:
         self._credit = threading.Condition()
         self._outstanding = 0
         self._closed = False
+        self._held: list = []  # frames (their parts) written with more=True, not sent yet
+        self._held_bytes = 0
 
     @property
     def closed(self) -> bool:
@@ -59,23 +63,41 @@ class Endpoint:
         """Bytes this side has written that the link has not delivered yet."""
         return self._outstanding
 
-    def send(self, parts: list, virt: int = 0) -> None:
+    def send(self, parts: list, virt: int = 0, more: bool = False) -> None:
         """Write one frame made of `parts` (bytes-like); blocks while the link holds `window`
-        bytes of ours. A frame larger than the window waits for an empty link, then goes."""
+        bytes of ours. A frame larger than the window waits for an empty link, then goes.
+
+        more=True: the caller has more frames right behind this one (a stream of pages). The
+        frame is held, its bytes referenced, not copied, until BATCH bytes have gathered, the
+        next send without more, flush(), or a wait for the link: one system call then writes
+        them all, as QEMU's QEMUFile gathers page iovecs before a writev()."""
         size = sum(len(p) for p in parts)
         charge = size + virt
         with self._send_lock:
+            if self._outstanding + charge > self.window:  # only credits make it smaller
+                self._write_held()  # what we hold must reach the link to be credited
+                self._wait_for_room(charge)
             with self._credit:
-                if self._outstanding + charge > self.window:
-                    # blocked: like a writer asleep on a full TCP socket, wake only once
-                    # `wakeup` bytes more than this write needs have drained
-                    room = self.window - self.wakeup
-                    while self._outstanding and self._outstanding + charge > room:
-                        if self._closed:
-                            raise ChannelError(f"{self.name}: closed")
-                        self._credit.wait(0.5)
                 self._outstanding += charge
-            self._sendall([HEADER.pack(DATA, size, virt, 0.0, 0), *parts])
+            self._held += [HEADER.pack(DATA, size, virt, 0.0, 0), *parts]
+            self._held_bytes += HEADER.size + size
+            if not more or self._held_bytes >= BATCH or len(self._held) >= BATCH_PARTS:
+                self._write_held()
+
+    def _wait_for_room(self, charge: int) -> None:
+        """Blocked: like a writer asleep on a full TCP socket, wake only once `wakeup` bytes
+        more than this write needs have drained."""
+        room = self.window - self.wakeup
+        with self._credit:
+            while self._outstanding and self._outstanding + charge > room:
+                if self._closed:
+                    raise ChannelError(f"{self.name}: closed")
+                self._credit.wait(0.5)
+
+    def flush(self) -> None:
+        """Write the frames held by send(more=True)."""
+        with self._send_lock:
+            self._write_held()
 
     def recv(self) -> bytes:
         """The next DATA frame's payload; credits met on the way are taken in."""
@@ -137,14 +159,17 @@ class Endpoint:
             self._outstanding = max(0, self._outstanding - n)
             self._credit.notify_all()
 
-    def _sendall(self, parts: list) -> None:
-        views = [memoryview(p).cast("B") for p in parts]
+    def _write_held(self) -> None:
+        views = [memoryview(p).cast("B") for p in self._held]
+        self._held, self._held_bytes = [], 0
         try:
             while views:
                 sent = self.sock.sendmsg(views)
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
+                done = 0
+                while done < len(views) and sent >= len(views[done]):
+                    sent -= len(views[done])
+                    done += 1
+                views = views[done:]
                 if sent:
                     views[0] = views[0][sent:]
         except OSError as err:

@@ -266,10 +266,12 @@ class Source:
         while not self.switchover.is_set() and self.state.status != "cancelling":
             page = self._next_dirty()
             if page is None:
+                self.main.flush()
                 self.switchover.wait(0.01)  # all clean: wait for the guest to dirty something
                 continue
             self._wait_pacer(pacer)
             self._send_background(page, pacer, "precopy-bytes", None)
+        self.main.flush()
 
     def _start_postcopy(self) -> None:
         """migrate-start-postcopy: stop the guest, discard, device state, run on the other side."""
@@ -382,6 +384,7 @@ class Source:
         item = self.queue.pop()
         if item is None:
             return False
+        self.main.flush()  # the background records gathered so far go first
         page = item[0]
         if not self.dirty[page]:
             # already sent (maybe still in flight, maybe the host page being sent on main):
@@ -414,6 +417,7 @@ class Source:
                     continue
             elif self.switchover.is_set():
                 return
+            self.main.flush()
             self.queue.nonempty.wait(min(wait, 0.01))
 
     # ---- sending ----
@@ -424,15 +428,16 @@ class Source:
         if self.tpp == 1:  # small pages: one record carries a run of dirty pages
             run = self.dirty[page:page + self.piece]
             count = len(run) if run.all() else int(np.argmin(run))
-        self._send(page, count, self.main, R.SENT_MAIN, counter, between)
+        self._send(page, count, self.main, R.SENT_MAIN, counter, between, more=True)
         if pacer:
             pacer.charge(self.clock.now(), count * self.P)
         self.pos = page + count
 
     def _send(self, page: int, count: int, ep: Endpoint, code: int, counter: str,
-              between=None) -> None:
+              between=None, more: bool = False) -> None:
         """Send host pages [page, page + count) on `ep`, in records of at most emulator.chunk;
-        `between` runs before every record but the first (the break-huge check)."""
+        `between` runs before every record but the first (the break-huge check). more: the
+        background stream, whose records may gather in the endpoint (Endpoint.send)."""
         self.dirty[page:page + count] = False
         self.sent_once[page:page + count] = True
         self.states[page:page + count] = code
@@ -442,7 +447,7 @@ class Source:
             if start and between:
                 between()
             n = min(self.piece, total - start)
-            self._write_record(ep, (first + start) * R.TARGET_PAGE, n, counter)
+            self._write_record(ep, (first + start) * R.TARGET_PAGE, n, counter, more)
         self._publish_remaining()
 
     def _publish_remaining(self) -> None:
@@ -453,15 +458,16 @@ class Source:
             self._remaining_at = now
             self.board["remaining"] = int(np.count_nonzero(self.dirty)) * self.P
 
-    def _write_record(self, ep: Endpoint, offset: int, n: int, counter: str) -> None:
+    def _write_record(self, ep: Endpoint, offset: int, n: int, counter: str,
+                      more: bool) -> None:
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * R.TARGET_PAGE
         if self.ram is not None:
             # straight from guest RAM: a page the guest writes meanwhile is re-dirtied and
             # sent again, as in QEMU
-            ep.send([header, self.raw[offset:offset + size]])
+            ep.send([header, self.raw[offset:offset + size]], more=more)
         else:
-            ep.send([header], virt=size)
+            ep.send([header], virt=size, more=more)
         b = self.board
         b.add("transferred", size + len(header))
         b.add(counter, size + len(header))
