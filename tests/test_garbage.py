@@ -28,10 +28,9 @@ def test_frame_reader_rejects_garbage(blob):
     b.close()
 
 
-def frame(payload: bytes, crc: int | None = None) -> bytes:
-    import zlib
-    crc = zlib.crc32(payload) if crc is None else crc
-    return channel.HEADER.pack(channel.DATA, len(payload), 0, 0.0, crc) + payload
+def frame(payload: bytes, check: int | None = None) -> bytes:
+    check = channel.checksum(payload) if check is None else check
+    return channel.HEADER.pack(channel.DATA, len(payload), 0, 0.0, check) + payload
 
 
 def test_a_flipped_byte_is_caught_by_the_checksum():
