@@ -257,7 +257,7 @@ KEYS: dict[str, Key] = {
     "emulator.seed": _key("int", 1, "seed of every random choice", low=0),
     "emulator.chunk": _key(
         "size",
-        "32KiB",
+        "128KiB",
         "largest piece the source writes in one record",
         low="4KiB",
         high="4MiB",

@@ -46,7 +46,7 @@ def test_defaults():
     assert cfg["guest.ram"] == 256 * MiB
     assert cfg["guest.vcpus"] == 1
     assert cfg["workload.pattern"] == "random"
-    assert cfg["emulator.chunk"] == 32 * 1024
+    assert cfg["emulator.chunk"] == 128 * 1024
     assert cfg["emulator.time-scale"] == 1.0
     assert cfg["faults"] == []
 

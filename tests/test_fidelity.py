@@ -95,7 +95,7 @@ def test_vanilla_4k_waits_for_the_full_main_socket():
 
 PREEMPT = [
     pytest.param({
-        # r is half a 32 KiB record: 131 us of ~400; time-scale 0.025 keeps c at 10 us
+        # r is half a 128 KiB record: 524 us of ~1.2 ms; time-scale 0.025 keeps c at 10 us
         "guest.ram": "16MiB", "link.bandwidth": "1Gbit", "link.socket-buffer": "1MiB",
         "emulator.time-scale": "0.025", **SPREAD,
         "workload.hot-probability": "0.99", "workload.touch-cost": "2.5us",
@@ -109,7 +109,7 @@ PREEMPT = [
         **SPREAD, "workload.hot-probability": "0.999", "workload.touch-cost": "4us",
     }, id="2M-break-huge-off"),
     pytest.param({
-        # r is half a 32 KiB record, 13 us of ~3.6 ms: any workload will do
+        # r is half a 128 KiB record, 52 us of ~3.6 ms: any workload will do
         "guest.ram": "512MiB", "guest.page-size": "2MiB", "link.bandwidth": "10Gbit",
         "emulator.time-scale": "0.05",
     }, id="2M-break-huge-on"),

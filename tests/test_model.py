@@ -11,7 +11,7 @@ from emu.model import MODES, Inputs, latency_terms, predict, predict_all
 
 TEN_GBIT = 1.25e9  # bytes/s
 KIB, MIB = 1 << 10, 1 << 20
-RECORD = 32 * KIB + model.RECORD_HEADER  # one default background record on the wire
+RECORD = 128 * KIB + model.RECORD_HEADER  # one default background record on the wire
 
 
 def inputs(**changes) -> Inputs:
@@ -88,9 +88,9 @@ def test_unknown_mode():
 # ---- inputs read off a scenario ----
 
 def test_backlog_is_whole_records_less_the_bytes_on_the_wire():
-    # 1 MiB holds 31 records of 32 KiB + header, not 32; 12.5 KB are on the wire at 1 Gbit/s
+    # 1 MiB holds 7 records of 128 KiB + header, not 8; 12.5 KB are on the wire at 1 Gbit/s
     pred = predict(cfg("link.socket-buffer=1MiB", "link.bandwidth=1Gbit", "link.rtt=200us"))
-    assert pred["inputs"]["backlog"] == pytest.approx(31 * RECORD - 125e6 * 100e-6)
+    assert pred["inputs"]["backlog"] == pytest.approx(7 * RECORD - 125e6 * 100e-6)
     assert pred["terms-us"]["queued"] == pytest.approx(pred["inputs"]["backlog"] / 125e6 * 1e6)
 
 
@@ -100,11 +100,11 @@ def test_no_backlog_when_the_window_is_all_on_the_wire():
 
 
 @pytest.mark.parametrize(("page", "mode", "rest"), [
-    ("4KiB", "vanilla", 16 * KIB),  # half a record: runs of small pages share a record
-    ("4KiB", "preempt", 16 * KIB),
+    ("4KiB", "vanilla", 64 * KIB),  # half a record: runs of small pages share a record
+    ("4KiB", "preempt", 64 * KIB),
     ("2MiB", "vanilla", MIB),  # half a huge page: the thread finishes it first
     ("2MiB", "preempt-no-break-huge", MIB),
-    ("2MiB", "preempt", 16 * KIB),  # break-huge: half a record
+    ("2MiB", "preempt", 64 * KIB),  # break-huge: half a record
 ])
 def test_rest_is_half_the_unit_written_between_two_looks_at_the_queue(page, mode, rest):
     pred = predict_all(cfg(f"guest.page-size={page}", "guest.ram=1GiB"))[mode]
@@ -122,7 +122,7 @@ def test_write_wakeup_makes_the_thread_look_at_the_queue_less_often():
     # asleep on a full main until 1 MiB more than its record has drained, then a burst
     sets = ("link.socket-buffer=4MiB", "link.write-wakeup=1MiB", "link.bandwidth=1Gbit")
     preds = predict_all(cfg(*sets))
-    assert preds["preempt"]["inputs"]["rest"] == (MIB + 32 * KIB) / 2
+    assert preds["preempt"]["inputs"]["rest"] == (MIB + 128 * KIB) / 2
     # the urgent page follows the first record of a wake-up: main holds what is below 3 MiB
     held = (3 * MIB // RECORD) * RECORD
     assert preds["vanilla"]["inputs"]["backlog"] == pytest.approx(held - 125e6 * 100e-6)
@@ -194,7 +194,7 @@ def test_a_larger_cap_keeps_main_full_longer():
     assert full == sorted(full) and full[0] == 0 and full[-1] == 1
     assert lat == sorted(lat)
     # 40 MB/s: 4 MB per window, of which the socket holds 1 MiB; the rest blocks the thread
-    assert full[1] == pytest.approx((4e6 - 31 * RECORD) / 125e6 / 0.1)
+    assert full[1] == pytest.approx((4e6 - 7 * RECORD) / 125e6 / 0.1)
 
 
 # ---- what people see ----
