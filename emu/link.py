@@ -396,12 +396,15 @@ class Relay:
     def _return_credits(self) -> None:
         """Free the senders' windows by what was delivered, one credit per connection and
         turn of the loop (the deliveries all happened at this same emulated instant)."""
-        for conn, charge in self.credit_due.items():
-            sender = ROUTES[conn][0]
-            if charge and sender in self.ports:
+        for conn in CONNECTIONS:
+            charge, sender = self.credit_due[conn], ROUTES[conn][0]
+            if not charge:
+                continue
+            # zeroed first: flushing a credit may deliver frames, and credits, of another
+            self.credit_due[conn] = 0
+            if sender in self.ports:
                 self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
                 self._flush(sender)
-        self.credit_due = dict.fromkeys(CONNECTIONS, 0)
 
     def _want_write(self, name: str, want: bool) -> None:
         port = self.ports.get(name)
