@@ -45,12 +45,14 @@ r = 0), then is idle. A cap small enough that one window's bytes fit in the sock
 the thread. The model averages the formula over these phases, weighted by their duration: the
 latency of a request that arrives at a random time.
 
-Averages: r = U / 2 and the phases assume requests arriving at random points of the main stream.
-A single vCPU that faults again a fixed time after each wake-up locks onto the main stream
-instead (its request comes back at the same point of the unit every time), so its r is a fixed
-value between 0 and U; and a vCPU faulting back to back fits more faults into the quick phases
-of a capped stream, so its average per fault is lower than the model's. Compare the model with a
-workload whose gaps between faults vary by more than U / B.
+Arrivals: r = U / 2 and the phases assume requests arriving at random points of the main
+stream, which is what a workload with gaps between its faults gives. A vCPU faulting back to
+back (workload.pattern=random: in postcopy nearly every touch misses) instead sends each request
+a fixed time X after the look that sent its previous page; when X is shorter than the time
+between two looks, the request always waits for the next one, and the latency is that period
+(see _rest). When X spans several periods, its jitter spreads the phase and U / 2 holds again.
+A vCPU faulting back to back also fits more faults into the quick phases of a capped stream,
+so its average per fault is lower than the model's there.
 """
 
 from __future__ import annotations
@@ -152,19 +154,40 @@ def _held(cfg: Config, mode: str) -> int:
     return max(1, int(mark // record)) * record
 
 
-def _rest(cfg: Config, mode: str) -> float:
-    """Mean rest r while main is full: the thread looks at the queue after each unit, and at
-    most once per wake-up (write-wakeup + one record) when it sleeps on a full main."""
-    return max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg)) / 2
+def _back_to_back(cfg: Config) -> bool:
+    """Each vCPU faults again as soon as its page arrives: touches of random pages nearly all
+    miss in postcopy (workload.pattern=random)."""
+    return cfg["workload.pattern"] == "random"
 
 
-def _phases(cfg: Config, mode: str) -> list[tuple[float, float, float]]:
+def _rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
+    """r while main is full. The thread looks at the queue after each unit, and at most once
+    per wake-up (write-wakeup + one record) when it sleeps on a full main: once per `cycle`
+    bytes drained. A request arriving at a random moment waits half a cycle on average.
+
+    A vCPU faulting back to back sends its next request a fixed time X after the look that
+    sent its last page (the page's way over, a round trip, the software cost, one touch).
+    When X is shorter than a cycle, that request always waits for the next look: the rest of
+    the cycle, cycle - X, and the latency is the cycle whatever X is. When X spans cycles, its
+    jitter spreads the phase: half a cycle again."""
+    cycle = max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg))
+    if _back_to_back(cfg):
+        b, page = cfg["link.bandwidth"], cfg.page_size
+        ahead = backlog if mode == "vanilla" else min(page, backlog)
+        x = b * (cfg["link.rtt"] + software + cfg["workload.touch-cost"]) + page + ahead
+        if x < cycle:
+            return cycle - x
+    return cycle / 2
+
+
+def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float, float]]:
     """(share of the time, S, r) of each state main can be in when a request arrives; the
     first is main full, with the migration thread blocked writing it."""
     bandwidth = cfg["link.bandwidth"]
     on_wire = bandwidth * cfg["link.rtt"] / 2
     held = _held(cfg, mode)
-    full = (max(0.0, held - on_wire), _rest(cfg, mode))
+    backlog = max(0.0, held - on_wire)
+    full = (backlog, _rest(cfg, mode, backlog, software))
     cap = cfg["migration.max-postcopy-bandwidth"]
     if not 0 < cap < bandwidth:
         return [(1.0, *full)]
@@ -190,7 +213,7 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
                  software_cost * cfg["emulator.time-scale"])
     terms = dict.fromkeys(TERMS, 0.0)
-    phases = _phases(cfg, mode)
+    phases = _phases(cfg, mode, one.software)
     backlog = rest = 0.0
     for share, s, r in phases:
         for name, t in latency_terms(mode, replace(one, backlog=s, rest=r)).items():

@@ -25,7 +25,9 @@ def total(mode: str, **changes) -> float:
 
 
 def cfg(*sets: str):
-    return load_config(None, ["emulator.time-scale=1", *sets])
+    """A scenario whose requests arrive at random moments (a hot set: a fault now and then);
+    tests of back-to-back faults set workload.pattern=random."""
+    return load_config(None, ["emulator.time-scale=1", "workload.pattern=hotset", *sets])
 
 
 # ---- the formula ----
@@ -128,6 +130,27 @@ def test_write_wakeup_makes_the_thread_look_at_the_queue_less_often():
     assert preds["vanilla"]["inputs"]["backlog"] == pytest.approx(held - 125e6 * 100e-6)
     without = predict_all(cfg(*sets[:1], *sets[2:]))
     assert preds["preempt"]["latency-us"] > without["preempt"]["latency-us"]
+
+
+WAKEUP = ("migration.postcopy-preempt=true", "link.socket-buffer=4MiB", "link.write-wakeup=1MiB",
+          "link.bandwidth=1Gbit", "workload.touch-cost=2us")
+
+
+def test_back_to_back_faults_wait_for_the_next_look_whatever_their_round_trip():
+    # the next request comes back before the thread's next look (1 MiB + a record drained):
+    # it waits for that look, so the latency is the cycle, less the one touch in between
+    cycle = (MIB + 128 * KIB) / 125e6
+    for rtt in ("100us", "400us"):
+        pred = predict(cfg(*WAKEUP, "workload.pattern=random", f"link.rtt={rtt}"))
+        assert pred["latency-us"] == pytest.approx((cycle - 2e-6) * 1e6)
+    assert predict(cfg(*WAKEUP))["latency-us"] < (cycle - 2e-6) * 1e6  # at random: half
+
+
+def test_back_to_back_faults_spanning_cycles_arrive_at_random_phases():
+    # vanilla: the page comes back behind ~4 MiB of main, several cycles: half a cycle again
+    sets = (*WAKEUP, "migration.postcopy-preempt=false")
+    assert predict(cfg(*sets, "workload.pattern=random"))["inputs"]["rest"] == \
+        predict(cfg(*sets))["inputs"]["rest"] == (MIB + 128 * KIB) / 2
 
 
 def test_write_wakeup_hides_inside_a_huge_page_sent_whole():
