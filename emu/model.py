@@ -48,15 +48,16 @@ latency of a request that arrives at a random time.
 Arrivals: r = U / 2 and the phases assume requests arriving at random points of the main
 stream, which is what a workload with gaps between its faults gives. A vCPU faulting back to
 back (workload.pattern=random: in postcopy nearly every touch misses) instead sends each request
-a fixed time X after the look that sent its previous page; when X is shorter than the time
-between two looks, the request always waits for the next one, and the latency is that period
-(see _rest). When X spans several periods, its jitter spreads the phase and U / 2 holds again.
+a fixed time X after the look that sent its previous page, and waits for the first look after
+that (see _rest): with X within one period between looks, the latency is that period. When X
+spans more than two periods, its jitter spreads the phase and U / 2 holds again.
 A vCPU faulting back to back also fits more faults into the quick phases of a capped stream,
 so its average per fault is lower than the model's there.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,6 +87,7 @@ TERMS = {
 # time-scales that give exact figures (0.05 to 0.2) within 10 us of emulated time.
 SOFTWARE_COST_S = 400e-6
 RECORD_HEADER = len(wire.ram_header(0, 1, 0))  # bytes each RAM record adds on the wire
+LOCKED_CYCLES = 2  # a back-to-back request coming back within this many cycles keeps its phase
 DRAIN_STEPS = 100  # points at which the draining phase of a capped stream is sampled
 
 
@@ -166,17 +168,20 @@ def _rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
     bytes drained. A request arriving at a random moment waits half a cycle on average.
 
     A vCPU faulting back to back sends its next request a fixed time X after the look that
-    sent its last page (the page's way over, a round trip, the software cost, one touch).
-    When X is shorter than a cycle, that request always waits for the next look: the rest of
-    the cycle, cycle - X, and the latency is the cycle whatever X is. When X spans cycles, its
-    jitter spreads the phase: half a cycle again."""
+    sent its last page (the page's way over, a round trip, the software cost, one touch), and
+    it waits for the first look after that: k cycles - X, k = ceil(X / cycle). Within one
+    cycle the latency is the cycle whatever X is; within two (a 1 GiB page sent whole: the
+    request comes back just after the thread started the next one) it is two. Over more
+    cycles, X's jitter (where the page lands among a wake-up's records, the software cost)
+    spreads the phase: half a cycle on average again."""
     cycle = max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg))
     if _back_to_back(cfg):
         b, page = cfg["link.bandwidth"], cfg.page_size
         ahead = backlog if mode == "vanilla" else min(page, backlog)
         x = b * (cfg["link.rtt"] + software + cfg["workload.touch-cost"]) + page + ahead
-        if x < cycle:
-            return cycle - x
+        k = math.ceil(x / cycle)
+        if k <= LOCKED_CYCLES:
+            return k * cycle - x
     return cycle / 2
 
 

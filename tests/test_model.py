@@ -10,7 +10,7 @@ from emu.config import load_config
 from emu.model import MODES, Inputs, latency_terms, predict, predict_all
 
 TEN_GBIT = 1.25e9  # bytes/s
-KIB, MIB = 1 << 10, 1 << 20
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 RECORD = 128 * KIB + model.RECORD_HEADER  # one default background record on the wire
 
 
@@ -144,6 +144,16 @@ def test_back_to_back_faults_wait_for_the_next_look_whatever_their_round_trip():
         pred = predict(cfg(*WAKEUP, "workload.pattern=random", f"link.rtt={rtt}"))
         assert pred["latency-us"] == pytest.approx((cycle - 2e-6) * 1e6)
     assert predict(cfg(*WAKEUP))["latency-us"] < (cycle - 2e-6) * 1e6  # at random: half
+
+
+def test_a_back_to_back_request_back_within_two_cycles_waits_for_the_second_look():
+    # a 1 GiB page sent whole: the next request comes back just after the thread started the
+    # next page, and waits for all of it: two pages after the look that sent the last one
+    sets = ("guest.page-size=1GiB", "guest.ram=20GiB", "link.bandwidth=10Gbit",
+            "workload.touch-cost=1us")
+    pred = predict(cfg(*sets, "workload.pattern=random"))
+    assert pred["latency-us"] == pytest.approx(2 * GIB / TEN_GBIT * 1e6 - 1)
+    assert predict(cfg(*sets))["latency-us"] < 1.6 * GIB / TEN_GBIT * 1e6  # at random: 1.5
 
 
 def test_back_to_back_faults_spanning_cycles_arrive_at_random_phases():
