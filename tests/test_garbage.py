@@ -103,5 +103,8 @@ def test_strangers_on_the_migration_address_do_not_disturb_the_migration():
         assert run.ok, run.errors
         for s in strangers:
             s.settimeout(5)
-            assert s.recv(10) == b""  # closed by the link, while the migration went on
+            try:  # closed by the link, while the migration went on
+                assert s.recv(10) == b""
+            except ConnectionResetError:
+                pass  # closed unread: accepted after the destination stopped listening
             s.close()
