@@ -321,9 +321,11 @@ class Relay:
                 now = self.clock.now()
                 self._advance_all(now)
             conn = _conn_from(name)
-            if kind == channel.DATA and conn is not None:
+            if conn is not None:
                 self._enqueue(conn, _frame(buf, pos, end), size + virt)
             pos = end
+        if now is not None and conn is not None:
+            self.board[f"queued-{conn}"] = self.queued[conn]
         # keep the start of a frame not complete yet at the front
         buf[:port.fill - pos] = buf[pos:port.fill]
         port.fill -= pos
@@ -334,18 +336,18 @@ class Relay:
                 self.arrivals[conn].append((t + self.delay, frame, charge))
 
     def _enqueue(self, conn: str, frame: bytes, charge: int) -> None:
-        self.queued[conn] += charge
-        self.board[f"queued-{conn}"] = self.queued[conn]
+        self.queued[conn] += charge  # published once per read (_parse), not per frame
         self.bottleneck[ROUTES[conn][2]].push(conn, (frame, charge), charge)
 
     def _deliver(self, now: float) -> None:
+        lags = []
         for conn, queue in self.arrivals.items():
             receiver = ROUTES[conn][1]
             while queue and queue[0][0] <= now:
                 t, frame, charge = queue.popleft()
                 if receiver not in self.ports:
                     continue
-                self._note_lag(now - t)
+                lags.append(now - t)
                 if conn in self.corrupt_next:
                     self.corrupt_next.discard(conn)
                     frame[-1] ^= 0xFF
@@ -353,15 +355,15 @@ class Relay:
                 struct.pack_into("<d", frame, channel.ARRIVAL_OFFSET, t)
                 self.ports[receiver].out.append([memoryview(frame), conn, charge])
             self._flush(receiver)
+        if lags:
+            self._note_lags(lags)
 
-    def _note_lag(self, lag: float) -> None:
+    def _note_lags(self, lags: list[float]) -> None:
         b = self.board
-        b.add("frames", 1)
-        b.add("lag-sum", lag)
-        if lag > b["lag-max"]:
-            b["lag-max"] = lag
-        if lag > LATE:
-            b.add("late-frames", 1)
+        b.add("frames", len(lags))
+        b.add("lag-sum", sum(lags))
+        b["lag-max"] = max(b["lag-max"], *lags)
+        b.add("late-frames", sum(lag > LATE for lag in lags))
 
     def _flush(self, name: str) -> None:
         """Write what `name` has waiting, many frames per system call."""
@@ -388,9 +390,7 @@ class Relay:
         self._want_write(name, bool(out))
 
     def _delivered(self, conn: str, charge: int) -> None:
-        self.queued[conn] -= charge
-        self.board[f"queued-{conn}"] = self.queued[conn]
-        self.board.add(f"delivered-{conn}", charge)
+        self.queued[conn] -= charge  # published with the credit (_return_credits)
         self.credit_due[conn] += charge
 
     def _return_credits(self) -> None:
@@ -402,6 +402,8 @@ class Relay:
                 continue
             # zeroed first: flushing a credit may deliver frames, and credits, of another
             self.credit_due[conn] = 0
+            self.board[f"queued-{conn}"] = self.queued[conn]
+            self.board.add(f"delivered-{conn}", charge)
             if sender in self.ports:
                 self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
                 self._flush(sender)
