@@ -25,8 +25,9 @@ blocked in write() on a full main socket. Here the write granularity is emulator
 With link.write-wakeup K, a thread blocked on a full main sleeps until K more bytes than its
 record have drained, then writes records back to back (looking at the queue between them)
 until main is full again: it looks at the queue once per K + record bytes drained, so
-r = max(U, K + record) / 2, and the request finds main holding only what is left below the
-wake-up mark, W - K (a huge page sent whole ends anywhere in a wake-up's records: W - K/2).
+r = max(U, K + record) / 2 for a request arriving at a random moment (see Arrivals below for
+back-to-back faults), and the request finds main holding only what is left below the wake-up
+mark, W - K (a huge page sent whole ends anywhere in a wake-up's records: W - K/2).
 
 shared: with preempt the urgent page crosses the bottleneck beside main, at half the bandwidth
 while main has bytes waiting, so main adds min(P, S) / B. The migration thread goes back to main
@@ -77,7 +78,7 @@ TERMS = {
     "rtt": "RTT: the request out, the page back",
     "software": "c: the emulator's own work, x time-scale",
     "queued": "S/B: the main backlog ahead (vanilla)",
-    "rest": "r/B: rest of the unit the migration thread writes on main",
+    "rest": "r/B: until the migration thread next looks at the queue",
     "page": "P/B: the page itself",
     "shared": "min(P,S)/B: main's share of the link (preempt)",
 }
