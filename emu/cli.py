@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "preset, next to the seed's figures and the model's")
     bench.add_argument("name", choices=["seed-table"])
     bench.add_argument("--quick", action="store_true",
-                       help="fewer samples, about 3 minutes instead of about 13")
+                       help="fewer samples (about a fifth), about 2 minutes instead of about 6")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench, scenario=None, set=[])
     gui = _command(sub, "gui", "open the window")
