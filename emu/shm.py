@@ -25,13 +25,11 @@ def create(size: int) -> SharedMemory:
 
 def map_in(buf: memoryview) -> None:
     """Map a segment's pages into this process now: page tables are per process, so without
-    this the first write here to each 4 KiB page takes a fault, in the middle of a migration."""
+    this the first write here to each 4 KiB page takes a fault, in the middle of a migration.
+    Kernels before 5.14 refuse the advice, and the pages map in as they are first written."""
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf)), MADV_POPULATE_WRITE):
-        pass  # older kernels: the pages map in as they are first written
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(addr), ctypes.c_size_t(len(buf)),
+                              MADV_POPULATE_WRITE)
 
 
 def attach(name: str) -> SharedMemory:
