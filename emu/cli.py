@@ -225,8 +225,10 @@ def summary(result: dict, cfg) -> str:
         f" postcopy {qm['ram']['postcopy-bytes'] / 1e6:.1f})",
         f"  page faults {lat['count']}: avg {lat['avg-us'] / 1e3:.3f} ms, p50 "
         f"{lat['p50-us'] / 1e3:.3f}, p99 {lat['p99-us'] / 1e3:.3f}, max "
-        f"{lat['max-us'] / 1e3:.3f} ms; delivered on main {lat['by-channel']['main']['count']},"
-        f" preempt {lat['by-channel']['preempt']['count']}",
+        f"{lat['max-us'] / 1e3:.3f} ms",
+        "  delivered on " + ", ".join(
+            f"{name} {ch['count']} (avg {ch['avg-us'] / 1e3:.3f} ms)"
+            for name, ch in lat["by-channel"].items() if ch["count"]),
         f"  postcopy-requests {qm['ram']['postcopy-requests']}, "
         f"blocktime {result['blocktime-ms']['total']:.1f} ms",
         f"  integrity: {'ok' if result['integrity']['ok'] else 'BAD'} "

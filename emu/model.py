@@ -277,4 +277,8 @@ def format_prediction(pred: dict[str, Any]) -> str:
     for name, text in TERMS.items():
         lines.append(f"  {name:<9}{text:<{width}} {pred['terms-us'][name] / scale:10.3f} {unit}")
     lines.append(f"  {'total':<9}{'':<{width}} {pred['latency-us'] / scale:10.3f} {unit}")
+    channel = "main" if pred["mode"] == "vanilla" else "preempt"
+    lines += [f"  for faults whose page goes out as an urgent page, on {channel}: compare with a",
+              f"  run's average for {channel}; a page already in flight on main when requested",
+              "  waits for main, whatever the mode"]
     return "\n".join(lines)
