@@ -44,7 +44,7 @@ thread is blocked in that burst (the formula above), then drains what the socket
 from the window's content to 0, and the thread, waiting on its pacer, serves a request at once:
 r = 0), then is idle. A cap small enough that one window's bytes fit in the socket never blocks
 the thread. The model averages the formula over these phases, weighted by their duration: the
-latency of a request that arrives at a random time.
+latency of a request that arrives at a random time (back-to-back faults: see Arrivals).
 
 Arrivals: r = U / 2 and the phases assume requests arriving at random points of the main
 stream, which is what a workload with gaps between its faults gives. A vCPU faulting back to
@@ -52,8 +52,8 @@ back (workload.pattern=random: in postcopy nearly every touch misses) instead se
 a fixed time X after the look that sent its previous page, and waits for the first look after
 that (see _rest): with X within one period between looks, the latency is that period. When X
 spans more than two periods, its jitter spreads the phase and U / 2 holds again.
-A vCPU faulting back to back also fits more faults into the quick phases of a capped stream,
-so its average per fault is lower than the model's there.
+A vCPU faulting back to back also fits more faults into the quick phases of a capped stream:
+a phase of share s and latency L holds s / L of its faults, and the model weighs phases so.
 """
 
 from __future__ import annotations
@@ -218,13 +218,16 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     mode = mode_of(cfg)
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
                  software_cost * cfg["emulator.time-scale"])
-    terms = dict.fromkeys(TERMS, 0.0)
     phases = _phases(cfg, mode, one.software)
-    backlog = rest = 0.0
-    for share, s, r in phases:
-        for name, t in latency_terms(mode, replace(one, backlog=s, rest=r)).items():
-            terms[name] += share * t * 1e6
-        backlog, rest = backlog + share * s, rest + share * r
+    each = [latency_terms(mode, replace(one, backlog=s, rest=r)) for _, s, r in phases]
+    weights = [share for share, _, _ in phases]
+    if _back_to_back(cfg):
+        # a vCPU that is always faulting sees share / L faults in a phase of latency L
+        weights = [w / sum(t.values()) for w, t in zip(weights, each)]
+    weights = [w / sum(weights) for w in weights]
+    terms = {name: sum(w * t[name] for w, t in zip(weights, each)) * 1e6 for name in TERMS}
+    backlog = sum(w * s for w, (_, s, _) in zip(weights, phases))
+    rest = sum(w * r for w, (_, _, r) in zip(weights, phases))
     return {
         "mode": mode,
         "latency-us": round(sum(terms.values()), 3),

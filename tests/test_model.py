@@ -163,6 +163,14 @@ def test_back_to_back_faults_spanning_cycles_arrive_at_random_phases():
         predict(cfg(*sets))["inputs"]["rest"] == (MIB + 128 * KIB) / 2
 
 
+def test_back_to_back_faults_weigh_the_phases_of_a_cap_by_how_many_faults_fit_in_them():
+    sets = ("migration.max-postcopy-bandwidth=50MB/s", "link.bandwidth=1Gbit")
+    at_random, back_to_back = predict(cfg(*sets)), predict(cfg(*sets, "workload.pattern=random"))
+    floor = sum(predict(cfg(*sets, "migration.max-postcopy-bandwidth=1B/s"))["terms-us"].values())
+    # a phase of share s and latency L holds s / L of the faults: most are in the idle phase
+    assert floor < back_to_back["latency-us"] < 2 * floor < at_random["latency-us"] / 4
+
+
 def test_write_wakeup_hides_inside_a_huge_page_sent_whole():
     pred = predict(cfg("guest.page-size=2MiB", "guest.ram=1GiB", "link.write-wakeup=256KiB"))
     assert pred["inputs"]["rest"] == MIB
