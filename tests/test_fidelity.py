@@ -143,9 +143,9 @@ def test_back_to_back_faults_wait_a_whole_wakeup_cycle():
 def test_back_to_back_faults_under_a_cap_happen_mostly_where_they_are_quick():
     # a capped background stream fills main for a part of each 100 ms window and leaves it
     # idle for the rest; a vCPU that is always faulting makes most of its faults while it is
-    # idle (each takes ~0.3 ms there, ~8 ms while main is full): the mean per fault is the
-    # model's phases weighted by share / latency (320 us), not by share (1.2 ms)
-    cfg = config(**{"guest.ram": "16MiB", "link.bandwidth": "1Gbit",
+    # idle (each takes ~1.1 ms there, ~9 ms while main is full): the mean per fault is the
+    # model's phases weighted by share / latency (1.22 ms), not by share (1.94 ms)
+    cfg = config(**{"guest.ram": "16MiB", "link.bandwidth": "1Gbit", "link.rtt": "1ms",
                     "link.socket-buffer": "1MiB", "migration.max-postcopy-bandwidth": "20MB/s",
                     "workload.pattern": "random", "emulator.time-scale": "0.1"})
     latencies, lag = urgent_on_main(cfg)
