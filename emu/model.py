@@ -51,7 +51,7 @@ stream, which is what a workload with gaps between its faults gives. A vCPU faul
 back (workload.pattern=random: in postcopy nearly every touch misses) instead sends each request
 a fixed time X after the look that sent its previous page, and waits for the first look after
 that (see _rest): with X within one period between looks, the latency is that period. When X
-spans more than two periods, its jitter spreads the phase and U / 2 holds again.
+spans more than three periods, its jitter spreads the phase and U / 2 holds again.
 A vCPU faulting back to back also fits more faults into the quick phases of a capped stream:
 a phase of share s and latency L holds s / L of its faults, and the model weighs phases so.
 """
@@ -88,7 +88,11 @@ TERMS = {
 # time-scales that give exact figures (0.05 to 0.2) within 10 us of emulated time.
 SOFTWARE_COST_S = 400e-6
 RECORD_HEADER = len(wire.ram_header(0, 1, 0))  # bytes each RAM record adds on the wire
-LOCKED_CYCLES = 2  # a back-to-back request coming back within this many cycles keeps its phase
+# A back-to-back request coming back within this many cycles keeps a phase the model can tell;
+# later, a small error in X (where the page lands among records, the software cost) could put
+# it anywhere in the cycle. Measured: locked at 1, 2 and 3 cycles (4K preempt, 1G and 2M pages
+# at 1 and 10 Gbit/s), spread at 6 and more (4K vanilla).
+LOCKED_CYCLES = 3
 DRAIN_STEPS = 100  # points at which the draining phase of a capped stream is sampled
 
 
@@ -172,9 +176,8 @@ def _rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
     sent its last page (the page's way over, a round trip, the software cost, one touch), and
     it waits for the first look after that: k cycles - X, k = ceil(X / cycle). Within one
     cycle the latency is the cycle whatever X is; within two (a 1 GiB page sent whole: the
-    request comes back just after the thread started the next one) it is two. Over more
-    cycles, X's jitter (where the page lands among a wake-up's records, the software cost)
-    spreads the phase: half a cycle on average again."""
+    request comes back just after the thread started the next one) it is two. Over more than
+    LOCKED_CYCLES, half a cycle on average again."""
     cycle = max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg))
     if _back_to_back(cfg):
         b, page = cfg["link.bandwidth"], cfg.page_size

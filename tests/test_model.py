@@ -157,8 +157,8 @@ def test_a_back_to_back_request_back_within_two_cycles_waits_for_the_second_look
 
 
 def test_back_to_back_faults_spanning_cycles_arrive_at_random_phases():
-    # vanilla: the page comes back behind ~4 MiB of main, several cycles: half a cycle again
-    sets = (*WAKEUP, "migration.postcopy-preempt=false")
+    # vanilla: the page comes back behind ~15 MiB of main, 13 cycles: half a cycle again
+    sets = (*WAKEUP, "migration.postcopy-preempt=false", "link.socket-buffer=16MiB")
     assert predict(cfg(*sets, "workload.pattern=random"))["inputs"]["rest"] == \
         predict(cfg(*sets))["inputs"]["rest"] == (MIB + 128 * KIB) / 2
 
