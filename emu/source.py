@@ -485,7 +485,8 @@ class Source:
         self.resume_ack.clear()
         try:
             self._connect(address)
-            self.state.set("postcopy-recover")
+            if not self._advance("postcopy-recover-setup", "postcopy-recover"):
+                return
             self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
                                          + wire.BLOCK)])
             if not self._wait_for(self.bitmap_received):
@@ -496,8 +497,18 @@ class Source:
         except (OSError, ChannelError) as err:
             self._channel_failed(f"recovery: {err}")
             return
-        self.state.set("postcopy-active")
-        self.resumed.set()
+        if self._advance("postcopy-recover", "postcopy-active"):
+            self.resumed.set()
+
+    def _advance(self, expected: str, new: str) -> bool:
+        """Go from `expected` to `new`, unless a channel broke meanwhile and paused us again:
+        a new connection can break as soon as it is made (its reader thread then pauses the
+        migration), and overwriting that pause would leave a recovery waiting forever."""
+        with self.lock:
+            if self.state.status != expected:
+                return False
+            self.state.set(new)
+            return True
 
     # ---- return-path thread ----
 
