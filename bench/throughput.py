@@ -6,9 +6,9 @@
 The migration is precopy only, stop-and-copy at once (switchover-after 0), with an idle guest,
 over a link far faster than this machine (100 Gbit/s at time-scale 1): what is measured is how
 fast the emulator's processes move pages (source -> network -> destination, checksummed, placed
-in guest RAM), in real time. The ratio is pipe time / migration time (target: at least 0.5). The machine is
-shared and both figures swing from run to run, so the summary compares the best of each, and
-gives the median of the per-run ratios too.
+in guest RAM), in real time. The ratio is pipe time / migration time (target: at least 0.5).
+The machine is shared and both figures swing from run to run, so the summary compares the best
+of each, and gives the median of the per-run ratios too.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
               f"({size / pipes[-1] / 1e9:.2f} GB/s); migration in {migs[-1]:.3f} s "
               f"({size / migs[-1] / 1e9:.2f} GB/s, chunk {chunk}); "
               f"ratio {pipes[-1] / migs[-1]:.2f}", flush=True)
-    ratios = [p / m for p, m in zip(pipes, migs)]
+    ratios = [p / m for p, m in zip(pipes, migs, strict=True)]
     print(f"best: pipe {min(pipes):.3f} s, migration {min(migs):.3f} s "
           f"({size / min(migs) / 1e9:.2f} GB/s), ratio {min(pipes) / min(migs):.2f}; "
           f"median ratio {statistics.median(ratios):.2f} (target: at least 0.5)")

@@ -226,11 +226,15 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     weights = [share for share, _, _ in phases]
     if _back_to_back(cfg):
         # a vCPU that is always faulting sees share / L faults in a phase of latency L
-        weights = [w / sum(t.values()) for w, t in zip(weights, each)]
+        weights = [w / sum(t.values()) for w, t in zip(weights, each, strict=True)]
     weights = [w / sum(weights) for w in weights]
-    terms = {name: sum(w * t[name] for w, t in zip(weights, each)) * 1e6 for name in TERMS}
-    backlog = sum(w * s for w, (_, s, _) in zip(weights, phases))
-    rest = sum(w * r for w, (_, _, r) in zip(weights, phases))
+
+    def mean(values) -> float:
+        return sum(w * v for w, v in zip(weights, values, strict=True))
+
+    terms = {name: mean(t[name] for t in each) * 1e6 for name in TERMS}
+    backlog = mean(s for _, s, _ in phases)
+    rest = mean(r for _, _, r in phases)
     return {
         "mode": mode,
         "latency-us": round(sum(terms.values()), 3),
