@@ -131,6 +131,7 @@ class Placer:
             dst = self.ram[first * self.tpp:(first + count) * self.tpp].reshape(
                 count, self.tpp, R.TARGET_PAGE)
             dst[new] = src[new]
-        self.present += int(np.count_nonzero(new))
+        placed = int(np.count_nonzero(new))
+        self.present += placed
+        self.placed[channel] += placed
         span[new] = codes[new]
-        self.placed[channel] += int(np.count_nonzero(new))
