@@ -22,6 +22,7 @@ import contextvars
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import select
@@ -225,10 +226,8 @@ class _Parser:
         self._pos += 1
         if kind == "STRING":
             return _string(text)
-        if kind == "INTEGER":
-            return _integer(text)
-        if kind == "FLOAT":
-            return float(text)
+        if kind in ("INTEGER", "FLOAT"):
+            return _number(text, kind == "INTEGER")
         if kind == "KEYWORD":
             word = text.decode()
             if word not in _KEYWORDS:
@@ -274,10 +273,17 @@ class _Parser:
         return _MORE
 
 
-def _integer(text: bytes) -> int | float:
-    value = int(text)
-    # QEMU keeps integers as int64 or uint64 and falls back to a double beyond.
-    return value if -(1 << 63) <= value < (1 << 64) else float(text)
+def _number(text: bytes, integer: bool) -> int | float:
+    # QEMU keeps integers as int64 or uint64 (20 characters at most) and falls back to a
+    # double beyond.
+    if integer and len(text) <= 20 and -(1 << 63) <= (value := int(text)) < (1 << 64):
+        return value
+    value = float(text)
+    # QEMU's strtod() makes 1e999 an infinity, which its writer prints as "inf", not JSON:
+    # refuse it, as nothing here could echo it.
+    if not math.isfinite(value):
+        raise _parse_error("number out of range")
+    return value
 
 
 _ESCAPES = {ord(k): v for k, v in zip("\"'\\/bfnrt", "\"'\\/\b\f\n\r\t", strict=True)}
@@ -338,7 +344,8 @@ def _decode(raw: bytes) -> str:
 
 def _encode(message: dict) -> bytes:
     # QEMU writes ASCII only, and monitor_puts() turns each "\n" into "\r\n".
-    return json.dumps(message).encode("ascii") + b"\r\n"
+    # allow_nan=False: Infinity and NaN are not JSON, so a handler's infinity is a ValueError.
+    return json.dumps(message, allow_nan=False).encode("ascii") + b"\r\n"
 
 
 # --- Addresses ---------------------------------------------------------------------------------
@@ -626,7 +633,7 @@ class QmpServer:
         echo = {"id": request["id"]} if isinstance(request, dict) and "id" in request else {}
         try:
             return _encode({**reply, **echo})
-        except (TypeError, ValueError) as e:  # a handler returned something JSON can't carry
+        except (TypeError, ValueError, RecursionError) as e:  # what JSON can't carry
             _log.exception("QMP reply is not JSON")
             return _encode({"error": QmpError(f"Internal error: {e}").body(), **echo})
 

@@ -1,0 +1,96 @@
+"""The QMP monitor against clients that do not play by the rules, over real sockets: what one
+client can make the monitor hold, compute and send stays bounded, and the others are served."""
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+
+import pytest
+
+from emu.qmp import QmpClient, QmpServer
+from tests.test_qmp import Raw, error
+
+BIG = 64 << 10  # bytes of the reply to "big"
+NEXT = b'{"execute": "query-version", "id": "next"}'
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def server(request):
+    folder = tempfile.mkdtemp(prefix="qmp")  # short: a unix socket path fits in 108 bytes
+    address = f"unix:{folder}/m.sock" if request.param == "unix" else "tcp:127.0.0.1:0"
+    srv = QmpServer(address).start()
+    yield srv
+    srv.close()
+    shutil.rmtree(folder)
+
+
+def vm_rss() -> int:
+    """This process's resident memory in bytes (the server runs in it)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def answered(address: str) -> bool:
+    with QmpClient(address) as c:
+        return c.cmd("query-version")["package"] == "postcopy-emu"
+
+
+def settle(count, deadline: float = 10.0) -> int:
+    """count() once it has stopped changing for half a second."""
+    end, last, since = time.monotonic() + deadline, count(), time.monotonic()
+    while time.monotonic() < end and time.monotonic() - since < 0.5:
+        time.sleep(0.05)
+        if count() != last:
+            last, since = count(), time.monotonic()
+    return last
+
+
+def replies_until_closed(conn: Raw, most: int = 10) -> list[dict]:
+    """The replies before the server closes the connection, `most` of them at most."""
+    conn.sock.settimeout(10)
+    replies = []
+    while len(replies) < most and (line := conn.line()):
+        replies.append(json.loads(line))
+    return replies
+
+
+def send_in_background(conn: Raw, data: bytes) -> threading.Thread:
+    def send():
+        try:
+            conn.sock.sendall(data)
+        except OSError:
+            pass  # the server closed the connection before it took everything
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+# --- Numbers -------------------------------------------------------------------------------------
+
+def strict(line: bytes) -> dict:
+    """The JSON of `line`, refusing what is not JSON although Python writes it (Infinity)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("number", [b"1e999", b"-1e999", b"1" + b"0" * 400, b"9" * 5000],
+                         ids=["1e999", "-1e999", "400 digits", "5000 digits"])
+def test_a_number_out_of_range_is_refused_not_echoed_as_infinity(server, number):
+    conn = Raw(server.address, negotiate=True)
+    conn.send(b'{"execute": "query-version", "id": ' + number + b"}" + NEXT)
+    assert strict(conn.line()) == error("JSON parse error, number out of range")
+    assert strict(conn.line())["id"] == "next"
+    conn.close()
+
+
+def test_a_handler_returning_infinity_gets_an_internal_error(server):
+    server.register("inf", lambda: {"rate": float("inf")})
+    conn = Raw(server.address, negotiate=True)
+    conn.send(b'{"execute": "inf", "id": 1e308}')
+    reply = strict(conn.line())
+    assert reply["error"]["desc"].startswith("Internal error") and reply["id"] == 1e308
+    conn.close()
