@@ -30,7 +30,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 DEFAULT_VERSION: dict = {
@@ -41,10 +41,14 @@ DEFAULT_VERSION: dict = {
 # thread, this server offers none of them.
 KNOWN_CAPABILITIES = ("oob",)
 
-# Limits of qobject/json-streamer.c: they bound the memory one client can make us hold.
-MAX_TOKEN_SIZE = 64 << 20
-MAX_TOKEN_COUNT = 2 << 20
-MAX_NESTING = 1 << 10
+# The limits of qobject/json-streamer.c on one request, lowered: a token held here costs a
+# Python tuple and bytes (about 100 bytes, QEMU's about 20), no command takes more than a few
+# KiB, and Python's json encoder recurses once per level when it echoes an id. A request over
+# a limit is answered with QEMU's error and ends the connection: where it ends is unknown.
+MAX_TOKEN_SIZE = 1 << 20  # QEMU: 64 MiB
+MAX_TOKEN_COUNT = 1 << 16  # QEMU: 2 Mi
+MAX_NESTING = 1 << 6  # QEMU: 1024
+LINGER = 1.0  # seconds to read (and discard) input after an error that ends the connection
 
 _log = logging.getLogger(__name__)
 
@@ -107,11 +111,7 @@ class _Lexer:
         self._state = "start"
         self._token = bytearray()
 
-    def feed(self, data: bytes) -> None:
-        for c in data:
-            self._char(c)
-
-    def _char(self, c: int) -> None:
+    def char(self, c: int) -> None:
         consumed = False
         while not consumed:
             moves, other = _LEX[self._state]
@@ -130,56 +130,92 @@ class _Lexer:
             self._emit("oversize", b"")
 
 
+# A lexical error on one of these bytes resets the streamer even inside a value: it is how
+# docs/interop/qmp-spec.rst tells a client to force the parser into a known-good state (an
+# ASCII control other than tab, or 0xFE or 0xFF, where json-lexer.c's recovery stops too).
+_RESYNC = frozenset(c for c in range(0x20) if c != 0x09) | {0xFE, 0xFF}
+
+
 class _Streamer:
     """Groups tokens into whole values, as qobject/json-streamer.c does: a value ends when its
-    braces and brackets balance, so no newline is needed and one read may carry several."""
+    braces and brackets balance, so no newline is needed and one read may carry several.
+
+    Unlike QEMU, a malformed value gets one error: after a stray token inside it, the rest of
+    it is skipped (its brackets still counted), where QEMU parses each of its remaining tokens
+    as a value of its own and answers each. A value over a limit breaks the stream for good."""
 
     def __init__(self) -> None:
         self._lexer = _Lexer(self._token)
-        self._tokens: list[tuple[str, bytes]] = []
-        self._size = 0
-        self._depth = {"{": 0, "[": 0}
         self._out: list[tuple[Any, QmpError | None]] = []
+        self.broken = False  # a value passed a limit: the connection is to end after its error
+        self._clear()
 
-    def feed(self, data: bytes) -> list[tuple[Any, QmpError | None]]:
-        """The (value, error) pairs completed by `data`, in order; exactly one is set."""
-        self._lexer.feed(data)
-        out, self._out = self._out, []
-        return out
+    def feed(self, data: bytes) -> Iterator[tuple[Any, QmpError | None]]:
+        """The (value, error) pairs completed by `data`, in order, exactly one of each set;
+        lazily, so that no input is lexed beyond the request being answered."""
+        for c in data:
+            self._lexer.char(c)
+            if self._out:
+                out, self._out = self._out, []
+                yield from out
+                if self.broken:
+                    return
+
+    def _clear(self, skipping: bool = False) -> None:
+        """Forget the tokens; unless `skipping` the rest of a malformed value, its counts too."""
+        self._tokens: list[tuple[str, bytes]] = []
+        self._skipping = skipping
+        if not skipping:
+            self._count = self._size = 0
+            self._depth = {"{": 0, "[": 0}
 
     def _token(self, kind: str, text: bytes) -> None:
+        if self.broken:
+            return
+        if kind == "error" and text[-1] in _RESYNC:
+            self._clear()
+            self._out.append((None, _stray(text)))
+            return
         if kind in ("{", "}", "[", "]"):
             self._depth["{" if kind in ("{", "}") else "["] += 1 if kind in ("{", "[") else -1
-        error = self._limit_error(kind, text)
-        if error:
-            self._done(None, QmpError(error))
+        limit = self._limit_error(kind, text)
+        if limit:
+            self.broken = True
+            if not self._skipping:  # else this value has had its error
+                self._out.append((None, QmpError(limit)))
             return
-        self._tokens.append((kind, text))
+        self._count += 1
         self._size += len(text)
         braces, brackets = self._depth.values()
-        if (braces > 0 or brackets > 0) and min(braces, brackets) >= 0:
-            return  # the value is not complete yet
-        try:
-            self._done(_Parser(self._tokens).parse(), None)
-        except QmpError as e:
-            self._done(None, e)
+        complete = not ((braces > 0 or brackets > 0) and min(braces, brackets) >= 0)
+        if self._skipping:
+            if complete:
+                self._clear()
+        elif kind == "error":
+            self._out.append((None, _stray(text)))
+            self._clear(skipping=not complete)
+        elif complete:
+            tokens = [*self._tokens, (kind, text)]
+            self._clear()
+            try:
+                self._out.append((_Parser(tokens).parse(), None))
+            except QmpError as e:
+                self._out.append((None, e))
+        else:
+            self._tokens.append((kind, text))
 
     def _limit_error(self, kind: str, text: bytes) -> str | None:
-        if kind == "error":
-            return f"JSON parse error, stray '{text.decode(errors='replace')}'"
         if kind == "oversize" or self._size + len(text) + 1 > MAX_TOKEN_SIZE:
             return "JSON token size limit exceeded"
-        if len(self._tokens) + 1 > MAX_TOKEN_COUNT:
+        if self._count + 1 > MAX_TOKEN_COUNT:
             return "JSON token count limit exceeded"
         if sum(self._depth.values()) > MAX_NESTING:
             return "JSON nesting depth limit exceeded"
         return None
 
-    def _done(self, value: Any, error: QmpError | None) -> None:
-        self._out.append((value, error))
-        self._tokens = []
-        self._size = 0
-        self._depth = {"{": 0, "[": 0}
+
+def _stray(text: bytes) -> QmpError:
+    return QmpError(f"JSON parse error, stray '{text.decode(errors='replace')}'")
 
 
 def _parse_error(message: str) -> QmpError:
@@ -480,11 +516,27 @@ class _Session:
         except OSError:
             pass
 
-    def finish(self) -> None:
-        """Flush what is queued, then close; called by the reader when it is done."""
+    def finish(self, linger: bool = False) -> None:
+        """Flush what is queued, then close; called by the reader when it is done. With
+        `linger`, the client is still sending what its last reply refused (an error that ends
+        the connection): read and discard that for a moment first, as closing a TCP socket with
+        unread input resets the connection, and the client could lose the error."""
         self._outbox.put(None)
         self._writer.join()
+        if linger:
+            self._drain()
         self.sock.close()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + LINGER
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            pass  # a timeout, or the client is gone
 
     def _write(self) -> None:
         while (line := self._outbox.get()) is not None:
@@ -614,16 +666,22 @@ class QmpServer:
     def _serve(self, session: _Session) -> None:
         session.send(_encode({"QMP": {"version": self.version, "capabilities": []}}))
         try:
-            while data := session.sock.recv(65536):
-                for value, error in session.streamer.feed(data):
-                    session.send(self._respond(session, value, error))
+            self._read(session)
         except OSError:
             pass  # the client vanished
         finally:
             # Still listed while it flushes, so that close() can cut a client that never reads.
-            session.finish()
+            session.finish(linger=session.streamer.broken)
             with self._lock:
                 self._sessions.discard(session)
+
+    def _read(self, session: _Session) -> None:
+        """Answer the client's requests one at a time, until it leaves or breaks a limit."""
+        while data := session.sock.recv(65536):
+            for value, error in session.streamer.feed(data):
+                session.send(self._respond(session, value, error))
+            if session.streamer.broken:
+                return
 
     def _respond(self, session: _Session, request: Any, error: QmpError | None) -> bytes:
         if error is None and not isinstance(request, dict):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from emu import qmp
 from emu.qmp import QmpClient, QmpServer
 from tests.test_qmp import Raw, error
 
@@ -66,6 +67,63 @@ def send_in_background(conn: Raw, data: bytes) -> threading.Thread:
     thread = threading.Thread(target=send, daemon=True)
     thread.start()
     return thread
+
+
+# --- Bounded requests ----------------------------------------------------------------------------
+
+def test_the_6_mib_array_gets_one_error_and_the_end(server):
+    conn = Raw(server.address, negotiate=True)
+    sender = send_in_background(conn, b"[" + b"1," * (3 << 20) + b'1]{"execute": "query-status"}')
+    assert replies_until_closed(conn) == [error("JSON token count limit exceeded")]
+    sender.join()
+    conn.close()
+    assert answered(server.address)
+
+
+@pytest.mark.parametrize("request_, desc", [
+    (b'{"execute": "query-version", "id": "' + b"x" * (2 << 20) + b'"}',
+     "JSON token size limit exceeded"),
+    (b'{"execute": "query-version", "id": ' + b"[" * 64 + b"]" * 64 + b"}",
+     "JSON nesting depth limit exceeded"),
+    (b'{"execute": "query-version", "id": [' + b"1," * 40000 + b"1]}",
+     "JSON token count limit exceeded"),
+], ids=["size", "nesting", "count"])
+def test_an_oversized_request_closes_the_client_with_an_error(server, request_, desc):
+    conn = Raw(server.address, negotiate=True)
+    sender = send_in_background(conn, request_ + b'{"execute": "query-version"}')
+    assert replies_until_closed(conn) == [error(desc)]
+    sender.join()
+    conn.close()
+    assert answered(server.address)
+
+
+def test_the_deepest_allowed_id_is_echoed(server):
+    conn = Raw(server.address, negotiate=True)
+    deepest = b"[" * (qmp.MAX_NESTING - 1) + b"]" * (qmp.MAX_NESTING - 1)
+    conn.send(b'{"execute": "query-version", "id": ' + deepest + b"}")
+    assert json.dumps(conn.reply()["id"]).encode().replace(b" ", b"") == deepest
+    conn.close()
+
+
+# --- One error per malformed value ---------------------------------------------------------------
+
+@pytest.mark.parametrize("data, errors", [
+    # a stray token inside a value: the rest of the value is skipped, brackets and all
+    (b'{"execute": @, "id": [1, 2, {"a": @}]}', ["stray '@'"]),
+    (b"[" + b"@," * 5000 + b"@]", ["stray '@'"]),
+    (b'{"execute": "a\tb", "id": 1}', ["stray '\"a\t'"]),
+    # qmp-spec.rst: a control character resets the parser, inside a value or not
+    (b'{"execute": "query-version", "arguments": {\x01', ["stray '\x01'"]),
+    (b'{"execute": @, "arguments": {\x01', ["stray '@'", "stray '\x01'"]),
+    (b'{"execute": "abc\n', ["stray '\"abc\n'"]),
+], ids=["object", "array", "tab", "reset", "reset while skipping", "newline"])
+def test_a_malformed_value_gets_one_error(server, data, errors):
+    conn = Raw(server.address, negotiate=True)
+    conn.send(data + NEXT)
+    for desc in errors:
+        assert conn.reply() == error(f"JSON parse error, {desc}")
+    assert conn.reply() == {"return": server.version, "id": "next"}
+    conn.close()
 
 
 # --- Numbers -------------------------------------------------------------------------------------
