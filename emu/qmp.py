@@ -8,6 +8,11 @@ packed several to a read, single-quoted strings are accepted, and a lexical erro
 at the next structural or control character. Every error text is QEMU's own, so that a client
 written against QEMU sees the same answers here; the comment at each names the QEMU file.
 
+What one client can make the monitor hold is bounded, as in QEMU's monitor/qmp.c: a request's
+size and nesting, the replies it leaves unread before the monitor stops reading it, the events
+it leaves unread before it is dropped, and the number of clients. Unlike QEMU, a malformed
+value gets one error, not one per token, and a number is never echoed as a non-finite one.
+
     server = QmpServer("unix:/tmp/emu.qmp")
     server.register("migrate", migrate, {"uri": str, "resume": bool}, required={"uri"})
     server.start()
@@ -48,6 +53,12 @@ KNOWN_CAPABILITIES = ("oob",)
 MAX_TOKEN_SIZE = 1 << 20  # QEMU: 64 MiB
 MAX_TOKEN_COUNT = 1 << 16  # QEMU: 2 Mi
 MAX_NESTING = 1 << 6  # QEMU: 1024
+# monitor/monitor-internal.h: the requests a client may have waiting before its monitor stops
+# reading it. Here a request waits while its reply cannot be queued behind this many unread
+# ones, so a client that sends and never reads makes the monitor hold no more than that.
+QMP_REQ_QUEUE_LEN_MAX = 8
+MAX_UNREAD = 1 << 20  # bytes of replies and events a client leaves unread before it is dropped
+MAX_CLIENTS = 16  # connected at a time; one more is told so and disconnected
 LINGER = 1.0  # seconds to read (and discard) input after an error that ends the connection
 
 _log = logging.getLogger(__name__)
@@ -486,7 +497,9 @@ class _Command:
 
 class _Session:
     """One client connection. Replies and events go through one queue, written by a thread of
-    its own, so that emit() never blocks on a client that does not read."""
+    its own, so that emit() never blocks on a client that does not read; the queue is bounded
+    by holding back the client's next request (wait_for_room) and by dropping a client whose
+    unread events pass MAX_UNREAD."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -494,7 +507,10 @@ class _Session:
         self.command_mode = False  # events are delivered
         self.streamer = _Streamer()
         self.reader: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
+        self._queued = 0  # lines in the outbox, not yet written
+        self._unread = 0  # their bytes
+        self._gone = False  # hung up: nothing more is written
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="qmp-writer", daemon=True)
         self._writer.start()
@@ -502,15 +518,32 @@ class _Session:
     def send(self, line: bytes) -> None:
         # Command mode starts right after the negotiation reply, so no event overtakes it.
         with self._lock:
-            self._outbox.put(line)
+            self._queue(line)
             self.command_mode = self.negotiated
 
     def send_event(self, line: bytes) -> None:
         with self._lock:
-            if self.command_mode:
-                self._outbox.put(line)
+            if not self.command_mode or self._gone:
+                return
+            if self._unread + len(line) <= MAX_UNREAD:
+                self._queue(line)
+                return
+        _log.warning("QMP client dropped: it left %d bytes of replies and events unread",
+                     self._unread)
+        self.hang_up()
+
+    def wait_for_room(self) -> bool:
+        """Wait until a reply fits behind the unread ones (QMP_REQ_QUEUE_LEN_MAX); whether the
+        client is still there. Meanwhile nothing more is read from it, as QEMU's
+        monitor_suspend() does, so its input waits in the kernel's socket buffers."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._gone or self._queued < QMP_REQ_QUEUE_LEN_MAX)
+            return not self._gone
 
     def hang_up(self) -> None:
+        with self._lock:
+            self._gone = True
+            self._lock.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # also wakes the reader blocked in recv()
         except OSError:
@@ -538,6 +571,11 @@ class _Session:
         except OSError:
             pass  # a timeout, or the client is gone
 
+    def _queue(self, line: bytes) -> None:
+        self._outbox.put(line)
+        self._queued += 1
+        self._unread += len(line)
+
     def _write(self) -> None:
         while (line := self._outbox.get()) is not None:
             try:
@@ -545,6 +583,10 @@ class _Session:
             except OSError:
                 self.hang_up()
                 return
+            with self._lock:
+                self._queued -= 1
+                self._unread -= len(line)
+                self._lock.notify_all()
 
 
 # The session whose command is running, for commands about the monitor itself (QEMU's
@@ -555,9 +597,10 @@ _current: contextvars.ContextVar[_Session] = contextvars.ContextVar("qmp_session
 class QmpServer:
     """A QMP monitor on `address` (unix:PATH or tcp:HOST:PORT, port 0 = any free port).
 
-    Serves any number of clients from background threads once start()ed; `address` is then the
-    bound address. Command handlers run one at a time, as in QEMU's main loop. A tcp address
-    must be loopback unless allow_remote: whoever connects controls the emulator.
+    Serves up to MAX_CLIENTS clients at a time from background threads once start()ed;
+    `address` is then the bound address. Command handlers run one at a time, as in QEMU's main
+    loop. A tcp address must be loopback unless allow_remote: whoever connects controls the
+    emulator.
     """
 
     def __init__(self, address: str, version: dict | None = None, *,
@@ -654,8 +697,8 @@ class QmpServer:
     def _open(self, sock: socket.socket) -> None:
         _no_delay(sock)
         with self._lock:
-            if self._closed:
-                sock.close()
+            if self._closed or len(self._sessions) >= MAX_CLIENTS:
+                _refuse(sock, self._closed)
                 return
             session = _Session(sock)
             session.reader = threading.Thread(target=self._serve, args=(session,),
@@ -679,6 +722,8 @@ class QmpServer:
         """Answer the client's requests one at a time, until it leaves or breaks a limit."""
         while data := session.sock.recv(65536):
             for value, error in session.streamer.feed(data):
+                if not session.wait_for_room():
+                    return
                 session.send(self._respond(session, value, error))
             if session.streamer.broken:
                 return
@@ -739,6 +784,18 @@ class QmpServer:
         if enable:
             raise QmpError(f"Capability {', '.join(enable)} not available")
         session.negotiated = True
+
+
+def _refuse(sock: socket.socket, closing: bool) -> None:
+    """Say why to a client that cannot be served (without waiting on it), and disconnect it."""
+    if not closing:
+        desc = f"Too many QMP clients: at most {MAX_CLIENTS} are served at a time"
+        try:
+            sock.setblocking(False)
+            sock.send(_encode({"error": QmpError(desc).body()}))
+        except OSError:
+            pass
+    sock.close()
 
 
 def _check_request(request: dict) -> None:

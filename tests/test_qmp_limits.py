@@ -69,6 +69,59 @@ def send_in_background(conn: Raw, data: bytes) -> threading.Thread:
     return thread
 
 
+# --- Backpressure --------------------------------------------------------------------------------
+
+def test_a_client_that_pipelines_without_reading_is_held_back(server):
+    calls = []
+    server.register("big", lambda: calls.append(1) or "x" * BIG)
+    greedy = Raw(server.address, negotiate=True)
+    before = vm_rss()
+    greedy.send(b'{"execute": "big"}' * 1000)  # 64 MiB of replies, if they were all made
+    executed = settle(lambda: len(calls))
+    grown = vm_rss() - before
+    assert answered(server.address)  # the others are still served meanwhile
+    # QMP_REQ_QUEUE_LEN_MAX replies queued, plus what the kernel's socket buffers hold
+    assert qmp.QMP_REQ_QUEUE_LEN_MAX <= executed < 200
+    assert grown < 24 << 20
+    greedy.close()
+
+
+def test_a_client_that_leaves_events_unread_is_dropped(server):
+    idle = Raw(server.address, negotiate=True)
+    event = {"pad": "x" * 1000}
+    for _ in range(5000):  # 5 MB of events
+        server.emit("X-PAD", event)
+    received = replies_until_closed(idle, most=5000)
+    assert 0 < len(received) < 5000  # what the kernel had taken, then the end
+    assert all(e["event"] == "X-PAD" for e in received)
+    idle.close()
+    assert answered(server.address)
+
+
+def test_too_many_clients_are_refused(server):
+    clients = [QmpClient(server.address) for _ in range(qmp.MAX_CLIENTS)]
+    for c in clients:
+        c.connect()
+    extra = QmpClient(server.address)
+    with pytest.raises(ConnectionError, match="Too many QMP clients: at most 16 are served"):
+        extra.connect()
+    extra.close()
+    assert clients[0].cmd("query-version")  # the ones already in are not disturbed
+    clients.pop().close()
+    deadline = time.monotonic() + 10  # the server notices the departure in its own time
+    while True:
+        try:
+            clients.append(QmpClient(server.address))
+            clients[-1].connect()
+            break
+        except ConnectionError:
+            clients.pop().close()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    for c in clients:
+        c.close()
+
+
 # --- Bounded requests ----------------------------------------------------------------------------
 
 def test_the_6_mib_array_gets_one_error_and_the_end(server):
