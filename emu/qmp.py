@@ -8,6 +8,11 @@ packed several to a read, single-quoted strings are accepted, and a lexical erro
 at the next structural or control character. Every error text is QEMU's own, so that a client
 written against QEMU sees the same answers here; the comment at each names the QEMU file.
 
+What one client can make the monitor hold is bounded, as in QEMU's monitor/qmp.c: a request's
+size and nesting, the replies it leaves unread before the monitor stops reading it, the events
+it leaves unread before it is dropped, and the number of clients. Unlike QEMU, a malformed
+value gets one error, not one per token, and a number is never echoed as a non-finite one.
+
     server = QmpServer("unix:/tmp/emu.qmp")
     server.register("migrate", migrate, {"uri": str, "resume": bool}, required={"uri"})
     server.start()
@@ -22,6 +27,7 @@ import contextvars
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import select
@@ -29,7 +35,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 DEFAULT_VERSION: dict = {
@@ -40,10 +46,20 @@ DEFAULT_VERSION: dict = {
 # thread, this server offers none of them.
 KNOWN_CAPABILITIES = ("oob",)
 
-# Limits of qobject/json-streamer.c: they bound the memory one client can make us hold.
-MAX_TOKEN_SIZE = 64 << 20
-MAX_TOKEN_COUNT = 2 << 20
-MAX_NESTING = 1 << 10
+# The limits of qobject/json-streamer.c on one request, lowered: a token held here costs a
+# Python tuple and bytes (about 100 bytes, QEMU's about 20), no command takes more than a few
+# KiB, and Python's json encoder recurses once per level when it echoes an id. A request over
+# a limit is answered with QEMU's error and ends the connection: where it ends is unknown.
+MAX_TOKEN_SIZE = 1 << 20  # QEMU: 64 MiB
+MAX_TOKEN_COUNT = 1 << 16  # QEMU: 2 Mi
+MAX_NESTING = 1 << 6  # QEMU: 1024
+# monitor/monitor-internal.h: the requests a client may have waiting before its monitor stops
+# reading it. Here a request waits while its reply cannot be queued behind this many unread
+# ones, so a client that sends and never reads makes the monitor hold no more than that.
+QMP_REQ_QUEUE_LEN_MAX = 8
+MAX_UNREAD = 1 << 20  # bytes of replies and events a client leaves unread before it is dropped
+MAX_CLIENTS = 16  # connected at a time; one more is told so and disconnected
+LINGER = 1.0  # seconds to read (and discard) input after an error that ends the connection
 
 _log = logging.getLogger(__name__)
 
@@ -106,11 +122,7 @@ class _Lexer:
         self._state = "start"
         self._token = bytearray()
 
-    def feed(self, data: bytes) -> None:
-        for c in data:
-            self._char(c)
-
-    def _char(self, c: int) -> None:
+    def char(self, c: int) -> None:
         consumed = False
         while not consumed:
             moves, other = _LEX[self._state]
@@ -129,56 +141,92 @@ class _Lexer:
             self._emit("oversize", b"")
 
 
+# A lexical error on one of these bytes resets the streamer even inside a value: it is how
+# docs/interop/qmp-spec.rst tells a client to force the parser into a known-good state (an
+# ASCII control other than tab, or 0xFE or 0xFF, where json-lexer.c's recovery stops too).
+_RESYNC = frozenset(c for c in range(0x20) if c != 0x09) | {0xFE, 0xFF}
+
+
 class _Streamer:
     """Groups tokens into whole values, as qobject/json-streamer.c does: a value ends when its
-    braces and brackets balance, so no newline is needed and one read may carry several."""
+    braces and brackets balance, so no newline is needed and one read may carry several.
+
+    Unlike QEMU, a malformed value gets one error: after a stray token inside it, the rest of
+    it is skipped (its brackets still counted), where QEMU parses each of its remaining tokens
+    as a value of its own and answers each. A value over a limit breaks the stream for good."""
 
     def __init__(self) -> None:
         self._lexer = _Lexer(self._token)
-        self._tokens: list[tuple[str, bytes]] = []
-        self._size = 0
-        self._depth = {"{": 0, "[": 0}
         self._out: list[tuple[Any, QmpError | None]] = []
+        self.broken = False  # a value passed a limit: the connection is to end after its error
+        self._clear()
 
-    def feed(self, data: bytes) -> list[tuple[Any, QmpError | None]]:
-        """The (value, error) pairs completed by `data`, in order; exactly one is set."""
-        self._lexer.feed(data)
-        out, self._out = self._out, []
-        return out
+    def feed(self, data: bytes) -> Iterator[tuple[Any, QmpError | None]]:
+        """The (value, error) pairs completed by `data`, in order, exactly one of each set;
+        lazily, so that no input is lexed beyond the request being answered."""
+        for c in data:
+            self._lexer.char(c)
+            if self._out:
+                out, self._out = self._out, []
+                yield from out
+                if self.broken:
+                    return
+
+    def _clear(self, skipping: bool = False) -> None:
+        """Forget the tokens; unless `skipping` the rest of a malformed value, its counts too."""
+        self._tokens: list[tuple[str, bytes]] = []
+        self._skipping = skipping
+        if not skipping:
+            self._count = self._size = 0
+            self._depth = {"{": 0, "[": 0}
 
     def _token(self, kind: str, text: bytes) -> None:
+        if self.broken:
+            return
+        if kind == "error" and text[-1] in _RESYNC:
+            self._clear()
+            self._out.append((None, _stray(text)))
+            return
         if kind in ("{", "}", "[", "]"):
             self._depth["{" if kind in ("{", "}") else "["] += 1 if kind in ("{", "[") else -1
-        error = self._limit_error(kind, text)
-        if error:
-            self._done(None, QmpError(error))
+        limit = self._limit_error(kind, text)
+        if limit:
+            self.broken = True
+            if not self._skipping:  # else this value has had its error
+                self._out.append((None, QmpError(limit)))
             return
-        self._tokens.append((kind, text))
+        self._count += 1
         self._size += len(text)
         braces, brackets = self._depth.values()
-        if (braces > 0 or brackets > 0) and min(braces, brackets) >= 0:
-            return  # the value is not complete yet
-        try:
-            self._done(_Parser(self._tokens).parse(), None)
-        except QmpError as e:
-            self._done(None, e)
+        complete = not ((braces > 0 or brackets > 0) and min(braces, brackets) >= 0)
+        if self._skipping:
+            if complete:
+                self._clear()
+        elif kind == "error":
+            self._out.append((None, _stray(text)))
+            self._clear(skipping=not complete)
+        elif complete:
+            tokens = [*self._tokens, (kind, text)]
+            self._clear()
+            try:
+                self._out.append((_Parser(tokens).parse(), None))
+            except QmpError as e:
+                self._out.append((None, e))
+        else:
+            self._tokens.append((kind, text))
 
     def _limit_error(self, kind: str, text: bytes) -> str | None:
-        if kind == "error":
-            return f"JSON parse error, stray '{text.decode(errors='replace')}'"
         if kind == "oversize" or self._size + len(text) + 1 > MAX_TOKEN_SIZE:
             return "JSON token size limit exceeded"
-        if len(self._tokens) + 1 > MAX_TOKEN_COUNT:
+        if self._count + 1 > MAX_TOKEN_COUNT:
             return "JSON token count limit exceeded"
         if sum(self._depth.values()) > MAX_NESTING:
             return "JSON nesting depth limit exceeded"
         return None
 
-    def _done(self, value: Any, error: QmpError | None) -> None:
-        self._out.append((value, error))
-        self._tokens = []
-        self._size = 0
-        self._depth = {"{": 0, "[": 0}
+
+def _stray(text: bytes) -> QmpError:
+    return QmpError(f"JSON parse error, stray '{text.decode(errors='replace')}'")
 
 
 def _parse_error(message: str) -> QmpError:
@@ -225,10 +273,8 @@ class _Parser:
         self._pos += 1
         if kind == "STRING":
             return _string(text)
-        if kind == "INTEGER":
-            return _integer(text)
-        if kind == "FLOAT":
-            return float(text)
+        if kind in ("INTEGER", "FLOAT"):
+            return _number(text, kind == "INTEGER")
         if kind == "KEYWORD":
             word = text.decode()
             if word not in _KEYWORDS:
@@ -274,10 +320,17 @@ class _Parser:
         return _MORE
 
 
-def _integer(text: bytes) -> int | float:
-    value = int(text)
-    # QEMU keeps integers as int64 or uint64 and falls back to a double beyond.
-    return value if -(1 << 63) <= value < (1 << 64) else float(text)
+def _number(text: bytes, integer: bool) -> int | float:
+    # QEMU keeps integers as int64 or uint64 (20 characters at most) and falls back to a
+    # double beyond.
+    if integer and len(text) <= 20 and -(1 << 63) <= (value := int(text)) < (1 << 64):
+        return value
+    value = float(text)
+    # QEMU's strtod() makes 1e999 an infinity, which its writer prints as "inf", not JSON:
+    # refuse it, as nothing here could echo it.
+    if not math.isfinite(value):
+        raise _parse_error("number out of range")
+    return value
 
 
 _ESCAPES = {ord(k): v for k, v in zip("\"'\\/bfnrt", "\"'\\/\b\f\n\r\t", strict=True)}
@@ -338,7 +391,8 @@ def _decode(raw: bytes) -> str:
 
 def _encode(message: dict) -> bytes:
     # QEMU writes ASCII only, and monitor_puts() turns each "\n" into "\r\n".
-    return json.dumps(message).encode("ascii") + b"\r\n"
+    # allow_nan=False: Infinity and NaN are not JSON, so a handler's infinity is a ValueError.
+    return json.dumps(message, allow_nan=False).encode("ascii") + b"\r\n"
 
 
 # --- Addresses ---------------------------------------------------------------------------------
@@ -443,7 +497,9 @@ class _Command:
 
 class _Session:
     """One client connection. Replies and events go through one queue, written by a thread of
-    its own, so that emit() never blocks on a client that does not read."""
+    its own, so that emit() never blocks on a client that does not read; the queue is bounded
+    by holding back the client's next request (wait_for_room) and by dropping a client whose
+    unread events pass MAX_UNREAD."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -451,7 +507,10 @@ class _Session:
         self.command_mode = False  # events are delivered
         self.streamer = _Streamer()
         self.reader: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Condition(threading.Lock())
+        self._queued = 0  # lines in the outbox, not yet written
+        self._unread = 0  # their bytes
+        self._gone = False  # hung up: nothing more is written
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write, name="qmp-writer", daemon=True)
         self._writer.start()
@@ -459,25 +518,63 @@ class _Session:
     def send(self, line: bytes) -> None:
         # Command mode starts right after the negotiation reply, so no event overtakes it.
         with self._lock:
-            self._outbox.put(line)
+            self._queue(line)
             self.command_mode = self.negotiated
 
     def send_event(self, line: bytes) -> None:
         with self._lock:
-            if self.command_mode:
-                self._outbox.put(line)
+            if not self.command_mode or self._gone:
+                return
+            if self._unread + len(line) <= MAX_UNREAD:
+                self._queue(line)
+                return
+        _log.warning("QMP client dropped: it left %d bytes of replies and events unread",
+                     self._unread)
+        self.hang_up()
+
+    def wait_for_room(self) -> bool:
+        """Wait until a reply fits behind the unread ones (QMP_REQ_QUEUE_LEN_MAX); whether the
+        client is still there. Meanwhile nothing more is read from it, as QEMU's
+        monitor_suspend() does, so its input waits in the kernel's socket buffers."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._gone or self._queued < QMP_REQ_QUEUE_LEN_MAX)
+            return not self._gone
 
     def hang_up(self) -> None:
+        with self._lock:
+            self._gone = True
+            self._lock.notify_all()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # also wakes the reader blocked in recv()
         except OSError:
             pass
 
-    def finish(self) -> None:
-        """Flush what is queued, then close; called by the reader when it is done."""
+    def finish(self, linger: bool = False) -> None:
+        """Flush what is queued, then close; called by the reader when it is done. With
+        `linger`, the client is still sending what its last reply refused (an error that ends
+        the connection): read and discard that for a moment first, as closing a TCP socket with
+        unread input resets the connection, and the client could lose the error."""
         self._outbox.put(None)
         self._writer.join()
+        if linger:
+            self._drain()
         self.sock.close()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + LINGER
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            pass  # a timeout, or the client is gone
+
+    def _queue(self, line: bytes) -> None:
+        self._outbox.put(line)
+        self._queued += 1
+        self._unread += len(line)
 
     def _write(self) -> None:
         while (line := self._outbox.get()) is not None:
@@ -486,6 +583,10 @@ class _Session:
             except OSError:
                 self.hang_up()
                 return
+            with self._lock:
+                self._queued -= 1
+                self._unread -= len(line)
+                self._lock.notify_all()
 
 
 # The session whose command is running, for commands about the monitor itself (QEMU's
@@ -496,9 +597,10 @@ _current: contextvars.ContextVar[_Session] = contextvars.ContextVar("qmp_session
 class QmpServer:
     """A QMP monitor on `address` (unix:PATH or tcp:HOST:PORT, port 0 = any free port).
 
-    Serves any number of clients from background threads once start()ed; `address` is then the
-    bound address. Command handlers run one at a time, as in QEMU's main loop. A tcp address
-    must be loopback unless allow_remote: whoever connects controls the emulator.
+    Serves up to MAX_CLIENTS clients at a time from background threads once start()ed;
+    `address` is then the bound address. Command handlers run one at a time, as in QEMU's main
+    loop. A tcp address must be loopback unless allow_remote: whoever connects controls the
+    emulator.
     """
 
     def __init__(self, address: str, version: dict | None = None, *,
@@ -595,8 +697,8 @@ class QmpServer:
     def _open(self, sock: socket.socket) -> None:
         _no_delay(sock)
         with self._lock:
-            if self._closed:
-                sock.close()
+            if self._closed or len(self._sessions) >= MAX_CLIENTS:
+                _refuse(sock, self._closed)
                 return
             session = _Session(sock)
             session.reader = threading.Thread(target=self._serve, args=(session,),
@@ -607,16 +709,24 @@ class QmpServer:
     def _serve(self, session: _Session) -> None:
         session.send(_encode({"QMP": {"version": self.version, "capabilities": []}}))
         try:
-            while data := session.sock.recv(65536):
-                for value, error in session.streamer.feed(data):
-                    session.send(self._respond(session, value, error))
+            self._read(session)
         except OSError:
             pass  # the client vanished
         finally:
             # Still listed while it flushes, so that close() can cut a client that never reads.
-            session.finish()
+            session.finish(linger=session.streamer.broken)
             with self._lock:
                 self._sessions.discard(session)
+
+    def _read(self, session: _Session) -> None:
+        """Answer the client's requests one at a time, until it leaves or breaks a limit."""
+        while data := session.sock.recv(65536):
+            for value, error in session.streamer.feed(data):
+                if not session.wait_for_room():
+                    return
+                session.send(self._respond(session, value, error))
+            if session.streamer.broken:
+                return
 
     def _respond(self, session: _Session, request: Any, error: QmpError | None) -> bytes:
         if error is None and not isinstance(request, dict):
@@ -626,7 +736,7 @@ class QmpServer:
         echo = {"id": request["id"]} if isinstance(request, dict) and "id" in request else {}
         try:
             return _encode({**reply, **echo})
-        except (TypeError, ValueError) as e:  # a handler returned something JSON can't carry
+        except (TypeError, ValueError, RecursionError) as e:  # what JSON can't carry
             _log.exception("QMP reply is not JSON")
             return _encode({"error": QmpError(f"Internal error: {e}").body(), **echo})
 
@@ -674,6 +784,18 @@ class QmpServer:
         if enable:
             raise QmpError(f"Capability {', '.join(enable)} not available")
         session.negotiated = True
+
+
+def _refuse(sock: socket.socket, closing: bool) -> None:
+    """Say why to a client that cannot be served (without waiting on it), and disconnect it."""
+    if not closing:
+        desc = f"Too many QMP clients: at most {MAX_CLIENTS} are served at a time"
+        try:
+            sock.setblocking(False)
+            sock.send(_encode({"error": QmpError(desc).body()}))
+        except OSError:
+            pass
+    sock.close()
 
 
 def _check_request(request: dict) -> None:
