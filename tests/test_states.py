@@ -1,11 +1,15 @@
 """The state machines as QEMU writes them: every change is migrate_set_state(OLD, NEW), a
 compare-and-set, and a change from a state the side has already left is refused and traced."""
 
+import threading
 import time
 
-from emu import controller, destination, wire
+import pytest
+
+from emu import controller, destination, source, wire
 from emu.controller import Run, migrate
 from emu.faults import Fault, parse
+from emu.states import StateLog, after_failure, refusal_text
 from tests.conftest import config
 from tests.test_recovery import assert_recovered, statuses
 
@@ -64,3 +68,70 @@ def test_pause_during_resume_handshake_is_not_overwritten(monkeypatch):
     refused = [e["event"] for e in result["events"] if "refused" in e["event"]]
     assert any("postcopy-recover -> postcopy-active" in e and "postcopy-paused" in e
                for e in refused), refused
+
+
+def test_cut_preempt_at_postcopy_recover_as_it_comes():
+    """The same fault at whatever moment the link strikes it: the run recovers."""
+    result = migrate(config(workload__pattern="ab", migration__postcopy_preempt="true"), None,
+                     [parse("cut main at 30ms"), parse("cut preempt at postcopy-recover")], 0.05)
+    assert_recovered(result, times=2)
+
+
+def test_a_change_is_a_compare_and_set():
+    events = []
+    log = StateLog("destination", lambda: 1.5, events.append)
+    assert log.set("none", "setup")
+    assert not log.set("none", "active")  # no longer in none: refused, traced
+    assert log.status == "setup" and log.changes == [("setup", 1.5)]
+    assert events == [("state", "destination", "setup", 1.5),
+                      ("state-refused", "destination", "none", "active", "setup", 1.5)]
+    assert refusal_text(events[1]) == ("destination: migrate_set_state none -> active refused: "
+                                       "the state is setup")
+    assert log.set("setup", "setup") and len(events) == 2  # no change, no second event
+
+
+def test_of_threads_racing_from_one_state_exactly_one_wins():
+    log = StateLog("source", lambda: 0.0)
+    log.set("none", "postcopy-paused")
+    start = threading.Barrier(8)
+    wins = []
+
+    def resume():
+        start.wait()
+        wins.append(log.set("postcopy-paused", "postcopy-recover-setup"))
+
+    threads = [threading.Thread(target=resume) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == [False] * 7 + [True]
+    assert log.changes == [("postcopy-paused", 0.0), ("postcopy-recover-setup", 0.0)]
+
+
+def test_a_failure_that_loses_the_race_decides_again():
+    """The preempt thread saw postcopy-recover and pauses; the listen thread's RESUME lands
+    first: the pause is made from postcopy-active instead, never lost."""
+    log = StateLog("destination", lambda: 0.0)
+    log.set("none", "postcopy-recover")
+    seen = []
+
+    def decide(status):
+        seen.append(status)
+        if len(seen) == 1:
+            log.set("postcopy-recover", "postcopy-active")  # the other thread, in between
+        return after_failure(status, destination.PAUSES)
+
+    assert log.settle(decide) == ("postcopy-active", "postcopy-paused")
+    assert seen == ["postcopy-recover", "postcopy-active"]
+    assert [s for s, _ in log.changes] == ["postcopy-recover", "postcopy-active",
+                                           "postcopy-paused"]
+
+
+@pytest.mark.parametrize("status, new", [
+    ("setup", "failed"), ("active", "failed"), ("device", "failed"),
+    ("postcopy-active", "postcopy-paused"), ("postcopy-recover-setup", "postcopy-paused"),
+    ("postcopy-recover", "postcopy-paused"), ("postcopy-paused", None),
+    ("cancelling", "cancelled"), ("completed", None), ("failed", None), ("cancelled", None)])
+def test_what_a_broken_channel_leads_to_on_the_source(status, new):
+    assert after_failure(status, source.PAUSES) == new
