@@ -22,7 +22,7 @@ from emu.metrics import FaultRing
 from emu.page_requests import PageRequestQueue
 from emu.process import child_main
 from emu.shm import Segments
-from emu.states import FINAL
+from emu.states import FINAL, refusal_text
 from emu.status import Board
 
 
@@ -300,6 +300,8 @@ class Run:
         kind = event[0]
         if kind == "state":
             self._state(*event[1:])
+        elif kind == "state-refused":
+            self._note(event[5], refusal_text(event))
         elif kind == "listening":
             self.listening = event[1]
         elif kind == "link":

@@ -25,14 +25,14 @@ from emu.clock import Clock
 from emu.metrics import FAULT_DTYPE, FaultRing
 from emu.placement import MAIN, PREEMPT, Placer
 from emu.process import start_thread
-from emu.states import StateLog, pause_refusal
+from emu.states import StateLog, after_failure, pause_refusal
 from emu.status import LAG_FIELDS, Board, lag_meter
 from emu.workload import SLICED, Memory, VCpu, Workload
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS
 RING = 1 << 16
-POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover")
+PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
 
 
 class DestMemory(Memory):
@@ -89,8 +89,11 @@ class Destination:
     # ---- commands ----
 
     def incoming(self, address: str) -> None:
-        """migrate-incoming: listen for the source's channels."""
-        self.state.set("setup")
+        """migrate-incoming: listen for the source's channels (qemu_start_incoming_migration)."""
+        if not self.state.set("none", "setup"):
+            self.control.emit(("refused", "migrate-incoming",
+                               "The incoming migration has already been started"))
+            return
         self._listen(address)
         start_thread("fault", self._fault_thread)
 
@@ -170,8 +173,8 @@ class Destination:
             self._stop_listening()
         if which == MAIN:
             self._block_named = False
-            if self.state.status == "postcopy-paused":
-                self.state.set("postcopy-recover")
+            if self.state.status == "postcopy-paused":  # postcopy_try_recover()
+                self.state.set("postcopy-paused", "postcopy-recover")
         start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
 
     def _close_channels(self) -> None:
@@ -188,8 +191,8 @@ class Destination:
         try:
             while True:
                 msg = wire.decode_main(ep.recv(), payload)
-                if self.state.status == "setup":
-                    self.state.set("active")
+                if self.state.status == "setup":  # process_incoming_migration_co()
+                    self.state.set("setup", "active")
                 if isinstance(msg, wire.RamRecord):
                     self.placer.receive(which, msg)
                 elif isinstance(msg, wire.Eof):
@@ -211,7 +214,7 @@ class Destination:
                 self.placer.discard(start // self.cfg.page_size, length // self.cfg.page_size)
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_LISTEN:
             self.placer.postcopy = True
-            self.state.set("postcopy-active")
+            self.state.set("active", "postcopy-active")  # postcopy_ram_listen_thread()
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RUN:
             self._start_vcpus()
         elif msg.cmd == wire.MIG_CMD_PING:
@@ -223,8 +226,12 @@ class Destination:
 
     def _resume(self) -> None:
         """POSTCOPY_RESUME: back to postcopy-active; ask again for every page still wanted,
-        since the source's queue was lost with the connection."""
-        self.state.set("postcopy-active")
+        since the source's queue was lost with the connection. Only from postcopy-recover
+        (loadvm_postcopy_handle_resume): a channel that broke after the listen thread read
+        the command has paused the migration again, and that pause stands, or no recovery
+        could ever be started (no RESUME_ACK either: the channels are gone)."""
+        if not self.state.set("postcopy-recover", "postcopy-active"):
+            return
         self._send_rp(wire.rp_message(wire.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"))
         for page in np.flatnonzero(self.placer.states == R.REQUESTED):
             self._request(int(page))
@@ -240,29 +247,31 @@ class Destination:
             self._complete()
 
     def _complete(self) -> None:
+        """Every channel said EOF: completed (or failed, with pages missing), from
+        postcopy-active or, without postcopy, from active. A pause that landed just before
+        stands: the source sends its EOFs again after the recovery, and this runs again."""
+        missing = self.cfg.npages - self.placer.present
+        old = "postcopy-active" if self.placer.postcopy else "active"
+        if not self.state.set(old, "failed" if missing else "completed"):
+            return
         self.stop.set()
         for vcpu in self.vcpus:
             vcpu.join()
-        if self.placer.present != self.cfg.npages:
-            missing = self.cfg.npages - self.placer.present
+        if missing:
             self.control.fail(f"destination: {missing} host pages missing at the end")
-            self.state.set("failed")
-        else:
-            self.state.set("completed")
         self._send_rp(wire.rp_message(wire.MIG_RP_MSG_SHUT, b"\0\0\0\0"))
         self.control.emit(("report", "destination", self._report()))
 
     def _channel_failed(self, reason: str) -> None:
-        status = self.state.status
-        if status in POSTCOPY:
-            if status != "postcopy-paused":
-                self.placer.drop_partial()
-                self.state.set("postcopy-paused")
-                self.control.emit(("paused", "destination", reason))
-            self._close_channels()
-        elif status not in ("completed", "failed"):
+        """A channel broke: in postcopy the migration pauses, from postcopy-active or from
+        postcopy-recover (postcopy_pause_incoming); before postcopy it fails."""
+        old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+        if new == "postcopy-paused":
+            self.placer.drop_partial()
+            self.control.emit(("paused", "destination", reason))
+        elif new == "failed":
             self.control.fail(f"destination: {reason}")
-            self.state.set("failed")
+        if old not in ("completed", "failed"):
             self._close_channels()
 
     # ---- return path and the fault thread ----

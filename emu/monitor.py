@@ -128,6 +128,8 @@ class Monitor:
         if kind == "state":
             self.log(f"[{event[3] * 1e3:10.3f} ms] {event[1]}: {event[2]}")
             self._set_status(event[2])
+        elif kind == "state-refused":
+            self.log(f"[{event[5] * 1e3:10.3f} ms] {states.refusal_text(event)}")
         elif kind == "listening":
             self.listening.append(event[1])
             self._outcomes.put(None)

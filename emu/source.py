@@ -20,7 +20,7 @@ from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
 from emu.page_requests import PageRequestQueue
 from emu.process import start_thread
-from emu.states import FINAL, StateLog, pause_refusal
+from emu.states import FINAL, StateLog, after_failure, pause_refusal
 from emu.status import Board
 from emu.workload import Memory, VCpu, Workload
 
@@ -30,6 +30,8 @@ FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "n
           "break-huge")
 SCAN = 1 << 16  # dirty-bitmap window searched at once
 DISCARDS_PER_COMMAND = 4000
+# where a broken channel pauses the migration instead of failing it (postcopy_pause())
+PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
 
 
 class Pacer:
@@ -115,12 +117,13 @@ class Source:
 
     def migrate(self, address: str) -> None:
         """migrate: connect to the destination (through the link) and start streaming."""
-        self.state.set("setup")
+        if not self.state.set("none", "setup"):  # migrate_init(): one migration per source
+            return
         try:
             self._connect(address)
         except (OSError, ChannelError) as err:
             self.control.fail(f"source: cannot connect to {address}: {err}")
-            self.state.set("failed")
+            self.state.set("setup", "failed")  # migrate_fd_error()
             return
         with self.vcpu_lock:
             if self.guest_running:
@@ -148,10 +151,10 @@ class Source:
     def cancel(self) -> None:
         """migrate_cancel before postcopy: give up; the guest goes on running here."""
         with self.lock:
-            if self.state.status not in ("setup", "active"):
-                return
-            self.state.set("cancelling")
-        self._close_channels()
+            _, new = self.state.settle(
+                lambda status: "cancelling" if status in ("setup", "active") else None)
+        if new:
+            self._close_channels()
 
     def stop_guest(self) -> None:
         """QMP stop: pause the vCPUs; they keep their place in the workload."""
@@ -210,17 +213,13 @@ class Source:
         with self.lock:
             if ep is not None and (ep.closed or ep not in (self.main, self.preempt)):
                 return  # a connection already given up (a recovery may be using new ones)
-            status = self.state.status
-            if status in ("postcopy-active", "postcopy-recover-setup", "postcopy-recover"):
+            _, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+            if new == "postcopy-paused":  # postcopy_pause()
                 self.resumed.clear()
-                self.state.set("postcopy-paused")
                 self.queue.clear()  # lost: the destination asks again after resuming
                 self.control.emit(("paused", "source", reason))
-            elif status == "cancelling":
-                self.state.set("cancelled")  # migrate_cancel closed the channels
-            elif status not in FINAL and status != "postcopy-paused":
+            elif new == "failed":
                 self.control.fail(f"source: {reason}")
-                self.state.set("failed")
             broken = (self.main, self.preempt)  # not what a recovery connects meanwhile
         for channel_ep in broken:
             if channel_ep:
@@ -242,24 +241,28 @@ class Source:
         if self.cfg["migration.postcopy-ram"]:
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_ADVISE)])
         self.board["setup-time"] = self.clock.now() - t0
-        self.state.set("active")
+        self.state.set("setup", "active")  # migration_thread()
         self._precopy()
         if self.state.status == "cancelling":
-            self.state.set("cancelled")
+            self.state.set("cancelling", "cancelled")  # migrate_fd_cleanup()
             return
         if self.cfg["migration.postcopy-ram"]:
-            self._start_postcopy()
+            if not self._start_postcopy():
+                return
             self._postcopy()
+            last = "postcopy-active"
         else:
-            self._stop_and_copy()
+            if not self._stop_and_copy():
+                return
             self._send_eofs()
             if not self._wait_for(self.shut):
                 return
+            last = "device"
         if self.state.status in FINAL or self.quit.is_set():
             return
         self.board["remaining"] = 0
         self.board["total-time"] = self.clock.now() - t0
-        self.state.set("completed")
+        self.state.set(last, "completed")  # migration_completion_end()
 
     def _precopy(self) -> None:
         pacer = self._pacer("max-bandwidth")
@@ -273,10 +276,12 @@ class Source:
             self._send_background(page, pacer, "precopy-bytes", None)
         self.main.flush()
 
-    def _start_postcopy(self) -> None:
-        """migrate-start-postcopy: stop the guest, discard, device state, run on the other side."""
+    def _start_postcopy(self) -> bool:
+        """migrate-start-postcopy: stop the guest, discard, device state, run on the other side.
+        False if the migration failed or was cancelled meanwhile."""
         t_stop = self.clock.now()
-        self.state.set("device")
+        if not self.state.set("active", "device"):  # migration_switchover_prepare()
+            return False
         with self.vcpu_lock:
             self._stop_vcpus()
         stale = np.flatnonzero(self.dirty & self.sent_once)
@@ -289,8 +294,8 @@ class Source:
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RUN)])
         self.board["downtime"] = self.clock.now() - t_stop
-        self.resumed.set()
-        self.state.set("postcopy-active")
+        self.resumed.set()  # before the change: a pause right after it clears it again
+        return self.state.set("device", "postcopy-active")  # postcopy_start()
 
     def _postcopy(self) -> None:
         """Stream until the destination has it all, pausing and resuming across failures."""
@@ -333,15 +338,17 @@ class Source:
                 return False
         return True
 
-    def _stop_and_copy(self) -> None:
+    def _stop_and_copy(self) -> bool:
         t_stop = self.clock.now()
-        self.state.set("device")
+        if not self.state.set("active", "device"):  # migration_switchover_prepare()
+            return False
         with self.vcpu_lock:
             self._stop_vcpus()
         while (page := self._next_dirty()) is not None:
             self._send_background(page, None, "downtime-bytes", None)
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.board["downtime"] = self.clock.now() - t_stop
+        return True
 
     def _start_vcpus(self) -> None:
         """Run the vCPUs from where their workloads stand (a thread runs once: new ones)."""
@@ -479,13 +486,17 @@ class Source:
     def _resume(self, address: str) -> None:
         """QEMU's recovery handshake: reconnect, RECV_BITMAP (every page the destination did
         not receive becomes dirty again: what was in flight is lost), POSTCOPY_RESUME,
-        RESUME_ACK. A failure anywhere goes back to postcopy-paused."""
-        self.state.set("postcopy-recover-setup")
+        RESUME_ACK. A failure anywhere goes back to postcopy-paused. A new connection can
+        break as soon as it is made (its reader thread then pauses the migration): each step
+        changes the state only from the one before it, so that pause is never overwritten."""
+        if not self.state.set("postcopy-paused", "postcopy-recover-setup"):  # migrate_prepare()
+            return
         self.bitmap_received.clear()
         self.resume_ack.clear()
         try:
             self._connect(address)
-            if not self._advance("postcopy-recover-setup", "postcopy-recover"):
+            # migrate_fd_connect()
+            if not self.state.set("postcopy-recover-setup", "postcopy-recover"):
                 return
             self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
                                          + wire.BLOCK)])
@@ -497,18 +508,9 @@ class Source:
         except (OSError, ChannelError) as err:
             self._channel_failed(f"recovery: {err}")
             return
-        if self._advance("postcopy-recover", "postcopy-active"):
-            self.resumed.set()
-
-    def _advance(self, expected: str, new: str) -> bool:
-        """Go from `expected` to `new`, unless a channel broke meanwhile and paused us again:
-        a new connection can break as soon as it is made (its reader thread then pauses the
-        migration), and overwriting that pause would leave a recovery waiting forever."""
-        with self.lock:
-            if self.state.status != expected:
-                return False
-            self.state.set(new)
-            return True
+        with self.lock:  # a pause clears `resumed` under this lock: it must come after this
+            if self.state.set("postcopy-recover", "postcopy-active"):
+                self.resumed.set()  # migrate_handle_rp_resume_ack()
 
     # ---- return-path thread ----
 

@@ -12,6 +12,11 @@ FINAL = ("completed", "failed", "cancelled")
 
 
 class StateLog:
+    """One side's MigrationStatus and its changes. Every change is QEMU's
+    migrate_set_state(&state, OLD, NEW), a compare-and-set: threads act on what they saw a
+    moment ago, and a change from a state the side has left meanwhile (a pause that landed
+    during the recovery handshake) is refused and traced, never written over it."""
+
     def __init__(self, side: str, now: Callable[[], float],
                  emit: Callable[[tuple], None] = lambda event: None) -> None:
         self.side = side
@@ -21,15 +26,49 @@ class StateLog:
         self._emit = emit
         self._lock = threading.Lock()
 
-    def set(self, status: str) -> None:
-        assert status in STATUSES, status
+    def set(self, old: str, new: str) -> bool:
+        """Change from `old` to `new`; False (and a "state-refused" event) when the state is
+        no longer `old`. Already in `new` is no change, as QEMU's cmpxchg of a state with
+        itself sends no second event."""
+        assert old in STATUSES and new in STATUSES, (old, new)
         with self._lock:
-            if status == self.status:
-                return
-            t = self._now()
-            self.status = status
-            self.changes.append((status, t))
-        self._emit(("state", self.side, status, t))
+            actual, t = self.status, self._now()
+            if actual == old and new != old:
+                self.status = new
+                self.changes.append((new, t))
+        if actual != old:
+            self._emit(("state-refused", self.side, old, new, actual, t))
+        elif new != old:
+            self._emit(("state", self.side, new, t))
+        return actual == old
+
+    def settle(self, decide: Callable[[str], str | None]) -> tuple[str, str | None]:
+        """Change to decide(current state), again from the new state if another thread changed
+        it in between (QEMU's loop in migrate_fd_cancel). Returns (old, new); new is None when
+        decide wants no change."""
+        while True:
+            old = self.status
+            new = decide(old)
+            if new is None or self.set(old, new):
+                return old, new
+
+
+def after_failure(status: str, pausable: tuple[str, ...]) -> str | None:
+    """The state a broken channel leads to from `status` (None: it stays). In postcopy the
+    guest's memory is split between the hosts: from `pausable` the migration pauses."""
+    if status in pausable:
+        return "postcopy-paused"
+    if status == "cancelling":
+        return "cancelled"  # migrate_cancel closed the channels
+    if status in FINAL or status == "postcopy-paused":
+        return None
+    return "failed"
+
+
+def refusal_text(event: tuple) -> str:
+    """A "state-refused" event as a trace line."""
+    _, side, old, new, actual, _t = event
+    return f"{side}: migrate_set_state {old} -> {new} refused: the state is {actual}"
 
 
 PAUSABLE = ("postcopy-active", "postcopy-recover")

@@ -1,0 +1,137 @@
+"""The state machines as QEMU writes them: every change is migrate_set_state(OLD, NEW), a
+compare-and-set, and a change from a state the side has already left is refused and traced."""
+
+import threading
+import time
+
+import pytest
+
+from emu import controller, destination, source, wire
+from emu.controller import Run, migrate
+from emu.faults import Fault, parse
+from emu.states import StateLog, after_failure, refusal_text
+from tests.conftest import config
+from tests.test_recovery import assert_recovered, statuses
+
+HOLD_S = 10.0  # real seconds the held listen thread waits for the pause at most
+
+
+class HeldDestination(destination.Destination):
+    """A destination whose listen thread, the first time it decodes POSTCOPY_RESUME, says so
+    and holds until the migration has paused: the preempt thread's pause then lands between
+    decoding the command and acting on it, every time."""
+
+    held = False
+
+    def _main_message(self, msg) -> None:
+        if not self.held and getattr(msg, "cmd", None) == wire.MIG_CMD_POSTCOPY_RESUME:
+            self.held = True
+            self.control.emit(("resume-decoded",))
+            deadline = time.monotonic() + HOLD_S
+            while self.state.status != "postcopy-paused" and time.monotonic() < deadline:
+                time.sleep(0.002)
+        super()._main_message(msg)
+
+
+def held_destination_main(control, bufs, cfg) -> None:
+    """The destination child's body (runs in the spawned process, which imports this module)."""
+    destination.Destination = HeldDestination
+    destination.main(control, bufs, cfg)
+
+
+class CutPreemptOnResume(Run):
+    """`cut preempt at postcopy-recover`, struck once the destination has decoded RESUME."""
+
+    def _event(self, event: tuple) -> None:
+        if event[0] == "resume-decoded":
+            self.inject(Fault("postcopy-recover", "cut", "preempt"))
+        else:
+            super()._event(event)
+
+
+def test_pause_during_resume_handshake_is_not_overwritten(monkeypatch):
+    """The preempt channel is cut during postcopy-recover, after the listen thread decoded
+    POSTCOPY_RESUME: its postcopy-recover -> postcopy-active is refused (the destination is
+    postcopy-paused by then), so the next migrate-recover is accepted and the run completes."""
+    monkeypatch.setattr(destination, "main", held_destination_main)
+    monkeypatch.setattr(controller, "Run", CutPreemptOnResume)
+    cfg = config(workload__pattern="ab", migration__postcopy_preempt="true",
+                 emulator__duration_limit="3s")
+    result = migrate(cfg, None, [parse("cut main at 30ms")], 0.05)
+    assert not [e for e in result["events"] if "migrate-recover refused" in e["event"]], \
+        result["events"]
+    assert_recovered(result, times=2)
+    dst = statuses(result, "destination")
+    assert dst[dst.index("postcopy-active"):] == [
+        "postcopy-active", "postcopy-paused", "postcopy-recover", "postcopy-paused",
+        "postcopy-recover", "postcopy-active", "completed"], dst
+    refused = [e["event"] for e in result["events"] if "refused" in e["event"]]
+    assert any("postcopy-recover -> postcopy-active" in e and "postcopy-paused" in e
+               for e in refused), refused
+
+
+def test_cut_preempt_at_postcopy_recover_as_it_comes():
+    """The same fault at whatever moment the link strikes it: the run recovers."""
+    result = migrate(config(workload__pattern="ab", migration__postcopy_preempt="true"), None,
+                     [parse("cut main at 30ms"), parse("cut preempt at postcopy-recover")], 0.05)
+    assert_recovered(result, times=2)
+
+
+def test_a_change_is_a_compare_and_set():
+    events = []
+    log = StateLog("destination", lambda: 1.5, events.append)
+    assert log.set("none", "setup")
+    assert not log.set("none", "active")  # no longer in none: refused, traced
+    assert log.status == "setup" and log.changes == [("setup", 1.5)]
+    assert events == [("state", "destination", "setup", 1.5),
+                      ("state-refused", "destination", "none", "active", "setup", 1.5)]
+    assert refusal_text(events[1]) == ("destination: migrate_set_state none -> active refused: "
+                                       "the state is setup")
+    assert log.set("setup", "setup") and len(events) == 2  # no change, no second event
+
+
+def test_of_threads_racing_from_one_state_exactly_one_wins():
+    log = StateLog("source", lambda: 0.0)
+    log.set("none", "postcopy-paused")
+    start = threading.Barrier(8)
+    wins = []
+
+    def resume():
+        start.wait()
+        wins.append(log.set("postcopy-paused", "postcopy-recover-setup"))
+
+    threads = [threading.Thread(target=resume) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(wins) == [False] * 7 + [True]
+    assert log.changes == [("postcopy-paused", 0.0), ("postcopy-recover-setup", 0.0)]
+
+
+def test_a_failure_that_loses_the_race_decides_again():
+    """The preempt thread saw postcopy-recover and pauses; the listen thread's RESUME lands
+    first: the pause is made from postcopy-active instead, never lost."""
+    log = StateLog("destination", lambda: 0.0)
+    log.set("none", "postcopy-recover")
+    seen = []
+
+    def decide(status):
+        seen.append(status)
+        if len(seen) == 1:
+            log.set("postcopy-recover", "postcopy-active")  # the other thread, in between
+        return after_failure(status, destination.PAUSES)
+
+    assert log.settle(decide) == ("postcopy-active", "postcopy-paused")
+    assert seen == ["postcopy-recover", "postcopy-active"]
+    assert [s for s, _ in log.changes] == ["postcopy-recover", "postcopy-active",
+                                           "postcopy-paused"]
+
+
+@pytest.mark.parametrize("status, new", [
+    ("setup", "failed"), ("active", "failed"), ("device", "failed"),
+    ("postcopy-active", "postcopy-paused"), ("postcopy-recover-setup", "postcopy-paused"),
+    ("postcopy-recover", "postcopy-paused"), ("postcopy-paused", None),
+    ("cancelling", "cancelled"), ("completed", None), ("failed", None), ("cancelled", None)])
+def test_what_a_broken_channel_leads_to_on_the_source(status, new):
+    assert after_failure(status, source.PAUSES) == new
