@@ -262,8 +262,7 @@ class Session:
         ok = self.report is not None and self.report["status"] == "completed"
         if self.report is not None:
             integrity = self.report["integrity"]
-            self._log(f"memory check: {'ok' if integrity['ok'] else 'BAD'} "
-                      f"({integrity['checked']})")
+            self._log(f"memory check: {report.integrity_text(integrity)}")
         self._end(COMPLETED if ok else FAILED)
 
     def _end(self, phase: str) -> None:
