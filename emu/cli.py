@@ -186,9 +186,9 @@ def _tracer():
 
     def trace(run) -> None:
         nonlocal shown
-        for t, text in run.log[shown:]:
+        new, shown = run.events(shown)
+        for t, text in new:
             print(f"[{t * 1e3:10.3f} ms] {text}", file=sys.stderr)
-        shown = len(run.log)
     return trace
 
 

@@ -73,7 +73,7 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                    for side, changes in run.states.items()},
         "faults": run.injected,
         "recoveries": run.recoveries,
-        "events": [{"time": round(t, 6), "event": text} for t, text in run.log],
+        "events": [{"time": round(t, 6), "event": text} for t, text in run.events_in_order()],
         "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }

@@ -1,11 +1,14 @@
 """What a run says about itself: a failed run's summary, the processes' names, the events."""
 
+import json
 import os
 import signal
 
+from emu import cli
 from emu.cli import summary
+from emu.clock import Clock
 from emu.controller import Run, migrate
-from tests.conftest import config
+from tests.conftest import BASE, config
 
 
 def test_a_killed_destination_says_how_far_the_run_got():
@@ -65,3 +68,40 @@ def test_children_carry_their_role_in_the_process_title():
         run.stop()
     assert titles == {role: (f"postcopy-emu: {role}", f"pce-{role}")
                       for role in ("source", "destination", "network")}
+
+
+def test_events_that_arrive_out_of_order_are_logged_in_time_order():
+    """Each child has its own pipe: the link's connection at 2 ms can be read before the
+    source's setup at 0 ms. The log, what --trace and the window are handed, and the report's
+    events all come in time order."""
+    run = Run(config())
+    try:
+        run.clock = Clock()
+        run.clock.start(1.0)
+        run._event(("link", "connected", "main", 0.002))
+        run._event(("state", "destination", "setup", 0.001))
+        run._event(("state", "source", "setup", 0.0))
+        assert run.events(0) == ([], 0)  # too recent: an earlier event may still be on its way
+        run.clock.start(1.0, at=1.0)
+        shown, seen = run.events(0)
+        assert shown == [(0.0, "source: setup"), (0.001, "destination: setup"),
+                         (0.002, "link: main connection connected")]
+        # later than any delay: shown next, not lost; the report sorts it in
+        run._event(("state", "source", "active", 0.0005))
+        assert run.events(seen) == ([(0.0005, "source: active")], 4)
+        assert [t for t, _ in run.events_in_order()] == [0.0, 0.0005, 0.001, 0.002]
+    finally:
+        run.stop()
+
+
+def test_a_real_migration_traces_and_reports_its_events_in_time_order(capsys):
+    sets = [f"{k}={v}" for k, v in {**BASE, "migration.postcopy-preempt": "true"}.items()]
+    assert cli.main(["run", "--trace", "--json", *sum((["--set", s] for s in sets), [])]) == 0
+    out, err = capsys.readouterr()
+    events = json.loads(out)["events"]
+    times = [e["time"] for e in events]
+    assert len(times) >= 8 and times == sorted(times), events
+    traced = [line for line in err.splitlines() if line.startswith("[")]
+    assert [line.split("] ", 1)[1] for line in traced] == [e["event"] for e in events]
+    traced_ms = [float(line[1:].split(" ms]")[0]) for line in traced]
+    assert traced_ms == sorted(traced_ms), traced
