@@ -100,8 +100,9 @@ def set_title(role: str) -> None:
 def _rewrite_argv(title: bytes) -> None:
     """Write the title over the process's own argv strings, where the kernel reads
     /proc/PID/cmdline (arg_start..arg_end in /proc/self/stat, fields 48 and 49). Python has
-    copied argv at start-up, so nothing reads these bytes any more; the title is cut to the
-    space there is, and NUL-filled to its end, so the kernel shows exactly the title."""
+    copied argv at start-up, so nothing reads these bytes any more. The title is cut to the
+    space there is and NUL-filled to its end, as PostgreSQL does (ps shows the title alone);
+    the environment after it stays as it is."""
     with open("/proc/self/stat", "rb") as stat:
         fields = stat.read().rsplit(b")", 1)[1].split()  # comm may hold spaces and ")"
     start, end = int(fields[45]), int(fields[46])  # fields 48, 49; the list starts at 3
