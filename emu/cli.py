@@ -8,6 +8,7 @@ import sys
 
 from emu import metrics
 from emu.config import ConfigError, load_config
+from emu.report import integrity_text
 from emu.units import format_duration, format_rate, format_size
 
 
@@ -185,9 +186,9 @@ def _tracer():
 
     def trace(run) -> None:
         nonlocal shown
-        for t, text in run.log[shown:]:
+        new, shown = run.events(shown)
+        for t, text in new:
             print(f"[{t * 1e3:10.3f} ms] {text}", file=sys.stderr)
-        shown = len(run.log)
     return trace
 
 
@@ -199,6 +200,27 @@ def _progress(run) -> None:
             f"{run.status['destination']:<15} present {dst['present'] / run.cfg.npages:6.1%}  "
             f"faults {int(dst['faults']):6d}  recent avg {avg:8.3f} ms ")
     print(line, end="", file=sys.stderr, flush=True)
+
+
+def _headline(result: dict) -> str:
+    emu = result["emulator"]
+    real = f"({emu['real-time-s']:.1f} s real at time-scale {emu['time-scale']})"
+    if result["status"] == "completed":
+        ms = result["query-migrate"]["total-time"]
+        return f"postcopy-emu: completed in {ms} ms emulated {real}"
+    # a failed run has no total time of its own: say how long it ran
+    return f"postcopy-emu: failed after {result['reached']['time'] * 1e3:.0f} ms emulated {real}"
+
+
+def _how_far(reached: dict) -> str:
+    """How far a failed run got: each side's last state, the faults resolved until then."""
+    sides = [f"{side} {reached[side]}" + (" (then its process died)"
+                                          if side in reached["died"] else "")
+             for side in ("source", "destination")]
+    if "network" in reached["died"]:
+        sides.append("the network process died")
+    return (f"  reached: {', '.join(sides)}\n  by then {reached['page-faults']} page faults "
+            f"resolved, {reached['present']:.1%} of the pages on the destination")
 
 
 def summary(result: dict, cfg) -> str:
@@ -213,8 +235,7 @@ def summary(result: dict, cfg) -> str:
                    if s["status"] == "device"), 0.0)
     emu = result["emulator"]
     lines = [
-        f"postcopy-emu: {result['status']} in {qm['total-time']} ms emulated "
-        f"({emu['real-time-s']:.1f} s real at time-scale {emu['time-scale']})",
+        _headline(result),
         f"  {mode}; {format_size(cfg['guest.ram'])} guest of "
         f"{format_size(cfg.page_size)} pages, {cfg['guest.vcpus']} vCPU(s), "
         f"{cfg['workload.pattern']} workload",
@@ -231,9 +252,10 @@ def summary(result: dict, cfg) -> str:
             for name, ch in lat["by-channel"].items() if ch["count"]),
         f"  postcopy-requests {qm['ram']['postcopy-requests']}, "
         f"blocktime {result['blocktime-ms']['total']:.1f} ms",
-        f"  integrity: {'ok' if result['integrity']['ok'] else 'BAD'} "
-        f"({result['integrity']['checked']}; bad pages {result['integrity']['bad-pages']})",
+        f"  integrity: {integrity_text(result['integrity'])}",
     ]
+    if result["status"] != "completed":
+        lines.insert(1, _how_far(result["reached"]))
     for fault in result["faults"]:
         what = fault["action"] + ("" if fault["action"] == "pause" else f" {fault['channel']}")
         lines.append(f"  fault: {what} at {fault['time'] * 1e3:.1f} ms")

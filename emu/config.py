@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,21 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from emu.units import (
+    clip,
     format_duration,
     format_rate,
     format_size,
     parse_duration,
     parse_rate,
     parse_size,
+    quote,
 )
 
 TARGET_PAGE_SIZE = 4096  # QEMU's target page: the unit of RAM records on the wire
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "assets" / "scenarios"
 FAULTS = "faults"  # top-level [[faults]] array, stored raw and checked by its own module
+PATH_SHOWN = 300  # characters of a file name an error shows (a value: units.ECHO_LIMIT)
 
 
 class ConfigError(ValueError):
-    """A scenario that can not run; str(err) is one line naming the key and what is allowed."""
+    """A scenario that can not run; str(err) is one line naming the key and what is allowed.
+    key: the setting it is about, when there is one (to find it in the scenario file)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 _TRUE = ("true", "yes", "on", "1")
@@ -45,11 +54,12 @@ _FALSE = ("false", "no", "off", "0")
 def _show_raw(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
-    return repr(value) if isinstance(value, str) else str(value)
+    return quote(value)
 
 
 def _parse_bool(value: object) -> bool:
-    text = str(value).strip().lower()
+    # not str() of anything: an array nested 300 deep would end in a RecursionError
+    text = str(value).strip().lower() if isinstance(value, str | int | float) else None
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
     raise ValueError(f"must be true or false (got {_show_raw(value)})")
@@ -135,7 +145,7 @@ class Key:
         """Parse a TOML value or --set text; ValueError says what is allowed."""
         parsed = _PARSERS[self.kind](value)
         if not self._allows(parsed):
-            got = repr(parsed) if self.kind == "str" else self.show(parsed)
+            got = quote(parsed) if self.kind == "str" else clip(self.show(parsed))
             raise ValueError(f"must be {self.allowed()}{self._example(parsed)} (got {got})")
         return parsed
 
@@ -271,6 +281,8 @@ SECTIONS = tuple(dict.fromkeys(name.partition(".")[0] for name in KEYS))
 
 
 def _suggest(name: str) -> str | None:
+    if len(name) > 100:  # no key is that long, and difflib would take seconds over it
+        return None
     section, dot, leaf = name.partition(".")
     if not dot:  # a key at the top of the file, outside any section
         section, leaf = "", name
@@ -289,20 +301,21 @@ def _suggest(name: str) -> str | None:
 def _unknown(name: str) -> str:
     section, dot, _ = name.partition(".")
     if section == FAULTS:
-        return f"unknown key '{name}' (faults come as [[faults]] tables in the scenario file)"
+        return f"unknown key {quote(name)} (faults come as [[faults]] tables in the scenario file)"
     hint = _suggest(name)
     if dot and section in SECTIONS:
-        what = f"key '{name}'"
+        what = f"key {quote(name)}"
         known = "keys: " + ", ".join(k for k in KEYS if k.startswith(section + "."))
     else:
-        what = f"section '{section}'" if dot else f"key '{name}'"
+        what = f"section {quote(section)}" if dot else f"key {quote(name)}"
         known = "sections: " + ", ".join((*SECTIONS, FAULTS))
     return f"unknown {what} (did you mean {hint}?)" if hint else f"unknown {what} ({known})"
 
 
 def _parse_faults(value: object) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-        raise ConfigError(f"faults: must be an array of tables, [[faults]] (got {value!r})")
+        raise ConfigError(f"faults: must be an array of tables, [[faults]] (got {quote(value)})",
+                          FAULTS)
     return copy.deepcopy(value)
 
 
@@ -310,11 +323,11 @@ def _parse_value(name: str, value: object) -> Any:
     if name == FAULTS:
         return _parse_faults(value)
     if name not in KEYS:
-        raise ConfigError(_unknown(name))
+        raise ConfigError(_unknown(name), name)
     try:
         return KEYS[name].parse(value)
     except ValueError as err:
-        raise ConfigError(f"{name}: {err}") from None
+        raise ConfigError(f"{name}: {err}", name) from None
 
 
 def _check_together(values: Mapping[str, Any]) -> None:
@@ -409,7 +422,7 @@ def _parse_sets(sets: Sequence[str]) -> dict[str, str]:
         name = name.strip()
         if not sep or "." not in name:
             raise ConfigError(
-                f"--set {text!r}: expected section.key=value, e.g. link.bandwidth=10Gbit"
+                f"--set {quote(text)}: expected section.key=value, e.g. link.bandwidth=10Gbit"
             )
         values[name] = value.strip()
     return values
@@ -424,12 +437,20 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
     text = os.fspath(path)
     resolved = Path(text)
     bare = "/" not in text and os.sep not in text and not text.endswith(".toml")
-    if bare and not resolved.is_file():
+    if bare and not _is_file(resolved):
         resolved = SCENARIO_DIR / f"{text}.toml"
-    if not resolved.is_file():
+    if not _is_file(resolved):
         presets = ", ".join(scenario_names()) or "none"
-        raise ConfigError(f"scenario file not found: {resolved} (presets: {presets})")
+        shown = clip(str(resolved), PATH_SHOWN)
+        raise ConfigError(f"scenario file not found: {shown} (presets: {presets})")
     return resolved
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte: no such file
+        return False
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
@@ -444,24 +465,83 @@ def _flatten(data: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _read_scenario(path: Path) -> dict[str, Any]:
+def _read_scenario(path: Path) -> tuple[dict[str, Any], str]:
+    """The file's TOML, and its text (to find a setting's line in)."""
     try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"{path}: can not read: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    text = _decode(path, raw)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:  # its message ends "(at line L, column C)"
+        raise ConfigError(f"{path}: invalid TOML: {clip(str(err), 200)}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: arrays or tables nested too deeply") from None
+    except ValueError:  # int() of more digits than Python converts (tomllib takes the rest)
+        raise ConfigError(f"{path}: invalid TOML: a number of more than "
+                          f"{sys.get_int_max_str_digits()} digits") from None
+    return data, text
+
+
+def _check_sections(data: dict[str, Any]) -> None:
     for section in SECTIONS:
         if section in data and not isinstance(data[section], dict):
-            raise ConfigError(f"{section}: must be a table, [{section}]")
-    return _flatten(data)
+            raise ConfigError(f"{section}: must be a table, [{section}]", section)
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """TOML is UTF-8: say where a file is not, as tomllib says where it does not parse."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - raw.rfind(b"\n", 0, err.start)
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text, byte 0x{raw[err.start]:02x} "
+                          f"(at line {line}, column {column})") from None
+
+
+# A table header, [guest] or [[faults]], and a key, ram = or "ram" = or guest.ram =
+_HEADER = re.compile(r"\s*\[\[?\s*([\w.-]+)\s*\]")
+_ASSIGNMENT = re.compile(r'\s*("?)([\w.-]+)\1\s*=')
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Line numbers of the settings a TOML text sets, by section.key (and by section):
+    a plain scan for the messages, which tomllib's parse does not give."""
+    lines: dict[str, int] = {}
+    table = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        match = header or _ASSIGNMENT.match(line)
+        if match is None:
+            continue
+        name = match[1] if header else ".".join(filter(None, (table, match[2])))
+        if header:
+            table = name
+        parts = name.split(".")
+        for end in range(1, len(parts) + 1):  # a.b.c also finds a.b and a
+            lines.setdefault(".".join(parts[:end]), number)
+    return lines
 
 
 def load_config(path: str | os.PathLike[str] | None = None, sets: Sequence[str] = ()) -> Config:
     """Read, parse and check a scenario: defaults, then the file, then the --set overrides.
 
-    *path* is a TOML file, or the name of a preset in assets/scenarios ("default").
+    *path* is a TOML file, or the name of a preset in assets/scenarios ("default"). An error
+    about a setting the file made names the file and the line: "FILE:LINE: message".
     """
-    values = _read_scenario(_resolve(path)) if path is not None else {}
-    return Config({**values, **_parse_sets(sets)})
+    if path is None:
+        return Config(_parse_sets(sets))
+    resolved = _resolve(path)
+    data, text = _read_scenario(resolved)
+    overrides = _parse_sets(sets)
+    try:
+        _check_sections(data)
+        return Config({**_flatten(data), **overrides})
+    except ConfigError as err:
+        if err.key is None or err.key in overrides:
+            raise
+        line = _key_lines(text).get(err.key)
+        where = f"{resolved}:{line}" if line else f"{resolved}"
+        raise ConfigError(f"{where}: {err}", err.key) from None

@@ -7,6 +7,7 @@ segments, so nothing outlives a run.
 
 from __future__ import annotations
 
+import bisect
 import multiprocessing as mp
 import shutil
 import tempfile
@@ -25,6 +26,10 @@ from emu.shm import Segments
 from emu.states import FINAL, refusal_text
 from emu.status import Board
 
+# Real seconds an event may take from the process that stamped it to the log: the events of
+# three processes cross three pipes, so a later one can be read first.
+EVENT_DELAY_S = 0.25
+
 
 class RunError(RuntimeError):
     pass
@@ -41,7 +46,9 @@ class Run:
         self.recover_at: float | None = None
         self.recoveries = 0
         self.postcopy_start: float | None = None
-        self.log: list[tuple[float, str]] = []  # every notable event, for --trace and the window
+        # every notable event, for --trace, the window and the report: see note() and events()
+        self.log: list[tuple[float, str]] = []
+        self._released = 0  # how many events of the log readers may have seen (events())
         self.listening: str | None = None
         self.tmpdir = tempfile.mkdtemp(prefix=link.RUN_DIR_PREFIX)
         self.link_uri = f"unix:{self.tmpdir}/link.sock"
@@ -167,6 +174,31 @@ class Run:
     def board(self, role: str) -> dict[str, float]:
         return self.boards[role].snapshot()
 
+    def note(self, t: float, text: str) -> None:
+        """Log an event that happened at emulated time t. Events arrive out of order (each
+        child has its own pipe), so the part of the log no reader has seen yet is kept sorted
+        by time; equal times keep their order of arrival."""
+        at = bisect.bisect_right(self.log, t, lo=self._released, key=lambda event: event[0])
+        self.log.insert(at, (t, text))
+
+    def events(self, seen: int = 0, final: bool = False) -> tuple[list[tuple[float, str]], int]:
+        """The log's events from number `seen` on, for a reader that shows them as they come
+        (--trace, the window's event log), and the number to pass next time. An event is
+        handed out once EVENT_DELAY_S has passed since its time, so that every earlier event
+        has arrived and the reader shows them in time order; all of them once the run is over
+        (or final)."""
+        if final or self.finished:
+            self._released = len(self.log)
+        else:
+            horizon = self.clock.now() - EVENT_DELAY_S * self.clock.scale
+            while self._released < len(self.log) and self.log[self._released][0] <= horizon:
+                self._released += 1
+        return self.log[seen:self._released], self._released
+
+    def events_in_order(self) -> list[tuple[float, str]]:
+        """The whole log by time, an event that came later than EVENT_DELAY_S included."""
+        return sorted(self.log, key=lambda event: event[0])
+
     # ---- internals ----
 
     def _create_segments(self) -> None:
@@ -232,7 +264,7 @@ class Run:
             self.command("network", fault.action, fault.channel)
         self.injected.append({"action": fault.action, "channel": fault.channel,
                               "at": fault.at, "time": round(now, 6)})
-        self._note(now, f"fault injected: {fault.describe()}")
+        self.note(now, f"fault injected: {fault.describe()}")
 
     def recover(self) -> None:
         """migrate-recover on the destination (a new address), then migrate resume."""
@@ -243,7 +275,7 @@ class Run:
             return  # refused (not paused yet): poll() tries again after recover-after
         self.command("network", "target", address)
         self.command("source", "migrate-resume", self.link_uri)
-        self._note(self.clock.now(), f"recovery {self.recoveries}: migrate-recover {address}")
+        self.note(self.clock.now(), f"recovery {self.recoveries}: migrate-recover {address}")
 
     def _inject_due(self, now: float) -> None:
         if self.postcopy_start is None or self.status["destination"] in FINAL:
@@ -253,9 +285,6 @@ class Run:
         for fault in due:
             self.pending_faults.remove(fault)
             self.inject(fault)
-
-    def _note(self, t: float, text: str) -> None:
-        self.log.append((t, text))
 
     def _wait_ready(self) -> None:
         ready: set[str] = set()
@@ -280,7 +309,7 @@ class Run:
     def _state(self, side: str, status: str, t: float) -> None:
         self.status[side] = status
         self.states[side].append((status, t))
-        self._note(t, f"{side}: {status}")
+        self.note(t, f"{side}: {status}")
         if side == "destination":
             # faults count from here: postcopy runs once the destination has switched over
             if status == "postcopy-active" and self.postcopy_start is None:
@@ -305,11 +334,11 @@ class Run:
         elif kind == "listening":
             self.listening = event[1]
         elif kind == "link":
-            self._note(event[3], f"link: {event[2]} connection {event[1]}")
+            self.note(event[3], f"link: {event[2]} connection {event[1]}")
         elif kind == "paused":
-            self._note(self.clock.now(), f"{event[1]} paused: {event[2]}")
+            self.note(self.clock.now(), f"{event[1]} paused: {event[2]}")
         elif kind == "refused":
-            self._note(self.clock.now(), f"{event[1]} refused: {event[2]}")
+            self.note(self.clock.now(), f"{event[1]} refused: {event[2]}")
             self.refused.append((event[1], event[2]))
             if self.recover_after is not None:
                 self.recover_at = self.clock.now() + self.recover_after

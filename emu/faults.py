@@ -9,7 +9,8 @@ handshake, QEMU's double failure):
 - corrupt: flip a byte of the next frame the link delivers on that channel;
 - pause: migrate-pause on the source (channel is ignored).
 Scenario files give [[faults]] tables with at, action and channel; the command line gives
-"cut main at 0.3s", "corrupt preempt at 50ms", "pause at 0.2s".
+"cut main at 0.3s", "corrupt preempt at 50ms", "pause at 0.2s". The return path may be called
+as QEMU calls it, "return path" or "return-path", as well as "return".
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emu.config import ConfigError
-from emu.units import parse_duration
+from emu.units import parse_duration, quote
 
 ACTIONS = ("cut", "corrupt", "pause")
 CHANNELS = ("main", "preempt", "return")
+ALIASES = {"return-path": "return", "return path": "return"}  # QEMU's word for the channel
 STATE_TRIGGERS = ("postcopy-recover-setup", "postcopy-recover")
+
+
+_CHANNEL_WORDS = ", ".join(CHANNELS) + " (or return path)"
 
 
 @dataclass(frozen=True)
@@ -39,25 +44,30 @@ class Fault:
 def parse(text: str) -> Fault:
     """'cut main at 0.3s' -> Fault(0.3, 'cut', 'main')."""
     words = text.split()
+    if words[1:3] == ["return", "path"]:  # two words for one channel
+        words[1:3] = ["return path"]
     if len(words) in (3, 4) and words[-2] == "at":
         channel = words[1] if len(words) == 4 else "main"
-        return check({"action": words[0], "channel": channel, "at": words[-1]}, text)
-    raise ConfigError(f"--fault {text!r}: expected ACTION CHANNEL at TIME, e.g. 'cut main at "
-                      f"0.3s' (actions: {', '.join(ACTIONS)}; channels: {', '.join(CHANNELS)})")
+        return check({"action": words[0], "channel": channel, "at": words[-1]},
+                     f"--fault {quote(text)}")
+    raise ConfigError(f"--fault {quote(text)}: expected ACTION CHANNEL at TIME, e.g. 'cut main "
+                      f"at 0.3s' (actions: {', '.join(ACTIONS)}; channels: {_CHANNEL_WORDS})")
 
 
 def check(entry: dict, where: str = "faults") -> Fault:
     unknown = set(entry) - {"at", "action", "channel"}
     if unknown:
-        raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r} (allowed: at, action, "
-                          "channel)")
+        raise ConfigError(f"{where}: unknown field {quote(sorted(unknown)[0])} (allowed: at, "
+                          "action, channel)")
     action = entry.get("action")
     if action not in ACTIONS:
-        raise ConfigError(f"{where}: action must be one of {', '.join(ACTIONS)} (got {action!r})")
+        raise ConfigError(f"{where}: action must be one of {', '.join(ACTIONS)} "
+                          f"(got {quote(action)})")
     channel = entry.get("channel", "main")
+    channel = ALIASES.get(channel, channel) if isinstance(channel, str) else channel
     if channel not in CHANNELS:
-        raise ConfigError(f"{where}: channel must be one of {', '.join(CHANNELS)} "
-                          f"(got {channel!r})")
+        raise ConfigError(f"{where}: channel must be one of {_CHANNEL_WORDS} "
+                          f"(got {quote(channel)})")
     return Fault(_when(entry.get("at"), where), action, channel)
 
 
@@ -70,7 +80,7 @@ def _when(at, where: str) -> float | str:
         seconds = -1.0
     if seconds < 0:
         raise ConfigError(f"{where}: at must be a time after the start of postcopy like 0.3s, "
-                          f"or one of {', '.join(STATE_TRIGGERS)} (got {at!r})")
+                          f"or one of {', '.join(STATE_TRIGGERS)} (got {quote(at)})")
     return seconds
 
 

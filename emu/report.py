@@ -9,6 +9,8 @@ from emu.ram import PRESENT, TARGET_PAGE
 from emu.workload import SLICED
 
 LAG_WARN_US = 20.0  # below this average lag the link schedule is as good as exact
+# ok is None, not False: nothing was compared, so nothing is known to be bad
+NOT_CHECKED = {"ok": None, "bad-pages": None, "checked": "not checked: the run did not complete"}
 
 
 def check_memory(cfg, src_ram: np.ndarray, dst_ram: np.ndarray, dst_states: np.ndarray,
@@ -49,9 +51,13 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                              for i, name in enumerate(metrics.CHANNELS)}
     total_ms, per_vcpu_ms = metrics.blocktime(faults, cfg["guest.vcpus"])
     ok = run.ok and bool(integrity_result and integrity_result["ok"])
+    reached = how_far(run, len(faults))
+    if not src["total-time"]:  # the source sets it when it completes: as QEMU, the time so far
+        src = {**src, "total-time": reached["time"] - _source_start(run)}
     return {
         "status": "completed" if ok else "failed",
         "errors": run.errors,
+        "reached": reached,
         "query-migrate": query_migrate(cfg, run.status["source"], src, faults,
                                        total_ms, per_vcpu_ms),
         "latency": latency,
@@ -62,16 +68,43 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                      "break-huge": int(src["break-huge"])},
         "blocktime-ms": {"total": round(total_ms, 3),
                          "per-vcpu": [round(x, 3) for x in per_vcpu_ms]},
-        "integrity": integrity_result or {"ok": False, "bad-pages": None,
-                                          "checked": "not checked: the run did not complete"},
+        "integrity": integrity_result or dict(NOT_CHECKED),
         "states": {side: [{"status": s, "time": round(t, 6)} for s, t in changes]
                    for side, changes in run.states.items()},
         "faults": run.injected,
         "recoveries": run.recoveries,
-        "events": [{"time": round(t, 6), "event": text} for t, text in run.log],
+        "events": [{"time": round(t, 6), "event": text} for t, text in run.events_in_order()],
         "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }
+
+
+def how_far(run, page_faults: int) -> dict:
+    """Where the run ended: the emulated time, the last state each side reached (a side whose
+    process died stays at the last state it reported), the page faults resolved and the share
+    of the guest's pages on the destination. What a failed run's summary tells."""
+    present = run.board("destination")["present"] / max(run.cfg.npages, 1)
+    return {
+        "time": round(run.clock.now(), 6),
+        **{side: changes[-1][0] if changes else "none" for side, changes in run.states.items()},
+        "died": sorted(run.dead),
+        "page-faults": page_faults,
+        "present": round(present, 6),
+    }
+
+
+def _source_start(run) -> float:
+    changes = run.states["source"]
+    return changes[0][1] if changes else 0.0
+
+
+def integrity_text(integrity: dict) -> str:
+    """The memory check in one phrase: "ok (...)", "BAD (...)", or why it was not checked.
+    A run that did not complete was not checked, which is not the same as bad memory."""
+    if integrity["ok"] is None:
+        return integrity["checked"]
+    word = "ok" if integrity["ok"] else "BAD"
+    return f"{word} ({integrity['checked']}; bad pages {integrity['bad-pages']})"
 
 
 def query_migrate(cfg, status: str, b: dict, faults: np.ndarray, blocktime_ms: float,

@@ -11,8 +11,32 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Callable
 from decimal import Decimal, localcontext
+
+ECHO_LIMIT = 60  # characters of a value an error message quotes
+_ECHO = reprlib.Repr()  # bounded in depth and items: a deeply nested TOML array is no trouble
+_ECHO.maxlevel, _ECHO.maxother = 3, ECHO_LIMIT
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """Text cut to `limit` characters, saying how long it was: an error stays one short line
+    when the value it quotes is 5 MB."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def quote(value: object) -> str:
+    """A value the user gave, as an error message quotes it: repr(), cut to a readable
+    length (see clip)."""
+    if isinstance(value, str):
+        if len(value) <= ECHO_LIMIT:
+            return repr(value)
+        return f"{value[:ECHO_LIMIT]!r}... ({len(value)} characters)"
+    return clip(_ECHO.repr(value))
+
 
 # A number, then an optional unit; whitespace between them is allowed ("4 KiB").
 _QUANTITY = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*(\S*)\s*")
@@ -62,10 +86,10 @@ _DURATION_EXPECTED = "a duration like 200us, 10ms or 1.5s"
 def _parse(value: object, units: dict[str, Decimal], expected: str) -> Decimal:
     # bool is an int subclass: reject it, or True would quietly mean 1 byte.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"expected {expected}, got {value!r}")
+        raise ValueError(f"expected {expected}, got {quote(value)}")
     match = _QUANTITY.fullmatch(str(value))
     if match is None or match.group(2) not in units:
-        raise ValueError(f"expected {expected}, got {value!r}")
+        raise ValueError(f"expected {expected}, got {quote(value)}")
     # Exact decimal arithmetic, so 1.25GB is 1250000000 bytes, not 1249999999.9999998.
     with localcontext() as ctx:
         ctx.prec = 100
@@ -75,7 +99,7 @@ def _parse(value: object, units: dict[str, Decimal], expected: str) -> Decimal:
 def _to_float(amount: Decimal, value: object, expected: str) -> float:
     result = float(amount)
     if not math.isfinite(result):
-        raise ValueError(f"expected {expected}, got {value!r}")
+        raise ValueError(f"expected {expected}, got {quote(value)}")
     return result
 
 
@@ -83,7 +107,7 @@ def parse_size(value: int | float | str) -> int:
     """Bytes from 4096, "4K", "4KiB", "2MiB", "1.25GB", ...; must be a whole number."""
     amount = _parse(value, _SIZE_UNITS, _SIZE_EXPECTED)
     if amount != amount.to_integral_value():
-        raise ValueError(f"expected a whole number of bytes, got {value!r}")
+        raise ValueError(f"expected a whole number of bytes, got {quote(value)}")
     return int(amount)
 
 

@@ -65,9 +65,7 @@ class QtCounters(QtWidgets.QWidget):
         for name, read in ROWS:
             self.value(name, read(qm, snap))
         if final:
-            integrity = final["integrity"]
-            self.value("memory check", f"{'ok' if integrity['ok'] else 'BAD'}: "
-                                       f"{integrity['checked']}")
+            self.value("memory check", report.integrity_text(final["integrity"]))
             self._final_shown = True
 
     def value(self, name: str, text: str | None = None) -> str:

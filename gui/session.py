@@ -198,6 +198,8 @@ class Session:
             self._started()
         if self.phase == CHECKING:
             self._checked()
+        if self.phase == RUNNING:
+            self._log_run(final=True)  # what the run logged until now, before it goes
         if self.run is not None:
             self.run.stop()
         if self.phase == RUNNING:
@@ -262,8 +264,7 @@ class Session:
         ok = self.report is not None and self.report["status"] == "completed"
         if self.report is not None:
             integrity = self.report["integrity"]
-            self._log(f"memory check: {'ok' if integrity['ok'] else 'BAD'} "
-                      f"({integrity['checked']})")
+            self._log(f"memory check: {report.integrity_text(integrity)}")
         self._end(COMPLETED if ok else FAILED)
 
     def _end(self, phase: str) -> None:
@@ -334,14 +335,20 @@ class Session:
 
     def _log(self, text: str, t: float | None = None) -> None:
         t = self._now if t is None else t
+        if self.phase == RUNNING:  # among the run's events, in time order
+            self.run.note(t, text)
+        else:
+            self._show(text, t)
+
+    def _show(self, text: str, t: float) -> None:
         self._events.append(f"[{t:8.3f} s] {text}")
 
-    def _log_run(self) -> None:
+    def _log_run(self, final: bool = False) -> None:
         """The run's own log: state changes, link events, faults injected, recovery."""
-        for t, text in self.run.log[self._log_seen:]:
-            self._log(text, t)
-        self._log_seen = len(self.run.log)
-        self._log_errors()
+        self._log_errors()  # first, so that a final read shows them too
+        new, self._log_seen = self.run.events(self._log_seen, final)
+        for t, text in new:
+            self._show(text, t)
 
     def _log_errors(self) -> None:
         for error in self.run.errors[self._errors_seen:]:

@@ -238,9 +238,10 @@ def test_unknown_names_in_a_file(tmp_path):
     ],
 )
 def test_toml_types(tmp_path, toml, message):
+    path = write(tmp_path, toml)
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, toml))
-    assert str(err.value).startswith(message)
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:2: {message}")  # the file and the line
 
 
 def test_invalid_toml_names_the_file(tmp_path):
