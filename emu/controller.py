@@ -330,7 +330,7 @@ class Run:
         if kind == "state":
             self._state(*event[1:])
         elif kind == "state-refused":
-            self._note(event[5], refusal_text(event))
+            self.note(event[5], refusal_text(event))
         elif kind == "listening":
             self.listening = event[1]
         elif kind == "link":
