@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import numpy as np
 
@@ -29,6 +30,9 @@ MAIN_HELLO = b"QEVM\x00\x00\x00\x03"
 PREEMPT_HELLO = b"QEPC\x00\x00\x00\x01"
 DATA = 0
 CREDIT = 1
+# A link's first frame to the destination, before the hello it forwards: this connection comes
+# through an emulated link. One without it comes straight from a source (link.py's front).
+RELAYED = 2
 MAX_FRAME = 64 << 20
 BATCH = 256 << 10  # bytes of frames send(more=True) gathers before writing them
 BATCH_PARTS = 512  # buffers one sendmsg() gets at most (Linux takes 1024)
@@ -189,3 +193,26 @@ def checksum(payload) -> int:
 
 def credit_frame(n: int) -> bytes:
     return HEADER.pack(CREDIT, 0, n, 0.0, 0)
+
+
+def relayed_frame() -> bytes:
+    return HEADER.pack(RELAYED, 0, 0, 0.0, 0)
+
+
+def read_header(sock: socket.socket, timeout: float) -> bytes:
+    """A connection's first frame header, read off the socket itself (nothing past it, so the
+    socket can still be handed on whole); b"" if it closed or said too little in time."""
+    deadline = time.monotonic() + timeout
+    raw = b""
+    try:
+        while len(raw) < HEADER.size:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-3))
+            more = sock.recv(HEADER.size - len(raw))
+            if not more:
+                return b""
+            raw += more
+    except OSError:  # the deadline passed, or the connection broke
+        return b""
+    finally:
+        sock.settimeout(None)
+    return raw

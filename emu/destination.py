@@ -4,7 +4,9 @@ Threads, as QEMU names them: the listen thread reads the main channel, the preem
 preempt channel (both place pages), the fault thread turns vCPU faults into page requests on the
 return path, and the vCPU threads run the workload and block on pages that are not present.
 Connections come in on the address of migrate-incoming (and of migrate-recover after a failure);
-the hello in each connection's first frame says which channel it is.
+the hello in each connection's first frame says which channel it is. A connection through an
+emulated link starts with the link's RELAYED frame; one without it comes straight from a source,
+and goes through the program's own link (its front, link.py) if it has one, or is closed.
 
 During postcopy, a broken channel pauses the migration (postcopy-paused) instead of failing it:
 the guest keeps running here, and only vCPUs touching missing pages stay blocked.
@@ -18,7 +20,7 @@ import threading
 
 import numpy as np
 
-from emu import channel, shm, uri, wire
+from emu import channel, link, shm, uri, wire
 from emu import ram as R
 from emu.channel import ChannelError, Endpoint
 from emu.clock import Clock
@@ -33,6 +35,7 @@ FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "block
           "placed-main", "placed-preempt") + LAG_FIELDS
 RING = 1 << 16
 PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
+HELLO_TIMEOUT = 5.0  # real seconds for a new connection's first frame
 
 
 class DestMemory(Memory):
@@ -58,9 +61,12 @@ class DestMemory(Memory):
 
 
 class Destination:
-    def __init__(self, control, bufs: dict, cfg) -> None:
+    def __init__(self, control, bufs: dict, cfg, front: str = "") -> None:
+        """front: where this program's own link takes a source connected straight to it
+        (a standalone destination's); "" if every source comes through a link."""
         self.control = control
         self.cfg = cfg
+        self.front = front
         self.clock = Clock(bufs["clock"])
         self.board = Board(FIELDS, bufs["dst-board"])
         npages, ntarget = cfg.npages, cfg["guest.ram"] // R.TARGET_PAGE
@@ -146,6 +152,9 @@ class Destination:
 
     def _hello(self, sock) -> None:
         """Tell the channels apart by their first frame; anything else is closed unheard."""
+        sock = self._through_link(sock)
+        if sock is None:
+            return
         ep = Endpoint(sock, self.cfg["link.socket-buffer"], "incoming", self.lag)
         sock.settimeout(5)
         try:
@@ -176,6 +185,23 @@ class Destination:
             if self.state.status == "postcopy-paused":  # postcopy_try_recover()
                 self.state.set("postcopy-paused", "postcopy-recover")
         start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
+
+    def _through_link(self, sock):
+        """The connection as it comes through an emulated link, or None (closed): a link's
+        RELAYED frame first, or, straight from a source, handed over to the front."""
+        mark = channel.relayed_frame()
+        first = channel.read_header(sock, HELLO_TIMEOUT)
+        if first == mark:
+            return sock
+        if not (first and self.front):
+            sock.close()
+            return None
+        back = link.hand_over(self.front, sock, first)
+        if back and channel.read_header(back, HELLO_TIMEOUT) == mark:
+            return back
+        if back:
+            back.close()
+        return None
 
     def _close_channels(self) -> None:
         with self.lock:
@@ -348,8 +374,8 @@ class Destination:
         }
 
 
-def main(control, bufs: dict, cfg) -> None:
-    dst = Destination(control, bufs, cfg)
+def main(control, bufs: dict, cfg, front: str = "") -> None:
+    dst = Destination(control, bufs, cfg, front)
     control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover,
                    "migrate-pause": dst.pause})
     dst.shutdown()

@@ -9,7 +9,16 @@ a credit back to its sender (see channel.py), which bounds what each connection 
 link.socket-buffer bytes.
 
 Connections: main and preempt go source -> destination and share one bottleneck; the return
-path goes destination -> source on its own (the link is full duplex).
+path goes destination -> source on its own (the link is full duplex). Every connection the
+relay forwards starts, on the destination's side, with a RELAYED frame: the destination tells
+by it a connection through a link from one that comes straight from a source.
+
+A source connected straight to a standalone destination (no `link` program, as two QEMUs) goes
+through the destination program's own relay, its front: the destination hands such a
+connection over (hand_over: the socket itself, passed over a unix socket in the program's
+private folder), and the front relays it to the destination's end of a socketpair, marked like
+any other. A connection through a `link` program is marked already and never reaches the
+front: the link is emulated once.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ RUN_DIR_PREFIX = "postcopy-emu-"  # the controller's socket directory (controlle
 INBUF = 4 << 20  # bytes a port reads ahead; grows for a larger frame
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
+HANDOVER_TIMEOUT = 1.0  # real seconds for a hand-over's message (sent right after connecting)
 
 
 def _conn_from(port: str) -> str | None:
@@ -213,22 +223,42 @@ class Relay:
     # ---- connections ----
 
     def _accept(self) -> None:
+        """A source's connection, forwarded to the target; or, with no target (a destination
+        program's front), one the destination hands over with its destination end."""
         try:
-            src, _ = self.listener.accept()
+            sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
+        new = self._forward(sock) if self.target else _handed_over(sock)
+        if new:
+            self._add(*new)
+
+    def _forward(self, src: socket.socket) -> tuple | None:
         try:
             dst = uri.connect(self.target)
         except OSError:
             src.close()  # the destination is not listening: the source sees the refusal
+            return None
+        return uri.tune(src), dst, b""
+
+    def _add(self, src: socket.socket, dst: socket.socket, prefix: bytes) -> None:
+        """A new connection on the link; `prefix`: what the destination had read of the
+        source's bytes before handing it over."""
+        try:
+            dst.sendall(channel.relayed_frame())  # before anything from the source
+        except OSError:
+            src.close()
+            dst.close()
             return
-        uri.tune(src)
         # named by the hello in its first frame; until then the connection has a number
         key = f"new-{src.fileno()}"
         for side, sock in (("src", src), ("dst", dst)):
             sock.setblocking(False)
             self.ports[f"{side}-{key}"] = Port(sock)
             self.sel.register(sock, selectors.EVENT_READ, f"{side}-{key}")
+        port = self.ports[f"src-{key}"]
+        port.inbuf[:len(prefix)] = prefix
+        port.fill = len(prefix)
 
     def _name(self, key: str, hello: bytes) -> str | None:
         """Rename a new connection after its hello; None if it said nothing we know."""
@@ -417,6 +447,42 @@ class Relay:
             self.sel.modify(port.sock, events, name)
 
 
+def hand_over(front: str, sock: socket.socket, prefix: bytes) -> socket.socket | None:
+    """Give a connection that came straight from a source to the front listening at `front`,
+    with the bytes already read of it (`prefix`); the destination's end of its way through
+    the front's link, or None if the front is not there. `sock` is closed here either way."""
+    ours, theirs = socket.socketpair()
+    try:
+        with uri.connect(front) as conn:
+            socket.send_fds(conn, [prefix], [sock.fileno(), theirs.fileno()])
+    except OSError:
+        ours.close()
+        return None
+    finally:
+        theirs.close()  # the front has its own copies now
+        sock.close()
+    return uri.tune(ours)
+
+
+def _handed_over(conn: socket.socket) -> tuple | None:
+    """What hand_over sent on `conn`: (source's socket, destination's end, prefix)."""
+    size, prefix, fds = channel.HEADER.size, b"", []
+    with conn:
+        try:
+            conn.settimeout(HANDOVER_TIMEOUT)
+            prefix, fds, _, _ = socket.recv_fds(conn, size, 2)
+            while len(prefix) < size and (more := conn.recv(size - len(prefix))):
+                prefix += more
+        except OSError:
+            pass
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    if len(socks) != 2 or len(prefix) != size:
+        for sock in socks:
+            sock.close()
+        return None
+    return socks[0], socks[1], prefix
+
+
 def _orphaned(listen_uri: str) -> None:
     """The controller vanished (killed): it cannot remove the run's socket directory, so the
     network process, the last to use it, does, if it is one a controller made."""
@@ -427,6 +493,8 @@ def _orphaned(listen_uri: str) -> None:
 
 
 def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
+    """The network process: relay what connects at `listen_uri` to `target_uri`; with no
+    target, relay what a destination hands over there (its front)."""
     relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
     relay.listen(listen_uri, target_uri)

@@ -12,6 +12,11 @@ Each program has its own clock, started at emulator.time-scale when the program 
 emulated times one program reports are its own, not comparable with another's. Run the three
 at the same time scale, or bandwidths and delays mean different things on each side.
 
+A destination program also runs a network child of its own, its front (link.py): a source
+connected straight to it, with no `link` program in the path, goes through the front's
+emulated link (the scenario's link.* settings), so the same QMP script works with or without
+a `link` program, and a connection through one is not emulated twice.
+
 Whatever way a program ends (quit, SIGTERM, Ctrl-C, an error), its child is stopped and its
 segments unlinked; if the program itself is killed, its child sees its control connection
 close and exits, and the resource tracker unlinks the segments.
@@ -20,8 +25,10 @@ close and exits, and the resource tracker unlinks the segments.
 from __future__ import annotations
 
 import multiprocessing as mp
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -63,28 +70,41 @@ def _layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
         return {"dst-ram": (ram, payload), "dst-states": (npages, False),
                 "dst-arrival": (8 * npages, False),
                 "dst-board": (Board.nbytes(destination.FIELDS), False),
-                "faults": (FaultRing.nbytes(destination.RING), False)}
+                "faults": (FaultRing.nbytes(destination.RING), False),
+                "relay-board": (Board.nbytes(link.FIELDS), False)}  # its front's
     return {"relay-board": (Board.nbytes(link.FIELDS), False)}
+
+
+def _create(role: str, cfg) -> tuple[Segments, Clock]:
+    """The shared memory of one program, and its clock, started."""
+    segments = Segments()
+    try:
+        clock = Clock(segments.create("clock", Clock.NBYTES))
+        for name, (size, populate) in _layout(role, cfg).items():
+            segments.create(name, size, populate)
+    except BaseException:
+        segments.close()
+        raise
+    clock.start(cfg["emulator.time-scale"])
+    return segments, clock
 
 
 class Engine:
     """One standalone program's engine child, the shared memory it works on, and the
-    program's clock. Events from the child go to on_event, from a thread of their own."""
+    program's clock. Events from the child go to on_event, from a thread of their own.
 
-    def __init__(self, role: str, cfg) -> None:
+    A destination's engine comes with its front, an engine of role network on the same
+    clock and memory, started and stopped with it."""
+
+    def __init__(self, role: str, cfg, host: Engine | None = None) -> None:
+        """host: the engine whose clock and memory this one works on (a destination's)."""
         self.role = role
         self.on_event: Callable[[tuple], None] = lambda event: None
-        self.segments = Segments()
-        try:
-            self.clock = Clock(self.segments.create("clock", Clock.NBYTES))
-            for name, (size, populate) in _layout(role, cfg).items():
-                self.segments.create(name, size, populate)
-        except BaseException:
-            self.segments.close()
-            raise
+        self.segments, self.clock = (host.segments, host.clock) if host else _create(role, cfg)
         name, fields = BOARDS[role]
         self.board = Board(fields, self.segments.buf(name))
-        self.clock.start(cfg["emulator.time-scale"])
+        self.front = Engine("network", cfg, self) if role == "destination" else None
+        self.private: str | None = None  # the front's folder, removed by this very path
         self.proc: mp.Process | None = None
         self.conn = None
         self.ready = threading.Event()
@@ -97,6 +117,8 @@ class Engine:
         return self.proc is not None
 
     def spawn(self, cfg, *args) -> None:
+        if self.front:
+            args = (*args, self._spawn_front(cfg))
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=child_main, name=f"postcopy-emu-{self.role}",
@@ -107,6 +129,20 @@ class Engine:
         self.conn, self._stopping = parent, False
         threading.Thread(target=self._read, args=(parent,), name=f"{self.role}-events",
                          daemon=True).start()
+        if self.front:
+            try:  # a source may connect as soon as the destination listens
+                self.front.wait_ready()
+            except EngineError:
+                self.stop_child()
+                raise
+
+    def _spawn_front(self, cfg) -> str:
+        """Start the front, listening in a private folder for the connections the
+        destination hands over; the address it listens at."""
+        self.private = tempfile.mkdtemp(prefix=f"{link.RUN_DIR_PREFIX}front-")
+        address = f"unix:{self.private}/handover.sock"
+        self.front.spawn(cfg, address, "")
+        return address
 
     def send(self, *command) -> None:
         """A command to the child; it reads them in order once it has started."""
@@ -124,6 +160,14 @@ class Engine:
                                   else f"the {self.role} process did not start")
 
     def stop_child(self) -> None:
+        self._stop()
+        if self.front:  # after the destination: what it still says is not about the link
+            self.front.stop_child()
+        if self.private:
+            shutil.rmtree(self.private, ignore_errors=True)
+            self.private = None
+
+    def _stop(self) -> None:
         if self.proc is None:
             return
         self._stopping = True
@@ -218,6 +262,8 @@ def _side(role: str, args, cfg, program: Program) -> int:
     if server is None:
         return 2
     engine = Engine(role, cfg)
+    if engine.front:
+        engine.front.on_event = partial(_link_event, program)
     monitor = Monitor(role, cfg, engine, program.quit, program.log)
     try:
         monitor.serve(server)

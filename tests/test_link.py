@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from emu import channel, link, uri
 from emu.channel import Endpoint
 from emu.clock import Clock
 from emu.link import FIELDS, Bottleneck, Relay
@@ -183,3 +184,75 @@ def test_a_blocked_writer_wakes_only_when_write_wakeup_bytes_more_are_free(bench
     waited = link.clock.now() - t0
     reader.join(5)
     assert waited == pytest.approx((4096 + (32 << 10)) / B, rel=0.2)
+
+
+class RelayThread:
+    """A relay listening at `listen` (forwarding to `target`, or a front if none), stepped in
+    a thread of its own."""
+
+    def __init__(self, listen: str, target: str, rtt: float = 0.0) -> None:
+        self.clock = Clock()
+        self.relay = Relay(self.clock, Board(FIELDS), 1e9, rtt)
+        self.relay.listen(listen, target)
+        self.stop = threading.Event()
+        self.clock.start(1.0)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.relay.step(0.005)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.relay.close()
+
+
+def test_a_relay_marks_every_connection_it_forwards(tmp_path):
+    """The destination tells a connection through a link by its first frame."""
+    target = uri.listen(f"unix:{tmp_path}/dst.sock")
+    relay = RelayThread(f"unix:{tmp_path}/link.sock", f"unix:{tmp_path}/dst.sock")
+    try:
+        src = Endpoint(uri.connect(f"unix:{tmp_path}/link.sock"), 1 << 20, "main")
+        dst, _ = target.accept()
+        assert channel.read_header(dst, 5) == channel.relayed_frame()
+        src.send([channel.MAIN_HELLO])
+        assert Endpoint(dst, 1 << 20, "main").recv() == channel.MAIN_HELLO
+    finally:
+        relay.close()
+        target.close()
+
+
+def test_a_front_emulates_the_link_for_a_connection_handed_over(tmp_path):
+    """A source's connection the destination accepted and read the first header of goes
+    through the front whole: marked, delayed by the link, credited back to the source."""
+    rtt = 20e-3
+    front = RelayThread(f"unix:{tmp_path}/handover.sock", "", rtt)
+    try:
+        source_end, accepted = socket.socketpair()
+        src = Endpoint(source_end, 1 << 20, "main")
+        src.send([channel.MAIN_HELLO])
+        src.send([b"page"])
+        first = channel.read_header(accepted, 5)  # what the destination reads to decide
+        assert first[0] == channel.DATA
+        t0 = front.clock.now()
+        back = link.hand_over(f"unix:{tmp_path}/handover.sock", accepted, first)
+        assert accepted.fileno() == -1  # the destination keeps no copy of the source's socket
+        assert channel.read_header(back, 5) == channel.relayed_frame()
+        dst = Endpoint(back, 1 << 20, "main")
+        assert dst.recv() == channel.MAIN_HELLO and dst.recv() == b"page"
+        assert front.clock.now() - t0 >= rtt / 2
+        dst.send([b"REQ"])  # the return path
+        assert src.recv() == b"REQ"
+        assert src.outstanding == 0  # the front credited what it delivered, on the way back
+        assert front.relay.ports.keys() == {"src-main", "dst-main"}
+    finally:
+        front.close()
+
+
+def test_a_hand_over_without_a_front_closes_the_connection(tmp_path):
+    mine, accepted = socket.socketpair()
+    assert link.hand_over(f"unix:{tmp_path}/nobody.sock", accepted, b"x") is None
+    assert accepted.fileno() == -1 and mine.recv(1) == b""
+

@@ -6,6 +6,7 @@ events and error texts are QEMU's own.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,15 +32,18 @@ PREEMPT = [{"capability": "postcopy-preempt", "state": True},
 class Program:
     """One `postcopy-emu` program, its monitor, and what it leaves behind."""
 
-    def __init__(self, where: str, name: str, *args: str) -> None:
+    def __init__(self, where: str, name: str, *args: str, env: dict | None = None) -> None:
         self.name = name
         self.qmp = f"unix:{where}/{name}.qmp"
         self.log_path = f"{where}/{name}.log"
         sets = [a for s in SETS for a in ("--set", s)]
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "emu.cli", *args, *sets, "--qmp", self.qmp, "--trace"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                # the command, then SETS, then the test's own --set, which win
+                [sys.executable, "-m", "emu.cli", args[0], *sets, *args[1:], "--qmp", self.qmp,
+                 "--trace"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {})})
         self.kids: set[int] = set()
         self.client: QmpClient | None = None
 
@@ -87,14 +91,13 @@ def where():
         if program.client:
             program.client.close()
         program.kill()
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
+    # the test's own folder: after a failure it may hold a killed program's leftovers
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def start(where, name: str, *args: str) -> Program:
+def start(where, name: str, *args: str, env: dict | None = None) -> Program:
     path, programs = where
-    program = Program(path, name, *args)
+    program = Program(path, name, *args, env=env)
     programs.append(program)
     return program
 
@@ -360,13 +363,17 @@ def test_the_link_monitor(where):
 
 
 def test_a_killed_program_takes_its_engine_with_it(where):
-    dst = start(where, "dst", "destination", "--incoming", f"unix:{where[0]}/in.sock")
+    dst = start(where, "dst", "destination", "--incoming", f"unix:{where[0]}/in.sock",
+                env={"TMPDIR": where[0]})
     dst.connect()
-    dst.note_children()  # the engine child listens already, and the resource tracker
-    assert len(dst.kids) >= 2
+    dst.note_children()  # the engine child listens already, its front, the resource tracker
+    assert len(dst.kids) >= 3
+    assert [n for n in os.listdir(where[0]) if n.startswith("postcopy-emu-front-")]
     dst.kill()
     assert wait_for(lambda: not any(alive(k) for k in dst.kids)), "orphaned engine process"
     assert wait_for(lambda: not segments(dst.proc.pid)), "segments left in /dev/shm"
+    assert not [n for n in os.listdir(where[0]) if n.startswith("postcopy-emu-front-")], \
+        "the front's private folder outlived its program"
 
 
 def test_monitors_stay_on_loopback_unless_told(where):
@@ -388,3 +395,102 @@ def test_the_replayed_memory_check_sees_what_the_source_held():
         dst[77 * 4096 + 2000] ^= 1
         result = replay.check(cfg, dst, run.dst_states, report)
         assert not result["ok"] and result["first-bad"] == [77]
+
+
+# ---- a source connected straight to a destination, as two QEMUs are ----
+
+RTT_MS = 17  # so that one rtt (and a few ms more) and two fall in different latency buckets
+
+
+def rtt_bucket(rtt_ms: float) -> int:
+    """The postcopy-latency-dist bucket ([2^N us, 2^(N+1) us)) a latency of `rtt_ms` is in."""
+    return int(np.log2(rtt_ms * 1000))
+
+
+def pair(where, incoming: str, via_link: bool) -> tuple[Program, Program, str]:
+    """A destination and a source, with or without a `link` program between: the address the
+    source migrates to. The destination's private folder is made in the test's own folder
+    (TMPDIR), so that the test sees it removed."""
+    path = where[0]
+    # random pages: nearly every fault is a page the source must be asked for
+    rtt = ("--set", f"link.rtt={RTT_MS}ms", "--set", "workload.pattern=random")
+    target = incoming
+    if via_link:
+        target = f"unix:{path}/link.sock"
+        start(where, "link", "link", "--listen", target, "--connect", incoming, *rtt)
+    dst = start(where, "dst", "destination", "--incoming", "defer", *rtt, env={"TMPDIR": path})
+    src = start(where, "src", "source", *rtt)
+    for side in (src, dst):
+        side.connect().cmd("migrate-set-capabilities", capabilities=PREEMPT)
+    return src, dst, target
+
+
+def finish(where, programs: list[Program]) -> None:
+    """quit every program; nothing of theirs stays behind, in the test's folder either."""
+    for program in programs:
+        program.note_children()
+        if program.client is None:
+            program.connect()
+        program.client.cmd("quit")
+    for program in programs:
+        program.assert_gone()
+    assert sorted(os.listdir(where[0])) == sorted(p.log_path.rsplit("/", 1)[1] for p in programs)
+
+
+@pytest.mark.parametrize("via_link", [False, True], ids=["direct", "through-link"])
+def test_the_same_qmp_script_with_or_without_a_link(where, via_link):
+    """postcopy-preempt driven over QMP with the source connected straight to the destination
+    (the emulated link then runs inside the destination program) or through a `link`
+    program: the same commands, memory intact, and the link's rtt counted once."""
+    incoming = f"unix:{where[0]}/mig.sock"
+    src, dst, target = pair(where, incoming, via_link)
+    s, d = src.client, dst.client
+    d.cmd("migrate-incoming", uri=incoming)
+    s.cmd("migrate", uri=target)
+    assert statuses(s, "active") == ["setup", "active"]
+    s.cmd("migrate-start-postcopy")
+    assert statuses(s, "completed") == ["device", "postcopy-active", "completed"]
+    assert statuses(d, "completed")[-2:] == ["postcopy-active", "completed"]
+    assert d.cmd("x-query-integrity")["ok"], d.cmd("x-query-integrity")
+    into = d.cmd("query-migrate")
+    dist = into["postcopy-latency-dist"]
+    # a page the source is asked for crosses the link twice (request, then page): most faults
+    # take one rtt and a little more, none two (a link emulated twice); the others found
+    # their page already on its way
+    assert rtt_bucket(2 * RTT_MS) == rtt_bucket(RTT_MS) + 1
+    assert len(dist) - 1 == rtt_bucket(RTT_MS) and dist[-1] > sum(dist) / 2, dist
+    assert s.cmd("query-migrate")["ram"]["postcopy-requests"] > 0
+    finish(where, where[1])
+
+
+def test_a_direct_migration_recovers_on_a_new_address(where):
+    """QEMU's postcopy/recovery with no `link` program: migrate-pause, migrate-recover on a
+    new address, migrate resume to it, through the destination's own emulated link."""
+    path = where[0]
+    src, dst, _ = pair(where, f"unix:{path}/mig.sock", via_link=False)
+    s, d = src.client, dst.client
+    d.cmd("migrate-incoming", uri=f"unix:{path}/mig.sock")
+    s.cmd("migrate", uri=f"unix:{path}/mig.sock")
+    assert statuses(s, "active") == ["setup", "active"]
+    s.cmd("migrate-set-parameters", max_postcopy_bandwidth=4096)  # the pause lands in postcopy
+    s.cmd("migrate-start-postcopy")
+    assert statuses(s, "postcopy-active") == ["device", "postcopy-active"]
+    assert wait_for(lambda: s.cmd("query-migrate")["ram"]["postcopy-requests"] > 0)
+    s.cmd("migrate-pause")
+    assert statuses(s, "postcopy-paused") == ["postcopy-paused"]
+    assert statuses(d, "postcopy-paused")[-2:] == ["postcopy-active", "postcopy-paused"]
+    port = free_port()  # the new address is TCP: a TCP connection is handed over as well
+    d.cmd("migrate-recover", uri=f"tcp:127.0.0.1:{port}")
+    assert d.cmd("query-migrate")["socket-address"] == [
+        {"type": "inet", "host": "127.0.0.1", "port": str(port)}]
+    s.cmd("migrate", uri=f"tcp:127.0.0.1:{port}", resume=True)
+    assert statuses(s, "postcopy-active") == [
+        "postcopy-recover-setup", "postcopy-recover", "postcopy-active"]
+    s.cmd("migrate-set-parameters", max_postcopy_bandwidth=0)
+    assert statuses(d, "completed") == ["postcopy-recover", "postcopy-active", "completed"]
+    assert statuses(s, "completed") == ["completed"]
+    assert d.cmd("x-query-integrity")["ok"], d.cmd("x-query-integrity")
+    # every channel in: the destination listens no more, as QEMU
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    finish(where, [src, dst])
