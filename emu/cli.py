@@ -150,8 +150,17 @@ def cmd_bench(args, cfg) -> int:
 
 
 def cmd_gui(args, cfg) -> int:
-    from gui.app import main as gui_main
+    try:
+        from gui.app import main as gui_main
+    except ImportError as err:
+        if "cannot open shared object file" not in str(err):
+            raise
+        # Qt's own libraries need system ones the PySide6 wheel does not bring (libEGL, ...)
+        from gui.display import missing_libraries
 
+        print(f"postcopy-emu: {missing_libraries(f'Qt does not load ({err})')}",
+              file=sys.stderr)
+        return 2
     return gui_main(cfg, args)
 
 
