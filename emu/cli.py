@@ -153,12 +153,12 @@ def cmd_gui(args, cfg) -> int:
     try:
         from gui.app import main as gui_main
     except ImportError as err:
-        if "cannot open shared object file" not in str(err):
-            raise
+        if isinstance(err, ModuleNotFoundError) or ".so" not in str(err):
+            raise  # not the dynamic loader's word on a library
         # Qt's own libraries need system ones the PySide6 wheel does not bring (libEGL, ...)
-        from gui.display import missing_libraries
+        from gui.display import RUN_INSTEAD, missing_libraries
 
-        print(f"postcopy-emu: {missing_libraries(f'Qt does not load ({err})')}",
+        print(f"postcopy-emu: {missing_libraries(f'Qt does not load ({err})', RUN_INSTEAD)}",
               file=sys.stderr)
         return 2
     return gui_main(cfg, args)

@@ -26,8 +26,8 @@ DEBIAN_PACKAGES = (
     "libxcb-randr0", "libxcb-shape0", "libxcb-sync1", "libxcb-xfixes0",
 )
 APT_GET = "sudo apt-get install " + " ".join(DEBIAN_PACKAGES)
-ELSE = ("or save a picture with `postcopy-emu gui --screenshot PATH`, or run the migration on "
-        "the command line with `postcopy-emu run`")
+RUN_INSTEAD = "or run the migration on the command line with `postcopy-emu run`"
+ELSE = "or save a picture with `postcopy-emu gui --screenshot PATH`, " + RUN_INSTEAD
 NO_DISPLAY = ("no display to open the window on (neither DISPLAY nor WAYLAND_DISPLAY is set): "
               "give it one (`xvfb-run postcopy-emu gui` for a virtual one), " + ELSE)
 _held: list = []  # the check's X connection, for release() to hang up
@@ -65,9 +65,9 @@ def xcb_problem(display: str, plugin: Path | None = None) -> str | None:
     return None
 
 
-def missing_libraries(what: str) -> str:
-    """*what* went wrong loading Qt, and what to install."""
-    return f"{what}; on Debian/Ubuntu: {APT_GET}; " + ELSE
+def missing_libraries(what: str, instead: str = ELSE) -> str:
+    """*what* went wrong loading Qt, what to install, and what works *instead*."""
+    return f"{what}; on Debian/Ubuntu: {APT_GET}; {instead}"
 
 
 def _qt_plugin(name: str) -> Path | None:

@@ -72,6 +72,15 @@ def test_a_missing_library_is_named_not_xcb_cursor(tmp_path):
     assert "libpce-nosuch.so4" in problem and display.APT_GET in problem
 
 
+def test_qt_itself_not_loading_is_one_line_too(tmp_path):
+    """A libEGL.so.1 that is no library stands for one that is missing: libQt6Gui needs it."""
+    (tmp_path / "libEGL.so.1").write_bytes(b"")
+    env = bare_env(LD_LIBRARY_PATH=str(tmp_path))
+    err = one_line_and_exit_2(*gui("--screenshot", str(tmp_path / "shot.png"), env=env))
+    assert "libEGL.so.1" in err and display.APT_GET in err and "--screenshot" not in err
+    assert not (tmp_path / "shot.png").exists()
+
+
 def test_the_readme_and_ci_install_the_packages_the_check_names():
     for doc in ("README.md", ".ci/run"):
         text = (ROOT / doc).read_text()
