@@ -151,8 +151,17 @@ def cmd_bench(args, cfg) -> int:
 
 
 def cmd_gui(args, cfg) -> int:
-    from gui.app import main as gui_main
+    try:
+        from gui.app import main as gui_main
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) or ".so" not in str(err):
+            raise  # not the dynamic loader's word on a library
+        # Qt's own libraries need system ones the PySide6 wheel does not bring (libEGL, ...)
+        from gui.display import RUN_INSTEAD, missing_libraries
 
+        print(f"postcopy-emu: {missing_libraries(f'Qt does not load ({err})', RUN_INSTEAD)}",
+              file=sys.stderr)
+        return 2
     return gui_main(cfg, args)
 
 

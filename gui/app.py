@@ -11,6 +11,7 @@ from pathlib import Path
 from PySide6 import QtCore, QtWidgets
 
 from emu.config import SCENARIO_DIR, Config, ConfigError, load_config, scenario_names
+from gui import display
 from gui.qtfix import guard_singletons
 from gui.style import STYLE_SHEET
 from gui.window import QtMainWindow
@@ -29,7 +30,12 @@ def main(cfg: Config, args) -> int:
     except ConfigError as err:
         print(f"postcopy-emu: {err}", file=sys.stderr)
         return 2
+    problem = display.choose_platform(bool(args.screenshot))  # before the QApplication
+    if problem:
+        print(f"postcopy-emu: {problem}", file=sys.stderr)
+        return 2
     app = application()
+    display.release()
     window = QtMainWindow(cfg, preset)
     window.resize(*WINDOW_SIZE)
     window.show()

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 
@@ -19,6 +20,24 @@ BASE = {
 def config(**sets):
     merged = {**BASE, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
     return load_config(None, [f"{k}={v}" for k, v in merged.items()])
+
+
+# Real seconds a test waits for something that is bound to happen: generous, because the
+# machine may be loaded (2 cores shared by many runs); a test never asserts on how long it took.
+PATIENCE = 60.0
+
+# The signals a test sends to a program it starts (Ctrl-C, closing the terminal, kill).
+TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+
+
+def as_from_a_terminal() -> None:
+    """preexec_fn for a program a test signals: default dispositions and no blocked signals,
+    as a program started from an interactive shell has them. A script's background job starts
+    with SIGINT ignored (and Python then installs no KeyboardInterrupt handler), nohup with
+    SIGHUP ignored; a test must not depend on the shell pytest was started from."""
+    for sig in TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 @pytest.fixture

@@ -1,15 +1,17 @@
 """Nothing is left behind: no process, no shared-memory segment, whatever way a run ends."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 
 from emu.controller import Run
-from tests.conftest import config
+from tests.conftest import PATIENCE, as_from_a_terminal, config
 
 SLOW = ["--set", "emulator.time-scale=0.05", "--set", "guest.ram=64MiB"]
 
@@ -35,7 +37,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for(predicate, timeout=20.0):
+def wait_for(predicate, timeout=PATIENCE):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -44,10 +46,10 @@ def wait_for(predicate, timeout=20.0):
     return False
 
 
-def start_cli(*args):
+def start_cli(*args, env=None):
     proc = subprocess.Popen([sys.executable, "-m", "emu.cli", "run", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True, preexec_fn=as_from_a_terminal)
     assert wait_for(lambda: len(children(proc.pid)) >= 3 and segments(proc.pid)), \
         "the run did not start"
     # the emulator's processes: the controller's children other than the resource tracker
@@ -67,45 +69,62 @@ def test_ctrl_c_stops_everything():
     proc, kids = start_cli(*SLOW)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 130, err
     assert b"interrupted" in err
     assert not segments(proc.pid)
     assert wait_for(lambda: not any(alive(k) for k in kids))
 
 
-def socket_dirs() -> set[str]:
-    import tempfile
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("postcopy-emu-")}
+def socket_dirs(where: str | None = None) -> set[str]:
+    return {n for n in os.listdir(where or tempfile.gettempdir())
+            if n.startswith("postcopy-emu-")}
 
 
-def test_killed_controller_takes_its_children_with_it():
-    before = socket_dirs()
-    proc, kids = start_cli(*SLOW)
+@pytest.fixture
+def own_tmpdir():
+    """A TMPDIR for the program under test alone: other runs on a busy machine make and remove
+    their own socket directories in /tmp meanwhile. Short, as unix socket paths must be."""
+    where = tempfile.mkdtemp(prefix="pce")
+    yield where
+    shutil.rmtree(where)
+
+
+def test_killed_controller_takes_its_children_with_it(own_tmpdir):
+    proc, kids = start_cli(*SLOW, env={**os.environ, "TMPDIR": own_tmpdir})
+    assert socket_dirs(own_tmpdir)
     proc.kill()
-    proc.communicate(timeout=30)
+    proc.communicate(timeout=PATIENCE)
     assert wait_for(lambda: not any(alive(k) for k in kids)), "orphaned emulator processes"
     assert wait_for(lambda: not segments(proc.pid)), "segments left in /dev/shm"
-    assert wait_for(lambda: not socket_dirs() - before), "socket directory left in /tmp"
+    assert wait_for(lambda: not socket_dirs(own_tmpdir)), "socket directory left in TMPDIR"
 
 
 SURVIVOR = {"destination": "source", "source": "destination", "network": "source"}
+# phase: (migration.switchover-after, the status both sides are in when the victim dies);
+# waiting for the statuses, not for an emulated time, holds however late a loaded machine
+# lets a side get there
+PHASES = {"precopy": ("10s", "active"), "postcopy": ("50ms", "postcopy-active")}
+
+
+def poll_until(run: Run, predicate, timeout: float = PATIENCE) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, (run.status, run.errors)
+        run.poll()
 
 
 @pytest.mark.parametrize("phase", ["precopy", "postcopy"])
 @pytest.mark.parametrize("victim", ["destination", "source", "network"])
 def test_a_killed_child_fails_the_run_and_nothing_is_left(victim, phase):
+    switchover, status = PHASES[phase]
     run = Run(config(emulator__time_scale="0.1", guest__ram="64MiB",
-                     migration__switchover_after="50ms"), recover_after=None)
+                     migration__switchover_after=switchover), recover_after=None)
     try:
         run.start()
-        at = 0.02 if phase == "precopy" else 0.08
-        while run.clock.now() < at:
-            run.poll()
+        poll_until(run, lambda: all(s == status for s in run.status.values()))
         os.kill(run.children[victim][0].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not run.finished and time.monotonic() < deadline:
-            run.poll()
+        poll_until(run, lambda: run.finished)
         assert any(f"{victim} process died" in e for e in run.errors), run.errors
         assert not run.ok
         # the other side says what the loss did to it, as QEMU would
@@ -139,6 +158,6 @@ def test_a_failing_run_reports_and_cleans_up(run_migration):
 def test_invalid_settings_stop_before_any_process_starts(setting, message):
     sets = [arg for s in setting for arg in ("--set", s)]
     out = subprocess.run([sys.executable, "-m", "emu.cli", "run", *sets],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 2
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -20,7 +20,7 @@ import pytest
 from emu import channel, replay
 from emu.controller import Run
 from emu.qmp import QmpClient, QmpError
-from tests.conftest import config
+from tests.conftest import PATIENCE, as_from_a_terminal, config
 from tests.test_cleanup import alive, children, segments, wait_for
 
 SETS = ["guest.ram=32MiB", "link.socket-buffer=1MiB", "emulator.time-scale=0.25",
@@ -43,15 +43,15 @@ class Program:
                 [sys.executable, "-m", "emu.cli", args[0], *sets, *args[1:], "--qmp", self.qmp,
                  "--trace"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **(env or {})})
+                env={**os.environ, **(env or {})}, preexec_fn=as_from_a_terminal)
         self.kids: set[int] = set()
         self.client: QmpClient | None = None
 
     def connect(self) -> QmpClient:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + PATIENCE
         while True:
             try:
-                self.client = QmpClient(self.qmp, timeout=30)
+                self.client = QmpClient(self.qmp, timeout=PATIENCE)
                 self.client.connect()
                 return self.client
             except (FileNotFoundError, ConnectionRefusedError):
@@ -69,7 +69,7 @@ class Program:
             return f.read()
 
     def assert_gone(self) -> None:
-        assert self.proc.wait(15) == 0, self.log()
+        assert self.proc.wait(PATIENCE) == 0, self.log()
         assert wait_for(lambda: not any(alive(k) for k in self.kids)), \
             f"{self.name} left processes behind"
         assert not segments(self.proc.pid), f"{self.name} left segments in /dev/shm"
@@ -108,7 +108,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def statuses(client: QmpClient, until: str, timeout: float = 60) -> list[str]:
+def statuses(client: QmpClient, until: str, timeout: float = PATIENCE) -> list[str]:
     """The MIGRATION statuses a monitor announces, up to `until`."""
     seen = []
     while not seen or seen[-1] != until:
@@ -130,7 +130,7 @@ def stranger(address: str, junk: bytes) -> socket.socket:
         sock.close()
         raise
     sock.sendall(junk)
-    sock.settimeout(10)
+    sock.settimeout(PATIENCE)
     return sock
 
 
@@ -157,9 +157,9 @@ def test_postcopy_preempt_with_pause_and_recovery_over_qmp(where):
     # QEMU's recovery test: slow the background stream so that the pause lands in postcopy
     s.cmd("migrate-set-parameters", max_postcopy_bandwidth=4096)
     s.cmd("migrate-start-postcopy")
-    s.wait_event("STOP")
+    s.wait_event("STOP", PATIENCE)
     assert statuses(s, "postcopy-active") == ["device", "postcopy-active"]
-    d.wait_event("RESUME", 30)
+    d.wait_event("RESUME", PATIENCE)
     assert s.cmd("query-status") == {"status": "finish-migrate", "running": False}
     assert d.cmd("query-status") == {"status": "running", "running": True}
     assert error(s, "migrate_cancel")[1] == "Postcopy migration in progress, cannot cancel."
@@ -201,7 +201,8 @@ def test_postcopy_preempt_with_pause_and_recovery_over_qmp(where):
         program.note_children()
         program.client.cmd("quit")
     for side in (s, d):
-        assert side.wait_event("SHUTDOWN")["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        assert side.wait_event("SHUTDOWN", PATIENCE)["data"] == {
+            "guest": False, "reason": "host-qmp-quit"}
     for program in (src, dst, link):
         program.assert_gone()
     assert sorted(os.listdir(path)) == sorted(p.log_path.rsplit("/", 1)[1]
@@ -216,9 +217,9 @@ def test_qmp_conversation_before_any_migration(where):
     assert s.cmd("query-status") == {"status": "running", "running": True}
     assert d.cmd("query-status") == {"status": "inmigrate", "running": False}
     s.cmd("stop")
-    assert s.wait_event("STOP") and s.cmd("query-status")["status"] == "paused"
+    assert s.wait_event("STOP", PATIENCE) and s.cmd("query-status")["status"] == "paused"
     s.cmd("cont")
-    assert s.wait_event("RESUME") and s.cmd("query-status")["running"]
+    assert s.wait_event("RESUME", PATIENCE) and s.cmd("query-status")["running"]
     assert s.cmd("query-migrate") == {} and d.cmd("query-migrate") == {}
 
     caps = {c["capability"]: c["state"] for c in s.cmd("query-migrate-capabilities")}
@@ -305,7 +306,7 @@ def test_qmp_conversation_before_any_migration(where):
     for program in (src, dst):
         program.note_children()
     os.killpg(src.proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
-    assert src.proc.wait(15) == 130 and "interrupted" in src.log()
+    assert src.proc.wait(PATIENCE) == 130 and "interrupted" in src.log()
     dst.proc.terminate()
     dst.assert_gone()
     assert "terminating on signal 15" in dst.log()
@@ -378,7 +379,7 @@ def test_a_killed_program_takes_its_engine_with_it(where):
 
 def test_monitors_stay_on_loopback_unless_told(where):
     out = subprocess.run([sys.executable, "-m", "emu.cli", "source", "--qmp", "tcp:0.0.0.0:0"],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 2 and "non-loopback" in out.stderr
 
 

@@ -36,7 +36,7 @@ def test_a_run_to_completion_fills_the_bitmap_and_the_latency_plot(make_window, 
     window = make_window(cfg)
     window.start_migration()
     qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=WAIT_MS)
-    qtbot.waitUntil(lambda: window.bitmap.count(R.MISSING) == 0)
+    qtbot.waitUntil(lambda: window.bitmap.count(R.MISSING) == 0, timeout=WAIT_MS)
     present = sum(window.bitmap.count(code) for code in
                   (R.PRECOPY, R.BACKGROUND, R.URGENT_MAIN, R.URGENT_PREEMPT))
     assert present == cfg.npages
@@ -49,7 +49,7 @@ def test_a_run_to_completion_fills_the_bitmap_and_the_latency_plot(make_window, 
     # hovering over a page tells its story
     view = window.bitmap.view.viewport()
     qtbot.mouseMove(view, view.rect().center())
-    qtbot.waitUntil(lambda: window.bitmap.info_text().startswith("page "))
+    qtbot.waitUntil(lambda: window.bitmap.info_text().startswith("page "), timeout=WAIT_MS)
     assert "arrived at" in window.bitmap.info_text()
     assert window.counters.value("status") == "completed → completed"
     assert "run completed" in window.events.toPlainText()
@@ -99,7 +99,7 @@ def test_pause_freezes_emulated_time_and_postcopy_starts_by_hand(make_window, qt
     qtbot.wait(200)
     assert window.session.run.clock.now() == frozen
     window.controls.pause.click()
-    qtbot.waitUntil(lambda: window.session.run.clock.now() > frozen)
+    qtbot.waitUntil(lambda: window.session.run.clock.now() > frozen, timeout=WAIT_MS)
     assert window.controls.postcopy.isEnabled()
     window.controls.postcopy.click()
     qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=WAIT_MS)
