@@ -13,8 +13,10 @@ the guest keeps running here, and only vCPUs touching missing pages stay blocked
 from __future__ import annotations
 
 import queue
+import selectors
 import socket
 import threading
+import time
 
 import numpy as np
 
@@ -33,6 +35,32 @@ FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "block
           "placed-main", "placed-preempt") + LAG_FIELDS
 RING = 1 << 16
 POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover")
+
+
+# real seconds from a main channel's hello to its first record: the source sends both at once
+MAIN_SETUP_TIMEOUT = 5.0
+TICK = 0.25  # real seconds between the accept thread's looks at its deadlines
+
+
+def _admit(listener: socket.socket, pending: dict, sel) -> None:
+    """Accept one connection (one per turn, so that a hello in is read before the next
+    stranger can push it out) and wait for its hello."""
+    try:
+        sock, _ = listener.accept()
+    except OSError:  # closing (the loop ends), or out of descriptors: try again soon
+        time.sleep(0.05)
+        return
+    if len(pending) >= channel.MAX_PENDING:
+        _drop(next(iter(pending)), pending, sel)
+    sock.setblocking(False)
+    pending[uri.tune(sock)] = channel.Hello(sock, time.monotonic() + channel.HANDSHAKE_TIMEOUT)
+    sel.register(sock, selectors.EVENT_READ)
+
+
+def _drop(sock: socket.socket, pending: dict, sel) -> None:
+    del pending[sock]
+    sel.unregister(sock)
+    channel.refuse(sock)
 
 
 class DestMemory(Memory):
@@ -85,6 +113,8 @@ class Destination:
         self.vcpus: list[VCpu] = []
         self.device: dict = {}
         self._block_named = False  # REQ_PAGES_ID names the block once per connection
+        # the main channel on trial (_hello): it and when its first record is due
+        self._unconfirmed: tuple[Endpoint, float] | None = None
 
     # ---- commands ----
 
@@ -120,8 +150,13 @@ class Destination:
     def _listen(self, address: str) -> None:
         self._stop_listening()
         self.listener = uri.listen(address)
-        self.control.emit(("listening", uri.bound(self.listener)))
-        start_thread("accept", self._accept_thread, self.listener)
+        bound = uri.bound(self.listener)
+        try:
+            start_thread("accept", self._accept_thread, self.listener)
+        except RuntimeError:  # can't start new thread: migrate-incoming fails, says why
+            self._stop_listening()
+            raise
+        self.control.emit(("listening", bound))
 
     def _stop_listening(self) -> None:
         """Really stop: close() alone leaves a socket that a thread sits in accept() on
@@ -134,49 +169,125 @@ class Destination:
             self.listener.close()
 
     def _accept_thread(self, listener) -> None:
-        while not self.stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                return  # closed: a newer listener took over, or we are done
-            start_thread("hello", self._hello, uri.tune(sock))
-
-    def _hello(self, sock) -> None:
-        """Tell the channels apart by their first frame; anything else is closed unheard."""
-        ep = Endpoint(sock, self.cfg["link.socket-buffer"], "incoming", self.lag)
-        sock.settimeout(5)
+        """Accept connections and read their hellos, all in this one thread: a stranger costs
+        a socket and a few bytes for channel.HANDSHAKE_TIMEOUT at most, never a thread, and
+        at most channel.MAX_PENDING wait at a time."""
+        pending: dict[socket.socket, channel.Hello] = {}  # oldest first
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
         try:
-            hello = ep.recv()
-        except (ChannelError, OSError):
-            hello = b""
-        sock.settimeout(None)
-        if hello == channel.MAIN_HELLO:
-            which = MAIN
-        elif hello == channel.PREEMPT_HELLO and self.cfg["migration.postcopy-preempt"]:
-            which = PREEMPT
-        else:
-            ep.close()
-            sock.close()
+            while not self.stop.is_set() and listener.fileno() >= 0:
+                now = time.monotonic()
+                for sock in [s for s, hello in pending.items() if hello.deadline <= now]:
+                    _drop(sock, pending, sel)
+                self._check_main_setup(now)
+                try:
+                    ready = sel.select(TICK)
+                except (OSError, ValueError):
+                    return  # closed: a newer listener took over, or we are done
+                for key, _ in ready:
+                    if key.fileobj is listener:
+                        _admit(listener, pending, sel)
+                    elif key.fileobj in pending:
+                        self._read_hello(key.fileobj, pending, sel)
+        finally:
+            for sock in list(pending):
+                _drop(sock, pending, sel)
+            sel.close()
+
+    def _read_hello(self, sock, pending: dict, sel) -> None:
+        try:
+            payload = pending[sock].read()
+        except ChannelError:
+            _drop(sock, pending, sel)  # not a migration stream: closed unheard
             return
-        ep.name = ("main", "preempt")[which]
+        if payload is None:
+            return  # more to come
+        hello = pending.pop(sock)
+        sel.unregister(sock)
+        sock.setblocking(True)
+        self._hello(sock, self._identify(payload), hello.arrival)
+
+    def _identify(self, hello: bytes) -> int | None:
+        """The channel a hello names, or None for anything else."""
+        if hello == channel.MAIN_HELLO:
+            return MAIN
+        if hello == channel.PREEMPT_HELLO and self.cfg["migration.postcopy-preempt"]:
+            return PREEMPT
+        return None
+
+    def _hello(self, sock, which: int | None, arrival: float) -> None:
+        """A connection said which channel it is: it takes that channel's place, and its
+        thread starts. A main channel is on trial until its first record (_confirm): before
+        that, a newer main takes its place, as one that is a stranger's hello must not keep
+        the real source out."""
         with self.lock:
-            old, self.channels[which] = self.channels[which], ep
-            complete = self.channels[MAIN] and (
-                self.channels[PREEMPT] or not self.cfg["migration.postcopy-preempt"])
+            if which == MAIN and self.channels[MAIN] and not self._unconfirmed:
+                which = None  # the migration stream is in: a second one is a stranger
+            if which is not None:
+                ep = Endpoint(sock, self.cfg["link.socket-buffer"], ("main", "preempt")[which],
+                              self.lag)
+                old, self.channels[which] = self.channels[which], ep
+                if which == MAIN:
+                    self._unconfirmed = (ep, time.monotonic() + MAIN_SETUP_TIMEOUT)
+        if which is None:
+            channel.refuse(sock)
+            return
+        self.lag(arrival)  # the hello is a frame like any other
         if old:
             old.close()
+        try:
+            start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
+        except RuntimeError:  # can't start new thread: refuse this one, keep listening
+            self._forget(ep)
+            return
+        if which == PREEMPT:
+            self._stop_listening_if_complete()
+
+    def _confirm(self, ep: Endpoint) -> bool:
+        """The first record on a main channel: a migration stream, not a stranger's hello.
+        False if it was given up meanwhile."""
+        with self.lock:
+            if not self._unconfirmed or self._unconfirmed[0] is not ep:
+                return False
+            self._unconfirmed = None
+        self._block_named = False
+        self._stop_listening_if_complete()
+        if self.state.status == "postcopy-paused":
+            self.state.set("postcopy-recover")
+        return True
+
+    def _stop_listening_if_complete(self) -> None:
+        """Every channel is in: like QEMU, take no more connections (a recovery listens
+        anew)."""
+        with self.lock:
+            complete = self.channels[MAIN] and not self._unconfirmed and (
+                self.channels[PREEMPT] or not self.cfg["migration.postcopy-preempt"])
         if complete:
-            # every channel is in: like QEMU, take no more connections (a recovery listens anew)
             self._stop_listening()
-        if which == MAIN:
-            self._block_named = False
-            if self.state.status == "postcopy-paused":
-                self.state.set("postcopy-recover")
-        start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
+
+    def _check_main_setup(self, now: float) -> None:
+        """A main channel that said its hello and then nothing: a stranger's, given up after
+        MAIN_SETUP_TIMEOUT, while the listener stays open for the real source."""
+        with self.lock:
+            trial = self._unconfirmed
+        if trial and trial[1] <= now:
+            self._forget(trial[0])
+
+    def _forget(self, ep: Endpoint) -> None:
+        """Give up a channel that never carried a migration stream: nothing fails."""
+        with self.lock:
+            if self._unconfirmed and self._unconfirmed[0] is ep:
+                self._unconfirmed = None
+            for which, current in enumerate(self.channels):
+                if current is ep:
+                    self.channels[which] = None
+        ep.close()
 
     def _close_channels(self) -> None:
         with self.lock:
             eps, self.channels = self.channels, [None, None]
+            self._unconfirmed = None
         for ep in eps:
             if ep:
                 ep.close()
@@ -185,9 +296,14 @@ class Destination:
 
     def _read_channel(self, ep: Endpoint, which: int) -> None:
         payload = self.cfg["emulator.payload"]
+        unconfirmed = which == MAIN  # until its first record, it may be a stranger's
         try:
             while True:
                 msg = wire.decode_main(ep.recv(), payload)
+                if unconfirmed:
+                    if not self._confirm(ep):
+                        return  # given up: MAIN_SETUP_TIMEOUT, or a newer main took over
+                    unconfirmed = False
                 if self.state.status == "setup":
                     self.state.set("active")
                 if isinstance(msg, wire.RamRecord):
@@ -200,7 +316,9 @@ class Destination:
                 else:
                     raise wire.ProtocolError("the preempt channel carries RAM only")
         except (ChannelError, wire.ProtocolError) as err:
-            if self.channels[which] is ep:  # not a connection we already replaced
+            if unconfirmed:
+                self._forget(ep)  # it never was a migration stream: nothing to fail
+            elif self.channels[which] is ep:  # not a connection we already replaced
                 self._channel_failed(f"{ep.name} channel: {err}")
 
     def _main_message(self, msg) -> None:
