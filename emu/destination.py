@@ -29,7 +29,7 @@ from emu.placement import MAIN, PREEMPT, Placer
 from emu.process import start_thread
 from emu.states import StateLog, pause_refusal
 from emu.status import LAG_FIELDS, Board, lag_meter
-from emu.workload import SLICED, Memory, VCpu, Workload
+from emu.workload import MAX_POS, SLICED, Memory, VCpu, Workload
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS
@@ -37,6 +37,8 @@ RING = 1 << 16
 POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover")
 
 
+# QEMU's PostcopyState, for its "CMD_POSTCOPY_RUN in wrong postcopy state (%d)"
+PS_NONE, PS_ADVISE, PS_LISTENING, PS_RUNNING = 0, 1, 3, 4
 # real seconds from a main channel's hello to its first record: the source sends both at once
 MAIN_SETUP_TIMEOUT = 5.0
 TICK = 0.25  # real seconds between the accept thread's looks at its deadlines
@@ -61,6 +63,24 @@ def _drop(sock: socket.socket, pending: dict, sel) -> None:
     del pending[sock]
     sel.unregister(sock)
     channel.refuse(sock)
+
+
+class LoadError(ValueError):
+    """The stream parses, but what it says does not fit this destination: the incoming
+    migration fails (QEMU: "load of migration failed"), in postcopy too."""
+
+
+def check_device_state(state: dict, cfg) -> dict:
+    """The device state, checked against this destination's own configuration: a vCPU
+    thread starts per position, so the source must not choose how many, or what they are."""
+    vcpus, n = state.get("vcpus"), cfg["guest.vcpus"]
+    if not (isinstance(vcpus, list) and len(vcpus) == n
+            and all(type(p) is int and 0 <= p <= MAX_POS for p in vcpus)):
+        shown = repr(vcpus)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise LoadError(f"device state: 'vcpus' must be the positions of the guest's {n} "
+                        f"vCPU(s), integers from 0 to {MAX_POS}, got {shown}")
+    return state
 
 
 class DestMemory(Memory):
@@ -112,6 +132,7 @@ class Destination:
         self.memory = DestMemory(self)
         self.vcpus: list[VCpu] = []
         self.device: dict = {}
+        self.advised = False  # POSTCOPY_ADVISE came
         self._block_named = False  # REQ_PAGES_ID names the block once per connection
         # the main channel on trial (_hello): it and when its first record is due
         self._unconfirmed: tuple[Endpoint, float] | None = None
@@ -315,6 +336,8 @@ class Destination:
                     self._main_message(msg)
                 else:
                     raise wire.ProtocolError("the preempt channel carries RAM only")
+        except LoadError as err:
+            self._load_failed(str(err))
         except (ChannelError, wire.ProtocolError) as err:
             if unconfirmed:
                 self._forget(ep)  # it never was a migration stream: nothing to fail
@@ -323,7 +346,9 @@ class Destination:
 
     def _main_message(self, msg) -> None:
         if isinstance(msg, wire.DeviceState):
-            self.device = msg.state
+            self.device = check_device_state(msg.state, self.cfg)
+        elif msg.cmd == wire.MIG_CMD_POSTCOPY_ADVISE:
+            self.advised = True
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RAM_DISCARD:
             for start, length in wire.parse_discard(msg.data):
                 self.placer.discard(start // self.cfg.page_size, length // self.cfg.page_size)
@@ -331,6 +356,9 @@ class Destination:
             self.placer.postcopy = True
             self.state.set("postcopy-active")
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RUN:
+            if self.vcpus or not self.placer.postcopy:  # the guest starts here once
+                raise LoadError(f"CMD_POSTCOPY_RUN in wrong postcopy state "
+                                f"({self._postcopy_state()})")
             self._start_vcpus()
         elif msg.cmd == wire.MIG_CMD_PING:
             self._send_rp(wire.rp_message(wire.MIG_RP_MSG_PONG, msg.data))
@@ -346,6 +374,25 @@ class Destination:
         self._send_rp(wire.rp_message(wire.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"))
         for page in np.flatnonzero(self.placer.states == R.REQUESTED):
             self._request(int(page))
+
+    def _postcopy_state(self) -> int:
+        if self.vcpus:
+            return PS_RUNNING
+        if self.placer.postcopy:
+            return PS_LISTENING
+        return PS_ADVISE if self.advised else PS_NONE
+
+    def _load_failed(self, detail: str) -> None:
+        """The stream cannot be loaded here: fail, stop the guest and the channels. Only a
+        broken channel pauses a postcopy migration; QEMU's listen thread fails on a load
+        error (and exits)."""
+        if self.state.status in ("completed", "failed"):
+            return
+        self.control.fail(f"destination: load of migration failed: Invalid argument: {detail}")
+        self.state.set("failed")
+        self.stop.set()
+        self._close_channels()
+        self._stop_listening()
 
     def _end_of_stream(self, which: int) -> None:
         """EOF on a channel. The migration is over when every channel has said so: quitting
