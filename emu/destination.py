@@ -293,11 +293,14 @@ class Destination:
         with self.lock:
             trial = self._unconfirmed
         if trial and trial[1] <= now:
-            self._forget(trial[0])
+            self._forget(trial[0], trial)
 
-    def _forget(self, ep: Endpoint) -> None:
-        """Give up a channel that never carried a migration stream: nothing fails."""
+    def _forget(self, ep: Endpoint, trial: tuple | None = None) -> None:
+        """Give up a channel that never carried a migration stream: nothing fails. With
+        `trial`: only if that trial is still on (its first record may have come meanwhile)."""
         with self.lock:
+            if trial and self._unconfirmed is not trial:
+                return
             if self._unconfirmed and self._unconfirmed[0] is ep:
                 self._unconfirmed = None
             for which, current in enumerate(self.channels):
