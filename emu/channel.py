@@ -28,6 +28,14 @@ CHECKSUM_OFFSET = 21
 # the destination takes any other connection for the preempt channel, as QEMU does).
 MAIN_HELLO = b"QEVM\x00\x00\x00\x03"
 PREEMPT_HELLO = b"QEPC\x00\x00\x00\x01"
+HELLO_MAX = 8  # bytes a hello may have: a longer first frame is not one of ours
+# A stranger on a migration address (no TLS, as QEMU without tls-creds) costs a socket and a
+# few bytes for a bounded time: it has HANDSHAKE_TIMEOUT real seconds for its whole hello, and
+# at most MAX_PENDING connections wait for theirs (a newer one ends the oldest: a real peer
+# says its hello at once, so it is never the oldest for long).
+HANDSHAKE_TIMEOUT = 5.0
+MAX_PENDING = 16
+REFUSE_DRAIN = 1 << 20
 DATA = 0
 CREDIT = 1
 # A link's first frame to the destination, before the hello it forwards: this connection comes
@@ -179,6 +187,84 @@ class Endpoint:
                     views[0] = views[0][sent:]
         except OSError as err:
             raise ChannelError(f"{self.name}: {err}") from err
+
+
+class Hello:
+    """The first frame of a new connection, read without trusting it, from a non-blocking
+    socket: a DATA frame of at most HELLO_MAX bytes, behind the RELAYED mark of the link it
+    came through. Reads never go past that frame, so the channel's own reader starts right
+    behind it. A connection with no mark comes straight from a source: `direct`, and read
+    no further than its first header, so that it can be handed on to a link whole."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline  # time.monotonic() by which the whole frame must be in
+        self.arrival = 0.0  # as the link scheduled it
+        self.relayed = False
+        self._buf = bytearray()
+        self._need = HEADER.size
+        self._check: int | None = None
+
+    @property
+    def direct(self) -> bool:
+        """A hello header with no link's mark before it: what was read is `read_so_far`."""
+        return not self.relayed and self._check is not None
+
+    @property
+    def read_so_far(self) -> bytes:
+        return bytes(self._buf)
+
+    def read(self) -> bytes | None:
+        """Take in what has come: the payload once the frame is complete (b"" at once for a
+        direct connection), else None. ChannelError when the connection closed or it is not
+        a hello."""
+        try:
+            data = self.sock.recv(self._need - len(self._buf))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as err:
+            raise ChannelError(f"hello: {err}") from None
+        if not data:
+            raise ChannelError("hello: connection closed")
+        self._buf += data
+        if self._check is None and len(self._buf) == HEADER.size:
+            kind, size, _, arrival, check = HEADER.unpack(self._buf)
+            if kind == RELAYED and size == 0 and not self.relayed:
+                self.relayed = True  # a link's mark: the hello follows
+                self._buf.clear()
+                return None
+            if kind != DATA or size > HELLO_MAX:
+                raise ChannelError(f"not a hello: frame header {self._buf.hex()}")
+            self.arrival, self._check = arrival, check
+            if not self.relayed:
+                return b""  # direct
+            self._need += size
+        if len(self._buf) < self._need:
+            return None
+        payload = bytes(self._buf[HEADER.size:])
+        if checksum(payload) != self._check:
+            raise ChannelError("hello: checksum mismatch")
+        return payload
+
+
+def refuse(sock: socket.socket) -> None:
+    """Close a connection that is not a migration stream. What it sent and we did not read is
+    thrown away first (up to REFUSE_DRAIN bytes): closed with unread bytes, a socket resets
+    the peer's connection, and a stranger is told an orderly no."""
+    drained = 0
+    try:
+        while drained < REFUSE_DRAIN:
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def checksum(payload) -> int:

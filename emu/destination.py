@@ -15,8 +15,10 @@ the guest keeps running here, and only vCPUs touching missing pages stay blocked
 from __future__ import annotations
 
 import queue
+import selectors
 import socket
 import threading
+import time
 
 import numpy as np
 
@@ -27,15 +29,60 @@ from emu.clock import Clock
 from emu.metrics import FAULT_DTYPE, FaultRing
 from emu.placement import MAIN, PREEMPT, Placer
 from emu.process import start_thread
-from emu.states import StateLog, after_failure, pause_refusal
+from emu.states import FINAL, StateLog, after_failure, pause_refusal
 from emu.status import LAG_FIELDS, Board, lag_meter
-from emu.workload import SLICED, Memory, VCpu, Workload
+from emu.workload import MAX_POS, SLICED, Memory, VCpu, Workload
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS
 RING = 1 << 16
 PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
-HELLO_TIMEOUT = 5.0  # real seconds for a new connection's first frame
+
+
+# QEMU's PostcopyState, for its "CMD_POSTCOPY_RUN in wrong postcopy state (%d)"
+PS_NONE, PS_ADVISE, PS_LISTENING, PS_RUNNING = 0, 1, 3, 4
+# real seconds from a main channel's hello to its first record: the source sends both at once
+MAIN_SETUP_TIMEOUT = 5.0
+TICK = 0.25  # real seconds between the accept thread's looks at its deadlines
+
+
+def _admit(listener: socket.socket, pending: dict, sel) -> None:
+    """Accept one connection (one per turn, so that a hello in is read before the next
+    stranger can push it out) and wait for its hello."""
+    try:
+        sock, _ = listener.accept()
+    except OSError:  # closing (the loop ends), or out of descriptors: try again soon
+        time.sleep(0.05)
+        return
+    if len(pending) >= channel.MAX_PENDING:
+        _drop(next(iter(pending)), pending, sel)
+    sock.setblocking(False)
+    pending[uri.tune(sock)] = channel.Hello(sock, time.monotonic() + channel.HANDSHAKE_TIMEOUT)
+    sel.register(sock, selectors.EVENT_READ)
+
+
+def _drop(sock: socket.socket, pending: dict, sel) -> None:
+    del pending[sock]
+    sel.unregister(sock)
+    channel.refuse(sock)
+
+
+class LoadError(ValueError):
+    """The stream parses, but what it says does not fit this destination: the incoming
+    migration fails (QEMU: "load of migration failed"), in postcopy too."""
+
+
+def check_device_state(state: dict, cfg) -> dict:
+    """The device state, checked against this destination's own configuration: a vCPU
+    thread starts per position, so the source must not choose how many, or what they are."""
+    vcpus, n = state.get("vcpus"), cfg["guest.vcpus"]
+    if not (isinstance(vcpus, list) and len(vcpus) == n
+            and all(type(p) is int and 0 <= p <= MAX_POS for p in vcpus)):
+        shown = repr(vcpus)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise LoadError(f"device state: 'vcpus' must be the positions of the guest's {n} "
+                        f"vCPU(s), integers from 0 to {MAX_POS}, got {shown}")
+    return state
 
 
 class DestMemory(Memory):
@@ -90,7 +137,10 @@ class Destination:
         self.memory = DestMemory(self)
         self.vcpus: list[VCpu] = []
         self.device: dict = {}
+        self.advised = False  # POSTCOPY_ADVISE came
         self._block_named = False  # REQ_PAGES_ID names the block once per connection
+        # the main channel on trial (_hello): it and when its first record is due
+        self._unconfirmed: tuple[Endpoint, float] | None = None
 
     # ---- commands ----
 
@@ -129,8 +179,13 @@ class Destination:
     def _listen(self, address: str) -> None:
         self._stop_listening()
         self.listener = uri.listen(address)
-        self.control.emit(("listening", uri.bound(self.listener)))
-        start_thread("accept", self._accept_thread, self.listener)
+        bound = uri.bound(self.listener)
+        try:
+            start_thread("accept", self._accept_thread, self.listener)
+        except RuntimeError:  # can't start new thread: migrate-incoming fails, says why
+            self._stop_listening()
+            raise
+        self.control.emit(("listening", bound))
 
     def _stop_listening(self) -> None:
         """Really stop: close() alone leaves a socket that a thread sits in accept() on
@@ -143,69 +198,143 @@ class Destination:
             self.listener.close()
 
     def _accept_thread(self, listener) -> None:
-        while not self.stop.is_set():
-            try:
-                sock, _ = listener.accept()
-            except OSError:
-                return  # closed: a newer listener took over, or we are done
-            start_thread("hello", self._hello, uri.tune(sock))
-
-    def _hello(self, sock) -> None:
-        """Tell the channels apart by their first frame; anything else is closed unheard."""
-        sock = self._through_link(sock)
-        if sock is None:
-            return
-        ep = Endpoint(sock, self.cfg["link.socket-buffer"], "incoming", self.lag)
-        sock.settimeout(5)
+        """Accept connections and read their hellos, all in this one thread: a stranger costs
+        a socket and a few bytes for channel.HANDSHAKE_TIMEOUT at most, never a thread, and
+        at most channel.MAX_PENDING wait at a time."""
+        pending: dict[socket.socket, channel.Hello] = {}  # oldest first
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
         try:
-            hello = ep.recv()
-        except (ChannelError, OSError):
-            hello = b""
-        sock.settimeout(None)
-        if hello == channel.MAIN_HELLO:
-            which = MAIN
-        elif hello == channel.PREEMPT_HELLO and self.cfg["migration.postcopy-preempt"]:
-            which = PREEMPT
-        else:
-            ep.close()
-            sock.close()
+            while not self.stop.is_set() and listener.fileno() >= 0:
+                now = time.monotonic()
+                for sock in [s for s, hello in pending.items() if hello.deadline <= now]:
+                    _drop(sock, pending, sel)
+                self._check_main_setup(now)
+                try:
+                    ready = sel.select(TICK)
+                except (OSError, ValueError):
+                    return  # closed: a newer listener took over, or we are done
+                for key, _ in ready:
+                    if key.fileobj is listener:
+                        _admit(listener, pending, sel)
+                    elif key.fileobj in pending:
+                        self._read_hello(key.fileobj, pending, sel)
+        finally:
+            for sock in list(pending):
+                _drop(sock, pending, sel)
+            sel.close()
+
+    def _read_hello(self, sock, pending: dict, sel) -> None:
+        try:
+            payload = pending[sock].read()
+        except ChannelError:
+            _drop(sock, pending, sel)  # not a migration stream: closed unheard
             return
-        ep.name = ("main", "preempt")[which]
+        if payload is None:
+            return  # more to come
+        hello = pending.pop(sock)
+        sel.unregister(sock)
+        if hello.direct:
+            self._through_front(sock, hello.read_so_far, pending, sel)
+            return
+        sock.setblocking(True)
+        self._hello(sock, self._identify(payload), hello.arrival)
+
+    def _through_front(self, sock, read_so_far: bytes, pending: dict, sel) -> None:
+        """A connection straight from a source, with no link in between: hand it to this
+        program's front, which emulates the link, and take it back from there like any
+        connection through a link. With no front (under `run`), it is refused."""
+        back = link.hand_over(self.front, sock, read_so_far) if self.front else None
+        if back is None:
+            channel.refuse(sock)
+            return
+        back.setblocking(False)
+        pending[back] = channel.Hello(back, time.monotonic() + channel.HANDSHAKE_TIMEOUT)
+        sel.register(back, selectors.EVENT_READ)
+
+    def _identify(self, hello: bytes) -> int | None:
+        """The channel a hello names, or None for anything else."""
+        if hello == channel.MAIN_HELLO:
+            return MAIN
+        if hello == channel.PREEMPT_HELLO and self.cfg["migration.postcopy-preempt"]:
+            return PREEMPT
+        return None
+
+    def _hello(self, sock, which: int | None, arrival: float) -> None:
+        """A connection said which channel it is: it takes that channel's place, and its
+        thread starts. A main channel is on trial until its first record (_confirm): before
+        that, a newer main takes its place, as one that is a stranger's hello must not keep
+        the real source out."""
         with self.lock:
-            old, self.channels[which] = self.channels[which], ep
-            complete = self.channels[MAIN] and (
-                self.channels[PREEMPT] or not self.cfg["migration.postcopy-preempt"])
+            if which == MAIN and self.channels[MAIN] and not self._unconfirmed:
+                which = None  # the migration stream is in: a second one is a stranger
+            if which is not None:
+                ep = Endpoint(sock, self.cfg["link.socket-buffer"], ("main", "preempt")[which],
+                              self.lag)
+                old, self.channels[which] = self.channels[which], ep
+                if which == MAIN:
+                    self._unconfirmed = (ep, time.monotonic() + MAIN_SETUP_TIMEOUT)
+        if which is None:
+            channel.refuse(sock)
+            return
+        self.lag(arrival)  # the hello is a frame like any other
         if old:
             old.close()
-        if complete:
-            # every channel is in: like QEMU, take no more connections (a recovery listens anew)
-            self._stop_listening()
-        if which == MAIN:
-            self._block_named = False
-            if self.state.status == "postcopy-paused":  # postcopy_try_recover()
-                self.state.set("postcopy-paused", "postcopy-recover")
-        start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
+        try:
+            start_thread(("listen", "preempt")[which], self._read_channel, ep, which)
+        except RuntimeError:  # can't start new thread: refuse this one, keep listening
+            self._forget(ep)
+            return
+        if which == PREEMPT:
+            self._stop_listening_if_complete()
 
-    def _through_link(self, sock):
-        """The connection as it comes through an emulated link, or None (closed): a link's
-        RELAYED frame first, or, straight from a source, handed over to the front."""
-        mark = channel.relayed_frame()
-        first = channel.read_header(sock, HELLO_TIMEOUT)
-        if first == mark:
-            return sock
-        if not (first and self.front):
-            sock.close()
-            return None
-        back = link.hand_over(self.front, sock, first)
-        if back and channel.read_header(back, HELLO_TIMEOUT) == mark:
-            return back
-        if back:
-            back.close()
-        return None
+    def _confirm(self, ep: Endpoint) -> bool:
+        """The first record on a main channel: a migration stream, not a stranger's hello.
+        False if it was given up meanwhile."""
+        with self.lock:
+            if not self._unconfirmed or self._unconfirmed[0] is not ep:
+                return False
+            self._unconfirmed = None
+        self._block_named = False
+        self._stop_listening_if_complete()
+        if self.state.status == "postcopy-paused":  # postcopy_try_recover()
+            self.state.set("postcopy-paused", "postcopy-recover")
+        return True
+
+    def _stop_listening_if_complete(self) -> None:
+        """Every channel is in: like QEMU, take no more connections (a recovery listens
+        anew)."""
+        with self.lock:
+            complete = self.channels[MAIN] and not self._unconfirmed and (
+                self.channels[PREEMPT] or not self.cfg["migration.postcopy-preempt"])
+        if complete:
+            self._stop_listening()
+
+    def _check_main_setup(self, now: float) -> None:
+        """A main channel that said its hello and then nothing: a stranger's, given up after
+        MAIN_SETUP_TIMEOUT, while the listener stays open for the real source."""
+        with self.lock:
+            trial = self._unconfirmed
+        if trial and trial[1] <= now:
+            self._forget(trial[0], trial)
+
+    def _forget(self, ep: Endpoint, trial: tuple | None = None) -> None:
+        """Give up a channel that never carried a migration stream: nothing fails. With
+        `trial`: only if that trial is still on (its first record may have come meanwhile)."""
+        with self.lock:
+            if trial and self._unconfirmed is not trial:
+                return
+            if self._unconfirmed and self._unconfirmed[0] is ep:
+                self._unconfirmed = None
+            for which, current in enumerate(self.channels):
+                if current is ep:
+                    self.channels[which] = None
+        ep.close()
 
     def _close_channels(self) -> None:
         with self.lock:
             eps, self.channels = self.channels, [None, None]
+            self._unconfirmed = None
         for ep in eps:
             if ep:
                 ep.close()
@@ -214,9 +343,14 @@ class Destination:
 
     def _read_channel(self, ep: Endpoint, which: int) -> None:
         payload = self.cfg["emulator.payload"]
+        unconfirmed = which == MAIN  # until its first record, it may be a stranger's
         try:
             while True:
                 msg = wire.decode_main(ep.recv(), payload)
+                if unconfirmed:
+                    if not self._confirm(ep):
+                        return  # given up: MAIN_SETUP_TIMEOUT, or a newer main took over
+                    unconfirmed = False
                 if self.state.status == "setup":  # process_incoming_migration_co()
                     self.state.set("setup", "active")
                 if isinstance(msg, wire.RamRecord):
@@ -228,13 +362,19 @@ class Destination:
                     self._main_message(msg)
                 else:
                     raise wire.ProtocolError("the preempt channel carries RAM only")
+        except LoadError as err:
+            self._load_failed(str(err))
         except (ChannelError, wire.ProtocolError) as err:
-            if self.channels[which] is ep:  # not a connection we already replaced
+            if unconfirmed:
+                self._forget(ep)  # it never was a migration stream: nothing to fail
+            elif self.channels[which] is ep:  # not a connection we already replaced
                 self._channel_failed(f"{ep.name} channel: {err}")
 
     def _main_message(self, msg) -> None:
         if isinstance(msg, wire.DeviceState):
-            self.device = msg.state
+            self.device = check_device_state(msg.state, self.cfg)
+        elif msg.cmd == wire.MIG_CMD_POSTCOPY_ADVISE:
+            self.advised = True
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RAM_DISCARD:
             for start, length in wire.parse_discard(msg.data):
                 self.placer.discard(start // self.cfg.page_size, length // self.cfg.page_size)
@@ -242,6 +382,9 @@ class Destination:
             self.placer.postcopy = True
             self.state.set("active", "postcopy-active")  # postcopy_ram_listen_thread()
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RUN:
+            if self.vcpus or not self.placer.postcopy:  # the guest starts here once
+                raise LoadError(f"CMD_POSTCOPY_RUN in wrong postcopy state "
+                                f"({self._postcopy_state()})")
             self._start_vcpus()
         elif msg.cmd == wire.MIG_CMD_PING:
             self._send_rp(wire.rp_message(wire.MIG_RP_MSG_PONG, msg.data))
@@ -261,6 +404,25 @@ class Destination:
         self._send_rp(wire.rp_message(wire.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"))
         for page in np.flatnonzero(self.placer.states == R.REQUESTED):
             self._request(int(page))
+
+    def _postcopy_state(self) -> int:
+        if self.vcpus:
+            return PS_RUNNING
+        if self.placer.postcopy:
+            return PS_LISTENING
+        return PS_ADVISE if self.advised else PS_NONE
+
+    def _load_failed(self, detail: str) -> None:
+        """The stream cannot be loaded here: fail, stop the guest and the channels. Only a
+        broken channel pauses a postcopy migration; QEMU's listen thread fails on a load
+        error (and exits)."""
+        _, new = self.state.settle(lambda status: None if status in FINAL else "failed")
+        if new is None:
+            return
+        self.control.fail(f"destination: load of migration failed: Invalid argument: {detail}")
+        self.stop.set()
+        self._close_channels()
+        self._stop_listening()
 
     def _end_of_stream(self, which: int) -> None:
         """EOF on a channel. The migration is over when every channel has said so: quitting

@@ -30,6 +30,7 @@ import selectors
 import shutil
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,7 +48,8 @@ ROUTES = {
 FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered")) + (
     "lag-max", "lag-sum", "frames", "late-frames")
 RUN_DIR_PREFIX = "postcopy-emu-"  # the controller's socket directory (controller.Run)
-INBUF = 4 << 20  # bytes a port reads ahead; grows for a larger frame
+INBUF = 4 << 20  # bytes a migration connection's port reads ahead; grows for a larger frame
+HELLO_BUF = channel.HEADER.size + channel.HELLO_MAX  # what a new connection's port reads ahead
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
 HANDOVER_TIMEOUT = 1.0  # real seconds for a hand-over's message (sent right after connecting)
@@ -118,12 +120,19 @@ class Bottleneck:
 
 @dataclass
 class Port:
-    """The relay's end of one endpoint's socket."""
+    """The relay's end of one endpoint's socket. A new connection's port holds its hello at
+    most: the big buffer comes once the hello has named it (a stranger costs a few bytes)."""
     sock: socket.socket
     conn: str = ""  # the connection it belongs to: "main" or "preempt" ("" until the hello)
-    inbuf: bytearray = field(default_factory=lambda: bytearray(INBUF))
+    inbuf: bytearray = field(default_factory=bytearray)
     fill: int = 0  # bytes of inbuf holding input not parsed yet
     out: collections.deque = field(default_factory=collections.deque)  # [view, conn, charge]
+    deadline: float = float("inf")  # time.monotonic() by which a new connection says hello
+    peer: socket.socket | None = None  # a handed-over connection's destination end
+
+    def __post_init__(self) -> None:
+        if not self.inbuf:
+            self.inbuf = bytearray(INBUF if self.conn else HELLO_BUF)
 
 
 class Relay:
@@ -200,6 +209,7 @@ class Relay:
         wait = min(max_wait, self.clock.real_wait(self._next_event()))
         if wait < SPIN_S:
             wait = 0
+        self._expire(time.monotonic())
         for key, mask in self.sel.select(wait):
             if key.fileobj is self.listener:
                 if not self.commands_waiting():
@@ -223,57 +233,65 @@ class Relay:
     # ---- connections ----
 
     def _accept(self) -> None:
-        """A source's connection, forwarded to the target; or, with no target (a destination
-        program's front), one the destination hands over with its destination end."""
+        """One new connection (one per turn: a hello already in is read before the next
+        stranger can push it out): a source's, forwarded to the target once its hello names
+        it; or, with no target (a destination program's front), one the destination hands
+        over with its destination end and the bytes it had read."""
         try:
             sock, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except OSError:  # nothing after all, or out of descriptors: the next turn tries again
             return
-        new = self._forward(sock) if self.target else _handed_over(sock)
-        if new:
-            self._add(*new)
-
-    def _forward(self, src: socket.socket) -> tuple | None:
-        try:
-            dst = uri.connect(self.target)
-        except OSError:
-            src.close()  # the destination is not listening: the source sees the refusal
-            return None
-        return uri.tune(src), dst, b""
-
-    def _add(self, src: socket.socket, dst: socket.socket, prefix: bytes) -> None:
-        """A new connection on the link; `prefix`: what the destination had read of the
-        source's bytes before handing it over."""
-        try:
-            dst.sendall(channel.relayed_frame())  # before anything from the source
-        except OSError:
-            src.close()
-            dst.close()
-            return
+        peer, prefix = None, b""
+        if not self.target:
+            handed = _handed_over(sock)
+            if handed is None:
+                return
+            sock, peer, prefix = handed
+        pending = [name for name, port in self.ports.items() if not port.conn]
+        if len(pending) >= channel.MAX_PENDING:
+            self._close_port(min(pending, key=lambda name: self.ports[name].deadline))
+        uri.tune(sock)
+        sock.setblocking(False)
         # named by the hello in its first frame; until then the connection has a number
-        key = f"new-{src.fileno()}"
-        for side, sock in (("src", src), ("dst", dst)):
-            sock.setblocking(False)
-            self.ports[f"{side}-{key}"] = Port(sock)
-            self.sel.register(sock, selectors.EVENT_READ, f"{side}-{key}")
-        port = self.ports[f"src-{key}"]
+        name = f"src-new-{sock.fileno()}"
+        port = self.ports[name] = Port(sock, peer=peer,
+                                       deadline=time.monotonic() + channel.HANDSHAKE_TIMEOUT)
         port.inbuf[:len(prefix)] = prefix
         port.fill = len(prefix)
+        self.sel.register(sock, selectors.EVENT_READ, name)
+        if prefix:
+            self._parse(name)  # the hello may be in already
+
+    def _expire(self, now: float) -> None:
+        """Close the new connections that did not say their hello in time."""
+        for name in [n for n, port in self.ports.items() if port.deadline <= now]:
+            self._close_port(name)
 
     def _name(self, key: str, hello: bytes) -> str | None:
-        """Rename a new connection after its hello; None if it said nothing we know."""
+        """Rename a new connection after its hello and connect it on to the destination;
+        None if it said nothing we know, or the destination is not there."""
         if hello == channel.MAIN_HELLO:
             conn = "main"
         elif hello == channel.PREEMPT_HELLO:
             conn = "preempt"
         else:
             return None
-        ports = [self.ports.pop(f"{side}-{key}") for side in ("src", "dst")]
-        for port in ports:
-            self.sel.unregister(port.sock)
-        self.attach(conn, ports[0].sock, ports[1].sock)
-        self.ports[f"src-{conn}"].inbuf = ports[0].inbuf
-        self.ports[f"src-{conn}"].fill = ports[0].fill
+        port = self.ports[f"src-{key}"]
+        try:
+            dst, port.peer = port.peer or uri.connect(self.target), None
+        except OSError:
+            return None  # the destination is not listening: the source sees its connection close
+        try:
+            dst.sendall(channel.relayed_frame())  # before anything from the source
+        except OSError:
+            dst.close()
+            return None
+        del self.ports[f"src-{key}"]
+        self.sel.unregister(port.sock)
+        self.attach(conn, port.sock, dst)
+        named = self.ports[f"src-{conn}"]
+        named.inbuf[:port.fill] = port.inbuf[:port.fill]
+        named.fill = port.fill
         if conn in self.cut_pending:
             self.cut_pending.discard(conn)
             self.cut(conn)
@@ -285,6 +303,11 @@ class Relay:
         if port is None:
             return
         self.sel.unregister(port.sock)
+        if not port.conn:
+            if port.peer:
+                port.peer.close()
+            channel.refuse(port.sock)  # a stranger, or a hello gone wrong: an orderly no
+            return
         try:
             port.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -312,7 +335,7 @@ class Relay:
 
     def _read(self, name: str) -> None:
         port = self.ports[name]
-        if port.fill == len(port.inbuf):  # a frame larger than the buffer: make room
+        if port.fill == len(port.inbuf) and port.conn:  # a frame larger than the buffer
             port.inbuf.extend(bytes(len(port.inbuf)))
         try:
             with memoryview(port.inbuf) as view:
@@ -332,7 +355,7 @@ class Relay:
         buf, pos, now = port.inbuf, 0, None
         while port.fill - pos >= channel.HEADER.size:
             kind, size, virt, _, _ = channel.HEADER.unpack_from(buf, pos)
-            limit = channel.MAX_FRAME if port.conn else len(channel.MAIN_HELLO)
+            limit = channel.MAX_FRAME if port.conn else channel.HELLO_MAX
             if kind != channel.DATA or size > limit:
                 self._broken(name)  # not our framing: a stranger, or a stream gone wrong
                 return
@@ -347,6 +370,7 @@ class Relay:
                         self._broken(name)
                     return
                 name, port = f"src-{conn}", self.ports[f"src-{conn}"]
+                buf = port.inbuf  # where _name put what the new connection's port held
             if now is None:
                 now = self.clock.now()
                 self._advance_all(now)

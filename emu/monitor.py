@@ -136,7 +136,8 @@ class Monitor:
         elif kind in ("refused", "error"):
             message = event[2].strip().splitlines()[-1]
             if kind == "error":
-                self.error_desc = message  # query-migrate's error-desc once failed
+                # query-migrate's error-desc once failed; the monitor is this side's already
+                self.error_desc = message.removeprefix(f"{self.role}: ")
                 self.log(f"error: {message}", always=True)
             else:
                 self.log(f"{event[1]} refused: {message}")
@@ -147,9 +148,10 @@ class Monitor:
             self.report = event[2]
             self.reported.set()
         elif kind == "died":
-            self.error_desc = f"the {self.role} process died"
-            self.log(self.error_desc, always=True)
-            self._outcomes.put(self.error_desc)
+            why = event[2]
+            self.log(why, always=True)
+            self.error_desc = self.error_desc or why  # a failure it told first stays the reason
+            self._outcomes.put(why)
             if self.status not in ("completed", "failed", "cancelled"):
                 self._set_status("failed")
 
@@ -359,6 +361,7 @@ class Monitor:
         """Start the engine child: the capabilities are final from here on."""
         sets = [f"{key}={str(self.caps[name]).lower()}" for name, key in EMULATED.items() if key]
         self.final_cfg = self.cfg.with_overrides(sets)
+        self.error_desc = None  # a new engine runs a new migration
         self.engine.spawn(self.final_cfg)
 
     def _request(self, *command) -> str | None:
@@ -405,6 +408,8 @@ class Monitor:
         info: dict = {"status": self.status}
         if self.listening:
             info["socket-address"] = [_socket_address(self.listening[-1])]
+        if self.status == "failed":  # QEMU shows the incoming side's error too
+            info["error-desc"] = self.error_desc or "unknown error"
         if self.status == "completed" and self.caps["postcopy-blocktime"] \
                 and self.reported.wait(5):
             info.update(self._latencies())

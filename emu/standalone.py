@@ -127,8 +127,8 @@ class Engine:
         self.proc.start()
         child.close()
         self.conn, self._stopping = parent, False
-        threading.Thread(target=self._read, args=(parent,), name=f"{self.role}-events",
-                         daemon=True).start()
+        threading.Thread(target=self._read, args=(parent, self.proc),
+                         name=f"{self.role}-events", daemon=True).start()
         if self.front:
             try:  # a source may connect as soon as the destination listens
                 self.front.wait_ready()
@@ -185,20 +185,34 @@ class Engine:
         self.stop_child()
         self.segments.close()
 
-    def _read(self, conn) -> None:
+    def _read(self, conn, proc) -> None:
         while True:
             try:
                 event = conn.recv()
             except (EOFError, OSError):
                 if conn is self.conn and not self._stopping:  # not one we stopped
-                    self.errors.append(f"the {self.role} process died")
-                    self.on_event(("died", self.role))
+                    why = self._death(proc)
+                    self.errors.append(why)
+                    self.on_event(("died", self.role, why))
                 return
             if event[0] == "ready":
                 self.ready.set()
             elif event[0] == "error":
                 self.errors.append(event[2].strip().splitlines()[-1])
             self.on_event(event)
+
+    def _death(self, proc) -> str:
+        """What became of a child that went away unasked, in one line."""
+        proc.join(2)  # its control connection closes as it dies: the exit status follows
+        code = proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = "still running" if code is None else f"exit code {code}"
+        return f"the {self.role} process died ({how})"
 
 
 class Program:
@@ -300,7 +314,14 @@ def _link(args, cfg, program: Program) -> int:
         if server is None:
             return 2
     engine = Engine("network", cfg)
-    engine.on_event = lambda event: _link_event(program, event)
+    died = threading.Event()
+
+    def on_event(event: tuple) -> None:
+        _link_event(program, event)
+        if event[0] == "died":  # nothing to relay without it: the program ends, and says so
+            died.set()
+            program.done.set()
+    engine.on_event = on_event
     try:
         engine.spawn(cfg, args.listen, args.connect)
         engine.wait_ready()
@@ -310,7 +331,7 @@ def _link(args, cfg, program: Program) -> int:
         monitor = f"; QMP monitor on {server.address}" if server else ""
         program.say(f"relaying {args.listen} -> {args.connect}{monitor}")
         program.wait()
-        return 0
+        return 1 if died.is_set() else 0
     except (EngineError, OSError) as err:
         program.say(str(err))
         return 1
@@ -327,4 +348,4 @@ def _link_event(program: Program, event: tuple) -> None:
     elif event[0] == "error":
         program.say(f"error: {event[2].strip().splitlines()[-1]}")
     elif event[0] == "died":
-        program.say("the network process died")
+        program.say(event[2])

@@ -25,6 +25,7 @@ PATTERNS = ("sequential", "random", "stride", "hotset", "ab")
 SLICED = ("sequential", "ab")  # patterns where each vCPU owns a slice and writes byte 0
 BLOCK = 1 << 16  # touches generated at once by the random-like patterns
 MAX_BATCH = 4096
+MAX_POS = 1 << 62  # a vCPU's position (touches done) indexes int64 arrays: far beyond any run
 
 
 class Workload:

@@ -1,0 +1,100 @@
+"""Speaking the wire protocol (emu/wire.py) straight to a destination in this process."""
+
+import contextlib
+import os
+import queue
+import socket
+import tempfile
+
+from emu import channel
+from emu import destination as D
+from emu.clock import Clock
+from emu.metrics import FaultRing
+from emu.status import Board
+from tests.conftest import config
+
+WAIT = 10  # real seconds: generous, for a loaded machine
+
+
+class Control:
+    """What a destination child says to its controller, kept for the test."""
+
+    role = "destination"
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.errors: list[str] = []
+        self.listening = ""
+
+    def emit(self, event: tuple) -> None:
+        if event[0] == "listening":
+            self.listening = event[1]
+        self.events.put(event)
+
+    def fail(self, message: str) -> None:
+        self.errors.append(message)
+        self.emit(("error", self.role, message))
+
+    def wait_state(self, status: str, timeout: float = WAIT) -> None:
+        while True:
+            event = self.events.get(timeout=timeout)
+            if event[0] == "state" and event[2] == status:
+                return
+
+
+@contextlib.contextmanager
+def destination(**sets):
+    """A Destination in this process, listening on a unix socket: (dst, control, path)."""
+    cfg = config(emulator__payload="false", **sets)
+    bufs = {"clock": bytearray(Clock.NBYTES),
+            "dst-board": bytearray(Board.nbytes(D.FIELDS)),
+            "dst-states": bytearray(cfg.npages), "dst-arrival": bytearray(8 * cfg.npages),
+            "faults": bytearray(FaultRing.nbytes(D.RING))}
+    Clock(bufs["clock"]).start(1.0)
+    control = Control()
+    dst = D.Destination(control, bufs, cfg)
+    folder = tempfile.mkdtemp(prefix="pds")
+    path = f"{folder}/in.sock"
+    try:
+        dst.incoming(f"unix:{path}")
+        yield dst, control, path
+    finally:
+        dst.shutdown()
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(folder)
+
+
+def frame(payload: bytes) -> bytes:
+    """A DATA frame as the link delivers it: with the checksum of its payload."""
+    return channel.HEADER.pack(channel.DATA, len(payload), 0, 0.0,
+                               channel.checksum(payload)) + payload
+
+
+def peer(path: str, *payloads: bytes) -> socket.socket:
+    """A connection that says `payloads`, one frame each."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    sock.settimeout(WAIT)
+    sock.sendall(b"".join(frame(p) for p in payloads))
+    return sock
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """The destination's next frame (its checksum is the link's to fill in: not checked)."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            more = sock.recv(n - len(data))
+            assert more, "closed"
+            data += more
+        return data
+    _, size, _, _, _ = channel.HEADER.unpack(exactly(channel.HEADER.size))
+    return exactly(size)
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1 << 16) == b""
+    except ConnectionResetError:
+        return True
