@@ -12,11 +12,13 @@ from tests.wire_peer import closed, frame
 QUERY_WAIT = 30
 
 
-def engine_of(program) -> int:
-    """The program's engine child (not its resource tracker)."""
-    assert wait_for(lambda: [k for k in children(program.proc.pid)
-                             if "spawn_main" in _cmdline(k)])
-    [pid] = [k for k in children(program.proc.pid) if "spawn_main" in _cmdline(k)]
+def engine_of(program, role: str) -> int:
+    """The program's engine child of `role` (not its resource tracker, nor a destination's
+    front), by the title each child carries."""
+    def engines():
+        return [k for k in children(program.proc.pid) if f"postcopy-emu: {role}" in _cmdline(k)]
+    assert wait_for(engines)
+    [pid] = engines()
     return pid
 
 
@@ -31,7 +33,7 @@ def test_a_killed_destination_engine_is_in_error_desc(where):  # noqa: F811
     dst = start(where, "dst", "destination", "--incoming", f"unix:{incoming}")
     d = dst.connect()
     assert d.cmd("query-migrate")["status"] == "setup"
-    os.kill(engine_of(dst), signal.SIGKILL)
+    os.kill(engine_of(dst, "destination"), signal.SIGKILL)
     info = failed(d)
     assert info["error-desc"] == "the destination process died (killed by SIGKILL)", info
     dst.note_children()
@@ -66,7 +68,7 @@ def test_the_link_ends_when_its_engine_dies(where):  # noqa: F811
                  "--connect", f"unix:{path}/in.sock")
     link.connect()
     link.note_children()
-    os.kill(engine_of(link), signal.SIGKILL)
+    os.kill(engine_of(link, "network"), signal.SIGKILL)
     assert link.proc.wait(30) == 1, link.log()
     assert "the network process died (killed by SIGKILL)" in link.log()
     assert wait_for(lambda: not any(alive(k) for k in link.kids)), "processes left behind"

@@ -215,9 +215,9 @@ def test_a_relay_marks_every_connection_it_forwards(tmp_path):
     relay = RelayThread(f"unix:{tmp_path}/link.sock", f"unix:{tmp_path}/dst.sock")
     try:
         src = Endpoint(uri.connect(f"unix:{tmp_path}/link.sock"), 1 << 20, "main")
+        src.send([channel.MAIN_HELLO])  # the relay connects on once the hello names it
         dst, _ = target.accept()
         assert channel.read_header(dst, 5) == channel.relayed_frame()
-        src.send([channel.MAIN_HELLO])
         assert Endpoint(dst, 1 << 20, "main").recv() == channel.MAIN_HELLO
     finally:
         relay.close()
