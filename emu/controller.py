@@ -25,6 +25,8 @@ from emu.shm import Segments
 from emu.states import FINAL
 from emu.status import Board
 
+RUN_DIR_PREFIX = "postcopy-emu-"  # the run's socket directory, in the system's temporary one
+
 
 class RunError(RuntimeError):
     pass
@@ -43,7 +45,7 @@ class Run:
         self.postcopy_start: float | None = None
         self.log: list[tuple[float, str]] = []  # every notable event, for --trace and the window
         self.listening: str | None = None
-        self.tmpdir = tempfile.mkdtemp(prefix=link.RUN_DIR_PREFIX)
+        self.tmpdir = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
         self.link_uri = f"unix:{self.tmpdir}/link.sock"
         self.segments = Segments()
         self.children: dict[str, tuple[mp.Process, object]] = {}
@@ -195,7 +197,9 @@ class Run:
         ctx = mp.get_context("spawn")
         names = self.segments.names()
         plan = {
-            "network": (link.main, (self.link_uri, self._incoming_uri())),
+            # the run directory by its exact path: removed if we are killed, by the network
+            # process, the last to use it
+            "network": (link.main, (self.link_uri, self._incoming_uri(), self.tmpdir)),
             "destination": (destination.main, ()),
             "source": (source.main, ()),
         }

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import selectors
 import shutil
 import socket
@@ -37,7 +36,6 @@ ROUTES = {
 }
 FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered")) + (
     "lag-max", "lag-sum", "frames", "late-frames")
-RUN_DIR_PREFIX = "postcopy-emu-"  # the controller's socket directory (controller.Run)
 INBUF = 4 << 20  # bytes a port reads ahead; grows for a larger frame
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
@@ -417,23 +415,23 @@ class Relay:
             self.sel.modify(port.sock, events, name)
 
 
-def _orphaned(listen_uri: str) -> None:
-    """The controller vanished (killed): it cannot remove the run's socket directory, so the
-    network process, the last to use it, does, if it is one a controller made."""
-    family, path = uri.parse(listen_uri)
-    folder = os.path.dirname(path) if family == socket.AF_UNIX else ""
-    if os.path.basename(folder).startswith(RUN_DIR_PREFIX):
-        shutil.rmtree(folder, ignore_errors=True)
+def _orphaned(run_dir: str | None) -> None:
+    """The program that started us vanished (killed) and cannot clean up: remove what it
+    would have, by the exact path it made: the run directory a controller made with mkdtemp
+    and handed us (None from `postcopy-emu link`, whose socket's folder is the user's)."""
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
+def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str,
+         run_dir: str | None = None) -> None:
     relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
     relay.listen(listen_uri, target_uri)
     actions = {"cut": relay.cut, "corrupt": relay.corrupt,
                "target": lambda target: setattr(relay, "target", target)}
     relay.commands_waiting = control.conn.poll
-    control.on_orphan = lambda: _orphaned(listen_uri)
+    control.on_orphan = lambda: _orphaned(run_dir)
     control.emit(("ready", control.role))
     try:
         while True:
