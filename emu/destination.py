@@ -77,6 +77,7 @@ class Destination:
         self.channels: list[Endpoint | None] = [None, None]  # MAIN, PREEMPT
         self.eof = [False, not cfg["migration.postcopy-preempt"]]
         self.listener = None
+        self.socket_files: list[uri.Pin] = []  # what our listeners bound
         self.lock = threading.Lock()  # channel set-up and tear-down
         self.faults: queue.SimpleQueue = queue.SimpleQueue()
         self.records: list[tuple] = []
@@ -90,8 +91,11 @@ class Destination:
 
     def incoming(self, address: str) -> None:
         """migrate-incoming: listen for the source's channels."""
+        listener = self._bind(address, "migrate-incoming")
+        if listener is None:
+            return  # refused, and nothing started: it may be told again, as in QEMU
         self.state.set("setup")
-        self._listen(address)
+        self._serve(listener)
         start_thread("fault", self._fault_thread)
 
     def recover(self, address: str) -> None:
@@ -100,7 +104,9 @@ class Destination:
             self.control.emit(("refused", "migrate-recover",
                                "Migrate recover can only be run when postcopy is paused."))
             return
-        self._listen(address)
+        listener = self._bind(address, "migrate-recover")
+        if listener is not None:
+            self._serve(listener)
 
     def pause(self) -> None:
         """migrate-pause on the destination: break the channels; both sides pause."""
@@ -117,11 +123,29 @@ class Destination:
 
     # ---- connections ----
 
-    def _listen(self, address: str) -> None:
+    def _bind(self, address: str, command: str) -> socket.socket | None:
+        """A listener on `address`, or None once `command` is refused with why (a file that
+        is not a socket, another program's socket, a bad path: nothing of theirs is touched)."""
         self._stop_listening()
-        self.listener = uri.listen(address)
-        self.control.emit(("listening", uri.bound(self.listener)))
-        start_thread("accept", self._accept_thread, self.listener)
+        try:
+            listener = uri.listen(address)
+        except (OSError, ValueError) as err:
+            self.control.emit(("refused", command, str(err)))
+            return None
+        if pin := uri.bound_file(listener):
+            self.socket_files.append(pin)
+            self.control.emit(("bound", self.control.role, pin.file))  # the program removes it
+        return listener
+
+    def _serve(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.control.emit(("listening", uri.bound(listener)))
+        start_thread("accept", self._accept_thread, listener)
+
+    def remove_sockets(self) -> None:
+        """The program that would remove our socket files is gone (killed): remove them."""
+        for pin in self.socket_files:
+            pin.remove()
 
     def _stop_listening(self) -> None:
         """Really stop: close() alone leaves a socket that a thread sits in accept() on
@@ -341,6 +365,7 @@ class Destination:
 
 def main(control, bufs: dict, cfg) -> None:
     dst = Destination(control, bufs, cfg)
+    control.on_orphan = dst.remove_sockets
     control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover,
                    "migrate-pause": dst.pause})
     dst.shutdown()

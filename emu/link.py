@@ -415,10 +415,13 @@ class Relay:
             self.sel.modify(port.sock, events, name)
 
 
-def _orphaned(run_dir: str | None) -> None:
+def _orphaned(listener: socket.socket, run_dir: str | None) -> None:
     """The program that started us vanished (killed) and cannot clean up: remove what it
-    would have, by the exact path it made: the run directory a controller made with mkdtemp
-    and handed us (None from `postcopy-emu link`, whose socket's folder is the user's)."""
+    would have, by the exact paths made: our socket file if it is still ours, and the run
+    directory a controller made with mkdtemp and handed us (None from `postcopy-emu link`,
+    whose socket's folder is the user's)."""
+    if pin := uri.bound_file(listener):
+        pin.remove()
     if run_dir:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -428,10 +431,12 @@ def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str,
     relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
     relay.listen(listen_uri, target_uri)
+    control.on_orphan = lambda: _orphaned(relay.listener, run_dir)
+    if pin := uri.bound_file(relay.listener):
+        control.emit(("bound", control.role, pin.file))  # the program removes it at its end
     actions = {"cut": relay.cut, "corrupt": relay.corrupt,
                "target": lambda target: setattr(relay, "target", target)}
     relay.commands_waiting = control.conn.poll
-    control.on_orphan = lambda: _orphaned(run_dir)
     control.emit(("ready", control.role))
     try:
         while True:
