@@ -29,6 +29,7 @@ from emu.status import Board
 # Real seconds an event may take from the process that stamped it to the log: the events of
 # three processes cross three pipes, so a later one can be read first.
 EVENT_DELAY_S = 0.25
+RUN_DIR_PREFIX = "postcopy-emu-"  # the run's socket directory, in the system's temporary one
 
 
 class RunError(RuntimeError):
@@ -50,7 +51,7 @@ class Run:
         self.log: list[tuple[float, str]] = []
         self._released = 0  # how many events of the log readers may have seen (events())
         self.listening: str | None = None
-        self.tmpdir = tempfile.mkdtemp(prefix=link.RUN_DIR_PREFIX)
+        self.tmpdir = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
         self.link_uri = f"unix:{self.tmpdir}/link.sock"
         self.segments = Segments()
         self.children: dict[str, tuple[mp.Process, object]] = {}
@@ -227,7 +228,9 @@ class Run:
         ctx = mp.get_context("spawn")
         names = self.segments.names()
         plan = {
-            "network": (link.main, (self.link_uri, self._incoming_uri())),
+            # the run directory by its exact path: removed if we are killed, by the network
+            # process, the last to use it
+            "network": (link.main, (self.link_uri, self._incoming_uri(), self.tmpdir)),
             "destination": (destination.main, ()),
             "source": (source.main, ()),
         }

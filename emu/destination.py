@@ -130,6 +130,7 @@ class Destination:
         self.channels: list[Endpoint | None] = [None, None]  # MAIN, PREEMPT
         self.eof = [False, not cfg["migration.postcopy-preempt"]]
         self.listener = None
+        self.socket_files: list[uri.Pin] = []  # what our listeners bound
         self.lock = threading.Lock()  # channel set-up and tear-down
         self.faults: queue.SimpleQueue = queue.SimpleQueue()
         self.records: list[tuple] = []
@@ -146,11 +147,15 @@ class Destination:
 
     def incoming(self, address: str) -> None:
         """migrate-incoming: listen for the source's channels (qemu_start_incoming_migration)."""
-        if not self.state.set("none", "setup"):
+        if self.state.status != "none":
             self.control.emit(("refused", "migrate-incoming",
                                "The incoming migration has already been started"))
             return
-        self._listen(address)
+        listener = self._bind(address, "migrate-incoming")
+        if listener is None:
+            return  # refused, and nothing started: it may be told again, as in QEMU
+        self.state.set("none", "setup")
+        self._serve(listener)
         start_thread("fault", self._fault_thread)
 
     def recover(self, address: str) -> None:
@@ -159,7 +164,9 @@ class Destination:
             self.control.emit(("refused", "migrate-recover",
                                "Migrate recover can only be run when postcopy is paused."))
             return
-        self._listen(address)
+        listener = self._bind(address, "migrate-recover")
+        if listener is not None:
+            self._serve(listener)
 
     def pause(self) -> None:
         """migrate-pause on the destination: break the channels; both sides pause."""
@@ -176,16 +183,33 @@ class Destination:
 
     # ---- connections ----
 
-    def _listen(self, address: str) -> None:
+    def _bind(self, address: str, command: str) -> socket.socket | None:
+        """A listener on `address`, or None once `command` is refused with why (a file that
+        is not a socket, another program's socket, a bad path: nothing of theirs is touched)."""
         self._stop_listening()
-        self.listener = uri.listen(address)
-        bound = uri.bound(self.listener)
         try:
-            start_thread("accept", self._accept_thread, self.listener)
-        except RuntimeError:  # can't start new thread: migrate-incoming fails, says why
+            listener = uri.listen(address)
+        except (OSError, ValueError) as err:
+            self.control.emit(("refused", command, str(err)))
+            return None
+        if pin := uri.bound_file(listener):
+            self.socket_files.append(pin)
+            self.control.emit(("bound", self.control.role, pin.file))  # the program removes it
+        return listener
+
+    def _serve(self, listener: socket.socket) -> None:
+        self.listener = listener
+        try:
+            start_thread("accept", self._accept_thread, listener)
+        except RuntimeError:  # can't start new thread: the command fails, and says why
             self._stop_listening()
             raise
-        self.control.emit(("listening", bound))
+        self.control.emit(("listening", uri.bound(listener)))
+
+    def remove_sockets(self) -> None:
+        """The program that would remove our socket files is gone (killed): remove them."""
+        for pin in self.socket_files:
+            pin.remove()
 
     def _stop_listening(self) -> None:
         """Really stop: close() alone leaves a socket that a thread sits in accept() on
@@ -538,6 +562,7 @@ class Destination:
 
 def main(control, bufs: dict, cfg, front: str = "") -> None:
     dst = Destination(control, bufs, cfg, front)
+    control.on_orphan = dst.remove_sockets
     control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover,
                    "migrate-pause": dst.pause})
     dst.shutdown()

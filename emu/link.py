@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 import selectors
 import shutil
 import socket
@@ -47,7 +46,6 @@ ROUTES = {
 }
 FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered")) + (
     "lag-max", "lag-sum", "frames", "late-frames")
-RUN_DIR_PREFIX = "postcopy-emu-"  # the controller's socket directory (controller.Run)
 INBUF = 4 << 20  # bytes a migration connection's port reads ahead; grows for a larger frame
 HELLO_BUF = channel.HEADER.size + channel.HELLO_MAX  # what a new connection's port reads ahead
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
@@ -507,25 +505,31 @@ def _handed_over(conn: socket.socket) -> tuple | None:
     return socks[0], socks[1], prefix
 
 
-def _orphaned(listen_uri: str) -> None:
-    """The controller vanished (killed): it cannot remove the run's socket directory, so the
-    network process, the last to use it, does, if it is one a controller made."""
-    family, path = uri.parse(listen_uri)
-    folder = os.path.dirname(path) if family == socket.AF_UNIX else ""
-    if os.path.basename(folder).startswith(RUN_DIR_PREFIX):
-        shutil.rmtree(folder, ignore_errors=True)
+def _orphaned(listener: socket.socket, run_dir: str | None) -> None:
+    """The program that started us vanished (killed) and cannot clean up: remove what it
+    would have, by the exact paths made: our socket file if it is still ours, and the run
+    directory a controller made with mkdtemp and handed us (None from `postcopy-emu link`,
+    whose socket's folder is the user's)."""
+    if pin := uri.bound_file(listener):
+        pin.remove()
+    if run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str) -> None:
+def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str,
+         run_dir: str | None = None) -> None:
     """The network process: relay what connects at `listen_uri` to `target_uri`; with no
-    target, relay what a destination hands over there (its front)."""
+    target, relay what a destination hands over there (its front). run_dir: the folder the
+    program made for it, removed if the program is killed."""
     relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
     relay.listen(listen_uri, target_uri)
+    control.on_orphan = lambda: _orphaned(relay.listener, run_dir)
+    if pin := uri.bound_file(relay.listener):
+        control.emit(("bound", control.role, pin.file))  # the program removes it at its end
     actions = {"cut": relay.cut, "corrupt": relay.corrupt,
                "target": lambda target: setattr(relay, "target", target)}
     relay.commands_waiting = control.conn.poll
-    control.on_orphan = lambda: _orphaned(listen_uri)
     control.emit(("ready", control.role))
     try:
         while True:

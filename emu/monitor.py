@@ -15,9 +15,7 @@ only reach the emulated vCPUs on the source before the switchover.
 
 from __future__ import annotations
 
-import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -78,6 +76,7 @@ class Monitor:
         self.started_at = 0.0  # emulated time of migrate, on this program's clock
         self.error_desc: str | None = None
         self.listening: list[str] = []  # every address the destination listened on
+        self.socket_files: list[uris.Pin] = []  # the unix sockets its child bound
         self.report: dict | None = None
         self.reported = threading.Event()
         self.integrity: dict | None = None
@@ -92,8 +91,8 @@ class Monitor:
 
     def close(self) -> None:
         self.engine.close()
-        for address in self.listening:
-            remove_socket(address)
+        for pin in self.socket_files:  # once the child is gone: nobody listens there now
+            pin.remove()
 
     def _commands(self) -> list[tuple]:
         uri = ({"uri": str}, {"uri"})
@@ -130,6 +129,8 @@ class Monitor:
             self._set_status(event[2])
         elif kind == "state-refused":
             self.log(f"[{event[5] * 1e3:10.3f} ms] {states.refusal_text(event)}")
+        elif kind == "bound":
+            self.socket_files.append(uris.Pin(event[2]))
         elif kind == "listening":
             self.listening.append(event[1])
             self._outcomes.put(None)
@@ -407,7 +408,7 @@ class Monitor:
             return {}
         info: dict = {"status": self.status}
         if self.listening:
-            info["socket-address"] = [_socket_address(self.listening[-1])]
+            info["socket-address"] = [uris.parse(self.listening[-1]).socket_address()]
         if self.status == "failed":  # QEMU shows the incoming side's error too
             info["error-desc"] = self.error_desc or "unknown error"
         if self.status == "completed" and self.caps["postcopy-blocktime"] \
@@ -489,29 +490,14 @@ def _uint64(name: str, value: object) -> int:
 
 
 def _check_uri(uri: str, message: str) -> None:
+    """`message` (QEMU's) for what is no migration address at all; what is wrong with the path
+    or host of one that is (a NUL byte, a unix path too long), in its own words."""
     try:
         uris.parse(uri)
-    except ValueError:
+    except uris.UnknownProtocol:
         raise QmpError(message) from None
-
-
-def _socket_address(uri: str) -> dict:
-    """A listening URI as QEMU's SocketAddress."""
-    kind, rest = uri.split(":", 1)
-    if kind == "unix":
-        return {"type": "unix", "path": rest}
-    host, _, port = rest.rpartition(":")
-    return {"type": "inet", "host": host, "port": port}
-
-
-def remove_socket(address: str) -> None:
-    """A unix socket we listened on goes with us, as QEMU removes its own."""
-    kind, path = address.split(":", 1)
-    try:
-        if kind == "unix" and stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except OSError:
-        pass
+    except ValueError as err:
+        raise QmpError(str(err)) from None
 
 
 def _thread(name: str, target: Callable[[], None]) -> None:

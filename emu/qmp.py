@@ -28,15 +28,15 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import queue
 import select
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+from emu import uri
 
 DEFAULT_VERSION: dict = {
     "qemu": {"micro": 0, "minor": 1, "major": 7},
@@ -395,57 +395,11 @@ def _encode(message: dict) -> bytes:
     return json.dumps(message, allow_nan=False).encode("ascii") + b"\r\n"
 
 
-# --- Addresses ---------------------------------------------------------------------------------
-
-def _parse_address(address: str) -> tuple[int, str | tuple[str, int]]:
-    """QEMU's `unix:PATH` or `tcp:[HOST]:PORT` (HOST defaults to 127.0.0.1; IPv6 in brackets)
-    as a socket family and address."""
-    if address.startswith("unix:") and len(address) > 5:
-        return socket.AF_UNIX, address[5:]
-    host, sep, port = address[4:].rpartition(":")
-    if not address.startswith("tcp:") or not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"QMP address {address!r}: expected unix:PATH or tcp:HOST:PORT")
-    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
-    family = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0][0]
-    return family, (host, int(port))
-
+# --- Addresses (emu/uri.py parses them and makes the sockets) -------------------------------
 
 def _is_loopback(host: str) -> bool:
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-def _format_address(sock: socket.socket) -> str:
-    if sock.family == socket.AF_UNIX:
-        return f"unix:{sock.getsockname()}"
-    host, port = sock.getsockname()[:2]
-    return f"tcp:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"tcp:{host}:{port}"
-
-
-def _no_delay(sock: socket.socket) -> None:
-    # Replies and events are small writes in a row: Nagle's algorithm would hold each one
-    # back until the peer's delayed ACK, 40 ms later.
-    if sock.family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _listen(family: int, where: str | tuple[str, int]) -> socket.socket:
-    if family != socket.AF_UNIX:
-        return socket.create_server(where, family=family)
-    path = str(where)
-    if os.path.lexists(path):
-        # Like QEMU, take over a socket left behind; never delete anything else.
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen()
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 # --- Server ------------------------------------------------------------------------------------
@@ -605,9 +559,8 @@ class QmpServer:
 
     def __init__(self, address: str, version: dict | None = None, *,
                  allow_remote: bool = False) -> None:
-        self._family, self._where = _parse_address(address)
-        if self._family != socket.AF_UNIX and not allow_remote \
-                and not _is_loopback(self._where[0]):
+        where = uri.parse(address)
+        if where.family != socket.AF_UNIX and not allow_remote and not _is_loopback(where.host):
             raise ValueError(f"refusing to serve QMP on {address}, a non-loopback address: "
                              "anyone who can connect controls the emulator. Pass "
                              "allow_remote=True to do it anyway.")
@@ -643,8 +596,8 @@ class QmpServer:
     def start(self) -> QmpServer:
         if self._listener is not None or self._closed:
             raise RuntimeError("a QmpServer starts once")
-        self._listener = _listen(self._family, self._where)
-        self.address = _format_address(self._listener)
+        self._listener = uri.listen(self.address, backlog=None)
+        self.address = uri.bound(self._listener)
         self._wake_r, self._wake_w = socket.socketpair()
         self._acceptor = threading.Thread(target=self._accept, name="qmp-accept", daemon=True)
         self._acceptor.start()
@@ -674,8 +627,8 @@ class QmpServer:
         self._wake_w.close()
         for session in sessions:
             session.hang_up()
-        if self._family == socket.AF_UNIX and os.path.lexists(str(self._where)):
-            os.unlink(str(self._where))
+        if pin := uri.bound_file(self._listener):
+            pin.remove()  # ours only: not what took its place
         threads = [self._acceptor, *(s.reader for s in sessions)]
         # A handler that closes the server cannot wait for the threads queued behind it.
         if threading.current_thread() not in threads:
@@ -695,7 +648,7 @@ class QmpServer:
                 self._open(sock)
 
     def _open(self, sock: socket.socket) -> None:
-        _no_delay(sock)
+        uri.no_delay(sock)
         with self._lock:
             if self._closed or len(self._sessions) >= MAX_CLIENTS:
                 _refuse(sock, self._closed)
@@ -847,11 +800,8 @@ class QmpClient:
     def connect(self, negotiate: bool = True) -> dict:
         """Connect, read the greeting (returned, and kept as `greeting`), and unless told not
         to, leave capabilities negotiation mode."""
-        family, where = _parse_address(self.address)
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.settimeout(self.timeout)
-        self._sock.connect(where)
-        _no_delay(self._sock)
+        self._sock = uri.dial(self.address, self.timeout)
+        uri.no_delay(self._sock)
         self.greeting = self._read(self.timeout)
         if self.greeting is None or "QMP" not in self.greeting:
             raise ConnectionError(f"no QMP greeting from {self.address}: {self.greeting}")

@@ -37,7 +37,7 @@ from functools import partial
 from emu import destination, link, source, uri
 from emu.clock import Clock
 from emu.metrics import FaultRing
-from emu.monitor import Monitor, remove_socket, serve_link
+from emu.monitor import Monitor, serve_link
 from emu.page_requests import PageRequestQueue
 from emu.process import child_main
 from emu.qmp import QmpError, QmpServer
@@ -139,9 +139,9 @@ class Engine:
     def _spawn_front(self, cfg) -> str:
         """Start the front, listening in a private folder for the connections the
         destination hands over; the address it listens at."""
-        self.private = tempfile.mkdtemp(prefix=f"{link.RUN_DIR_PREFIX}front-")
+        self.private = tempfile.mkdtemp(prefix="postcopy-emu-front-")
         address = f"unix:{self.private}/handover.sock"
-        self.front.spawn(cfg, address, "")
+        self.front.spawn(cfg, address, "", self.private)
         return address
 
     def send(self, *command) -> None:
@@ -259,8 +259,11 @@ def _run(name: str, trace: bool, body: Callable[[Program], int]) -> int:
 
 
 def _monitor_server(program: Program, address: str, allow_remote: bool) -> QmpServer | None:
+    """The QMP monitor of --qmp, tried before anything starts; None once said why not."""
     try:
-        return QmpServer(address, allow_remote=allow_remote)
+        server = QmpServer(address, allow_remote=allow_remote)
+        uri.check_listen(address)
+        return server
     except (ValueError, OSError) as err:
         program.say(str(err))
         return None
@@ -288,9 +291,9 @@ def _side(role: str, args, cfg, program: Program) -> int:
         program.say(f"QMP monitor on {server.address}")
         program.wait()
         return 0
-    except (QmpError, OSError) as err:
+    except (QmpError, OSError) as err:  # where --incoming or --qmp cannot listen
         program.say(str(err))
-        return 1
+        return 2
     finally:
         server.close()
         monitor.close()
@@ -303,9 +306,9 @@ def run_link(args, cfg) -> int:
 
 def _link(args, cfg, program: Program) -> int:
     try:
-        for address in (args.listen, args.connect):
-            uri.parse(address)
-    except ValueError as err:
+        uri.parse(args.connect)
+        uri.check_listen(args.listen)  # the network process listens there once started
+    except (ValueError, OSError) as err:
         program.say(str(err))
         return 2
     server = None
@@ -315,9 +318,10 @@ def _link(args, cfg, program: Program) -> int:
             return 2
     engine = Engine("network", cfg)
     died = threading.Event()
+    bound: list[uri.Pin] = []
 
     def on_event(event: tuple) -> None:
-        _link_event(program, event)
+        _link_event(program, event, bound)
         if event[0] == "died":  # nothing to relay without it: the program ends, and says so
             died.set()
             program.done.set()
@@ -339,11 +343,16 @@ def _link(args, cfg, program: Program) -> int:
         if server:
             server.close()
         engine.close()
-        remove_socket(args.listen)
+        for pin in bound:  # once the network process is gone: nobody listens there now
+            pin.remove()
 
 
-def _link_event(program: Program, event: tuple) -> None:
-    if event[0] == "link":
+def _link_event(program: Program, event: tuple, bound: list | None = None) -> None:
+    """bound: where to keep the socket files the network process made, to remove them at the
+    end (None: a front's, in a folder removed whole)."""
+    if event[0] == "bound" and bound is not None:
+        bound.append(uri.Pin(event[2]))
+    elif event[0] == "link":
         program.log(f"[{event[3] * 1e3:10.3f} ms] {event[2]} connection {event[1]}")
     elif event[0] == "error":
         program.say(f"error: {event[2].strip().splitlines()[-1]}")
