@@ -178,9 +178,10 @@ def _refusal(first: OSError, *more: OSError) -> str:
     if first.errno != errno.EPERM:
         return f"{head} ({first}); {fallback}"
     tried = "; ".join(str(e) for e in more)
-    if os.geteuid() == 0:
-        return (f"{head} even as root ({tried}): a seccomp filter (a container's) blocks "
-                f"userfaultfd(2); allow it in the profile, {fallback}")
+    if more and more[-1].errno == errno.EPERM:  # UFFD_USER_MODE_ONLY is open to any user
+        return (f"{head} ({tried}): even UFFD_USER_MODE_ONLY, which any user may have, is "
+                f"refused, so a seccomp filter (a container's) blocks userfaultfd(2); allow it "
+                f"in the profile, {fallback}")
     return (f"{head} (uid {os.geteuid()}, vm.unprivileged_userfaultfd={_sysctl()}; {tried}): "
             f"run as root, or `sysctl -w vm.unprivileged_userfaultfd=1`, or give this user "
             f"read-write access to {DEVICE}; {fallback}")
