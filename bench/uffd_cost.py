@@ -25,6 +25,7 @@ import ctypes
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -120,15 +121,16 @@ def uffd_other_process(page: int, count: int) -> dict:
         stop = SPAWN.Event()
         proc = SPAWN.Process(target=_serve_process, args=(there, page, stop))
         proc.start()
+        there.close()  # the child's end: if the child dies, recv() here ends
         try:
             reduction.send_handle(here, ufd.fd, proc.pid)
-            assert here.recv() == "ready"
+            if not here.poll(60) or here.recv() != "ready":
+                raise RuntimeError("the fault process did not start")
             times = _vcpu(region, count, page)
         finally:
             stop.set()
             proc.join(30)
             here.close()
-            there.close()
     return summary(times)
 
 
@@ -250,6 +252,7 @@ def gil_survey() -> None:
         here, there = SPAWN.Pipe()
         proc = SPAWN.Process(target=_resolver, args=(there, DEADLINE))
         proc.start()
+        there.close()
         reduction.send_handle(here, ufd.fd, proc.pid)
         for i, (name, access) in enumerate(ACCESSES.items()):
             off = i * 4 * PAGE
@@ -262,7 +265,6 @@ def gil_survey() -> None:
             print(f"  {name:42s} {'others run (GIL released)' if free else 'GIL HELD: all stop'}")
         proc.join(30)
         here.close()
-        there.close()
 
 
 def main() -> None:
@@ -273,6 +275,8 @@ def main() -> None:
                         help="as root, reserve the 2 MiB pages for the run (given back after)")
     parser.add_argument("--gil", action="store_true", help="also survey the ways of touching")
     args = parser.parse_args()
+    # a kill (timeout(1), Ctrl-C) still gives back the huge pages reserved for the run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     if why := U.probe():
         sys.exit(why)
     print(f"Linux {os.uname().release}, Python {sys.version.split()[0]}, numpy {np.__version__}, "

@@ -587,18 +587,21 @@ def reserved_huge_pages(count: int, page_size: int = 2 << 20):
     counter = _huge_counter(page_size, "nr_hugepages")
     with open(counter) as f:
         before = int(f.read())
-    short = count - huge_pages_free(page_size)
+    free = huge_pages_free(page_size)
+    raised = False
     try:
-        if short > 0:
-            with open(counter, "w") as f:
-                f.write(str(before + short))
+        if free < count:
+            with open(counter, "w") as f:  # PermissionError unless root
+                f.write(str(before + count - free))
+            raised = True
             if huge_pages_free(page_size) < count:
                 raise HugePagesUnavailable(
-                    f"asked the kernel for {short} more huge pages of {page_size >> 10} KiB, "
-                    f"it found {huge_pages_free(page_size) - count + short} (memory fragmented)")
+                    f"asked the kernel for {count - free} more huge pages of "
+                    f"{page_size >> 10} KiB, it found {huge_pages_free(page_size) - free} "
+                    f"(memory fragmented)")
         yield
     finally:
-        if short > 0:
+        if raised:
             with open(counter, "w") as f:
                 f.write(str(before))
 

@@ -168,13 +168,13 @@ def run_child(target, *args):
     parent, child = SPAWN.Pipe()
     proc = SPAWN.Process(target=target, args=(child, *args))
     proc.start()
+    child.close()  # ours: a child that dies then ends recv() here at once
     try:
         assert parent.poll(PATIENCE), "the child said nothing"
         return parent.recv()
     finally:
         proc.join(PATIENCE)
         parent.close()
-        child.close()
 
 
 @needs_uffd
@@ -337,6 +337,7 @@ def test_a_fault_in_another_process_resolved_here(segment, no_deadlock):
     parent, child = SPAWN.Pipe()
     proc = SPAWN.Process(target=_vcpu_process, args=(child, segment.name, 2))
     proc.start()
+    child.close()  # ours: a child that dies then ends recv() here at once
     try:
         with U.Userfaultfd.adopt(reduction.recv_handle(parent)) as ufd:
             base, tid = parent.recv()
@@ -357,7 +358,6 @@ def test_a_fault_in_another_process_resolved_here(segment, no_deadlock):
     finally:
         proc.join(PATIENCE)
         parent.close()
-        child.close()
 
 
 @needs_uffd
@@ -368,6 +368,7 @@ def test_placed_through_our_mapping_woken_through_theirs(segment, no_deadlock):
     parent, child = SPAWN.Pipe()
     proc = SPAWN.Process(target=_vcpu_process, args=(child, segment.name, 6))
     proc.start()
+    child.close()  # ours: a child that dies then ends recv() here at once
     try:
         with U.Userfaultfd() as mine, U.Userfaultfd.adopt(reduction.recv_handle(parent)) as theirs:
             ours.register(mine)
@@ -385,7 +386,6 @@ def test_placed_through_our_mapping_woken_through_theirs(segment, no_deadlock):
     finally:
         proc.join(PATIENCE)
         parent.close()
-        child.close()
         ours.close()
     assert proc.exitcode == 0
 
