@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args, cfg)
+    except ConfigError as err:  # e.g. a guest.ram that does not fit in memory
+        print(f"postcopy-emu: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\npostcopy-emu: interrupted; everything stopped", file=sys.stderr)
         return 130

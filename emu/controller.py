@@ -2,7 +2,8 @@
 
 Used by the command line and by the window. It owns every shared-memory segment and every
 child; stop() (also on error, Ctrl-C or a dead child) ends the children and unlinks the
-segments, so nothing outlives a run.
+segments, so nothing outlives a run. Before anything exists, start() checks that the run's
+shared memory fits in /dev/shm and in the machine's memory.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
 
-from emu import destination, link, source
+from emu import destination, link, shm, source
 from emu.clock import Clock
 from emu.faults import Fault
 from emu.metrics import FaultRing
@@ -24,10 +25,47 @@ from emu.process import child_main
 from emu.shm import Segments
 from emu.states import FINAL
 from emu.status import Board
+from emu.units import format_size
+
+ROLES = ("source", "destination", "network")
 
 
 class RunError(RuntimeError):
     pass
+
+
+def layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
+    """The shared memory one engine child works on: name -> (bytes, allocated now). A guest
+    RAM without emulator.payload is never written: it stays sparse."""
+    npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
+    if role == "source":
+        return {"src-ram": (ram, payload), "src-states": (npages, True),
+                "src-board": (Board.nbytes(source.FIELDS), True),
+                "src-queue": (PageRequestQueue.nbytes(), True)}
+    if role == "destination":
+        return {"dst-ram": (ram, payload), "dst-states": (npages, True),
+                "dst-arrival": (8 * npages, True),
+                "dst-board": (Board.nbytes(destination.FIELDS), True),
+                "faults": (FaultRing.nbytes(destination.RING), True)}
+    return {"relay-board": (Board.nbytes(link.FIELDS), True)}
+
+
+def plan(cfg, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
+    """Every segment of a program running these roles' engines, with its clock; checked
+    with check_room() before the first one is made."""
+    segments = {"clock": (Clock.NBYTES, True)}
+    for role in roles:
+        segments.update(layout(role, cfg))
+    return segments
+
+
+def check_room(cfg, roles: tuple[str, ...]) -> None:
+    """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit."""
+    ram = format_size(cfg["guest.ram"])
+    rams = sum(role != "network" for role in roles) if cfg["emulator.payload"] else 0
+    what = {0: f"the page arrays of a {ram} guest", 1: f"a guest RAM of {ram} and its page arrays",
+            2: f"two guest RAMs of {ram} and their page arrays"}[rams]
+    shm.check_room((size for size, allocated in plan(cfg, roles).values() if allocated), what)
 
 
 class Run:
@@ -60,6 +98,7 @@ class Run:
     def start(self) -> None:
         """Create segments, spawn source, destination and network, start the migration."""
         try:
+            check_room(self.cfg, ROLES)
             self._create_segments()
             self._spawn()
             self._wait_ready()
@@ -171,25 +210,21 @@ class Run:
 
     def _create_segments(self) -> None:
         cfg, seg = self.cfg, self.segments
-        ram = cfg["guest.ram"]
+        for name, (size, allocated) in plan(cfg, ROLES).items():
+            seg.create(name, size, allocated)
         npages = cfg.npages
-        self.clock = Clock(seg.create("clock", Clock.NBYTES))
-        payload = cfg["emulator.payload"]  # without it the RAM is never written: keep it sparse
-        self.src_ram = seg.create("src-ram", ram, populate=payload)
-        self.dst_ram = seg.create("dst-ram", ram, populate=payload)
-        self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.create("src-states", npages))
-        self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.create("dst-states", npages))
-        self.dst_arrival = np.ndarray((npages,), np.float64,
-                                      buffer=seg.create("dst-arrival", 8 * npages))
+        self.clock = Clock(seg.buf("clock"))
+        self.src_ram, self.dst_ram = seg.buf("src-ram"), seg.buf("dst-ram")
+        self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.buf("src-states"))
+        self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.buf("dst-states"))
+        self.dst_arrival = np.ndarray((npages,), np.float64, buffer=seg.buf("dst-arrival"))
         self.boards = {
-            "source": Board(source.FIELDS, seg.create("src-board", Board.nbytes(source.FIELDS))),
-            "destination": Board(destination.FIELDS,
-                                 seg.create("dst-board", Board.nbytes(destination.FIELDS))),
-            "network": Board(link.FIELDS, seg.create("relay-board", Board.nbytes(link.FIELDS))),
+            "source": Board(source.FIELDS, seg.buf("src-board")),
+            "destination": Board(destination.FIELDS, seg.buf("dst-board")),
+            "network": Board(link.FIELDS, seg.buf("relay-board")),
         }
-        self.ring = FaultRing(seg.create("faults", FaultRing.nbytes(destination.RING)),
-                              destination.RING)
-        self.queue_buf = seg.create("src-queue", PageRequestQueue.nbytes())
+        self.ring = FaultRing(seg.buf("faults"), destination.RING)
+        self.queue_buf = seg.buf("src-queue")
 
     def _spawn(self) -> None:
         ctx = mp.get_context("spawn")

@@ -3,6 +3,9 @@
 Children attach without registering the segment with the resource tracker: on Python < 3.13 an
 attaching process registers it, and the tracker then unlinks it when that process exits, pulling
 the guest's RAM from under everybody else.
+
+Every page a run writes is allocated when its segment is made (posix_fallocate): a /dev/shm
+too small for the run fails there with a message, never later with SIGBUS on the first write.
 """
 
 from __future__ import annotations
@@ -11,16 +14,74 @@ import ctypes
 import os
 import secrets
 import sys
+from collections.abc import Iterable
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
+from emu.config import ConfigError
+
 PREFIX = "pce"  # visible in /dev/shm, so leaks are easy to spot
 MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it on Python 3.11
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
+PAGE = 4096  # tmpfs allocates whole pages, even for a 32-byte segment
+
+
+class NoRoom(ConfigError):
+    """The run's shared memory does not fit in this machine: one line, like a bad setting."""
 
 
 def create(size: int) -> SharedMemory:
     name = f"{PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
     return SharedMemory(name, create=True, size=max(size, 1))
+
+
+def allocate(shm: SharedMemory, role: str) -> None:
+    """Allocate every page of a new segment now, or fail with a message: tmpfs hands out
+    pages on first write, and a write it has no page for is SIGBUS."""
+    try:
+        os.posix_fallocate(shm._fd, 0, shm.size)
+    except OSError as err:
+        reason = err.strerror or os.strerror(err.errno)
+        raise NoRoom(f"guest.ram: can not allocate the {approx(shm.size)} of {role} in "
+                     f"{SHM_DIR} ({reason}; {approx(room()[0])} free)") from None
+
+
+def room() -> tuple[int, int]:
+    """(bytes free in /dev/shm, bytes of memory available), what a run can still allocate."""
+    try:
+        st = os.statvfs(SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = sys.maxsize
+    available = sys.maxsize
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return free, available
+
+
+def check_room(sizes: Iterable[int], what: str) -> None:
+    """Stop before anything exists if the segments of these sizes (the ones whose pages will
+    be written; `what` says what they hold) do not fit: filling /dev/shm takes the machine's
+    memory, and then the OOM killer takes the emulator and the user's other programs."""
+    needed = sum(-(-size // PAGE) * PAGE for size in sizes)
+    free, available = room()
+    if needed > min(free, available):
+        raise NoRoom(f"guest.ram: {what} need {approx(needed)} of shared memory, but "
+                     f"{SHM_DIR} has {approx(free)} free and {approx(available)} of memory "
+                     f"is available")
+
+
+def approx(n: int) -> str:
+    """A size rounded for people: "1.5 GiB", "12 MiB"."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 def map_in(buf: memoryview) -> None:
@@ -49,15 +110,13 @@ class Segments:
     def __init__(self) -> None:
         self._shm: dict[str, SharedMemory] = {}
 
-    def create(self, role: str, size: int, populate: bool = False) -> memoryview:
-        """A new segment; populate=True allocates its pages now, so that the first write to
-        each page (a page fault that allocates it) is not paid during the migration."""
+    def create(self, role: str, size: int, allocate_now: bool = True) -> memoryview:
+        """A new segment, its pages allocated now unless allocate_now=False (a guest RAM
+        that is never written: emulator.payload=false), so that the first write to each
+        page neither pays for it during the migration nor finds /dev/shm full."""
         shm = self._shm[role] = create(size)
-        if populate:
-            try:
-                shm._mmap.madvise(MADV_POPULATE_WRITE)
-            except (OSError, AttributeError):
-                shm.buf[:] = bytes(len(shm.buf))  # older kernels: touch every page
+        if allocate_now:
+            allocate(shm, role)
         return shm.buf
 
     def names(self) -> dict[str, str]:

@@ -14,7 +14,8 @@ at the same time scale, or bandwidths and delays mean different things on each s
 
 Whatever way a program ends (quit, SIGTERM, Ctrl-C, an error), its child is stopped and its
 segments unlinked; if the program itself is killed, its child sees its control connection
-close and exits, and the resource tracker unlinks the segments.
+close and exits, and the resource tracker unlinks the segments. Before any segment exists, the
+program checks that its shared memory fits.
 """
 
 from __future__ import annotations
@@ -27,11 +28,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from emu import destination, link, source, uri
+from emu import controller, destination, link, source, uri
 from emu.clock import Clock
-from emu.metrics import FaultRing
 from emu.monitor import Monitor, remove_socket, serve_link
-from emu.page_requests import PageRequestQueue
 from emu.process import child_main
 from emu.qmp import QmpError, QmpServer
 from emu.shm import Segments
@@ -52,21 +51,6 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every cleanup on the way runs."""
 
 
-def _layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
-    """The shared memory one engine child works on: name -> (bytes, allocate now)."""
-    npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
-    if role == "source":
-        return {"src-ram": (ram, payload), "src-states": (npages, False),
-                "src-board": (Board.nbytes(source.FIELDS), False),
-                "src-queue": (PageRequestQueue.nbytes(), False)}
-    if role == "destination":
-        return {"dst-ram": (ram, payload), "dst-states": (npages, False),
-                "dst-arrival": (8 * npages, False),
-                "dst-board": (Board.nbytes(destination.FIELDS), False),
-                "faults": (FaultRing.nbytes(destination.RING), False)}
-    return {"relay-board": (Board.nbytes(link.FIELDS), False)}
-
-
 class Engine:
     """One standalone program's engine child, the shared memory it works on, and the
     program's clock. Events from the child go to on_event, from a thread of their own."""
@@ -74,11 +58,12 @@ class Engine:
     def __init__(self, role: str, cfg) -> None:
         self.role = role
         self.on_event: Callable[[tuple], None] = lambda event: None
+        controller.check_room(cfg, (role,))
         self.segments = Segments()
         try:
-            self.clock = Clock(self.segments.create("clock", Clock.NBYTES))
-            for name, (size, populate) in _layout(role, cfg).items():
-                self.segments.create(name, size, populate)
+            for name, (size, allocated) in controller.plan(cfg, (role,)).items():
+                self.segments.create(name, size, allocated)
+            self.clock = Clock(self.segments.buf("clock"))
         except BaseException:
             self.segments.close()
             raise
@@ -214,10 +199,11 @@ def run_side(role: str, args, cfg) -> int:
 
 
 def _side(role: str, args, cfg, program: Program) -> int:
+    engine = Engine(role, cfg)  # first: a guest that does not fit stops here, with one line
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
+        engine.close()
         return 2
-    engine = Engine(role, cfg)
     monitor = Monitor(role, cfg, engine, program.quit, program.log)
     try:
         monitor.serve(server)
@@ -248,12 +234,13 @@ def _link(args, cfg, program: Program) -> int:
     except ValueError as err:
         program.say(str(err))
         return 2
+    engine = Engine("network", cfg)
     server = None
     if args.qmp:
         server = _monitor_server(program, args.qmp, args.allow_remote)
         if server is None:
+            engine.close()
             return 2
-    engine = Engine("network", cfg)
     engine.on_event = lambda event: _link_event(program, event)
     try:
         engine.spawn(cfg, args.listen, args.connect)
