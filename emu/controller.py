@@ -1,7 +1,7 @@
 """The controller: starts a run's processes, drives the migration, and cleans everything up.
 
 Used by the command line and by the window. It owns every shared-memory segment and every
-child; stop() (also on error, Ctrl-C or a dead child) ends the children and unlinks the
+child; stop() (also on error, a signal or a dead child) ends the children and unlinks the
 segments, so nothing outlives a run. Before anything exists, start() checks that the run's
 shared memory fits in /dev/shm and in the machine's memory.
 """
@@ -16,7 +16,7 @@ from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
 
-from emu import destination, link, shm, source
+from emu import destination, link, shm, signals, source
 from emu.clock import Clock
 from emu.faults import Fault
 from emu.metrics import FaultRing
@@ -101,6 +101,7 @@ class Run:
             check_room(self.cfg, ROLES)
             self._create_segments()
             self._spawn()
+            self.segments.untrack()  # the children unlink them if we are killed
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -111,21 +112,24 @@ class Run:
         self.command("source", "migrate", self.link_uri)
 
     def stop(self) -> None:
-        for _, conn in self.children.values():
-            try:
-                conn.send(("quit",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + 3
-        for proc, conn in self.children.values():
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
-            conn.close()
-        self.children.clear()
-        self.segments.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        """End the children, unlink the segments, remove the socket directory: safe to call
+        twice, and a signal meanwhile waits until it is done (see emu.signals)."""
+        with signals.held():
+            for _, conn in self.children.values():
+                try:
+                    conn.send(("quit",))
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 3
+            while self.children:
+                _, (proc, conn) = self.children.popitem()
+                proc.join(max(0.1, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(2)
+                conn.close()
+            self.segments.close()
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self) -> Run:
         self.start()
@@ -238,7 +242,8 @@ class Run:
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=child_main, name=f"postcopy-emu-{role}", daemon=True,
                                args=(role, target, child, names, self.cfg, *args))
-            proc.start()
+            with signals.spawning():
+                proc.start()
             child.close()
             self.children[role] = (proc, parent)
 
@@ -376,8 +381,9 @@ def migrate(cfg, progress=None, faults: list[Fault] = (),
     from emu import report
 
     started = time.monotonic()
-    run = Run(cfg, faults, recover_after)
+    run = None
     try:
+        run = Run(cfg, faults, recover_after)
         run.start()
         run.wait(progress)
         checked = None
@@ -387,4 +393,5 @@ def migrate(cfg, progress=None, faults: list[Fault] = (),
                 run.dst_states, run.reports["destination"])
         return report.build(run, checked, time.monotonic() - started)
     finally:
-        run.stop()
+        if run is not None:
+            run.stop()

@@ -1,21 +1,21 @@
 """What every child process of a run shares: start-up, the control connection, and dying well.
 
 The control connection is also the lifeline: when the controller goes away (even by SIGKILL),
-the child's read on it fails and the child exits at once, so no process outlives its run.
-Ctrl-C reaches the whole process group; children ignore it and let the controller stop them.
+the child's read on it fails and the child unlinks the run's segments (by the names the
+controller gave it) and exits at once, so nothing outlives its run. Ctrl-C and the terminal's
+SIGHUP reach the whole process group; children ignore them and let the controller stop them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable
 
-from emu import shm
+from emu import shm, signals
 
 
 def start_thread(name: str, target, *args) -> threading.Thread:
@@ -28,15 +28,17 @@ def start_thread(name: str, target, *args) -> threading.Thread:
 class Control:
     """A child's end of the control connection: thread-safe events out, commands in."""
 
-    def __init__(self, conn, role: str) -> None:
+    def __init__(self, conn, role: str, segments: dict[str, str]) -> None:
         self.conn = conn
         self.role = role
+        self.segments = segments  # the run's segments, by the names the controller made
         self._lock = threading.Lock()
         self.on_orphan: Callable[[], None] = lambda: None  # last words before exiting
 
     def orphaned(self) -> None:
         """The controller is gone (killed): clean up what only it would have, then exit."""
         self.on_orphan()
+        shm.unlink_all(self.segments)
         os._exit(1)
 
     def emit(self, event: tuple) -> None:
@@ -82,14 +84,17 @@ def keep_freed_memory() -> None:
 
 def child_main(role: str, body: Callable, conn, names: dict[str, str], *args) -> None:
     """Entry point of a spawned child: attach the run's segments and run `body`."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.ignore_terminal()
     # Threads here wait on each other (a vCPU on the listen thread, the migration thread on
     # the return path): hand the GIL over every 0.1 ms instead of 5 ms, or every hand-over
     # adds up to 5 ms of real time to a page request.
     sys.setswitchinterval(1e-4)
     keep_freed_memory()
-    control = Control(conn, role)
-    segments = shm.attach_all(names)
+    control = Control(conn, role, names)
+    try:
+        segments = shm.attach_all(names)
+    except FileNotFoundError:  # another child of a killed controller unlinked them already
+        os._exit(1)
     try:
         body(control, {k: s.buf for k, s in segments.items()}, *args)
     except Exception:

@@ -1,8 +1,12 @@
-"""Shared-memory segments of one run: created (and unlinked) by the controller only.
+"""Shared-memory segments of one run: created by the controller only, and unlinked by it (or,
+if it is killed, by its children).
 
 Children attach without registering the segment with the resource tracker: on Python < 3.13 an
 attaching process registers it, and the tracker then unlinks it when that process exits, pulling
-the guest's RAM from under everybody else.
+the guest's RAM from under everybody else. The controller unregisters its own once its children
+hold the names (Segments.untrack): the program cleans up itself, and if it is killed its
+children unlink the segments (process.Control.orphaned), so the tracker has nothing left to do,
+and nothing to warn about after the prompt.
 
 Every page a run writes is allocated when its segment is made (posix_fallocate): a /dev/shm
 too small for the run fails there with a message, never later with SIGBUS on the first write.
@@ -10,14 +14,17 @@ too small for the run fails there with a message, never later with SIGBUS on the
 
 from __future__ import annotations
 
+import _posixshmem
 import ctypes
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Iterable
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
+from emu import signals
 from emu.config import ConfigError
 
 PREFIX = "pce"  # visible in /dev/shm, so leaks are easy to spot
@@ -31,8 +38,30 @@ class NoRoom(ConfigError):
 
 
 def create(size: int) -> SharedMemory:
+    _start_tracker()
     name = f"{PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
     return SharedMemory(name, create=True, size=max(size, 1))
+
+
+def _start_tracker() -> None:
+    """Start the resource tracker with SIGHUP blocked, which it inherits: it shares our process
+    group and ignores only SIGINT and SIGTERM, so closing the terminal would kill it, and our
+    next word to it would start another with a warning."""
+    with signals.blocked(signal.SIGHUP):
+        resource_tracker.ensure_running()
+
+
+def unlink(name: str) -> None:
+    """Remove a segment by its exact name (without a word to the resource tracker)."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_all(names: dict[str, str]) -> None:
+    for name in names.values():
+        unlink(name)
 
 
 def allocate(shm: SharedMemory, role: str) -> None:
@@ -109,12 +138,15 @@ class Segments:
 
     def __init__(self) -> None:
         self._shm: dict[str, SharedMemory] = {}
+        self._tracked: set[str] = set()  # the roles the resource tracker would unlink
 
     def create(self, role: str, size: int, allocate_now: bool = True) -> memoryview:
         """A new segment, its pages allocated now unless allocate_now=False (a guest RAM
         that is never written: emulator.payload=false), so that the first write to each
         page neither pays for it during the migration nor finds /dev/shm full."""
-        shm = self._shm[role] = create(size)
+        with signals.held():  # between shm_open and here, nobody would unlink it
+            shm = self._shm[role] = create(size)
+            self._tracked.add(role)
         if allocate_now:
             allocate(shm, role)
         return shm.buf
@@ -125,19 +157,34 @@ class Segments:
     def buf(self, role: str) -> memoryview:
         return self._shm[role].buf
 
+    def untrack(self) -> None:
+        """Take the segments off the resource tracker: once children hold the names (they
+        unlink them if we are killed), and before we unlink them ourselves. The tracker
+        would otherwise unlink them too, after the prompt, with a warning of a leak."""
+        for role in self._tracked:
+            resource_tracker.unregister(self._shm[role]._name, "shared_memory")
+        self._tracked.clear()
+
+    def track(self) -> None:
+        """No child holds the names any more: the tracker is the one left to unlink them if
+        we are killed."""
+        for role in self._shm.keys() - self._tracked:
+            resource_tracker.register(self._shm[role]._name, "shared_memory")
+        self._tracked = set(self._shm)
+
     def close(self) -> None:
         """Unlink everything; safe to call twice and with views still alive elsewhere."""
-        for shm in self._shm.values():
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-            try:
-                shm.close()
-            except BufferError:
-                # a numpy view still points into it: the mapping goes when the last view does
-                shm.close = lambda: None
-        self._shm.clear()
+        with signals.held():
+            self.untrack()
+            for shm in self._shm.values():
+                unlink(shm.name)
+                try:
+                    shm.close()
+                except BufferError:
+                    # a numpy view still points into it: the mapping goes when the last view
+                    # does
+                    shm.close = lambda: None
+            self._shm.clear()
 
 
 def attach_all(names: dict[str, str]) -> dict[str, SharedMemory]:

@@ -12,10 +12,11 @@ Each program has its own clock, started at emulator.time-scale when the program 
 emulated times one program reports are its own, not comparable with another's. Run the three
 at the same time scale, or bandwidths and delays mean different things on each side.
 
-Whatever way a program ends (quit, SIGTERM, Ctrl-C, an error), its child is stopped and its
-segments unlinked; if the program itself is killed, its child sees its control connection
-close and exits, and the resource tracker unlinks the segments. Before any segment exists, the
-program checks that its shared memory fits.
+Whatever way a program ends (quit, SIGTERM, SIGHUP, Ctrl-C, an error, or a signal during the
+clean-up after quit), its child is stopped, its segments unlinked and its sockets removed; if
+the program itself is killed, its child sees its control connection close, unlinks the
+segments and exits (before the child starts, the resource tracker is the one left to unlink
+them). Before any segment exists, the program checks that its shared memory fits.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from emu import controller, destination, link, source, uri
+from emu import controller, destination, link, signals, source, uri
 from emu.clock import Clock
 from emu.monitor import Monitor, remove_socket, serve_link
 from emu.process import child_main
@@ -45,10 +46,6 @@ QUIT_GRACE = 0.1  # real seconds for the reply to quit to go out before the moni
 
 class EngineError(RuntimeError):
     pass
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every cleanup on the way runs."""
 
 
 class Engine:
@@ -87,7 +84,9 @@ class Engine:
         self.proc = ctx.Process(target=child_main, name=f"postcopy-emu-{self.role}",
                                 daemon=True, args=(self.role, BODIES[self.role], child,
                                                    self.segments.names(), cfg, *args))
-        self.proc.start()
+        with signals.spawning():
+            self.proc.start()
+        self.segments.untrack()  # the child unlinks them if we are killed
         child.close()
         self.conn, self._stopping = parent, False
         threading.Thread(target=self._read, args=(parent,), name=f"{self.role}-events",
@@ -111,20 +110,24 @@ class Engine:
     def stop_child(self) -> None:
         if self.proc is None:
             return
-        self._stopping = True
-        self.send("quit")
-        self.proc.join(3)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(2)
-        with self._send_lock:
-            self.conn.close()
-            self.proc = self.conn = None
-        self.ready.clear()
+        with signals.held():
+            self._stopping = True
+            self.send("quit")
+            self.proc.join(3)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(2)
+            with self._send_lock:
+                self.conn.close()
+                self.proc = self.conn = None
+            self.segments.track()  # no child left to unlink them if we are killed
+            self.ready.clear()
 
     def close(self) -> None:
-        self.stop_child()
-        self.segments.close()
+        """Stop the child and unlink the segments: safe to call twice, not cut short."""
+        with signals.held():
+            self.stop_child()
+            self.segments.close()
 
     def _read(self, conn) -> None:
         while True:
@@ -167,22 +170,18 @@ class Program:
             pass
 
 
-def _terminate(signum: int, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
-    raise Terminated(signum)
-
-
 def _run(name: str, trace: bool, body: Callable[[Program], int]) -> int:
-    """Run a program's body with SIGTERM turned into a clean exit, as QEMU does."""
+    """Run a program's body with SIGTERM and SIGHUP turned into a clean exit, as QEMU does;
+    Ctrl-C goes on to the command line, which says it was interrupted."""
     program = Program(name, trace)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return body(program)
-    except Terminated as sig:
-        program.say(f"terminating on signal {sig.args[0]}")
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with signals.stopping():
+        try:
+            return body(program)
+        except signals.Stopped as stop:
+            if stop.signum == signal.SIGINT:
+                raise
+            program.say(f"terminating on signal {stop.signum}")
+            return 0
 
 
 def _monitor_server(program: Program, address: str, allow_remote: bool) -> QmpServer | None:
@@ -218,8 +217,9 @@ def _side(role: str, args, cfg, program: Program) -> int:
         program.say(str(err))
         return 1
     finally:
-        server.close()
-        monitor.close()
+        with signals.held():
+            server.close()
+            monitor.close()
 
 
 def run_link(args, cfg) -> int:
@@ -256,10 +256,11 @@ def _link(args, cfg, program: Program) -> int:
         program.say(str(err))
         return 1
     finally:
-        if server:
-            server.close()
-        engine.close()
-        remove_socket(args.listen)
+        with signals.held():
+            if server:
+                server.close()
+            engine.close()
+            remove_socket(args.listen)
 
 
 def _link_event(program: Program, event: tuple) -> None:
