@@ -101,7 +101,7 @@ class Run:
             check_room(self.cfg, ROLES)
             self._create_segments()
             self._spawn()
-            self.segments.untrack()  # the children unlink them if we are killed
+            self.segments.untrack()  # the network child unlinks them if we are killed
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -241,7 +241,8 @@ class Run:
         for role, (target, args) in plan.items():
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=child_main, name=f"postcopy-emu-{role}", daemon=True,
-                               args=(role, target, child, names, self.cfg, *args))
+                               args=(role, target, child, names, self.cfg, *args),
+                               kwargs={"janitor": role == "network"})
             with signals.spawning():
                 proc.start()
             child.close()

@@ -1,8 +1,9 @@
 """What every child process of a run shares: start-up, the control connection, and dying well.
 
 The control connection is also the lifeline: when the controller goes away (even by SIGKILL),
-the child's read on it fails and the child unlinks the run's segments (by the names the
-controller gave it) and exits at once, so nothing outlives its run. Ctrl-C and the terminal's
+the child's read on it fails and it exits at once; one child of each run, the janitor,
+first unlinks the run's segments by the names the controller gave it, so nothing outlives its
+run. Ctrl-C and the terminal's
 SIGHUP reach the whole process group; children ignore them and let the controller stop them.
 """
 
@@ -31,7 +32,7 @@ class Control:
     def __init__(self, conn, role: str, segments: dict[str, str]) -> None:
         self.conn = conn
         self.role = role
-        self.segments = segments  # the run's segments, by the names the controller made
+        self.segments = segments  # what to unlink if orphaned, by the names the controller made
         self._lock = threading.Lock()
         self.on_orphan: Callable[[], None] = lambda: None  # last words before exiting
 
@@ -82,18 +83,22 @@ def keep_freed_memory() -> None:
         pass  # not glibc: slower, not wrong
 
 
-def child_main(role: str, body: Callable, conn, names: dict[str, str], *args) -> None:
-    """Entry point of a spawned child: attach the run's segments and run `body`."""
+def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
+               janitor: bool = False) -> None:
+    """Entry point of a spawned child: attach the run's segments and run `body`. The janitor
+    unlinks them if the controller is killed: one child only, so that a sibling still starting
+    up does not find them gone (the network child of a run, which also removes its socket
+    directory)."""
     signals.ignore_terminal()
     # Threads here wait on each other (a vCPU on the listen thread, the migration thread on
     # the return path): hand the GIL over every 0.1 ms instead of 5 ms, or every hand-over
     # adds up to 5 ms of real time to a page request.
     sys.setswitchinterval(1e-4)
     keep_freed_memory()
-    control = Control(conn, role, names)
+    control = Control(conn, role, names if janitor else {})
     try:
         segments = shm.attach_all(names)
-    except FileNotFoundError:  # another child of a killed controller unlinked them already
+    except FileNotFoundError:  # the controller was killed, and the janitor has been
         os._exit(1)
     try:
         body(control, {k: s.buf for k, s in segments.items()}, *args)

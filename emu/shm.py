@@ -1,11 +1,11 @@
 """Shared-memory segments of one run: created by the controller only, and unlinked by it (or,
-if it is killed, by its children).
+if it is killed, by one of its children, the janitor).
 
 Children attach without registering the segment with the resource tracker: on Python < 3.13 an
 attaching process registers it, and the tracker then unlinks it when that process exits, pulling
 the guest's RAM from under everybody else. The controller unregisters its own once its children
 hold the names (Segments.untrack): the program cleans up itself, and if it is killed its
-children unlink the segments (process.Control.orphaned), so the tracker has nothing left to do,
+janitor child unlinks the segments (process.child_main), so the tracker has nothing left to do,
 and nothing to warn about after the prompt.
 
 Every page a run writes is allocated when its segment is made (posix_fallocate): a /dev/shm

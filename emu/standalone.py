@@ -83,7 +83,8 @@ class Engine:
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=child_main, name=f"postcopy-emu-{self.role}",
                                 daemon=True, args=(self.role, BODIES[self.role], child,
-                                                   self.segments.names(), cfg, *args))
+                                                   self.segments.names(), cfg, *args),
+                                kwargs={"janitor": True})
         with signals.spawning():
             self.proc.start()
         self.segments.untrack()  # the child unlinks them if we are killed
