@@ -39,8 +39,12 @@ def test_a_huge_value_names_the_key_and_its_range(name, value):
 
 
 def cli(*args: str, tmp: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "emu.cli", *args], capture_output=True,
-                          text=True, timeout=30, env={**os.environ, "TMPDIR": tmp})
+    """A program's result, once it has been checked to leave no segment in /dev/shm."""
+    proc = subprocess.Popen([sys.executable, "-m", "emu.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": tmp})
+    out, err = proc.communicate(timeout=30)
+    assert not segments(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture

@@ -19,7 +19,9 @@ import time
 import pytest
 
 from emu import signals
+from emu.controller import Run
 from emu.qmp import QmpClient
+from tests.conftest import config
 from tests.test_cleanup import alive, children, segments, wait_for
 
 SLOW = ["--set", "emulator.time-scale=0.05", "--set", "guest.ram=32MiB"]
@@ -151,6 +153,16 @@ def test_a_killed_run_is_cleaned_up_by_its_children_without_a_warning(tmp):
     run.signal(signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
     run.assert_nothing_left()
+
+
+def test_stop_is_idempotent():
+    run = Run(config())
+    run.start()
+    procs = [proc for proc, _ in run.children.values()]
+    run.stop()
+    run.stop()
+    assert not any(proc.is_alive() for proc in procs)
+    assert not os.path.exists(run.tmpdir)
 
 
 # ---- the standalone programs ----
