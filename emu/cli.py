@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+from contextlib import nullcontext
 
-from emu import metrics
+from emu import metrics, signals
 from emu.config import ConfigError, load_config
 from emu.report import integrity_text
 from emu.units import format_duration, format_rate, format_size
@@ -22,11 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"postcopy-emu: {err}", file=sys.stderr)
         return 2
-    try:
-        return args.func(args, cfg)
-    except KeyboardInterrupt:
-        print("\npostcopy-emu: interrupted; everything stopped", file=sys.stderr)
-        return 130
+    # SIGTERM and SIGHUP stop everything as Ctrl-C does; the window handles its own signals
+    with nullcontext() if args.command == "gui" else signals.stopping():
+        try:
+            return args.func(args, cfg)
+        except ConfigError as err:  # e.g. a guest.ram that does not fit in memory
+            print(f"postcopy-emu: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as stop:
+            signum = getattr(stop, "signum", signal.SIGINT)
+            why = "interrupted" if signum == signal.SIGINT else f"terminating on signal {signum}"
+            print(f"\npostcopy-emu: {why}; everything stopped", file=sys.stderr)
+            return 128 + signum
 
 
 def _parser() -> argparse.ArgumentParser:

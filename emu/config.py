@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from emu.units import (
+    TooLarge,
     clip,
     format_duration,
     format_rate,
@@ -143,7 +144,10 @@ class Key:
 
     def parse(self, value: object) -> Any:
         """Parse a TOML value or --set text; ValueError says what is allowed."""
-        parsed = _PARSERS[self.kind](value)
+        try:
+            parsed = _PARSERS[self.kind](value)
+        except TooLarge:
+            raise ValueError(f"must be {self.allowed()} (got {_show_raw(value)})") from None
         if not self._allows(parsed):
             got = quote(parsed) if self.kind == "str" else clip(self.show(parsed))
             raise ValueError(f"must be {self.allowed()}{self._example(parsed)} (got {got})")
@@ -204,6 +208,14 @@ def _key(kind: str, default: object, help: str, **limits: Any) -> Key:
     return Key(kind, parse(default), help, **limits)
 
 
+# Upper bounds, far above any real use, so that a value like 1e30 is refused here, with its
+# key and range, rather than overflowing later in the middle of a run. Whether a guest fits
+# this machine is checked when a run starts (controller.check_room).
+RAM_MAX = "16TiB"
+SOCKET_BUFFER_MAX = "1GiB"  # Linux keeps a socket's buffer sizes in an int, doubled
+RATE_MAX = "10Tbit/s"
+TIME_MAX = "3600s"  # emulated
+
 KEYS: dict[str, Key] = {
     "migration.postcopy-ram": _key(
         "bool", True, "capability postcopy-ram: switch over early, then fetch pages on demand"
@@ -218,28 +230,35 @@ KEYS: dict[str, Key] = {
         "bool", True, "capability postcopy-blocktime: report postcopy-blocktime"
     ),
     "migration.max-bandwidth": _key(
-        "rate", "128MiB/s", "parameter max-bandwidth: precopy rate cap", low=0, low_open=True
+        "rate", "128MiB/s", "parameter max-bandwidth: precopy rate cap", low=0, low_open=True,
+        high=RATE_MAX,
     ),
     "migration.max-postcopy-bandwidth": _key(
-        "rate", 0, "parameter max-postcopy-bandwidth: background rate cap, 0 = unlimited", low=0
+        "rate", 0, "parameter max-postcopy-bandwidth: background rate cap, 0 = unlimited", low=0,
+        high=RATE_MAX,
     ),
     "migration.downtime-limit": _key(
-        "duration", "300ms", "parameter downtime-limit (without postcopy-ram)", low=0
+        "duration", "300ms", "parameter downtime-limit (without postcopy-ram)", low=0,
+        high="2000s",  # QEMU's MAX_MIGRATE_DOWNTIME_SECONDS
     ),
     "migration.switchover-after": _key(
-        "duration", "0.5s", "precopy time before migrate-start-postcopy (or stop-and-copy)", low=0
+        "duration", "0.5s", "precopy time before migrate-start-postcopy (or stop-and-copy)", low=0,
+        high=TIME_MAX,
     ),
     "link.bandwidth": _key(
-        "rate", "1Gbit/s", "bottleneck bandwidth shared by the connections", low=0, low_open=True
+        "rate", "1Gbit/s", "bottleneck bandwidth shared by the connections", low=0, low_open=True,
+        high=RATE_MAX,
     ),
-    "link.rtt": _key("duration", "200us", "round-trip time; rtt/2 each way", low=0),
+    "link.rtt": _key("duration", "200us", "round-trip time; rtt/2 each way", low=0, high="10s"),
     "link.socket-buffer": _key(
-        "size", "4MiB", "bytes one connection holds queued (send + receive)", low="64KiB"
+        "size", "4MiB", "bytes one connection holds queued (send + receive)", low="64KiB",
+        high=SOCKET_BUFFER_MAX,
     ),
     "link.write-wakeup": _key(
-        "size", 0, "room a blocked writer waits for beyond its own write", low=0
+        "size", 0, "room a blocked writer waits for beyond its own write", low=0,
+        high=SOCKET_BUFFER_MAX,
     ),
-    "guest.ram": _key("size", "256MiB", "guest RAM size", low=0, low_open=True),
+    "guest.ram": _key("size", "256MiB", "guest RAM size", low=0, low_open=True, high=RAM_MAX),
     "guest.page-size": _key("size", "4KiB", "host page size", choices=("4KiB", "2MiB", "1GiB")),
     "guest.vcpus": _key("int", 1, "vCPUs running the workload", low=1, high=64),
     "workload.pattern": _key(
@@ -249,10 +268,11 @@ KEYS: dict[str, Key] = {
         choices=("sequential", "random", "stride", "hotset", "ab"),
     ),
     "workload.touch-cost": _key(
-        "duration", "2us", "vCPU time per 4KiB page touch", low=0, low_open=True
+        "duration", "2us", "vCPU time per 4KiB page touch", low=0, low_open=True, high="1s"
     ),
     "workload.stride": _key(
-        "size", "64MiB", "jump of the stride pattern", low=0, low_open=True, multiple="4KiB"
+        "size", "64MiB", "jump of the stride pattern", low=0, low_open=True, high=RAM_MAX,
+        multiple="4KiB",
     ),
     "workload.hot-fraction": _key(
         "float", 0.1, "share of RAM that is hot (hotset)", low=0, low_open=True, high=1
@@ -264,7 +284,7 @@ KEYS: dict[str, Key] = {
         "float", 1, "emulated seconds per real second", low=0, low_open=True, high=100
     ),
     "emulator.payload": _key("bool", True, "real page bytes travel (false: headers only)"),
-    "emulator.seed": _key("int", 1, "seed of every random choice", low=0),
+    "emulator.seed": _key("int", 1, "seed of every random choice", low=0, high=str(2**64 - 1)),
     "emulator.chunk": _key(
         "size",
         "128KiB",
@@ -274,7 +294,8 @@ KEYS: dict[str, Key] = {
         multiple="4KiB",
     ),
     "emulator.duration-limit": _key(
-        "duration", 0, "fail a run still going after this long, 0 = none", low=0
+        "duration", 0, "fail a run still going after this long, 0 = none", low=0,
+        high=TIME_MAX,
     ),
 }
 SECTIONS = tuple(dict.fromkeys(name.partition(".")[0] for name in KEYS))

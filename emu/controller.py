@@ -1,8 +1,9 @@
 """The controller: starts a run's processes, drives the migration, and cleans everything up.
 
 Used by the command line and by the window. It owns every shared-memory segment and every
-child; stop() (also on error, Ctrl-C or a dead child) ends the children and unlinks the
-segments, so nothing outlives a run.
+child; stop() (also on error, a signal or a dead child) ends the children and unlinks the
+segments, so nothing outlives a run. Before anything exists, start() checks that the run's
+shared memory fits in /dev/shm and in the machine's memory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
 
-from emu import destination, link, source
+from emu import destination, link, shm, signals, source
 from emu.clock import Clock
 from emu.faults import Fault
 from emu.metrics import FaultRing
@@ -25,6 +26,9 @@ from emu.process import child_main
 from emu.shm import Segments
 from emu.states import FINAL, refusal_text
 from emu.status import Board
+from emu.units import format_size
+
+ROLES = ("source", "destination", "network")
 
 # Real seconds an event may take from the process that stamped it to the log: the events of
 # three processes cross three pipes, so a later one can be read first.
@@ -34,6 +38,40 @@ RUN_DIR_PREFIX = "postcopy-emu-"  # the run's socket directory, in the system's 
 
 class RunError(RuntimeError):
     pass
+
+
+def layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
+    """The shared memory one engine child works on: name -> (bytes, allocated now). A guest
+    RAM without emulator.payload is never written: it stays sparse."""
+    npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
+    if role == "source":
+        return {"src-ram": (ram, payload), "src-states": (npages, True),
+                "src-board": (Board.nbytes(source.FIELDS), True),
+                "src-queue": (PageRequestQueue.nbytes(), True)}
+    if role == "destination":
+        return {"dst-ram": (ram, payload), "dst-states": (npages, True),
+                "dst-arrival": (8 * npages, True),
+                "dst-board": (Board.nbytes(destination.FIELDS), True),
+                "faults": (FaultRing.nbytes(destination.RING), True)}
+    return {"relay-board": (Board.nbytes(link.FIELDS), True)}
+
+
+def plan(cfg, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
+    """Every segment of a program running these roles' engines, with its clock; checked
+    with check_room() before the first one is made."""
+    segments = {"clock": (Clock.NBYTES, True)}
+    for role in roles:
+        segments.update(layout(role, cfg))
+    return segments
+
+
+def check_room(cfg, roles: tuple[str, ...]) -> None:
+    """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit."""
+    ram = format_size(cfg["guest.ram"])
+    rams = sum(role != "network" for role in roles) if cfg["emulator.payload"] else 0
+    what = {0: f"the page arrays of a {ram} guest", 1: f"a guest RAM of {ram} and its page arrays",
+            2: f"two guest RAMs of {ram} and their page arrays"}[rams]
+    shm.check_room((size for size, allocated in plan(cfg, roles).values() if allocated), what)
 
 
 class Run:
@@ -68,8 +106,10 @@ class Run:
     def start(self) -> None:
         """Create segments, spawn source, destination and network, start the migration."""
         try:
+            check_room(self.cfg, ROLES)
             self._create_segments()
             self._spawn()
+            self.segments.untrack()  # the network child unlinks them if we are killed
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -80,21 +120,24 @@ class Run:
         self.command("source", "migrate", self.link_uri)
 
     def stop(self) -> None:
-        for _, conn in self.children.values():
-            try:
-                conn.send(("quit",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + 3
-        for proc, conn in self.children.values():
-            proc.join(max(0.1, deadline - time.monotonic()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2)
-            conn.close()
-        self.children.clear()
-        self.segments.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        """End the children, unlink the segments, remove the socket directory: safe to call
+        twice, and a signal meanwhile waits until it is done (see emu.signals)."""
+        with signals.held():
+            for _, conn in self.children.values():
+                try:
+                    conn.send(("quit",))
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 3
+            while self.children:
+                _, (proc, conn) = self.children.popitem()
+                proc.join(max(0.1, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(2)
+                conn.close()
+            self.segments.close()
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self) -> Run:
         self.start()
@@ -204,25 +247,21 @@ class Run:
 
     def _create_segments(self) -> None:
         cfg, seg = self.cfg, self.segments
-        ram = cfg["guest.ram"]
+        for name, (size, allocated) in plan(cfg, ROLES).items():
+            seg.create(name, size, allocated)
         npages = cfg.npages
-        self.clock = Clock(seg.create("clock", Clock.NBYTES))
-        payload = cfg["emulator.payload"]  # without it the RAM is never written: keep it sparse
-        self.src_ram = seg.create("src-ram", ram, populate=payload)
-        self.dst_ram = seg.create("dst-ram", ram, populate=payload)
-        self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.create("src-states", npages))
-        self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.create("dst-states", npages))
-        self.dst_arrival = np.ndarray((npages,), np.float64,
-                                      buffer=seg.create("dst-arrival", 8 * npages))
+        self.clock = Clock(seg.buf("clock"))
+        self.src_ram, self.dst_ram = seg.buf("src-ram"), seg.buf("dst-ram")
+        self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.buf("src-states"))
+        self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.buf("dst-states"))
+        self.dst_arrival = np.ndarray((npages,), np.float64, buffer=seg.buf("dst-arrival"))
         self.boards = {
-            "source": Board(source.FIELDS, seg.create("src-board", Board.nbytes(source.FIELDS))),
-            "destination": Board(destination.FIELDS,
-                                 seg.create("dst-board", Board.nbytes(destination.FIELDS))),
-            "network": Board(link.FIELDS, seg.create("relay-board", Board.nbytes(link.FIELDS))),
+            "source": Board(source.FIELDS, seg.buf("src-board")),
+            "destination": Board(destination.FIELDS, seg.buf("dst-board")),
+            "network": Board(link.FIELDS, seg.buf("relay-board")),
         }
-        self.ring = FaultRing(seg.create("faults", FaultRing.nbytes(destination.RING)),
-                              destination.RING)
-        self.queue_buf = seg.create("src-queue", PageRequestQueue.nbytes())
+        self.ring = FaultRing(seg.buf("faults"), destination.RING)
+        self.queue_buf = seg.buf("src-queue")
 
     def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
@@ -237,8 +276,10 @@ class Run:
         for role, (target, args) in plan.items():
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=child_main, name=f"postcopy-emu-{role}", daemon=True,
-                               args=(role, target, child, names, self.cfg, *args))
-            proc.start()
+                               args=(role, target, child, names, self.cfg, *args),
+                               kwargs={"janitor": role == "network"})
+            with signals.spawning():
+                proc.start()
             child.close()
             self.children[role] = (proc, parent)
 
@@ -375,8 +416,9 @@ def migrate(cfg, progress=None, faults: list[Fault] = (),
     from emu import report
 
     started = time.monotonic()
-    run = Run(cfg, faults, recover_after)
+    run = None
     try:
+        run = Run(cfg, faults, recover_after)
         run.start()
         run.wait(progress)
         checked = None
@@ -386,4 +428,5 @@ def migrate(cfg, progress=None, faults: list[Fault] = (),
                 run.dst_states, run.reports["destination"])
         return report.build(run, checked, time.monotonic() - started)
     finally:
-        run.stop()
+        if run is not None:
+            run.stop()

@@ -1,21 +1,22 @@
 """What every child process of a run shares: start-up, the control connection, and dying well.
 
 The control connection is also the lifeline: when the controller goes away (even by SIGKILL),
-the child's read on it fails and the child exits at once, so no process outlives its run.
-Ctrl-C reaches the whole process group; children ignore it and let the controller stop them.
+the child's read on it fails and it exits at once; one child of each run, the janitor,
+first unlinks the run's segments by the names the controller gave it, so nothing outlives its
+run. Ctrl-C and the terminal's
+SIGHUP reach the whole process group; children ignore them and let the controller stop them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import sys
 import threading
 import traceback
 from collections.abc import Callable
 
-from emu import shm
+from emu import shm, signals
 
 
 def start_thread(name: str, target, *args) -> threading.Thread:
@@ -28,15 +29,17 @@ def start_thread(name: str, target, *args) -> threading.Thread:
 class Control:
     """A child's end of the control connection: thread-safe events out, commands in."""
 
-    def __init__(self, conn, role: str) -> None:
+    def __init__(self, conn, role: str, segments: dict[str, str]) -> None:
         self.conn = conn
         self.role = role
+        self.segments = segments  # what to unlink if orphaned, by the names the controller made
         self._lock = threading.Lock()
         self.on_orphan: Callable[[], None] = lambda: None  # last words before exiting
 
     def orphaned(self) -> None:
         """The controller is gone (killed): clean up what only it would have, then exit."""
         self.on_orphan()
+        shm.unlink_all(self.segments)
         os._exit(1)
 
     def emit(self, event: tuple) -> None:
@@ -112,17 +115,24 @@ def _rewrite_argv(title: bytes) -> None:
     ctypes.memmove(start, text + bytes(end - start - len(text)), end - start)
 
 
-def child_main(role: str, body: Callable, conn, names: dict[str, str], *args) -> None:
-    """Entry point of a spawned child: attach the run's segments and run `body`."""
+def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
+               janitor: bool = False) -> None:
+    """Entry point of a spawned child: attach the run's segments and run `body`. The janitor
+    unlinks them if the controller is killed: one child only, so that a sibling still starting
+    up does not find them gone (the network child of a run, which also removes its socket
+    directory)."""
     set_title(role)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.ignore_terminal()
     # Threads here wait on each other (a vCPU on the listen thread, the migration thread on
     # the return path): hand the GIL over every 0.1 ms instead of 5 ms, or every hand-over
     # adds up to 5 ms of real time to a page request.
     sys.setswitchinterval(1e-4)
     keep_freed_memory()
-    control = Control(conn, role)
-    segments = shm.attach_all(names)
+    control = Control(conn, role, names if janitor else {})
+    try:
+        segments = shm.attach_all(names)
+    except FileNotFoundError:  # the controller was killed, and the janitor has been
+        os._exit(1)
     try:
         body(control, {k: s.buf for k, s in segments.items()}, *args)
     except Exception:

@@ -1,26 +1,116 @@
-"""Shared-memory segments of one run: created (and unlinked) by the controller only.
+"""Shared-memory segments of one run: created by the controller only, and unlinked by it (or,
+if it is killed, by one of its children, the janitor).
 
 Children attach without registering the segment with the resource tracker: on Python < 3.13 an
 attaching process registers it, and the tracker then unlinks it when that process exits, pulling
-the guest's RAM from under everybody else.
+the guest's RAM from under everybody else. The controller unregisters its own once its children
+hold the names (Segments.untrack): the program cleans up itself, and if it is killed its
+janitor child unlinks the segments (process.child_main), so the tracker has nothing left to do,
+and nothing to warn about after the prompt.
+
+Every page a run writes is allocated when its segment is made (posix_fallocate): a /dev/shm
+too small for the run fails there with a message, never later with SIGBUS on the first write.
 """
 
 from __future__ import annotations
 
+import _posixshmem
 import ctypes
 import os
 import secrets
+import signal
 import sys
+from collections.abc import Iterable
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
+from emu import signals
+from emu.config import ConfigError
+
 PREFIX = "pce"  # visible in /dev/shm, so leaks are easy to spot
 MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it on Python 3.11
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
+PAGE = 4096  # tmpfs allocates whole pages, even for a 32-byte segment
+
+
+class NoRoom(ConfigError):
+    """The run's shared memory does not fit in this machine: one line, like a bad setting."""
 
 
 def create(size: int) -> SharedMemory:
+    _start_tracker()
     name = f"{PREFIX}_{os.getpid()}_{secrets.token_hex(4)}"
     return SharedMemory(name, create=True, size=max(size, 1))
+
+
+def _start_tracker() -> None:
+    """Start the resource tracker with SIGHUP blocked, which it inherits: it shares our process
+    group and ignores only SIGINT and SIGTERM, so closing the terminal would kill it, and our
+    next word to it would start another with a warning."""
+    with signals.blocked(signal.SIGHUP):
+        resource_tracker.ensure_running()
+
+
+def unlink(name: str) -> None:
+    """Remove a segment by its exact name (without a word to the resource tracker)."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+def unlink_all(names: dict[str, str]) -> None:
+    for name in names.values():
+        unlink(name)
+
+
+def allocate(shm: SharedMemory, role: str) -> None:
+    """Allocate every page of a new segment now, or fail with a message: tmpfs hands out
+    pages on first write, and a write it has no page for is SIGBUS."""
+    try:
+        os.posix_fallocate(shm._fd, 0, shm.size)
+    except OSError as err:
+        reason = err.strerror or os.strerror(err.errno)
+        raise NoRoom(f"guest.ram: can not allocate the {approx(shm.size)} of {role} in "
+                     f"{SHM_DIR} ({reason}; {approx(room()[0])} free)") from None
+
+
+def room() -> tuple[int, int]:
+    """(bytes free in /dev/shm, bytes of memory available), what a run can still allocate."""
+    try:
+        st = os.statvfs(SHM_DIR)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = sys.maxsize
+    available = sys.maxsize
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return free, available
+
+
+def check_room(sizes: Iterable[int], what: str) -> None:
+    """Stop before anything exists if the segments of these sizes (the ones whose pages will
+    be written; `what` says what they hold) do not fit: filling /dev/shm takes the machine's
+    memory, and then the OOM killer takes the emulator and the user's other programs."""
+    needed = sum(-(-size // PAGE) * PAGE for size in sizes)
+    free, available = room()
+    if needed > min(free, available):
+        raise NoRoom(f"guest.ram: {what} need {approx(needed)} of shared memory, but "
+                     f"{SHM_DIR} has {approx(free)} free and {approx(available)} of memory "
+                     f"is available")
+
+
+def approx(n: int) -> str:
+    """A size rounded for people: "1.5 GiB", "12 MiB"."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 def map_in(buf: memoryview) -> None:
@@ -48,16 +138,17 @@ class Segments:
 
     def __init__(self) -> None:
         self._shm: dict[str, SharedMemory] = {}
+        self._tracked: set[str] = set()  # the roles the resource tracker would unlink
 
-    def create(self, role: str, size: int, populate: bool = False) -> memoryview:
-        """A new segment; populate=True allocates its pages now, so that the first write to
-        each page (a page fault that allocates it) is not paid during the migration."""
-        shm = self._shm[role] = create(size)
-        if populate:
-            try:
-                shm._mmap.madvise(MADV_POPULATE_WRITE)
-            except (OSError, AttributeError):
-                shm.buf[:] = bytes(len(shm.buf))  # older kernels: touch every page
+    def create(self, role: str, size: int, allocate_now: bool = True) -> memoryview:
+        """A new segment, its pages allocated now unless allocate_now=False (a guest RAM
+        that is never written: emulator.payload=false), so that the first write to each
+        page neither pays for it during the migration nor finds /dev/shm full."""
+        with signals.held():  # between shm_open and here, nobody would unlink it
+            shm = self._shm[role] = create(size)
+            self._tracked.add(role)
+        if allocate_now:
+            allocate(shm, role)
         return shm.buf
 
     def names(self) -> dict[str, str]:
@@ -66,19 +157,34 @@ class Segments:
     def buf(self, role: str) -> memoryview:
         return self._shm[role].buf
 
+    def untrack(self) -> None:
+        """Take the segments off the resource tracker: once children hold the names (they
+        unlink them if we are killed), and before we unlink them ourselves. The tracker
+        would otherwise unlink them too, after the prompt, with a warning of a leak."""
+        for role in self._tracked:
+            resource_tracker.unregister(self._shm[role]._name, "shared_memory")
+        self._tracked.clear()
+
+    def track(self) -> None:
+        """No child holds the names any more: the tracker is the one left to unlink them if
+        we are killed."""
+        for role in self._shm.keys() - self._tracked:
+            resource_tracker.register(self._shm[role]._name, "shared_memory")
+        self._tracked = set(self._shm)
+
     def close(self) -> None:
         """Unlink everything; safe to call twice and with views still alive elsewhere."""
-        for shm in self._shm.values():
-            try:
-                shm.unlink()
-            except FileNotFoundError:
-                pass
-            try:
-                shm.close()
-            except BufferError:
-                # a numpy view still points into it: the mapping goes when the last view does
-                shm.close = lambda: None
-        self._shm.clear()
+        with signals.held():
+            self.untrack()
+            for shm in self._shm.values():
+                unlink(shm.name)
+                try:
+                    shm.close()
+                except BufferError:
+                    # a numpy view still points into it: the mapping goes when the last view
+                    # does
+                    shm.close = lambda: None
+            self._shm.clear()
 
 
 def attach_all(names: dict[str, str]) -> dict[str, SharedMemory]:

@@ -17,9 +17,11 @@ connected straight to it, with no `link` program in the path, goes through the f
 emulated link (the scenario's link.* settings), so the same QMP script works with or without
 a `link` program, and a connection through one is not emulated twice.
 
-Whatever way a program ends (quit, SIGTERM, Ctrl-C, an error), its child is stopped and its
-segments unlinked; if the program itself is killed, its child sees its control connection
-close and exits, and the resource tracker unlinks the segments.
+Whatever way a program ends (quit, SIGTERM, SIGHUP, Ctrl-C, an error, or a signal during the
+clean-up after quit), its child is stopped, its segments unlinked and its sockets removed; if
+the program itself is killed, its child sees its control connection close, unlinks the
+segments and exits (before the child starts, the resource tracker is the one left to unlink
+them). Before any segment exists, the program checks that its shared memory fits.
 """
 
 from __future__ import annotations
@@ -34,11 +36,9 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from emu import destination, link, source, uri
+from emu import controller, destination, link, signals, source, uri
 from emu.clock import Clock
-from emu.metrics import FaultRing
 from emu.monitor import Monitor, serve_link
-from emu.page_requests import PageRequestQueue
 from emu.process import child_main
 from emu.qmp import QmpError, QmpServer
 from emu.shm import Segments
@@ -55,33 +55,16 @@ class EngineError(RuntimeError):
     pass
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that every cleanup on the way runs."""
-
-
-def _layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
-    """The shared memory one engine child works on: name -> (bytes, allocate now)."""
-    npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
-    if role == "source":
-        return {"src-ram": (ram, payload), "src-states": (npages, False),
-                "src-board": (Board.nbytes(source.FIELDS), False),
-                "src-queue": (PageRequestQueue.nbytes(), False)}
-    if role == "destination":
-        return {"dst-ram": (ram, payload), "dst-states": (npages, False),
-                "dst-arrival": (8 * npages, False),
-                "dst-board": (Board.nbytes(destination.FIELDS), False),
-                "faults": (FaultRing.nbytes(destination.RING), False),
-                "relay-board": (Board.nbytes(link.FIELDS), False)}  # its front's
-    return {"relay-board": (Board.nbytes(link.FIELDS), False)}
-
-
 def _create(role: str, cfg) -> tuple[Segments, Clock]:
-    """The shared memory of one program, and its clock, started."""
+    """The shared memory of one program (a destination's with its front's board), checked to
+    fit first, and its clock, started."""
+    roles = (role, "network") if role == "destination" else (role,)
+    controller.check_room(cfg, roles)  # a guest that does not fit stops here, with one line
     segments = Segments()
     try:
-        clock = Clock(segments.create("clock", Clock.NBYTES))
-        for name, (size, populate) in _layout(role, cfg).items():
-            segments.create(name, size, populate)
+        for name, (size, allocated) in controller.plan(cfg, roles).items():
+            segments.create(name, size, allocated)
+        clock = Clock(segments.buf("clock"))
     except BaseException:
         segments.close()
         raise
@@ -100,7 +83,11 @@ class Engine:
         """host: the engine whose clock and memory this one works on (a destination's)."""
         self.role = role
         self.on_event: Callable[[tuple], None] = lambda event: None
-        self.segments, self.clock = (host.segments, host.clock) if host else _create(role, cfg)
+        self.shared = host is not None
+        if host:
+            self.segments, self.clock = host.segments, host.clock
+        else:
+            self.segments, self.clock = _create(role, cfg)
         name, fields = BOARDS[role]
         self.board = Board(fields, self.segments.buf(name))
         self.front = Engine("network", cfg, self) if role == "destination" else None
@@ -123,8 +110,12 @@ class Engine:
         parent, child = ctx.Pipe()
         self.proc = ctx.Process(target=child_main, name=f"postcopy-emu-{self.role}",
                                 daemon=True, args=(self.role, BODIES[self.role], child,
-                                                   self.segments.names(), cfg, *args))
-        self.proc.start()
+                                                   self.segments.names(), cfg, *args),
+                                kwargs={"janitor": not self.shared})
+        with signals.spawning():
+            self.proc.start()
+        if not self.shared:
+            self.segments.untrack()  # the child unlinks them if we are killed
         child.close()
         self.conn, self._stopping = parent, False
         threading.Thread(target=self._read, args=(parent, self.proc),
@@ -170,20 +161,25 @@ class Engine:
     def _stop(self) -> None:
         if self.proc is None:
             return
-        self._stopping = True
-        self.send("quit")
-        self.proc.join(3)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(2)
-        with self._send_lock:
-            self.conn.close()
-            self.proc = self.conn = None
-        self.ready.clear()
+        with signals.held():
+            self._stopping = True
+            self.send("quit")
+            self.proc.join(3)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(2)
+            with self._send_lock:
+                self.conn.close()
+                self.proc = self.conn = None
+            if not self.shared:
+                self.segments.track()  # no child left to unlink them if we are killed
+            self.ready.clear()
 
     def close(self) -> None:
-        self.stop_child()
-        self.segments.close()
+        """Stop the child and unlink the segments: safe to call twice, not cut short."""
+        with signals.held():
+            self.stop_child()
+            self.segments.close()
 
     def _read(self, conn, proc) -> None:
         while True:
@@ -240,22 +236,18 @@ class Program:
             pass
 
 
-def _terminate(signum: int, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup short
-    raise Terminated(signum)
-
-
 def _run(name: str, trace: bool, body: Callable[[Program], int]) -> int:
-    """Run a program's body with SIGTERM turned into a clean exit, as QEMU does."""
+    """Run a program's body with SIGTERM and SIGHUP turned into a clean exit, as QEMU does;
+    Ctrl-C goes on to the command line, which says it was interrupted."""
     program = Program(name, trace)
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return body(program)
-    except Terminated as sig:
-        program.say(f"terminating on signal {sig.args[0]}")
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with signals.stopping():
+        try:
+            return body(program)
+        except signals.Stopped as stop:
+            if stop.signum == signal.SIGINT:
+                raise
+            program.say(f"terminating on signal {stop.signum}")
+            return 0
 
 
 def _monitor_server(program: Program, address: str, allow_remote: bool) -> QmpServer | None:
@@ -275,10 +267,11 @@ def run_side(role: str, args, cfg) -> int:
 
 
 def _side(role: str, args, cfg, program: Program) -> int:
+    engine = Engine(role, cfg)  # first: a guest that does not fit stops here, with one line
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
+        engine.close()
         return 2
-    engine = Engine(role, cfg)
     if engine.front:
         engine.front.on_event = partial(_link_event, program)
     monitor = Monitor(role, cfg, engine, program.quit, program.log)
@@ -295,8 +288,9 @@ def _side(role: str, args, cfg, program: Program) -> int:
         program.say(str(err))
         return 2
     finally:
-        server.close()
-        monitor.close()
+        with signals.held():
+            server.close()
+            monitor.close()
 
 
 def run_link(args, cfg) -> int:
@@ -311,12 +305,13 @@ def _link(args, cfg, program: Program) -> int:
     except (ValueError, OSError) as err:
         program.say(str(err))
         return 2
+    engine = Engine("network", cfg)
     server = None
     if args.qmp:
         server = _monitor_server(program, args.qmp, args.allow_remote)
         if server is None:
+            engine.close()
             return 2
-    engine = Engine("network", cfg)
     died = threading.Event()
     bound: list[uri.Pin] = []
 
@@ -340,11 +335,12 @@ def _link(args, cfg, program: Program) -> int:
         program.say(str(err))
         return 1
     finally:
-        if server:
-            server.close()
-        engine.close()
-        for pin in bound:  # once the network process is gone: nobody listens there now
-            pin.remove()
+        with signals.held():
+            if server:
+                server.close()
+            engine.close()
+            for pin in bound:  # once the network process is gone: nobody listens there now
+                pin.remove()
 
 
 def _link_event(program: Program, event: tuple, bound: list | None = None) -> None:

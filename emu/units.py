@@ -83,6 +83,15 @@ _RATE_EXPECTED = "a rate like 10Gbit/s, 1.25GB/s or 128MiB/s"
 _DURATION_EXPECTED = "a duration like 200us, 10ms or 1.5s"
 
 
+class TooLarge(ValueError):
+    """A number beyond what a float holds (1e400, 1e999999): refused before the arithmetic,
+    which would overflow or spend seconds on a million digits. The configuration turns it
+    into the key's allowed range."""
+
+
+_LARGEST = Decimal("1e400")  # past float's range; far past any bound the configuration sets
+
+
 def _parse(value: object, units: dict[str, Decimal], expected: str) -> Decimal:
     # bool is an int subclass: reject it, or True would quietly mean 1 byte.
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -90,16 +99,19 @@ def _parse(value: object, units: dict[str, Decimal], expected: str) -> Decimal:
     match = _QUANTITY.fullmatch(str(value))
     if match is None or match.group(2) not in units:
         raise ValueError(f"expected {expected}, got {quote(value)}")
+    number = Decimal(match.group(1))
+    if number.copy_abs() >= _LARGEST:
+        raise TooLarge(f"expected {expected}, got {quote(value)}")
     # Exact decimal arithmetic, so 1.25GB is 1250000000 bytes, not 1249999999.9999998.
     with localcontext() as ctx:
         ctx.prec = 100
-        return Decimal(match.group(1)) * units[match.group(2)]
+        return number * units[match.group(2)]
 
 
 def _to_float(amount: Decimal, value: object, expected: str) -> float:
     result = float(amount)
     if not math.isfinite(result):
-        raise ValueError(f"expected {expected}, got {quote(value)}")
+        raise TooLarge(f"expected {expected}, got {quote(value)}")
     return result
 
 
