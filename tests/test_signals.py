@@ -102,10 +102,11 @@ def tmp():
 
 
 def engine_of(program: Program) -> int:
-    """The program's engine child (not the resource tracker)."""
-    kids = [k for k in children(program.proc.pid) if "resource_tracker" not in cmdline(k)]
-    assert kids, program.err
-    return kids[0]
+    """The program's engine child (not the resource tracker, nor a destination's front), by
+    the title it carries."""
+    assert wait_for(lambda: [k for k in children(program.proc.pid)
+                             if "postcopy-emu: destination" in cmdline(k)]), program.err
+    return [k for k in children(program.proc.pid) if "postcopy-emu: destination" in cmdline(k)][0]
 
 
 def cmdline(pid: int) -> str:
@@ -209,8 +210,8 @@ def test_a_killed_standalone_program_is_cleaned_up_by_its_engine_without_a_warni
     dst, incoming, qmp = destination(tmp)
     dst.signal(signal.SIGKILL)
     assert dst.finish() == -signal.SIGKILL
-    for path in (incoming, qmp):  # a killed program can not remove its sockets, as QEMU
-        os.unlink(path)
+    assert wait_for(lambda: not os.path.exists(incoming))  # the engine bound it: it removes it
+    os.unlink(qmp)  # the killed program's own: nobody can remove it, as with QEMU
     dst.assert_nothing_left()
 
 
