@@ -1,0 +1,117 @@
+"""The real-QEMU harness: QEMU's trace lines put together per request, the guest's progress
+read from its faults, the one-line reason when QEMU cannot run, and where QEMU is installed
+one short postcopy migration."""
+
+import os
+import tempfile
+
+import pytest
+
+from emu.qemu import available, env, guest, harness, traces
+
+needs_qemu = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+BASE = 0x7F0000000000  # the destination's host address of guest RAM offset 0
+DESTINATION = """\
+100@1000.000100:{f} HVA={a:#x} rb=pc.ram offset=0x300000 pid=7
+100@1000.000110:postcopy_page_req_add new page req {a:#x} total 1
+101@1000.004000:postcopy_place_page host={o:#x}
+101@1000.005000:postcopy_page_req_del resolved page req {a:#x} total 0
+101@1000.005001:postcopy_place_page host={a:#x}
+100@1000.006000:{f} HVA={b:#x} rb=pc.ram offset=0x400000 pid=7
+100@1000.006010:postcopy_page_req_add new page req {b:#x} total 1
+100@1000.007000:{f} HVA={c:#x} rb=pc.ram offset=0x500000 pid=7
+100@1000.007010:postcopy_page_req_add new page req {c:#x} total 2
+101@1000.009000:postcopy_page_req_del resolved page req {b:#x} total 1
+101@1000.009500:postcopy_page_req_del resolved page req {c:#x} total 0
+qemu-system-x86_64: a line that is not an event
+101@1000.010000:postcopy_ram_incoming_cleanup_blocktime total blocktime 9
+""".format(a=BASE + 0x300000, b=BASE + 0x400000, c=BASE + 0x500000, o=BASE + 0x1000,
+           f="postcopy_ram_fault_thread_request Request for")
+SOURCE = """\
+200@1000.000200:migrate_handle_rp_req_pages in pc.ram at 0x300000 len 0x1000
+200@1000.000210:ram_save_queue_pages pc.ram: start: 0x300000 len: 0x1000
+201@1000.003000:get_queued_page pc.ram/0x300000 page_abs=0x300
+200@1000.006100:migrate_handle_rp_req_pages in (null) at 0x400000 len 0x1000
+201@1000.001000:migration_rate_limit_pre 99
+201@1000.002900:migration_rate_limit_post urgent: 1
+"""
+
+
+def _trace():
+    return traces.assemble(list(traces.parse(DESTINATION.splitlines())),
+                           list(traces.parse(SOURCE.splitlines())))
+
+
+def test_requests_are_followed_by_host_page_through_both_qemus():
+    trace = _trace()
+    assert trace.block_base == BASE and trace.blocktime_ms == 9
+    first, second, third = trace.requests
+    assert (first.offset, first.fault, first.at_source, first.unqueued, first.resolved) == \
+        (0x300000, 1000.0001, 1000.0002, 1000.003, 1000.005)
+    assert second.at_source == 1000.0061 and second.unqueued is None
+    assert trace.rate_limit_sleeps == [(1000.001, 1000.0029, True)]
+    assert trace.placed == [1000.004, 1000.005001]
+
+
+def test_latency_ends_at_req_del_or_at_the_thread_s_next_fault_if_earlier():
+    latencies = [round(x * 1e6) for x in _trace().latencies()]
+    # the second page's req_del (9.0 ms) came after its thread faulted again at 7.0 ms
+    assert latencies == [4900, 1000, 2500]
+
+
+def test_progress_counts_the_guest_s_touches_up_to_its_last_fault():
+    walk = guest.Walk.for_ram("stride", 32 << 20)
+    order = walk.order()
+    trace = traces.Trace(block_base=BASE)
+    start = 5 * walk.npages + 10  # pass 6, position 10
+    # the vCPU faults at positions 12, 40 of pass 6 and 3 of pass 7; another thread and a
+    # page outside the region do not count
+    for t, position, pid in ((1.0, 12, 7), (1.5, 40, 7), (1.6, 50, 8), (2.0, 3, 7)):
+        hva = BASE + walk.base + order[position] * guest.PAGE
+        trace.faults.append(traces.Fault(t, pid, hva, 0))
+    trace.faults.append(traces.Fault(2.5, 7, BASE + 0x1000, 0))
+    touches, window = harness._progress(trace, walk, start, vcpu=7, resumed=0.5)
+    assert touches == walk.npages + 3 - 10 and window == 1.5
+
+
+def test_without_qemu_the_reason_is_one_line_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(env, "qemu_version", lambda: None)
+    why = available()
+    assert why == "qemu-system-x86_64 not found (install it: apt-get install qemu-system-x86)"
+    with pytest.raises(harness.HarnessError, match="install it"):
+        harness.run(harness.Scenario(ram=32 << 20))
+
+
+def test_scenario_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of vanilla, preempt"):
+        harness.Scenario(mode="fast")
+
+
+def _children() -> list[str]:
+    mine = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            mine.append(pid)
+    return mine
+
+
+@needs_qemu
+@pytest.mark.timeout(90)
+def test_a_short_vanilla_postcopy_migration_completes_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # A precopy cap, so that the first pass takes longer than QEMU's first 100 ms window
+    # (or the migration completes in precopy); postcopy is unlimited.
+    result = harness.run(harness.Scenario(pattern="stride", ram=32 << 20, precopy=0.4,
+                                          max_bandwidth=50_000_000, timeout=60))
+    summary = result.summary()
+    assert result.latencies and summary["count"] == len(result.latencies)
+    assert result.verified and result.end.passes >= result.start.passes > harness.BOOT_PASSES
+    assert result.version.startswith(".".join(map(str, env.qemu_version())))
+    assert result.source["status"] == "completed" and result.blocktime_ms is not None
+    assert os.listdir(tmp_path) == [] and _children() == []
