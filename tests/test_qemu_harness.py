@@ -2,12 +2,14 @@
 read from its faults, the one-line reason when QEMU cannot run, and where QEMU is installed
 one short postcopy migration."""
 
+import json
 import os
 import tempfile
 
 import pytest
 
-from emu.qemu import available, env, guest, harness, traces
+from emu.qemu import available, env, guest, harness, hugepages, traces
+from emu.qemu.__main__ import main as qemu_main
 
 needs_qemu = pytest.mark.skipif(available() is not None, reason=str(available()))
 
@@ -83,6 +85,13 @@ def test_without_qemu_the_reason_is_one_line_with_the_install_command(monkeypatc
         harness.run(harness.Scenario(ram=32 << 20))
 
 
+def test_by_hand_without_qemu_says_so_in_one_line_and_exits_0(monkeypatch, capsys):
+    monkeypatch.setattr(env, "qemu_version", lambda: None)
+    assert qemu_main(["--pattern", "random"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "apt-get install qemu-system-x86" in err
+
+
 def test_scenario_refuses_an_unknown_mode():
     with pytest.raises(ValueError, match="mode must be one of vanilla, preempt"):
         harness.Scenario(mode="fast")
@@ -115,3 +124,50 @@ def test_a_short_vanilla_postcopy_migration_completes_and_leaves_nothing(monkeyp
     assert result.version.startswith(".".join(map(str, env.qemu_version())))
     assert result.source["status"] == "completed" and result.blocktime_ms is not None
     assert os.listdir(tmp_path) == [] and _children() == []
+
+
+def test_progress_on_huge_pages_takes_the_first_touch_of_any_page_in_the_fault_s():
+    walk = guest.Walk.for_ram("stride", 32 << 20)
+    order, huge = walk.order(), 2 << 20
+    host = [(walk.base + page * guest.PAGE) // huge for page in order]
+    trace = traces.Trace(block_base=BASE)
+    expected, done = [], 5 * walk.npages + 10
+    for t, position in ((1.0, 300), (2.0, 7000)):
+        trace.faults.append(traces.Fault(t, 7, BASE + host[position] * huge, 0))
+        while host[done % walk.npages] != host[position]:  # the guest's own walk, step by step
+            done += 1
+        expected.append(done)
+    touches, window = harness._progress(trace, walk, 5 * walk.npages + 10, 7, 0.0, huge)
+    assert touches == expected[-1] - (5 * walk.npages + 10) and window == 2.0
+
+
+@needs_qemu
+@pytest.mark.skipif(os.geteuid() != 0, reason="huge pages need root")
+@pytest.mark.timeout(90)
+def test_on_huge_pages_a_preempt_migration_completes_and_the_pool_is_given_back():
+    with open(hugepages.NR_HUGEPAGES) as f:
+        before = f.read()
+    scenario = dict(pattern="stride", mode="preempt", ram=32 << 20, precopy=0.4,
+                    max_bandwidth=50_000_000, timeout=60)
+    try:
+        with hugepages.hugetlbfs(2 * scenario["ram"]) as mount:
+            result = harness.run(harness.Scenario(**scenario, hugetlbfs=mount))
+    except hugepages.HugepagesError as e:
+        pytest.skip(str(e))
+    assert result.verified and result.latencies
+    hosts = {r.host for r in result.trace.requests}
+    assert all((h - result.trace.block_base) % (2 << 20) == 0 for h in hosts)
+    assert not os.path.exists(mount)
+    with open(hugepages.NR_HUGEPAGES) as f:
+        assert f.read() == before
+
+
+@needs_qemu
+@pytest.mark.timeout(90)
+def test_by_hand_json_has_the_bench_s_figures(capsys):
+    assert qemu_main(["--ram", "32MiB", "--bandwidth", "50MB/s", "--precopy", "400ms",
+                      "--mode", "preempt", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["summary"]) == {"count", "median-ms", "mean-ms", "p99-ms", "blocktime-ms",
+                                   "progress"}
+    assert out["verified"] and out["summary"]["count"] > 0 and out["qemu"]

@@ -2,6 +2,7 @@
 
     python -m emu.qemu --pattern stride --mode preempt --postcopy-bandwidth 10MB/s
     python -m emu.qemu --json ...      # the figures and each request's times as JSON
+    python -m emu.qemu --hugepages ... # guest RAM on 2 MiB huge pages (root; undone after)
     python -m emu.qemu --loopback      # loopback TCP throughput, for the emulator's link
 
 Exit status 0 with one line on stderr when QEMU cannot run here (emu.qemu.available()).
@@ -12,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 
-from emu.qemu import available, harness, loopback
+from emu.qemu import available, harness, hugepages, loopback
 from emu.qemu.guest import PATTERNS
 from emu.units import parse_duration, parse_rate, parse_size
 
@@ -26,15 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     if (why := available()) is not None:
         print(f"postcopy-emu: real QEMU cannot run here: {why}", file=sys.stderr)
         return 0
-    scenario = harness.Scenario(
+    settings = dict(
         pattern=args.pattern, mode=args.mode, ram=parse_size(args.ram),
         max_bandwidth=round(parse_rate(args.bandwidth)),
         max_postcopy_bandwidth=round(parse_rate(args.postcopy_bandwidth)),
         precopy=parse_duration(args.precopy), hugetlbfs=args.hugetlbfs, accel=args.accel,
         trace_rate_limit=args.trace_rate_limit)
     try:
-        result = harness.run(scenario, keep_traces=args.keep_traces)
-    except harness.HarnessError as e:
+        with ExitStack() as stack:
+            if args.hugepages:
+                settings["hugetlbfs"] = stack.enter_context(
+                    hugepages.hugetlbfs(2 * settings["ram"]))
+            result = harness.run(harness.Scenario(**settings), keep_traces=args.keep_traces)
+    except (harness.HarnessError, hugepages.HugepagesError) as e:
         print(f"postcopy-emu: {e}", file=sys.stderr)
         return 1
     if args.json:
@@ -53,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--postcopy-bandwidth", default="0",
                    help="max-postcopy-bandwidth; 0 = unlimited")
     p.add_argument("--precopy", default="1s", help="time from migrate to migrate-start-postcopy")
-    p.add_argument("--hugetlbfs", help="a hugetlbfs mount point to back guest RAM with")
+    huge = p.add_mutually_exclusive_group()
+    huge.add_argument("--hugetlbfs", help="a hugetlbfs mount point to back guest RAM with")
+    huge.add_argument("--hugepages", action="store_true",
+                      help="back guest RAM with huge pages on a private hugetlbfs mount, "
+                           "raising nr_hugepages for the run (root)")
     p.add_argument("--accel", default="tcg")
     p.add_argument("--trace-rate-limit", action="store_true",
                    help="trace migration_rate_limit_pre/post too (many lines under a cap)")
@@ -82,8 +92,9 @@ def _print(result: harness.Result) -> None:
           f"progress {s['progress']} touches/s; memory verified: {result.verified}")
     if ph["requests"]:
         print(f"  phases (medians): to source {ph['to-source-ms']} ms, queued at source "
-              f"{ph['queued-ms']} ms, taken to woken {ph['to-woken-ms']} ms; "
-              f"{ph['waited-at-source']} of {ph['requests']} reached the source within 1 ms "
+              f"{ph['queued-ms']} ms, taken to woken {ph['to-woken-ms']} ms")
+    if ph.get("waited-at-source"):
+        print(f"  {ph['waited-at-source']} of {ph['requests']} reached the source within 1 ms "
               f"and waited there 10 ms or more (median {ph['waited-median-ms']} ms, the last "
               f"{ph['silent-ms']} ms with no page placed at all)")
 

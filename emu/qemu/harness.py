@@ -77,6 +77,11 @@ class Scenario:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         guest.Walk.for_ram(self.pattern, self.ram)  # raises for a bad pattern or size
 
+    @property
+    def host_page(self) -> int:
+        """The page size backing guest RAM: hugetlbfs reports its own as the block size."""
+        return guest.PAGE if self.hugetlbfs is None else os.statvfs(self.hugetlbfs).f_bsize
+
     def capabilities(self, destination: bool) -> list[dict]:
         names = ["postcopy-ram", "events"]
         if self.mode != "vanilla":
@@ -230,7 +235,7 @@ def _migrate(scenario: Scenario, walk: guest.Walk, src: Qemu, dst: Qemu) -> Resu
     src.quit()
     dst.quit()
     trace = traces.assemble(traces.read(dst.log), traces.read(src.log))
-    touches, window = _progress(trace, walk, start.touches, vcpu, resumed)
+    touches, window = _progress(trace, walk, start.touches, vcpu, resumed, scenario.host_page)
     if touches is not None and start.touches + touches > end.touches:
         raise HarnessError(f"guest progress from the faults ({touches} touches after "
                            f"{start.touches}) passes the guest's own count ({end.touches})")
@@ -263,25 +268,29 @@ def _version(greeting: dict | None) -> str:
 
 
 def _progress(trace: traces.Trace, walk: guest.Walk, start: int, vcpu: int,
-              resumed: float | None) -> tuple[int | None, float | None]:
+              resumed: float | None, host_page: int = guest.PAGE,
+              ) -> tuple[int | None, float | None]:
     """Guest touches from the destination's RESUME to the vCPU's last fault in the region.
 
-    The guest's order is known, so the page a fault is on says how far the guest got: the
-    touch that faulted is the first occurrence of that page after the previous one. Two
-    faults are less than a pass apart, since the page of the later one was missing all the
-    time in between, so counting positions modulo a pass is exact."""
+    The guest's order is known, so the host page a fault is on says how far the guest got:
+    the touch that faulted is the first touch of any of that host page's target pages after
+    the previous fault (they were all missing until then). Two faults are less than a pass
+    apart, since the page of the later one was missing all the time in between, so counting
+    positions modulo a pass is exact."""
     if trace.block_base is None or resumed is None:
         return None, None
     n = walk.npages
-    position = [0] * n
+    positions: dict[int, list[int]] = {}  # host page number -> its pages' positions, sorted
     for i, page in enumerate(walk.order()):
-        position[page] = i
+        positions.setdefault((walk.base + page * guest.PAGE) // host_page, []).append(i)
     done, last = start, None
     for fault in trace.faults:
-        page = (fault.hva - trace.block_base - walk.base) // guest.PAGE
-        if fault.pid != vcpu or not 0 <= page < n or fault.time < resumed:
+        mine = positions.get((fault.hva - trace.block_base) // host_page)
+        if fault.pid != vcpu or mine is None or fault.time < resumed:
             continue
-        done += (position[page] - done) % n
+        here = done % n
+        j = bisect.bisect_left(mine, here)
+        done += (mine[j] if j < len(mine) else mine[0] + n) - here
         last = fault.time
     if last is None:
         return None, None
