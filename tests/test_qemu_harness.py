@@ -35,6 +35,7 @@ SOURCE = """\
 200@1000.000210:ram_save_queue_pages pc.ram: start: 0x300000 len: 0x1000
 201@1000.003000:get_queued_page pc.ram/0x300000 page_abs=0x300
 200@1000.006100:migrate_handle_rp_req_pages in (null) at 0x400000 len 0x1000
+201@1000.006200:get_queued_page_not_dirty pc.ram/0x400000 page_abs=0x400
 201@1000.001000:migration_rate_limit_pre 99
 201@1000.002900:migration_rate_limit_post urgent: 1
 """
@@ -52,6 +53,7 @@ def test_requests_are_followed_by_host_page_through_both_qemus():
     assert (first.offset, first.fault, first.at_source, first.unqueued, first.resolved) == \
         (0x300000, 1000.0001, 1000.0002, 1000.003, 1000.005)
     assert second.at_source == 1000.0061 and second.unqueued is None
+    assert second.already_sent == 1000.0062 and third.at_source is None
     assert trace.rate_limit_sleeps == [(1000.001, 1000.0029, True)]
     assert trace.placed == [1000.004, 1000.005001]
 
@@ -171,3 +173,22 @@ def test_by_hand_json_has_the_bench_s_figures(capsys):
     assert set(out["summary"]) == {"count", "median-ms", "mean-ms", "p99-ms", "blocktime-ms",
                                    "progress"}
     assert out["verified"] and out["summary"]["count"] > 0 and out["qemu"]
+
+
+def test_a_migration_that_ends_in_precopy_says_why():
+    first_window = {"status": "completed", "total-time": 44, "ram": {"dirty-sync-count": 2}}
+    assert "within QEMU's first 100 ms" in harness._ended_in_precopy(first_window)
+    converged = {"status": "completed", "total-time": 891, "ram": {"dirty-sync-count": 11}}
+    assert "precopy converged" in harness._ended_in_precopy(converged)
+
+
+def test_phases_count_the_requests_that_waited_at_the_source_and_the_silence_before():
+    waited = traces.Request(BASE, 0, BASE, 7, fault=10.0, at_source=10.0002, unqueued=10.0502,
+                            resolved=10.051)
+    quick = traces.Request(BASE + 4096, 4096, BASE + 4096, 7, fault=10.06, at_source=10.0601,
+                           unqueued=10.0602, resolved=10.061)
+    trace = traces.Trace(requests=[waited, quick], placed=[10.005, 10.0102, 10.0506])
+    phases = harness.Result(harness.Scenario(ram=32 << 20), "7.2.0", trace, None, None, None,
+                            None, None).phases()
+    assert phases["requests"] == 2 and phases["waited-at-source"] == 1
+    assert phases["waited-median-ms"] == 50.0 and phases["silent-ms"] == 40.0

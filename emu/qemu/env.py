@@ -42,7 +42,7 @@ def available() -> str | None:
     if version[:2] < MIN_VERSION:
         return (f"{QEMU} {'.'.join(map(str, version))} has no postcopy-preempt "
                 f"(needs {'.'.join(map(str, MIN_VERSION))} or later)")
-    if (why := guest.missing_tools()) is not None:
+    if not guest.cached_image().exists() and (why := guest.missing_tools()) is not None:
         return why
     if (why := _userfaultfd()) is not None:
         return why

@@ -60,14 +60,18 @@ def cache_dir() -> Path:
     return Path(base) / "postcopy-emu"
 
 
+def cached_image() -> Path:
+    """Where the build of the current guest.S is cached (it may not be there yet)."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr(BUILD).encode()).hexdigest()[:16]
+    return cache_dir() / f"guest-{digest}.elf"
+
+
 def built_image() -> Path:
     """The built guest for the current guest.S, building it first if it is not cached.
 
     The build runs in a private temporary directory next to the cache entry and the result
     is renamed into place, so concurrent first uses do not see a half-written image."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + repr(BUILD).encode()).hexdigest()[:16]
-    target = cache_dir() / f"guest-{digest}.elf"
+    target = cached_image()
     if target.exists():
         return target
     if (why := missing_tools()) is not None:

@@ -127,14 +127,16 @@ class Result:
         and from there to the vCPU's wake-up. `waited-at-source` counts the requests that
         reached the source within WINDOW_FAST but stayed queued WINDOW_WAIT or more;
         `silent-ms` is the median, over them, of how long the destination had placed no page
-        at all when the page was finally taken (the end of the wait)."""
+        at all when the page was finally taken (the end of the wait). `already-sent` counts
+        the requests the source found sent by the background stream (not in the phases)."""
+        sent = sum(1 for r in self.trace.requests if r.already_sent is not None)
         reqs = [r for r in self.trace.requests if r.latency is not None
                 and r.at_source is not None and r.unqueued is not None]
         if not reqs:
-            return {"requests": 0}
+            return {"requests": 0, "already-sent": sent}
         waited = [r for r in reqs if r.at_source - r.fault < WINDOW_FAST
                   and r.unqueued - r.at_source >= WINDOW_WAIT]
-        return {"requests": len(reqs),
+        return {"requests": len(reqs), "already-sent": sent,
                 "to-source-ms": _median_ms(r.at_source - r.fault for r in reqs),
                 "queued-ms": _median_ms(r.unqueued - r.at_source for r in reqs),
                 "to-woken-ms": _median_ms(r.woken - r.unqueued for r in reqs),
@@ -245,12 +247,15 @@ def _migrate(scenario: Scenario, walk: guest.Walk, src: Qemu, dst: Qemu) -> Resu
 
 def _ended_in_precopy(info: dict) -> str:
     text = f"migration {info.get('status')} in precopy: {info}"
-    if info.get("status") == "completed" and info.get("total-time", 0) < BANDWIDTH_WINDOW_MS:
+    syncs = info.get("ram", {}).get("dirty-sync-count", 0)
+    if info.get("status") == "completed" and syncs <= 2:
         # migration.c: threshold_size is 0 until migration_update_counters first runs, a
         # BUFFER_DELAY after the start; a first pass over RAM that ends before it leaves
-        # nothing pending and the migration completes without a bitmap sync.
+        # nothing pending and the migration completes without another bitmap sync.
         text += (f" (the first pass over RAM ended within QEMU's first {BANDWIDTH_WINDOW_MS}"
                  " ms, before it knew the bandwidth: set a max-bandwidth or more RAM)")
+    elif info.get("status") == "completed":
+        text += " (precopy converged: the guest dirtied pages more slowly than they went out)"
     return text
 
 

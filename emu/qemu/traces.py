@@ -61,6 +61,7 @@ _ARGS = {
     "migrate_handle_rp_req_pages": (rf"in (\S+) at {_HEX} len {_HEX}", "sxx"),
     "ram_save_queue_pages": (rf"(\S+): start: {_HEX} len: {_HEX}", "sxx"),
     "get_queued_page": (rf"(\S+)/{_HEX} page_abs={_HEX}", "sxx"),
+    "get_queued_page_not_dirty": (rf"(\S+)/{_HEX} page_abs={_HEX}", "sxx"),
     "migration_rate_limit_pre": (r"(-?\d+)", "d"),
     "migration_rate_limit_post": (r"urgent: (\d+)", "d"),
     "postcopy_ram_incoming_cleanup_blocktime": (r"total blocktime (\d+)", "d"),
@@ -113,6 +114,7 @@ class Request:
     fault: float
     at_source: float | None = None  # migrate_handle_rp_req_pages
     unqueued: float | None = None  # get_queued_page
+    already_sent: float | None = None  # get_queued_page_not_dirty: the stream sent it first
     resolved: float | None = None  # postcopy_page_req_del
     next_fault: float | None = None  # the same thread's next fault, if any
 
@@ -205,6 +207,8 @@ def _join_source(trace: Trace, source: list[Event]) -> None:
             seen["at_source"][ev.args[1]].append(ev.time)
         elif ev.name == "get_queued_page" and len(ev.args) == 3:
             seen["unqueued"][ev.args[1]].append(ev.time)
+        elif ev.name == "get_queued_page_not_dirty" and len(ev.args) == 3:
+            seen["already_sent"][ev.args[1]].append(ev.time)
         elif ev.name == "migration_rate_limit_pre":
             sleep_start = ev.time
         elif ev.name == "migration_rate_limit_post" and sleep_start is not None:
