@@ -192,3 +192,12 @@ def test_phases_count_the_requests_that_waited_at_the_source_and_the_silence_bef
                             None, None).phases()
     assert phases["requests"] == 2 and phases["waited-at-source"] == 1
     assert phases["waited-median-ms"] == 50.0 and phases["silent-ms"] == 40.0
+
+
+@needs_qemu
+@pytest.mark.timeout(60)
+def test_a_qemu_that_will_not_start_is_reported_and_nothing_is_left(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(harness.HarnessError, match="destination QEMU exited .*accel"):
+        harness.run(harness.Scenario(ram=32 << 20, accel="no-such-accel"))
+    assert os.listdir(tmp_path) == [] and _children() == []

@@ -42,6 +42,9 @@ BOOT_PASSES = 2  # source passes done before migrating: every page of the region
 START_TIMEOUT = 30.0  # real seconds for a QEMU to open its monitor, and the guest to run
 QMP_TIMEOUT = 60.0  # a pmemsave of the whole region takes a while on a loaded disk
 QUIT_TIMEOUT = 5.0
+# MigrationStatus values after which nothing more happens by itself (postcopy-paused waits
+# for a migrate-recover that this harness never sends).
+ENDED = ("completed", "failed", "cancelled", "postcopy-paused")
 BANDWIDTH_WINDOW_MS = 100  # migration.c BUFFER_DELAY: QEMU's bandwidth and rate-limit window
 # Result.phases(): a request that reaches the source this fast and then stays queued this long
 # waited for something at the source (under a postcopy cap: the next rate-limit window).
@@ -215,11 +218,11 @@ def _migrate(scenario: Scenario, walk: guest.Walk, src: Qemu, dst: Qemu) -> Resu
     port = dst.qmp.cmd("query-migrate")["socket-address"][0]["port"]
     src.qmp.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     deadline = time.monotonic() + scenario.timeout
-    if src.wait_status(("completed", "failed"), time.monotonic() + scenario.precopy):
+    if src.wait_status(ENDED, time.monotonic() + scenario.precopy):
         raise HarnessError(_ended_in_precopy(src.qmp.cmd("query-migrate")))
     src.qmp.cmd("migrate-start-postcopy")
     for side in (src, dst):
-        status = side.wait_status(("completed", "failed"), deadline)
+        status = side.wait_status(ENDED, deadline)
         if status != "completed":
             raise HarnessError(f"{side.name}: migration {status or 'not completed'} within "
                                f"{scenario.timeout} s: {side.qmp.cmd('query-migrate')}")
@@ -346,15 +349,22 @@ class Qemu:
             self.process.wait()
 
     def _connect(self) -> None:
+        """Connect to the monitor once QEMU has opened it; QEMU may open it and still exit
+        (a bad option found later), so a refused connection is retried while it runs."""
         deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.socket):
+        while True:
             if self.process.poll() is not None:
                 raise HarnessError(f"{self.name} QEMU exited ({self.process.returncode}): "
                                    f"{self._stderr_tail()}")
+            if os.path.exists(self.socket):
+                try:
+                    self.qmp.connect()
+                    return
+                except OSError:
+                    self.qmp.close()
             if time.monotonic() > deadline:
                 raise HarnessError(f"{self.name} QEMU opened no monitor in {START_TIMEOUT} s")
             time.sleep(0.02)
-        self.qmp.connect()
 
     def _stderr_tail(self) -> str:
         with open(self.stderr, errors="replace") as err:
