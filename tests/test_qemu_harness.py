@@ -201,3 +201,12 @@ def test_a_qemu_that_will_not_start_is_reported_and_nothing_is_left(monkeypatch,
     with pytest.raises(harness.HarnessError, match="destination QEMU exited .*accel"):
         harness.run(harness.Scenario(ram=32 << 20, accel="no-such-accel"))
     assert os.listdir(tmp_path) == [] and _children() == []
+
+
+@needs_qemu
+@pytest.mark.timeout(60)
+def test_a_parameter_qemu_refuses_is_a_harness_error_with_qemu_s_words(monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(harness.HarnessError, match="QmpError: .*downtime_limit"):
+        harness.run(harness.Scenario(ram=32 << 20, downtime_limit=10 ** 9))
+    assert os.listdir(tmp_path) == [] and _children() == []

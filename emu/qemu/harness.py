@@ -34,7 +34,7 @@ import numpy as np
 from emu.metrics import summarize
 from emu.qemu import guest, traces
 from emu.qemu.env import QEMU, available, memory_shortfall
-from emu.qmp import QmpClient
+from emu.qmp import QmpClient, QmpError
 
 MODES = ("vanilla", "preempt", "preempt-no-break-huge")
 MACHINE = "pc"
@@ -192,12 +192,22 @@ def run(scenario: Scenario, keep_traces: str | None = None) -> Result:
                                         _source_options(scenario), events))
         try:
             return _migrate(scenario, walk, src, dst)
+        except (QmpError, OSError) as e:  # a refused command, or a QEMU gone or hung
+            raise HarnessError(_failure(e, src, dst)) from e
         finally:
             if keep_traces is not None:
                 for side in (src, dst):
                     side.quit()
                     if os.path.exists(side.log):
                         shutil.copy(side.log, os.path.join(keep_traces, f"{side.name}.trace"))
+
+
+def _failure(error: Exception, *sides: Qemu) -> str:
+    text = f"{type(error).__name__}: {error}"
+    for side in sides:
+        if side.process.poll() is not None:
+            text += f"; {side.name} QEMU exited ({side.process.returncode}): {side.stderr_tail()}"
+    return text
 
 
 def _source_options(scenario: Scenario) -> list[str]:
@@ -211,7 +221,7 @@ def _migrate(scenario: Scenario, walk: guest.Walk, src: Qemu, dst: Qemu) -> Resu
     for side in (src, dst):
         side.qmp.cmd("migrate-set-capabilities",
                      capabilities=scenario.capabilities(side is dst))
-    _check(src.qmp.execute("migrate-set-parameters", scenario.parameters()), "source")
+    src.qmp.cmd("migrate-set-parameters", **scenario.parameters())
     src.wait_guest(BOOT_PASSES)
 
     dst.qmp.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
@@ -260,11 +270,6 @@ def _ended_in_precopy(info: dict) -> str:
     elif info.get("status") == "completed":
         text += " (precopy converged: the guest dirtied pages more slowly than they went out)"
     return text
-
-
-def _check(reply: dict, who: str) -> None:
-    if "error" in reply:
-        raise HarnessError(f"{who}: {reply['error']['desc']}")
 
 
 def _version(greeting: dict | None) -> str:
@@ -355,7 +360,7 @@ class Qemu:
         while True:
             if self.process.poll() is not None:
                 raise HarnessError(f"{self.name} QEMU exited ({self.process.returncode}): "
-                                   f"{self._stderr_tail()}")
+                                   f"{self.stderr_tail()}")
             if os.path.exists(self.socket):
                 try:
                     self.qmp.connect()
@@ -366,7 +371,7 @@ class Qemu:
                 raise HarnessError(f"{self.name} QEMU opened no monitor in {START_TIMEOUT} s")
             time.sleep(0.02)
 
-    def _stderr_tail(self) -> str:
+    def stderr_tail(self) -> str:
         with open(self.stderr, errors="replace") as err:
             return err.read()[-2000:].strip()
 
