@@ -214,8 +214,6 @@ class Destination:
             self.state.set("postcopy-active")
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RUN:
             self._start_vcpus()
-        elif msg.cmd == wire.MIG_CMD_PING:
-            self._send_rp(wire.rp_message(wire.MIG_RP_MSG_PONG, msg.data))
         elif msg.cmd == wire.MIG_CMD_RECV_BITMAP:
             self._send_rp(wire.recv_bitmap(self.placer.states >= R.PRESENT))
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:
