@@ -35,8 +35,9 @@ RECOVER_AFTER = 0.2  # emulated s in postcopy-paused before recovering, as the c
 
 class FaultLog:
     """Every resolved fault of one run, with the running log2 histogram per channel and the
-    latencies kept sorted, so the figures cost the same at the end of a long run as at the
-    start."""
+    latencies kept sorted, so summary() costs the same at the end of a long run as at the
+    start. extend() does not: merging a tick's latencies into the sorted array copies it, 8
+    bytes per fault so far (measured: 0.4 ms a tick at 100 000 faults, 2.6 ms at a million)."""
 
     def __init__(self) -> None:
         self._buf = np.zeros(1024, metrics.FAULT_DTYPE)
