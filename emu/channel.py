@@ -71,11 +71,6 @@ class Endpoint:
         """This side closed it (a failure it reports afterwards is old news)."""
         return self._closed
 
-    @property
-    def outstanding(self) -> int:
-        """Bytes this side has written that the link has not delivered yet."""
-        return self._outstanding
-
     def send(self, parts: list, virt: int = 0, more: bool = False) -> None:
         """Write one frame made of `parts` (bytes-like); blocks while the link holds `window`
         bytes of ours. A frame larger than the window waits for an empty link, then goes.

@@ -96,8 +96,3 @@ def check_rest(dst_ram: np.ndarray, src_ram: np.ndarray, skip: int) -> np.ndarra
         bad.append(_differing_pages(dst, src, skip) + first)
     return np.concatenate(bad) if bad else np.empty(0, dtype=np.intp)
 
-
-def bad_page_summary(bad: np.ndarray, limit: int = 20) -> dict:
-    """{"count": n, "first": the `limit` lowest bad indices} for reports."""
-    bad = np.asarray(bad)
-    return {"count": int(bad.size), "first": np.sort(bad)[:limit].tolist()}

@@ -1,4 +1,4 @@
-"""The analytical page-fault latency model (reference/postcopy-notes.md, section 8), with its
+"""The analytical page-fault latency model (docs/concepts.md, "The latency model"), with its
 inputs read off this emulator's mechanism.
 
 One fault costs L = rtt + software + queued + rest + page + shared, each a time:
@@ -19,7 +19,7 @@ r, the rest of what the migration thread must write on main before it looks at t
 queue again; a request arrives at a random point of it, so on average half a unit U. U is one
 record (emulator.chunk) for 4 KiB pages, whose runs share records; for huge pages it is the whole
 host page (vanilla, break-huge off), or one record of it with break-huge, which checks the queue
-between records. The notes' T/B (break-huge on) is this term for QEMU, whose thread checks
+between records. T/B (break-huge on, T = 4 KiB) is this term for QEMU, whose thread checks
 before every 4 KiB piece: it is the second mode of QEMU 7.1's histogram, the migration thread
 blocked in write() on a full main socket. Here the write granularity is emulator.chunk, not T.
 With link.write-wakeup K, a thread blocked on a full main sleeps until K more bytes than its

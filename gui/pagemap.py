@@ -59,13 +59,7 @@ def _key_codes() -> np.ndarray:
     dst = np.repeat(np.arange(NDST, dtype=np.uint8), 1 << SRC_BITS)
     src = np.tile(np.arange(1 << SRC_BITS, dtype=np.uint8), NDST)
     codes = np.full(256, OUTSIDE, np.uint8)
-    shown = R.display_states(dst, src)
-    # The source leaves a page's state at "sent on main" (from precopy) when the page is
-    # discarded at switchover, so display_states shows every discarded page in flight. Until
-    # the source resets those states, a discarded page that really is in flight again shows
-    # as discarded for the few ms it spends on the link: far less wrong than the reverse.
-    shown[dst == R.DISCARDED] = R.DISCARDED
-    codes[dst << SRC_BITS | src] = shown
+    codes[dst << SRC_BITS | src] = R.display_states(dst, src)
     return codes
 
 

@@ -35,8 +35,9 @@ RECOVER_AFTER = 0.2  # emulated s in postcopy-paused before recovering, as the c
 
 class FaultLog:
     """Every resolved fault of one run, with the running log2 histogram per channel and the
-    latencies kept sorted, so the figures cost the same at the end of a long run as at the
-    start."""
+    latencies kept sorted, so summary() costs the same at the end of a long run as at the
+    start. extend() does not: merging a tick's latencies into the sorted array copies it, 8
+    bytes per fault so far (measured: 0.4 ms a tick at 100 000 faults, 2.6 ms at a million)."""
 
     def __init__(self) -> None:
         self._buf = np.zeros(1024, metrics.FAULT_DTYPE)
@@ -315,21 +316,7 @@ class Session:
         asked = {int(p): self._asked.get(int(p), first_seen) for p in waiting}
         asked.update((p, t) for p, t in queued if p in asked)
         self._asked = asked
-        urgent = Urgent(queued=[(p, self._now - asked.get(p, t)) for p, t in queued])
-        in_queue = {p for p, _ in queued}
-        for page in waiting.tolist():
-            if page in in_queue:
-                continue
-            entry = (page, self._now - asked[page])
-            if src[page] == R.SENT_URGENT_MAIN:
-                urgent.main.append(entry)
-            elif src[page] == R.SENT_PREEMPT:
-                urgent.preempt.append(entry)
-            elif src[page] == R.SENT_MAIN:
-                urgent.background.append(entry)
-            else:
-                urgent.asking.append(entry)
-        return urgent
+        return where_urgent(waiting, src, queued, asked, self._now)
 
     # ---- the event log ----
 
@@ -358,19 +345,49 @@ class Session:
     # ---- one page, for the bitmap's hover text ----
 
     def describe(self, page: int, code: int, arrival: np.ndarray) -> str:
-        """One line about host page *page*, shown in display state *code*: how and when it
-        arrived, and how long each vCPU that faulted on it waited."""
-        size = self.cfg.page_size
-        text = f"page {page} (guest address 0x{page * size:x}): {pagemap.LEGEND[code]}"
-        if code in ARRIVED_HOW:
-            text += f", arrived at {arrival[page]:.4f} s {ARRIVED_HOW[code]}"
-        recs = self.faults.records
-        for rec in recs[recs["page"] == page][:4]:
-            text += (f"; vCPU {rec['vcpu']} faulted on it at {rec['time']:.4f} s and waited "
-                     f"{_ms(rec['latency'])}")
-        if page in self._asked and code not in ARRIVED_HOW:
-            text += f"; a vCPU has been blocked on it for {_ms(self._now - self._asked[page])}"
-        return text
+        """One line about host page *page*, shown in display state *code* (the hover text)."""
+        return describe_page(self.cfg, self.faults, page, code, arrival,
+                             self._asked.get(page), self._now)
+
+
+def where_urgent(waiting: np.ndarray, src: np.ndarray, queued: list[tuple[int, float]],
+                 asked: dict[int, float], now: float) -> Urgent:
+    """Where each page a vCPU waits for (*waiting*) is: in the source's request queue
+    (*queued*: page, time queued), sent (*src*: the source's page states), or neither: its
+    request is still on the return path. Ages count from *asked* (page -> emulated time its
+    vCPU blocked), else from the time the request was queued."""
+    urgent = Urgent(queued=[(p, now - asked.get(p, t)) for p, t in queued])
+    in_queue = {p for p, _ in queued}
+    for page in waiting.tolist():
+        if page in in_queue:
+            continue
+        entry = (page, now - asked[page])
+        if src[page] == R.SENT_URGENT_MAIN:
+            urgent.main.append(entry)
+        elif src[page] == R.SENT_PREEMPT:
+            urgent.preempt.append(entry)
+        elif src[page] == R.SENT_MAIN:
+            urgent.background.append(entry)
+        else:
+            urgent.asking.append(entry)
+    return urgent
+
+
+def describe_page(cfg: Config, faults: FaultLog, page: int, code: int, arrival: np.ndarray,
+                  blocked_since: float | None, now: float) -> str:
+    """One line about host page *page*, shown in display state *code*: how and when it
+    arrived, how long each vCPU that faulted on it waited, and, if one is blocked on it
+    since *blocked_since*, for how long."""
+    text = f"page {page} (guest address 0x{page * cfg.page_size:x}): {pagemap.LEGEND[code]}"
+    if code in ARRIVED_HOW:
+        text += f", arrived at {arrival[page]:.4f} s {ARRIVED_HOW[code]}"
+    recs = faults.records
+    for rec in recs[recs["page"] == page][:4]:
+        text += (f"; vCPU {rec['vcpu']} faulted on it at {rec['time']:.4f} s and waited "
+                 f"{_ms(rec['latency'])}")
+    if blocked_since is not None and code not in ARRIVED_HOW:
+        text += f"; a vCPU has been blocked on it for {_ms(now - blocked_since)}"
+    return text
 
 
 def _ms(seconds: float) -> str:

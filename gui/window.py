@@ -151,6 +151,17 @@ class QtMainWindow(QtWidgets.QMainWindow):
         if self.session.phase == IDLE:
             self.reset()  # an idle window shows the guest it would migrate
 
+    def show_session(self, session, follow: bool = True) -> None:
+        """Show *session* from now on: one that makes its migration up, without processes
+        (gui.synthetic), for the panel tests and the benchmark. follow=False stops the timer:
+        the caller calls tick() itself."""
+        self._retire()
+        self.session = session
+        self._reset_views(session.cfg)
+        if not follow:
+            self._timer.stop()
+        self.tick()
+
     def select_telling_page(self) -> int | None:
         """Pin the page with the most to tell: the one a vCPU has waited for longest, else
         the last one a vCPU waited for. Used before a screenshot."""

@@ -1,9 +1,9 @@
-"""The emulator against the analytical model (emu/model.py, postcopy-notes section 8).
+"""The emulator against the analytical model (emu/model.py, docs/concepts.md "The latency
+model").
 
 In controlled scenarios the mean emulated latency of the faults the model describes lies within
 15% of its prediction. Everything is emulated time, where the emulator's own delays count only
-x time-scale, so a small time-scale keeps them (the model's c) small, even on a loaded machine.
-How each scenario makes the model's inputs well defined:
+x time-scale. How each scenario makes the model's inputs well defined:
 
 - Main is full: max-postcopy-bandwidth=0, postcopy from the start (switchover-after=0, so
   nearly every page faults), and a guest the background stream is still sending while the vCPU
@@ -14,7 +14,7 @@ How each scenario makes the model's inputs well defined:
   vanilla, on the preempt channel otherwise.
 - Requests arrive at random points of the main stream: the model's r is half the unit the
   migration thread writes between two looks at the request queue, an average over where the
-  request lands in it. Where r matters (a third of the 4K preempt latency, a fifth of the 2M
+  request lands in it. Where r matters (two thirds of the 4K preempt latency, a fifth of the 2M
   break-huge-off one), the workload is a tiny hot set, soon present, and rare cold touches: the
   gap between two faults is then a random number of the vCPU's 64-touch batches, spread over
   more than the unit's time on the link. The other case the model knows, a vCPU faulting back
@@ -23,13 +23,13 @@ How each scenario makes the model's inputs well defined:
 - payload=false: headers travel and the link charges the page bytes, so a guest of 768 MiB
   costs neither memory nor copying (2 MiB pages need that many to fault often at 10 Gbit/s).
 
-A fault crosses the link twice (the request, then the page), and each crossing is late by about
-the emulator's lag (its report's lag-avg-us: how far it fell behind its own schedule, emulated
-time). A run whose lag makes up more than half the tolerance can not decide either way: the test
-skips it and says so, rather than compare figures the emulator itself reports as distorted. The
-emulator's own delays grow on a busy machine (a fault wakes half a dozen threads in three
-processes), and count x time-scale: hence time-scales of 0.025 to 0.1, lower where the latency
-is short or the relay has more to do.
+The time scale: the model charges the emulator's own work per fault as measured on an idle
+machine (model.SOFTWARE_COST_S); a busy machine adds to it (a fault wakes half a dozen threads
+in three processes, each a scheduler slice late when every core is taken), and so does the lag
+with which frames are read. All of it counts x time-scale, so each scenario runs slow enough
+(time_scale) that LOAD_ROOM_S more real time per fault still moves its figure by at most half
+the tolerance. Nothing is skipped on a busy machine: a figure off by more than the tolerance
+fails, lag or not.
 """
 
 import numpy as np
@@ -43,6 +43,13 @@ from emu.ram import SENT_URGENT_MAIN
 
 TOLERANCE = 0.15
 MIN_FAULTS = 25  # below this the mean of r's spread is too noisy to compare
+# Real time per fault a loaded machine may add to the emulator's own. Measured on 2 cores, with
+# other migrations and tests running beside: at a load of 3-5 well under 1 ms; with 3 or 4 busy
+# loops more, 2 to 2.6 ms (every scenario passes); with 5, 7 ms for 2M pages and 25 ms for
+# the 4K preempt one, which then fails (+37%): the machine no longer runs the emulator's
+# threads when they wake. 7 ms keeps the file near a minute.
+LOAD_ROOM_S = 7e-3
+MAX_SCALE = 0.05  # the vanilla figure is already 8% above the model: more room for it
 
 COMMON = {
     "emulator.payload": "false",
@@ -56,21 +63,27 @@ COMMON = {
 SPREAD = {"workload.pattern": "hotset", "workload.hot-fraction": "0.002"}
 
 
+def time_scale(cfg) -> float:
+    """Slow enough that LOAD_ROOM_S of real time per fault is at most half the tolerance of
+    the predicted latency, in emulated time."""
+    network_us = predict(cfg, software_cost=0.0)["latency-us"]
+    return round(min(MAX_SCALE, TOLERANCE / 2 * network_us * 1e-6 / LOAD_ROOM_S), 4)
+
+
 def config(**sets: str):
-    return load_config(None, [f"{k}={v}" for k, v in {**COMMON, **sets}.items()])
+    cfg = load_config(None, [f"{k}={v}" for k, v in {**COMMON, **sets}.items()])
+    return cfg.with_overrides([f"emulator.time-scale={time_scale(cfg)}"])
 
 
 def check(cfg, mean_us: float, count: int, lag_us: float) -> None:
     pred = predict(cfg)
-    if 2 * lag_us > TOLERANCE / 2 * pred["latency-us"]:
-        pytest.skip(f"inconclusive: the emulator fell {lag_us} us behind its schedule per frame "
-                    f"(predicted latency {pred['latency-us']:.0f} us); machine too busy")
     assert count >= MIN_FAULTS, f"only {count} faults to compare"
     error = mean_us / pred["latency-us"] - 1
     terms = ", ".join(f"{k} {v:.1f}" for k, v in pred["terms-us"].items())
     assert abs(error) <= TOLERANCE, (
         f"emulated mean {mean_us:.1f} us over {count} faults vs model {pred['latency-us']:.1f} us "
-        f"({error:+.1%}); model terms (us): {terms}; emulator lag {lag_us} us per frame")
+        f"({error:+.1%}) at time-scale {cfg['emulator.time-scale']:g}; model terms (us): "
+        f"{terms}; emulator lag {lag_us} us per frame (emulated)")
 
 
 def urgent_on_main(cfg) -> tuple[np.ndarray, float]:
@@ -89,16 +102,15 @@ def urgent_on_main(cfg) -> tuple[np.ndarray, float]:
 def test_vanilla_4k_waits_for_the_full_main_socket():
     # 1 MiB socket at 1 Gbit/s: ~8 ms of head-of-line blocking per fault
     cfg = config(**{"guest.ram": "64MiB", "link.bandwidth": "1Gbit",
-                    "link.socket-buffer": "1MiB", "emulator.time-scale": "0.1"})
+                    "link.socket-buffer": "1MiB"})
     latencies, lag = urgent_on_main(cfg)
     check(cfg, float(np.mean(latencies)), len(latencies), lag)
 
 
 PREEMPT = [
     pytest.param({
-        # r is half a 128 KiB record: 524 us of ~1.2 ms; time-scale 0.025 keeps c at 10 us
-        "guest.ram": "16MiB", "link.bandwidth": "1Gbit", "link.socket-buffer": "1MiB",
-        "emulator.time-scale": "0.025", **SPREAD,
+        # r is half a 128 KiB record: 524 us of ~0.8 ms
+        "guest.ram": "16MiB", "link.bandwidth": "1Gbit", "link.socket-buffer": "1MiB", **SPREAD,
         "workload.hot-probability": "0.99", "workload.touch-cost": "2.5us",
     }, id="4K"),
     pytest.param({
@@ -106,13 +118,11 @@ PREEMPT = [
         # the record size, so large records spare the relay's work at no cost to the model.
         "guest.ram": "768MiB", "guest.page-size": "2MiB", "link.bandwidth": "10Gbit",
         "migration.x-postcopy-preempt-break-huge": "false", "emulator.chunk": "512KiB",
-        "emulator.time-scale": "0.05",
         **SPREAD, "workload.hot-probability": "0.999", "workload.touch-cost": "4us",
     }, id="2M-break-huge-off"),
     pytest.param({
         # r is half a 128 KiB record, 52 us of ~3.6 ms: any workload will do
-        "guest.ram": "512MiB", "guest.page-size": "2MiB", "link.bandwidth": "10Gbit",
-        "emulator.time-scale": "0.05",
+        "guest.ram": "320MiB", "guest.page-size": "2MiB", "link.bandwidth": "10Gbit",
     }, id="2M-break-huge-on"),
 ]
 
@@ -133,7 +143,7 @@ def test_back_to_back_faults_wait_a_whole_wakeup_cycle():
     cfg = config(**{"migration.postcopy-preempt": "true", "guest.ram": "32MiB",
                     "link.bandwidth": "1Gbit", "link.socket-buffer": "1MiB",
                     "link.write-wakeup": "256KiB", "workload.pattern": "random",
-                    "workload.touch-cost": "2.5us", "emulator.time-scale": "0.1"})
+                    "workload.touch-cost": "2.5us"})
     result = migrate(cfg)
     assert result["status"] == "completed", result["errors"]
     preempt = result["latency"]["by-channel"]["preempt"]
@@ -144,9 +154,10 @@ def test_back_to_back_faults_under_a_cap_happen_mostly_where_they_are_quick():
     # a capped background stream fills main for a part of each 100 ms window and leaves it
     # idle for the rest; a vCPU that is always faulting makes most of its faults while it is
     # idle (each takes ~1.1 ms there, ~9 ms while main is full): the mean per fault is the
-    # model's phases weighted by share / latency (1.22 ms), not by share (1.94 ms)
-    cfg = config(**{"guest.ram": "16MiB", "link.bandwidth": "1Gbit", "link.rtt": "1ms",
+    # model's phases weighted by share / latency (1.19 ms), not by share (1.9 ms); two windows
+    # of faults are enough
+    cfg = config(**{"guest.ram": "4MiB", "link.bandwidth": "1Gbit", "link.rtt": "1ms",
                     "link.socket-buffer": "1MiB", "migration.max-postcopy-bandwidth": "20MB/s",
-                    "workload.pattern": "random", "emulator.time-scale": "0.1"})
+                    "workload.pattern": "random"})
     latencies, lag = urgent_on_main(cfg)
     check(cfg, float(np.mean(latencies)), len(latencies), lag)

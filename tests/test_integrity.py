@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from emu import integrity
 from emu.integrity import (
     TARGET_PAGE_SIZE,
-    bad_page_summary,
     check_increments,
     check_rest,
     check_step,
@@ -196,19 +195,3 @@ def test_check_rest_rejects_mismatched_rams():
     with pytest.raises(ValueError):
         check_rest(np.zeros(100, np.uint8), np.zeros(100, np.uint8), 1)
 
-
-# --- bad_page_summary ---------------------------------------------------------------------
-
-
-def test_bad_page_summary():
-    assert bad_page_summary(np.array([30, 2, 11]), limit=2) == {"count": 3, "first": [2, 11]}
-    assert bad_page_summary(np.arange(100))["first"] == list(range(20))
-    assert bad_page_summary(np.array([], dtype=np.intp)) == {"count": 0, "first": []}
-
-
-def test_bad_page_summary_is_plain_ints():
-    values = _run(1, 10, 4)
-    values[[2, 8]] = 77
-    summary = bad_page_summary(check_step(values))
-    assert summary == {"count": 2, "first": [2, 8]}
-    assert all(type(x) is int for x in [summary["count"], *summary["first"]])

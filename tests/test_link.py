@@ -136,18 +136,22 @@ def test_preempt_channel_passes_the_queue_at_half_the_bandwidth(bench):
 
 
 def test_sender_blocks_when_its_window_is_full(bench):
-    link = bench(bandwidth=1e6, rtt=0.0, window=64 << 10, scale=1.0)
-    link.src["main"].send([bytes(64 << 10)])
-    assert link.src["main"].outstanding == 64 << 10
-    done = threading.Event()
-
-    def second():
-        link.src["main"].send([bytes(1024)])
-        done.set()
-    threading.Thread(target=second, daemon=True).start()
-    assert not done.wait(0.02)  # 64 KiB at 1 MB/s take 65 ms to drain
-    link.dst["main"].recv()
-    assert done.wait(2)
+    """A window's worth of bytes goes at once (frame headers are not charged); the next write
+    waits until the link has delivered enough of them, as write() on a full TCP socket."""
+    B, window, first = 1e6, 64 << 10, 60 << 10
+    link = bench(bandwidth=B, rtt=0.0, window=window, scale=0.1)
+    ep = link.src["main"]
+    t0 = link.clock.now()
+    ep.send([bytes(first)])
+    ep.send([bytes(window - first)])  # fills the window exactly: does not wait
+    t_full = link.clock.now()
+    reader = threading.Thread(target=receive_times, args=(link.dst["main"], link.clock, 3, []))
+    reader.start()
+    ep.send([bytes(1024)])  # room again once the first frame is delivered and credited
+    waited = link.clock.now() - t0
+    reader.join(5)
+    assert t_full - t0 < first / B / 2
+    assert waited == pytest.approx(first / B, rel=0.15)
 
 
 def test_return_path_flows_the_other_way_with_its_delay(bench):

@@ -1,6 +1,4 @@
-import numpy as np
-
-from emu.page_requests import PageRequestQueue, read_published
+from emu.page_requests import SHOWN, PageRequestQueue, read_published
 
 
 def test_fifo_and_published_view():
@@ -23,5 +21,13 @@ def test_only_the_head_is_published_when_the_queue_is_long():
     for page in range(1000):
         q.put(page, 0.0)
     shown = read_published(memoryview(buf))
-    assert [p for p, _ in shown] == list(np.arange(len(shown)))
+    assert [p for p, _ in shown] == list(range(SHOWN))  # the first SHOWN, in order
     assert len(q) == 1000
+    q.pop()
+    assert [p for p, _ in read_published(memoryview(buf))] == list(range(1, SHOWN + 1))
+
+
+def test_an_unpublished_queue_still_queues():
+    q = PageRequestQueue()
+    q.put(5, 0.5)
+    assert len(q) == 1 and q.pop() == (5, 0.5) and q.pop() is None

@@ -17,9 +17,34 @@ def test_page_keys_show_what_display_states_shows():
     dst = rng.integers(0, len(R.DEST_STATE_NAMES), 5000).astype(np.uint8)
     src = rng.integers(0, 4, 5000).astype(np.uint8)
     keys = pagemap.page_keys(dst, src, np.empty(5000, np.uint8))
-    expected = R.display_states(dst, src)
-    expected[dst == R.DISCARDED] = R.DISCARDED  # see pagemap._key_codes
-    assert np.array_equal(pagemap.KEY_CODES[keys], expected)
+    assert np.array_equal(pagemap.KEY_CODES[keys], R.display_states(dst, src))
+
+
+# What a page looks like, by what each side did with it. The source resets a discarded page
+# to unsent at switchover, so a discarded page it sends again is in flight like any other.
+SHOWN_AS = [
+    (R.MISSING, R.UNSENT, R.MISSING),
+    (R.MISSING, R.SENT_MAIN, R.INFLIGHT_MAIN),
+    (R.DISCARDED, R.UNSENT, R.DISCARDED),
+    (R.DISCARDED, R.SENT_MAIN, R.INFLIGHT_MAIN),  # re-sent in the background stream
+    (R.DISCARDED, R.SENT_URGENT_MAIN, R.INFLIGHT_MAIN),  # re-sent on request, vanilla
+    (R.DISCARDED, R.SENT_PREEMPT, R.INFLIGHT_PREEMPT),  # re-sent on request, preempt
+    (R.REQUESTED, R.UNSENT, R.REQUESTED),
+    (R.REQUESTED, R.SENT_URGENT_MAIN, R.INFLIGHT_MAIN),
+    (R.REQUESTED, R.SENT_PREEMPT, R.INFLIGHT_PREEMPT),
+    (R.PRECOPY, R.SENT_MAIN, R.PRECOPY),
+    (R.BACKGROUND, R.SENT_MAIN, R.BACKGROUND),
+    (R.URGENT_MAIN, R.SENT_URGENT_MAIN, R.URGENT_MAIN),
+    (R.URGENT_PREEMPT, R.SENT_PREEMPT, R.URGENT_PREEMPT),
+]
+
+
+@pytest.mark.parametrize("dst, src, code", SHOWN_AS)
+def test_what_each_page_shows_as(dst, src, code):
+    key = pagemap.page_keys(np.array([dst], np.uint8), np.array([src], np.uint8),
+                            np.empty(1, np.uint8))[0]
+    assert R.DISPLAY_NAMES[pagemap.KEY_CODES[key]] == R.DISPLAY_NAMES[code]
+    assert tuple(pagemap.lookup_table()[key]) == pagemap.COLOURS[code]  # the colour drawn
 
 
 def test_a_queued_request_shows_as_requested_whatever_the_source_says():
