@@ -410,6 +410,8 @@ class Destination:
                 raise LoadError(f"CMD_POSTCOPY_RUN in wrong postcopy state "
                                 f"({self._postcopy_state()})")
             self._start_vcpus()
+        elif msg.cmd == wire.MIG_CMD_PING:
+            self._send_rp(wire.rp_message(wire.MIG_RP_MSG_PONG, msg.data))
         elif msg.cmd == wire.MIG_CMD_RECV_BITMAP:
             self._send_rp(wire.recv_bitmap(self.placer.states >= R.PRESENT))
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:

@@ -26,8 +26,7 @@ def test_ram_record_without_payload_carries_no_bytes():
     (wire.ram_header(0, 0, wire.RAM_SAVE_FLAG_PAGE), "flags"),
     (b"\x77", "unknown section"),
     (b"", "empty"),
-    (wire.command(wire.MIG_CMD_POSTCOPY_RUN, b"abcd")[:-1], "bad command"),
-    (wire.command(2, b"abcd"), "bad command 2"),  # MIG_CMD_PING: nothing here sends it
+    (wire.command(wire.MIG_CMD_PING, b"abcd")[:-1], "bad command"),
 ])
 def test_malformed_main_stream_is_a_protocol_error(msg, why):
     with pytest.raises(wire.ProtocolError, match=why):
@@ -51,12 +50,6 @@ def test_page_requests_name_the_block_first_then_not():
     assert first[0] == wire.MIG_RP_MSG_REQ_PAGES_ID and later[0] == wire.MIG_RP_MSG_REQ_PAGES
     assert wire.parse_req_pages(*first) == (2 << 20, 2 << 20)
     assert wire.parse_req_pages(*later) == (4 << 20, 2 << 20)
-
-
-def test_a_pong_on_the_return_path_is_a_protocol_error():
-    # MIG_RP_MSG_PONG answers MIG_CMD_PING, which nothing here sends
-    with pytest.raises(wire.ProtocolError, match="bad return-path message 2"):
-        wire.decode_rp(wire.rp_message(2, b"abcd"))
 
 
 @given(st.binary(max_size=64))
