@@ -27,7 +27,7 @@ from emu.workload import Memory, VCpu, Workload
 FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "normal",
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
-          "break-huge")
+          "break-huge", "pongs")
 SCAN = 1 << 16  # dirty-bitmap window searched at once
 DISCARDS_PER_COMMAND = 4000
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
@@ -290,8 +290,11 @@ class Source:
         for i in range(0, len(runs), DISCARDS_PER_COMMAND):
             ranges = [(s * self.P, n * self.P) for s, n in runs[i:i + DISCARDS_PER_COMMAND]]
             self.main.send([wire.discard_ranges(ranges)])
+        # postcopy_start(): pings 2 and 3 around the device state "help line traces up"
+        self.main.send([wire.ping(2)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
+        self.main.send([wire.ping(3)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RUN)])
         self.board["downtime"] = self.clock.now() - t_stop
         self.resumed.set()  # before the change: a pause right after it clears it again
@@ -539,6 +542,8 @@ class Source:
             self.resume_ack.set()
         elif kind == wire.MIG_RP_MSG_SHUT:
             self.shut.set()
+        elif kind == wire.MIG_RP_MSG_PONG:
+            self.board.add("pongs", 1)  # QEMU traces it: source_return_path_thread_pong
 
 
 def _runs(pages: np.ndarray) -> list[tuple[int, int]]:

@@ -99,6 +99,12 @@ def command(cmd: int, data: bytes = b"") -> bytes:
     return _CMD.pack(QEMU_VM_COMMAND, cmd, len(data)) + data
 
 
+def ping(value: int) -> bytes:
+    """MIG_CMD_PING (qemu_savevm_send_ping): the destination answers with a PONG of the same
+    32-bit value, so a trace shows how far the other side has read."""
+    return command(MIG_CMD_PING, value.to_bytes(4, "big"))
+
+
 def ram_header(offset: int, npages: int, flags: int) -> bytes:
     return _RAM.pack(QEMU_VM_SECTION_PART, offset, npages, flags)
 

@@ -6,7 +6,9 @@ Every assertion is on emulated time, counts and memory contents, never on wall-c
 import numpy as np
 import pytest
 
+from emu.controller import Run
 from emu.metrics import FAULT_DTYPE
+from tests.conftest import config
 
 
 def assert_completed(result):
@@ -124,3 +126,12 @@ def test_break_huge_interrupts_huge_pages_only_when_on(run_migration):
     for result in (on, off):
         assert_postcopy(result)
         assert result["requests"]["urgent-main"] == 0  # preempt: urgent pages never on main
+
+
+def test_the_source_pings_around_the_device_state_as_qemu():
+    """postcopy_start() sends PING 2 before POSTCOPY_LISTEN and PING 3 before POSTCOPY_RUN; the
+    destination answers each on the return path."""
+    with Run(config(workload__pattern="ab")) as run:
+        run.wait()
+        assert run.ok
+        assert run.board("source")["pongs"] == 2
