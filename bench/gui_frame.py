@@ -25,11 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
-from emu import ram as R  # noqa: E402
 from emu.config import load_config  # noqa: E402
-from gui.app import WINDOW_SIZE, application  # noqa: E402
+from emu.migration import ram as R  # noqa: E402
+from gui._qt.app import WINDOW_SIZE, application  # noqa: E402
+from gui._qt.window import TICK_MS, QtMainWindow  # noqa: E402
 from gui.synthetic import SyntheticSession  # noqa: E402
-from gui.window import TICK_MS, QtMainWindow  # noqa: E402
 
 PAGE = 4096
 BACKGROUND_PER_FRAME = 1200  # 10 Gbit/s at time-scale 0.1, 25 frames a second

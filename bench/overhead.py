@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from emu import metrics, model
 from emu.config import load_config
 from emu.controller import Run
+from emu.figures import metrics, model
 
 
 def measure(cfg) -> dict:

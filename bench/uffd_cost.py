@@ -38,9 +38,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this tree's emu
 
 from emu import uffd as U  # noqa: E402
-from emu.destination import DestMemory  # noqa: E402
-from emu.placement import MAIN, Placer  # noqa: E402
-from emu.wire import RamRecord  # noqa: E402
+from emu.migration.destination import DestMemory  # noqa: E402
+from emu.migration.placement import MAIN, Placer  # noqa: E402
+from emu.migration.wire import RamRecord  # noqa: E402
 
 PAGE = U.PAGE
 HUGE = 2 << 20
@@ -134,7 +134,7 @@ def uffd_other_process(page: int, count: int) -> dict:
     return summary(times)
 
 
-# ---- the emulated backend, as emu/destination.py and emu/placement.py do it ----
+# ---- the emulated backend, as emu/migration/destination.py and placement.py do it ----
 
 def emulated(page: int, count: int) -> dict:
     tpp = page // PAGE

@@ -8,9 +8,10 @@ import signal
 import sys
 from contextlib import nullcontext
 
-from emu import metrics, signals
-from emu.config import ConfigError, load_config
-from emu.report import integrity_text
+from emu import signals
+from emu.config import Config, ConfigError, load_config
+from emu.figures import metrics
+from emu.figures.report import integrity_text
 from emu.units import format_duration, format_rate, format_size
 
 
@@ -115,7 +116,7 @@ def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     return cmd
 
 
-def cmd_run(args, cfg) -> int:
+def cmd_run(args, cfg: Config) -> int:
     from emu.controller import migrate
 
     faults, recover_after = _faults_and_recovery(args, cfg)
@@ -133,8 +134,8 @@ def cmd_run(args, cfg) -> int:
     return 0 if result["status"] == "completed" and result["integrity"]["ok"] else 1
 
 
-def cmd_predict(args, cfg) -> int:
-    from emu import model
+def cmd_predict(args, cfg: Config) -> int:
+    from emu.figures import model
 
     try:
         pred = model.predict(cfg)
@@ -153,15 +154,15 @@ def cmd_predict(args, cfg) -> int:
     return 0
 
 
-def cmd_bench(args, cfg) -> int:
-    from emu import seedtable
+def cmd_bench(args, cfg: Config) -> int:
+    from emu.figures import seedtable
 
     return seedtable.main(args.quick, args.json)
 
 
-def cmd_gui(args, cfg) -> int:
+def cmd_gui(args, cfg: Config) -> int:
     try:
-        from gui.app import main as gui_main
+        from gui._qt.app import main as gui_main
     except ImportError as err:
         if isinstance(err, ModuleNotFoundError) or ".so" not in str(err):
             raise  # not the dynamic loader's word on a library
@@ -174,19 +175,19 @@ def cmd_gui(args, cfg) -> int:
     return gui_main(cfg, args)
 
 
-def cmd_side(args, cfg) -> int:
-    from emu import standalone
+def cmd_side(args, cfg: Config) -> int:
+    from emu.qmp import programs
 
-    return standalone.run_side(args.command, args, cfg)
-
-
-def cmd_link(args, cfg) -> int:
-    from emu import standalone
-
-    return standalone.run_link(args, cfg)
+    return programs.run_side(args.command, args, cfg)
 
 
-def _faults_and_recovery(args, cfg):
+def cmd_link(args, cfg: Config) -> int:
+    from emu.qmp import programs
+
+    return programs.run_link(args, cfg)
+
+
+def _faults_and_recovery(args, cfg: Config):
     from emu import faults
     from emu.units import parse_duration
 
@@ -241,7 +242,7 @@ def _how_far(reached: dict) -> str:
             f"resolved, {reached['present']:.1%} of the pages on the destination")
 
 
-def summary(result: dict, cfg) -> str:
+def summary(result: dict, cfg: Config) -> str:
     qm, lat = result["query-migrate"], result["latency"]
     mode = "vanilla postcopy"
     if cfg["migration.postcopy-preempt"]:

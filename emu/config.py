@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emu.migration.ram import TARGET_PAGE
 from emu.units import (
     TooLarge,
     clip,
@@ -33,7 +34,6 @@ from emu.units import (
     quote,
 )
 
-TARGET_PAGE_SIZE = 4096  # QEMU's target page: the unit of RAM records on the wire
 SCENARIO_DIR = Path(__file__).resolve().parent.parent / "assets" / "scenarios"
 FAULTS = "faults"  # top-level [[faults]] array, stored raw and checked by its own module
 PATH_SHOWN = 300  # characters of a file name an error shows (a value: units.ECHO_LIMIT)
@@ -367,9 +367,9 @@ def _check_together(values: Mapping[str, Any]) -> None:
             f"(got {format_size(ram)})"
         )
     # Each vCPU works on its own share of the target pages, so it needs at least one.
-    if values["guest.vcpus"] > ram // TARGET_PAGE_SIZE:
+    if values["guest.vcpus"] > ram // TARGET_PAGE:
         raise ConfigError(
-            f"guest.vcpus: must be at most guest.ram / 4KiB = {ram // TARGET_PAGE_SIZE} "
+            f"guest.vcpus: must be at most guest.ram / 4KiB = {ram // TARGET_PAGE} "
             f"(got {values['guest.vcpus']})"
         )
 
@@ -433,7 +433,7 @@ class Config(Mapping[str, Any]):
     @property
     def target_pages_per_host_page(self) -> int:
         """How many 4 KiB target pages (wire records) make one host page."""
-        return self.page_size // TARGET_PAGE_SIZE
+        return self.page_size // TARGET_PAGE
 
 
 def _parse_sets(sets: Sequence[str]) -> dict[str, str]:

@@ -17,15 +17,18 @@ from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
 
-from emu import destination, link, shm, signals, source
+from emu import shm, signals
+from emu.board import Board
+from emu.child import child_main
 from emu.clock import Clock
+from emu.config import Config
 from emu.faults import Fault
-from emu.metrics import FaultRing
-from emu.page_requests import PageRequestQueue
-from emu.process import child_main
+from emu.figures.metrics import FaultRing
+from emu.migration import destination, source
+from emu.migration.page_requests import PageRequestQueue
+from emu.migration.states import FINAL, refusal_text
+from emu.net import link
 from emu.shm import Segments
-from emu.states import FINAL, refusal_text
-from emu.status import Board
 from emu.units import format_size
 
 ROLES = ("source", "destination", "network")
@@ -40,7 +43,7 @@ class RunError(RuntimeError):
     pass
 
 
-def layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
+def layout(role: str, cfg: Config) -> dict[str, tuple[int, bool]]:
     """The shared memory one engine child works on: name -> (bytes, allocated now). A guest
     RAM without emulator.payload is never written: it stays sparse."""
     npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
@@ -56,7 +59,7 @@ def layout(role: str, cfg) -> dict[str, tuple[int, bool]]:
     return {"relay-board": (Board.nbytes(link.FIELDS), True)}
 
 
-def plan(cfg, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
+def plan(cfg: Config, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
     """Every segment of a program running these roles' engines, with its clock; checked
     with check_room() before the first one is made."""
     segments = {"clock": (Clock.NBYTES, True)}
@@ -65,7 +68,7 @@ def plan(cfg, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
     return segments
 
 
-def check_room(cfg, roles: tuple[str, ...]) -> None:
+def check_room(cfg: Config, roles: tuple[str, ...]) -> None:
     """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit."""
     ram = format_size(cfg["guest.ram"])
     rams = sum(role != "network" for role in roles) if cfg["emulator.payload"] else 0
@@ -75,7 +78,8 @@ def check_room(cfg, roles: tuple[str, ...]) -> None:
 
 
 class Run:
-    def __init__(self, cfg, faults: list[Fault] = (), recover_after: float | None = 0.2) -> None:
+    def __init__(self, cfg: Config, faults: list[Fault] = (),
+                 recover_after: float | None = 0.2) -> None:
         """faults: what to break during postcopy; recover_after: emulated seconds after a
         pause before recovering (migrate-recover + migrate resume), None = leave it paused."""
         self.cfg = cfg
@@ -410,10 +414,10 @@ class Run:
             self.status[role] = "failed"
 
 
-def migrate(cfg, progress=None, faults: list[Fault] = (),
+def migrate(cfg: Config, progress=None, faults: list[Fault] = (),
             recover_after: float | None = 0.2) -> dict:
     """Run one migration to the end and return its report (see report.build)."""
-    from emu import report
+    from emu.figures import report
 
     started = time.monotonic()
     run = None

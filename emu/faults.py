@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from emu.config import ConfigError
+from emu.config import Config, ConfigError
 from emu.units import parse_duration, quote
 
 ACTIONS = ("cut", "corrupt", "pause")
@@ -84,6 +84,6 @@ def _when(at, where: str) -> float | str:
     return seconds
 
 
-def from_config(cfg, extra: list[str] = ()) -> list[Fault]:
+def from_config(cfg: Config, extra: list[str] = ()) -> list[Fault]:
     faults = [check(entry, f"faults[{i}]") for i, entry in enumerate(cfg["faults"])]
     return faults + [parse(text) for text in extra]

@@ -3,7 +3,7 @@
 The grid does not hold display codes but page keys, (destination state << 2) | source state:
 two byte-wide numpy passes over the published arrays, and the image's 256-entry lookup table
 turns each key into the colour of its display code. The key -> code table is computed once
-with the engine's own emu.ram.display_states, so the engine stays the one definition.
+with the engine's own emu.migration.ram.display_states, so the engine stays the one definition.
 
 Plain numpy, no Qt: the bitmap widget draws what this module computes.
 """
@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from emu import ram as R
+from emu.migration import ram as R
 
 SRC_BITS = 2  # source states UNSENT .. SENT_PREEMPT fit in two bits
 NDST = len(R.DEST_STATE_NAMES)

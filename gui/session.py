@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emu import metrics, report
-from emu import ram as R
 from emu.config import Config
 from emu.controller import Run
 from emu.faults import from_config as scenario_faults
-from emu.page_requests import read_published
+from emu.figures import metrics, report
+from emu.migration import ram as R
+from emu.migration.page_requests import read_published
 from gui import pagemap
 
 # Phases of a session, in order; "completed" and "failed" are final.
@@ -125,7 +125,7 @@ class Session:
         self.run: Run | None = None
         self.phase = IDLE
         self.faults = FaultLog()
-        self.report: dict | None = None  # emu.report.build() once the run has ended
+        self.report: dict | None = None  # emu.figures.report.build() once the run has ended
         self.scale = cfg["emulator.time-scale"]
         self.paused = False
         self._worker: threading.Thread | None = None

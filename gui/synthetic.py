@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu import destination, link, metrics, report, source
-from emu import ram as R
 from emu.config import Config
+from emu.figures import metrics, report
+from emu.migration import destination, source
+from emu.migration import ram as R
+from emu.net import link
 from gui.session import (
     COMPLETED,
     FAILED,

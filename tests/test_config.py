@@ -8,12 +8,12 @@ from emu import config
 from emu.config import (
     KEYS,
     SECTIONS,
-    TARGET_PAGE_SIZE,
     Config,
     ConfigError,
     load_config,
     scenario_names,
 )
+from emu.migration.ram import TARGET_PAGE
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 2**20
@@ -60,7 +60,7 @@ def test_derived_helpers():
     cfg = load_config(None, ["guest.page-size=2MiB", "guest.ram=64MiB"])
     assert cfg.page_size == 2 * MiB
     assert cfg.npages == 32
-    assert cfg.target_pages_per_host_page == 2 * MiB // TARGET_PAGE_SIZE == 512
+    assert cfg.target_pages_per_host_page == 2 * MiB // TARGET_PAGE == 512
     assert load_config().target_pages_per_host_page == 1
 
 

@@ -2,15 +2,17 @@
 own configuration, and a load that does not fit fails the incoming migration, as QEMU's does
 ("load of migration failed: ..."), instead of starting threads the source asked for.
 
-These tests speak the wire protocol (emu/wire.py) straight to a destination in this process.
+These tests speak the wire protocol (emu/migration/wire.py) straight to a destination in this
+process.
 """
 
 import struct
 
 import pytest
 
-from emu import channel, wire
-from emu.workload import MAX_POS
+from emu.migration import wire
+from emu.migration.workload import MAX_POS
+from emu.net import channel
 from tests.wire_peer import closed, destination, frame, peer, read_frame
 
 

@@ -4,7 +4,8 @@ whose engine died does not run on around it."""
 import os
 import signal
 
-from emu import channel, wire
+from emu.migration import wire
+from emu.net import channel
 from tests.test_cleanup import _cmdline, alive, children, segments, wait_for
 from tests.test_qmp_migration import start, stranger, where  # noqa: F401 (a fixture)
 from tests.wire_peer import closed, frame

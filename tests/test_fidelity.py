@@ -1,4 +1,4 @@
-"""The emulator against the analytical model (emu/model.py, docs/concepts.md "The latency
+"""The emulator against the analytical model (emu/figures/model.py, docs/concepts.md "The latency
 model").
 
 In controlled scenarios the mean emulated latency of the faults the model describes lies within
@@ -35,11 +35,11 @@ fails, lag or not.
 import numpy as np
 import pytest
 
-from emu import report
 from emu.config import load_config
 from emu.controller import Run, migrate
-from emu.model import predict
-from emu.ram import SENT_URGENT_MAIN
+from emu.figures import report
+from emu.figures.model import predict
+from emu.migration.ram import SENT_URGENT_MAIN
 
 TOLERANCE = 0.15
 MIN_FAULTS = 25  # below this the mean of r's spread is too noisy to compare

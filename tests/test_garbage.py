@@ -7,10 +7,11 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emu import channel, wire
-from emu import ram as R
-from emu.channel import ChannelError, Endpoint
-from emu.placement import MAIN, Placer
+from emu.migration import ram as R
+from emu.migration import wire
+from emu.migration.placement import MAIN, Placer
+from emu.net import channel
+from emu.net.channel import ChannelError, Endpoint
 
 
 @settings(max_examples=200, deadline=None)

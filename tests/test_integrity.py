@@ -5,13 +5,13 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from emu import integrity
-from emu.integrity import (
-    TARGET_PAGE_SIZE,
+from emu.figures import integrity
+from emu.figures.integrity import (
     check_increments,
     check_rest,
     check_step,
 )
+from emu.migration.ram import TARGET_PAGE
 
 
 def _qemu_bad_count(values: list[int]) -> int:
@@ -144,31 +144,31 @@ def test_check_increments_matches_python(rows):
 
 
 def _ram(npages: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, npages * TARGET_PAGE_SIZE, np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, npages * TARGET_PAGE, np.uint8)
 
 
-@pytest.mark.parametrize("skip", [0, 1, 5, 8, 64, 100, TARGET_PAGE_SIZE])
+@pytest.mark.parametrize("skip", [0, 1, 5, 8, 64, 100, TARGET_PAGE])
 def test_check_rest_ignores_only_skipped_bytes(skip):
     src = _ram(16)
     dst = src.copy()
-    pages = dst.reshape(-1, TARGET_PAGE_SIZE)
+    pages = dst.reshape(-1, TARGET_PAGE)
     pages[:, :skip] ^= 0xFF  # vCPU-written bytes may differ anywhere
-    corrupt = {3: skip, 7: TARGET_PAGE_SIZE - 1, 9: (skip + 7) | 7, 12: skip + 1}
+    corrupt = {3: skip, 7: TARGET_PAGE - 1, 9: (skip + 7) | 7, 12: skip + 1}
     for page, offset in corrupt.items():
-        if offset < TARGET_PAGE_SIZE:
+        if offset < TARGET_PAGE:
             pages[page, offset] ^= 1
-    expected = sorted(p for p, off in corrupt.items() if skip <= off < TARGET_PAGE_SIZE)
+    expected = sorted(p for p, off in corrupt.items() if skip <= off < TARGET_PAGE)
     assert check_rest(dst, src, skip).tolist() == expected
 
 
-@given(st.sets(st.integers(0, 20 * TARGET_PAGE_SIZE - 1), max_size=10), st.integers(0, 70))
+@given(st.sets(st.integers(0, 20 * TARGET_PAGE - 1), max_size=10), st.integers(0, 70))
 def test_check_rest_across_chunks(offsets, skip):
     src = _ram(20, seed=1)
     dst = src.copy()
     for off in offsets:
         dst[off] ^= 0x80
     expected = sorted(
-        {off // TARGET_PAGE_SIZE for off in offsets if off % TARGET_PAGE_SIZE >= skip}
+        {off // TARGET_PAGE for off in offsets if off % TARGET_PAGE >= skip}
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(integrity, "_CHUNK_PAGES", 3)  # chunk edges fall inside the test RAM

@@ -5,11 +5,11 @@ import threading
 
 import pytest
 
-from emu import channel, link, uri
-from emu.channel import Endpoint
+from emu.board import Board
 from emu.clock import Clock
-from emu.link import FIELDS, Bottleneck, Relay
-from emu.status import Board
+from emu.net import channel, link, uri
+from emu.net.channel import Endpoint
+from emu.net.link import FIELDS, Bottleneck, Relay
 
 
 def test_one_connection_gets_the_whole_bandwidth():

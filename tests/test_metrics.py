@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from emu.metrics import (
+from emu.figures.metrics import (
     CHANNELS,
     FAULT_DTYPE,
     FaultRing,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from emu.controller import Run
-from emu.metrics import FAULT_DTYPE
+from emu.figures.metrics import FAULT_DTYPE
 from tests.conftest import config
 
 

@@ -1,13 +1,14 @@
-"""The analytical latency model (emu/model.py): its terms, their shape, and the inputs it reads
-off a scenario. Pure arithmetic: no migration runs here (tests/test_fidelity.py runs them)."""
+"""The analytical latency model (emu/figures/model.py): its terms, their shape, and the inputs it
+reads off a scenario. Pure arithmetic: no migration runs here (tests/test_fidelity.py runs them)."""
 
 import json
 
 import pytest
 
-from emu import cli, model
+from emu import cli
 from emu.config import load_config
-from emu.model import MODES, Inputs, latency_terms, predict, predict_all
+from emu.figures import model
+from emu.figures.model import MODES, Inputs, latency_terms, predict, predict_all
 
 TEN_GBIT = 1.25e9  # bytes/s
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30

@@ -1,4 +1,4 @@
-from emu.page_requests import SHOWN, PageRequestQueue, read_published
+from emu.migration.page_requests import SHOWN, PageRequestQueue, read_published
 
 
 def test_fifo_and_published_view():

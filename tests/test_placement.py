@@ -5,9 +5,9 @@ import threading
 import numpy as np
 import pytest
 
-from emu import ram as R
-from emu import wire
-from emu.placement import MAIN, PREEMPT, Placer
+from emu.migration import ram as R
+from emu.migration import wire
+from emu.migration.placement import MAIN, PREEMPT, Placer
 
 HUGE = 2 << 20
 TPP = HUGE // R.TARGET_PAGE

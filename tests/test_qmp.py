@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from emu.qmp import QmpClient, QmpError, QmpServer
+from emu.qmp.protocol import QmpClient, QmpError, QmpServer
 
 GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 7}, '
             b'"package": "postcopy-emu"}, "capabilities": []}}\r\n')

@@ -17,9 +17,10 @@ import time
 import numpy as np
 import pytest
 
-from emu import channel, replay
 from emu.controller import Run
-from emu.qmp import QmpClient, QmpError
+from emu.figures import integrity
+from emu.net import channel
+from emu.qmp.protocol import QmpClient, QmpError
 from tests.conftest import PATIENCE, as_from_a_terminal, config
 from tests.test_cleanup import alive, children, segments, wait_for
 
@@ -392,9 +393,9 @@ def test_the_replayed_memory_check_sees_what_the_source_held():
         assert run.ok, run.errors
         dst = np.frombuffer(run.dst_ram, np.uint8)
         report = run.reports["destination"]
-        assert replay.check(cfg, dst, run.dst_states, report)["ok"]
+        assert integrity.check_replayed(cfg, dst, run.dst_states, report)["ok"]
         dst[77 * 4096 + 2000] ^= 1
-        result = replay.check(cfg, dst, run.dst_states, report)
+        result = integrity.check_replayed(cfg, dst, run.dst_states, report)
         assert not result["ok"] and result["first-bad"] == [77]
 
 

@@ -36,7 +36,8 @@ def loaded(module: str) -> dict:
 def test_no_emu_module_imports_qt():
     result = loaded("emu")
     assert Path(result["file"]).is_relative_to(ROOT)  # this checkout, not an installed copy
-    assert {"emu.source", "emu.destination", "emu.link", "emu.cli"} <= set(result["modules"])
+    assert {"emu.migration.source", "emu.migration.destination", "emu.net.link",
+            "emu.cli"} <= set(result["modules"])
     assert result["qt"] == []
 
 
@@ -46,5 +47,5 @@ def test_the_windows_models_import_no_qt():
 
 
 def test_the_probe_sees_qt_where_there_is_some():
-    qt = loaded("gui.window")["qt"]
+    qt = loaded("gui._qt.window")["qt"]
     assert {"PySide6", "shiboken6", "pyqtgraph"} <= set(qt)

@@ -1,6 +1,6 @@
 """The seed-table bench's rules (the bench itself runs for minutes: `postcopy-emu bench`)."""
 
-from emu import seedtable
+from emu.figures import seedtable
 
 
 def test_every_cell_comes_from_the_one_preset_with_only_page_and_mode_changed():

@@ -20,7 +20,7 @@ import pytest
 
 from emu import signals
 from emu.controller import Run
-from emu.qmp import QmpClient
+from emu.qmp.protocol import QmpClient
 from tests.conftest import config
 from tests.test_cleanup import alive, children, segments, wait_for
 

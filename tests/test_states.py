@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from emu import controller, destination, source, wire
+from emu import controller
 from emu.controller import Run, migrate
 from emu.faults import Fault, parse
-from emu.states import StateLog, after_failure, refusal_text
+from emu.migration import destination, source, wire
+from emu.migration.states import StateLog, after_failure, refusal_text
 from tests.conftest import config
 from tests.test_recovery import assert_recovered, statuses
 

@@ -12,9 +12,11 @@ import time
 import numpy as np
 import pytest
 
-from emu import channel, report, wire
-from emu import destination as D
 from emu.controller import Run
+from emu.figures import report
+from emu.migration import destination as D
+from emu.migration import wire
+from emu.net import channel
 from tests.conftest import config
 from tests.wire_peer import closed, destination, frame, peer, read_frame
 

@@ -15,8 +15,8 @@ import tempfile
 
 import pytest
 
-from emu import uri
-from emu.qmp import QmpClient, QmpServer
+from emu.net import uri
+from emu.qmp.protocol import QmpClient, QmpServer
 from tests import test_qmp_migration as qm
 from tests.test_cleanup import alive, children, wait_for
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from emu import wire
+from emu.migration import wire
 
 
 def test_ram_record_round_trip_with_payload():

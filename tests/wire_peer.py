@@ -1,4 +1,4 @@
-"""Speaking the wire protocol (emu/wire.py) straight to a destination in this process."""
+"""Speaking the wire protocol (emu/migration/wire.py) straight to a destination in this process."""
 
 import contextlib
 import os
@@ -6,11 +6,11 @@ import queue
 import socket
 import tempfile
 
-from emu import channel
-from emu import destination as D
+from emu.board import Board
 from emu.clock import Clock
-from emu.metrics import FaultRing
-from emu.status import Board
+from emu.figures.metrics import FaultRing
+from emu.migration import destination as D
+from emu.net import channel
 from tests.conftest import config
 
 WAIT = 10  # real seconds: generous, for a loaded machine

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from emu.metrics import summarize
+from emu.figures.metrics import summarize
 from emu.qemu import guest, traces
 from emu.qemu.env import QEMU, available, memory_shortfall
-from emu.qmp import QmpClient, QmpError
+from emu.qmp.protocol import QmpClient, QmpError
 
 MODES = ("vanilla", "preempt", "preempt-no-break-huge")
 MACHINE = "pc"

@@ -10,7 +10,7 @@ os.environ["QT_QPA_PLATFORM"] = "offscreen"
 import pytest  # noqa: E402
 
 from emu.config import load_config  # noqa: E402
-from gui.qtfix import guard_singletons  # noqa: E402
+from gui._qt.qtfix import guard_singletons  # noqa: E402
 
 guard_singletons()
 
@@ -34,8 +34,8 @@ def small_config(**sets: str):
 @pytest.fixture
 def make_window(qtbot):
     """make_window(cfg) -> a shown QtMainWindow, closed (and its run stopped) afterwards."""
-    from gui.app import application
-    from gui.window import QtMainWindow
+    from gui._qt.app import application
+    from gui._qt.window import QtMainWindow
 
     application()  # the style the real window gets
     windows = []

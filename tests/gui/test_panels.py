@@ -4,8 +4,8 @@ timing; each test says what happened to which page and reads what the panels sho
 import pytest
 from PySide6 import QtCore
 
-from emu import ram as R
-from gui import style
+from emu.migration import ram as R
+from gui._qt import style
 from gui.session import IDLE
 from gui.synthetic import SyntheticSession
 from tests.gui.conftest import small_config

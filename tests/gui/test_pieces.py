@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 
-from emu import metrics
-from emu import ram as R
+from emu.figures import metrics
+from emu.migration import ram as R
 from gui import pagemap
-from gui.controls import slider_to_scale
-from gui.latency import bucket_label
-from gui.pointraster import stamp
+from gui._qt.pointraster import stamp
+from gui.labels import bucket_label, slider_to_scale
 from gui.session import FaultLog
 
 

@@ -3,8 +3,8 @@ panels show is tested without processes, in test_panels.py."""
 
 import os
 
-from emu import ram as R
-from gui.app import screenshot
+from emu.migration import ram as R
+from gui._qt.app import screenshot
 from gui.session import COMPLETED, IDLE, RUNNING
 from tests.gui.conftest import small_config
 
@@ -122,7 +122,7 @@ def _all_gone(pids: list[int]) -> None:
 
 
 def test_screenshot_saves_the_window_mid_migration(make_window, qtbot, tmp_path):
-    from gui.app import application
+    from gui._qt.app import application
 
     window = make_window(small_config(emulator__time_scale="0.2"))
     path = tmp_path / "shot.png"

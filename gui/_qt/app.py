@@ -12,9 +12,9 @@ from PySide6 import QtCore, QtWidgets
 
 from emu.config import SCENARIO_DIR, Config, ConfigError, load_config, scenario_names
 from gui import display
-from gui.qtfix import guard_singletons
-from gui.style import STYLE_SHEET
-from gui.window import QtMainWindow
+from gui._qt.qtfix import guard_singletons
+from gui._qt.style import STYLE_SHEET
+from gui._qt.window import QtMainWindow
 
 # The window opens on this preset when no scenario is given: slow enough to watch.
 WINDOW_PRESET = "classroom"

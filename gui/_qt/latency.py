@@ -13,9 +13,10 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
-from emu import metrics
-from gui import style
-from gui.pointraster import QtPointRaster
+from emu.figures import metrics
+from gui._qt import style
+from gui._qt.pointraster import QtPointRaster
+from gui.labels import bucket_label
 from gui.session import BUCKETS, RUNNING, FaultLog, Snapshot
 
 DASH = QtCore.Qt.PenStyle.DashLine
@@ -23,14 +24,6 @@ FLOOR_S = 1e-6  # latencies are drawn no lower than 1 us (a log scale has no zer
 PREVIOUS_POINTS = (175, 175, 175)  # the previous run's points: light, under this run's
 X_END = 0.5  # emulated seconds shown at first
 Y_RANGE = (-2.0, 2.0)  # log10(ms): 10 us to 100 ms, widened to fit every point
-
-
-def bucket_label(n: int) -> str:
-    """Lower edge of bucket n: 2^n us, written 1us .. 512us, 1ms .. 512ms, 1s .."""
-    for unit, shift in (("s", 20), ("ms", 10)):
-        if n >= shift:
-            return f"{1 << (n - shift)}{unit}"
-    return f"{1 << n}us"
 
 
 def _log_ms(latency_s: np.ndarray) -> np.ndarray:

@@ -12,9 +12,10 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore
 
-# A dot of radius R = 2 pixels: a 5 x 5 square without its corners.
-R = 2
-DOT = [(dy, dx) for dy in range(-R, R + 1) for dx in range(-R, R + 1) if abs(dy) + abs(dx) < 4]
+# A dot of radius RADIUS = 2 pixels: a 5 x 5 square without its corners.
+RADIUS = 2
+_SPAN = range(-RADIUS, RADIUS + 1)
+DOT = [(dy, dx) for dy in _SPAN for dx in _SPAN if abs(dy) + abs(dx) < 4]
 
 
 def stamp(image: np.ndarray, view: tuple[float, float, float, float], x: np.ndarray,
@@ -28,14 +29,14 @@ def stamp(image: np.ndarray, view: tuple[float, float, float, float], x: np.ndar
     """
     rows, cols = image.shape[:2]
     x0, x1, y0, y1 = view
-    col = np.floor((x - x0) / (x1 - x0) * cols).astype(np.int64) + R
-    row = np.floor((y - y0) / (y1 - y0) * rows).astype(np.int64) + R
-    hit = np.zeros((rows + 2 * R, cols + 2 * R), bool)  # a margin for dots that spill in
-    near = (row >= 0) & (row < rows + 2 * R) & (col >= 0) & (col < cols + 2 * R)
+    col = np.floor((x - x0) / (x1 - x0) * cols).astype(np.int64) + RADIUS
+    row = np.floor((y - y0) / (y1 - y0) * rows).astype(np.int64) + RADIUS
+    hit = np.zeros((rows + 2 * RADIUS, cols + 2 * RADIUS), bool)  # a margin for dots that spill in
+    near = (row >= 0) & (row < rows + 2 * RADIUS) & (col >= 0) & (col < cols + 2 * RADIUS)
     hit[row[near], col[near]] = True
     dots = np.zeros((rows, cols), bool)
     for dy, dx in DOT:
-        dots |= hit[R - dy:R - dy + rows, R - dx:R - dx + cols]
+        dots |= hit[RADIUS - dy:RADIUS - dy + rows, RADIUS - dx:RADIUS - dx + cols]
     pixels = image.view(np.uint32).reshape(rows, cols)  # one store per pixel
     pixels[dots] = np.array(rgba, np.uint8).view(np.uint32)[0]
 

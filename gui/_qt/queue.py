@@ -11,7 +11,7 @@ from __future__ import annotations
 from PySide6 import QtCore, QtWidgets
 
 from emu.config import Config
-from gui import style
+from gui._qt import style
 from gui.session import Snapshot
 
 SHOWN = 2  # pages listed per row; the rest are counted

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from PySide6 import QtWidgets
 
-from emu import ram as R
+from emu.migration import ram as R
 from gui import pagemap
 
 # A channel's colour is the colour of the pages it delivered on demand, in every panel.

@@ -1,7 +1,7 @@
 """QEMU's migration commands over QMP, for one side of a migration run as its own program.
 
-`postcopy-emu source` and `postcopy-emu destination` each serve a QMP monitor (emu/qmp.py)
-whose commands drive the side's one engine child (emu/standalone.py) the way QEMU's monitor
+`postcopy-emu source` and `postcopy-emu destination` each serve a QMP monitor (emu/qmp/protocol.py)
+whose commands drive the side's one engine child (emu/qmp/programs.py) the way QEMU's monitor
 drives its migration code: the argument names, reply shapes, events and error texts are QEMU's
 (migration/migration.c, migration/options.c, system/runstate.c, qapi/migration.json). Both
 programs answer every command, as QEMU is one binary: `migrate-incoming` on a source says
@@ -23,10 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from emu import faults, metrics, replay, report, source, states
-from emu import uri as uris
-from emu.qmp import QmpError, QmpServer
-from emu.status import Board
+from emu import faults
+from emu.board import Board
+from emu.config import Config
+from emu.figures import integrity, metrics, report
+from emu.migration import source, states
+from emu.net import uri as uris
+from emu.qmp.protocol import QmpError, QmpServer
 
 # MigrationCapability of QEMU 7.1 (qapi/migration.json), in its order
 QEMU_CAPABILITIES = (
@@ -56,7 +59,7 @@ LISTEN_TIMEOUT = 30.0  # real seconds for a freshly spawned child to listen (it 
 class Monitor:
     """The QMP commands of one side; `engine` is that side's standalone.Engine."""
 
-    def __init__(self, role: str, cfg, engine, on_quit: Callable[[], None],
+    def __init__(self, role: str, cfg: Config, engine, on_quit: Callable[[], None],
                  log: Callable[..., None] = lambda text, always=False: None) -> None:
         """log(text, always=False): a line for stderr, shown with --trace or when `always`."""
         self.role = role
@@ -425,14 +428,15 @@ class Monitor:
         return {key: full[key] for key in DESTINATION_FIELDS}
 
     def query_integrity(self) -> dict:
-        """x-query-integrity: the memory check after an incoming migration (emu/replay.py)."""
+        """x-query-integrity: the memory check after an incoming migration
+        (emu/figures/integrity.py, check_replayed)."""
         if self.status != "completed" or not self.reported.wait(5):
             raise QmpError(f"The memory check needs a completed incoming migration "
                            f"(status: {self.status})")
         if self.integrity is None:
             ram = np.frombuffer(self.engine.segments.buf("dst-ram"), np.uint8)
             page_states = np.frombuffer(self.engine.segments.buf("dst-states"), np.uint8)
-            self.integrity = replay.check(self.final_cfg, ram, page_states, self.report)
+            self.integrity = integrity.check_replayed(self.final_cfg, ram, page_states, self.report)
         return self.integrity
 
 

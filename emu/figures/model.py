@@ -62,9 +62,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from emu import wire
-from emu.config import TARGET_PAGE_SIZE, Config
-from emu.source import Pacer
+from emu.config import Config
+from emu.migration import wire
+from emu.migration.ram import TARGET_PAGE
+from emu.migration.source import Pacer
 from emu.units import format_duration, format_rate, format_size
 
 MODES = ("vanilla", "preempt-no-break-huge", "preempt")
@@ -142,12 +143,12 @@ def mode_of(cfg: Config) -> str:
 def _record(cfg: Config) -> int:
     """Payload bytes of one background record: runs of small pages fill a whole chunk."""
     chunk = cfg["emulator.chunk"]
-    return chunk if cfg.page_size == TARGET_PAGE_SIZE else min(chunk, cfg.page_size)
+    return chunk if cfg.page_size == TARGET_PAGE else min(chunk, cfg.page_size)
 
 
 def _unit(cfg: Config, mode: str) -> int:
     """What the migration thread writes on main between two looks at the request queue."""
-    if cfg.page_size == TARGET_PAGE_SIZE or mode == "preempt":
+    if cfg.page_size == TARGET_PAGE or mode == "preempt":
         return _record(cfg)
     return cfg.page_size
 

@@ -13,7 +13,7 @@ size and nesting, the replies it leaves unread before the monitor stops reading 
 it leaves unread before it is dropped, and the number of clients. Unlike QEMU, a malformed
 value gets one error, not one per token, and a number is never echoed as a non-finite one.
 
-    server = QmpServer("unix:/tmp/emu.qmp")
+    server = QmpServer("unix:/tmp/emu.qmp.protocol")
     server.register("migrate", migrate, {"uri": str, "resume": bool}, required={"uri"})
     server.start()
     server.emit("MIGRATION", {"status": "setup"})
@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from emu import uri
+from emu.net import uri
 
 DEFAULT_VERSION: dict = {
     "qemu": {"micro": 0, "minor": 1, "major": 7},
@@ -395,7 +395,7 @@ def _encode(message: dict) -> bytes:
     return json.dumps(message, allow_nan=False).encode("ascii") + b"\r\n"
 
 
-# --- Addresses (emu/uri.py parses them and makes the sockets) -------------------------------
+# --- Addresses (emu/net/uri.py parses them and makes the sockets) -------------------------------
 
 def _is_loopback(host: str) -> bool:
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)

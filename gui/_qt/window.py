@@ -11,12 +11,13 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from emu.config import Config, ConfigError, load_config
 from emu.faults import from_config as scenario_faults
-from gui import style
-from gui.bitmap import QtPageBitmap
-from gui.controls import QtControls
-from gui.counters import QtCounters
-from gui.latency import QtLatencyPlots
-from gui.queue import QtUrgentQueue
+from emu.migration.ram import TARGET_PAGE
+from gui._qt import style
+from gui._qt.bitmap import QtPageBitmap
+from gui._qt.controls import QtControls
+from gui._qt.counters import QtCounters
+from gui._qt.latency import QtLatencyPlots
+from gui._qt.queue import QtUrgentQueue
 from gui.session import COMPLETED, FINAL, IDLE, RUNNING, STARTING, Session
 
 TICK_MS = 40  # 25 Hz: smooth enough to watch, cheap enough for a 2-core machine
@@ -31,9 +32,9 @@ def mode_label(cfg: Config) -> str:
         label = "vanilla postcopy"
     else:
         label = "postcopy-preempt"
-        if cfg.page_size > 4096 and not cfg["migration.x-postcopy-preempt-break-huge"]:
+        if cfg.page_size > TARGET_PAGE and not cfg["migration.x-postcopy-preempt-break-huge"]:
             label += ", break-huge off"
-    if cfg.page_size > 4096:
+    if cfg.page_size > TARGET_PAGE:
         label += f", {style.size(cfg.page_size)} pages"
     return label
 

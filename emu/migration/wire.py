@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from emu.ram import TARGET_PAGE
+from emu.migration.ram import TARGET_PAGE
 
 BLOCK = b"pc.ram"  # our guest has one RAM block, named as QEMU's is
 

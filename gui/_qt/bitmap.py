@@ -14,10 +14,11 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
 
-from emu import ram as R
-from gui import pagemap, style
+from emu.migration import ram as R
+from gui import pagemap
+from gui._qt import style
+from gui._qt.style import swatch
 from gui.session import RUNNING, Snapshot
-from gui.style import swatch
 
 MARKED_MAX = 64  # waiting pages circled at once; more would hide the picture
 
@@ -56,7 +57,7 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._snap: Snapshot | None = None
         self._pin: int | None = None
         self._hover: int | None = None
-        self.reset(1, 4096)
+        self.reset(1, R.TARGET_PAGE)
 
     def _layout(self) -> None:
         grid = QtWidgets.QGridLayout(self)

@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from emu import ram as R
-from emu.wire import ProtocolError, RamRecord
+from emu.migration import ram as R
+from emu.migration.wire import ProtocolError, RamRecord
 
 MAIN, PREEMPT = 0, 1
 

@@ -8,11 +8,10 @@ reaches a running migration; the rest says that it waits for the next run.
 
 from __future__ import annotations
 
-import math
-
 from PySide6 import QtCore, QtWidgets
 
 from emu.config import KEYS, Config, Key, scenario_names
+from gui.labels import SLIDER_END, scale_to_slider, slider_to_scale
 
 # (key, label, suggestions for the editable ones, or for check boxes what they do); bools
 # become check boxes, keys with a fixed choice of values plain combo boxes, and guest.vcpus a
@@ -39,17 +38,6 @@ GROUPS = (
         ("workload.pattern", "workload", ()),
     )),
 )
-SCALE_STEPS = 100  # slider steps per factor of ten
-SCALE_MIN_LOG = -2  # 0.01 emulated s per real s
-SCALE_MAX_LOG = 1  # 10
-
-
-def scale_to_slider(scale: float) -> int:
-    return round((math.log10(scale) - SCALE_MIN_LOG) * SCALE_STEPS)
-
-
-def slider_to_scale(position: int) -> float:
-    return float(f"{10 ** (position / SCALE_STEPS + SCALE_MIN_LOG):.2g}")
 
 
 class QtControls(QtWidgets.QWidget):
@@ -120,7 +108,7 @@ class QtControls(QtWidgets.QWidget):
 
     def _time_group(self) -> QtWidgets.QGroupBox:
         self.scale = QtWidgets.QSlider(QtCore.Qt.Orientation.Horizontal)
-        self.scale.setRange(0, (SCALE_MAX_LOG - SCALE_MIN_LOG) * SCALE_STEPS)
+        self.scale.setRange(0, SLIDER_END)
         self.scale.setToolTip("emulator.time-scale: emulated seconds per real second; "
                               "changes a running migration at once")
         self.scale_label = QtWidgets.QLabel()

@@ -19,11 +19,12 @@ import threading
 import numpy as np
 
 from emu.clock import Clock
-from emu.ram import TARGET_PAGE
+from emu.config import Config
+from emu.migration.ram import TARGET_PAGE
 
 PATTERNS = ("sequential", "random", "stride", "hotset", "ab")
 SLICED = ("sequential", "ab")  # patterns where each vCPU owns a slice and writes byte 0
-BLOCK = 1 << 16  # touches generated at once by the random-like patterns
+TOUCH_BATCH = 1 << 16  # touches generated at once by the random-like patterns
 MAX_BATCH = 4096
 MAX_POS = 1 << 62  # a vCPU's position (touches done) indexes int64 arrays: far beyond any run
 
@@ -31,7 +32,7 @@ MAX_POS = 1 << 62  # a vCPU's position (touches done) indexes int64 arrays: far 
 class Workload:
     """One vCPU's deterministic stream of touches; `pos` counts the touches done so far."""
 
-    def __init__(self, cfg, vcpu: int, pos: int = 0) -> None:
+    def __init__(self, cfg: Config, vcpu: int, pos: int = 0) -> None:
         self.pattern = cfg["workload.pattern"]
         self.vcpu = vcpu
         self.pos = pos
@@ -83,17 +84,17 @@ class Workload:
         return 0
 
     def _random(self, k: np.ndarray) -> np.ndarray:
-        first, last = int(k[0]) // BLOCK, int(k[-1]) // BLOCK
+        first, last = int(k[0]) // TOUCH_BATCH, int(k[-1]) // TOUCH_BATCH
         blocks = np.concatenate([self._block(b) for b in range(first, last + 1)])
-        return blocks[k - first * BLOCK]
+        return blocks[k - first * TOUCH_BATCH]
 
     def _block(self, b: int) -> np.ndarray:
         if b not in self._blocks:
             rng = np.random.default_rng([self.seed, self.vcpu, b])
-            pages = rng.integers(0, self.n, BLOCK)
+            pages = rng.integers(0, self.n, TOUCH_BATCH)
             if self.pattern == "hotset":
-                hot = rng.random(BLOCK) < self.hot_probability
-                pages = np.where(hot, rng.integers(0, self.hot, BLOCK), pages)
+                hot = rng.random(TOUCH_BATCH) < self.hot_probability
+                pages = np.where(hot, rng.integers(0, self.hot, TOUCH_BATCH), pages)
             self._blocks = {k: v for k, v in self._blocks.items() if k >= b - 1}
             self._blocks[b] = pages
         return self._blocks[b]

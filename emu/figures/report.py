@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from emu import integrity, metrics
-from emu.ram import PRESENT, TARGET_PAGE
-from emu.workload import SLICED
+from emu.config import Config
+from emu.figures import integrity, metrics
+from emu.migration.ram import PRESENT, TARGET_PAGE
+from emu.migration.workload import SLICED
 
 LAG_WARN_US = 20.0  # below this average lag the link schedule is as good as exact
 # ok is None, not False: nothing was compared, so nothing is known to be bad
 NOT_CHECKED = {"ok": None, "bad-pages": None, "checked": "not checked: the run did not complete"}
 
 
-def check_memory(cfg, src_ram: np.ndarray, dst_ram: np.ndarray, dst_states: np.ndarray,
+def check_memory(cfg: Config, src_ram: np.ndarray, dst_ram: np.ndarray, dst_states: np.ndarray,
                  dst_report: dict) -> dict:
     """The destination's memory against the source's, the way the workload defines it."""
     missing = np.flatnonzero(dst_states < PRESENT)
@@ -107,7 +108,7 @@ def integrity_text(integrity: dict) -> str:
     return f"{word} ({integrity['checked']}; bad pages {integrity['bad-pages']})"
 
 
-def query_migrate(cfg, status: str, b: dict, faults: np.ndarray, blocktime_ms: float,
+def query_migrate(cfg: Config, status: str, b: dict, faults: np.ndarray, blocktime_ms: float,
                   vcpu_blocktime_ms: list[float]) -> dict:
     """QEMU's query-migrate reply, with its field names and units (times in ms)."""
     total_s = b["total-time"] or 1e-9
@@ -146,7 +147,7 @@ def query_migrate(cfg, status: str, b: dict, faults: np.ndarray, blocktime_ms: f
     return reply
 
 
-def emulator_health(cfg, dst: dict, latency: dict, real_time: float) -> dict:
+def emulator_health(cfg: Config, dst: dict, latency: dict, real_time: float) -> dict:
     """How late the destination got to the frames the link delivered, against their scheduled
     arrival, in emulated time: the relay or the destination falling behind the scaled clock.
     Lag is what this machine could not keep up with; it adds to every latency measured."""

@@ -14,15 +14,17 @@ import time
 
 import numpy as np
 
-from emu import channel, uri, wire
-from emu import ram as R
-from emu.channel import ChannelError, Endpoint
+from emu.board import Board
+from emu.child import start_thread
 from emu.clock import Clock
-from emu.page_requests import PageRequestQueue
-from emu.process import start_thread
-from emu.states import FINAL, StateLog, after_failure, pause_refusal
-from emu.status import Board
-from emu.workload import Memory, VCpu, Workload
+from emu.config import Config
+from emu.migration import ram as R
+from emu.migration import wire
+from emu.migration.page_requests import PageRequestQueue
+from emu.migration.states import FINAL, StateLog, after_failure, pause_refusal
+from emu.migration.workload import Memory, VCpu, Workload
+from emu.net import channel, uri
+from emu.net.channel import ChannelError, Endpoint
 
 FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "normal",
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
@@ -73,7 +75,7 @@ class SourceMemory(Memory):
 
 
 class Source:
-    def __init__(self, control, bufs: dict, cfg) -> None:
+    def __init__(self, control, bufs: dict, cfg: Config) -> None:
         self.control = control
         self.cfg = cfg
         self.clock = Clock(bufs["clock"])
@@ -556,7 +558,7 @@ def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
     return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
-def main(control, bufs: dict, cfg) -> None:
+def main(control, bufs: dict, cfg: Config) -> None:
     src = Source(control, bufs, cfg)
     control.serve({"migrate": src.migrate, "migrate-resume": src.resume,
                    "migrate-pause": src.pause, "migrate-start-postcopy": src.start_postcopy,

@@ -1,7 +1,7 @@
 """The standalone programs: `postcopy-emu source`, `destination` and `link`.
 
 Like two QEMUs and the network between them, each side runs as its own program, driven over
-its own QMP monitor (emu/monitor.py), and the migration channels are unix or TCP sockets given
+its own QMP monitor (emu/qmp/monitor.py), and the migration channels are unix or TCP sockets given
 as QEMU URIs: the source connects to the link, which forwards each connection to the
 destination's migrate-incoming address. Each program is a small controller that owns its
 shared memory and its one engine child (source, destination or network, the same code
@@ -36,13 +36,16 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from emu import controller, destination, link, signals, source, uri
+from emu import controller, signals
+from emu.board import Board
+from emu.child import child_main
 from emu.clock import Clock
-from emu.monitor import Monitor, serve_link
-from emu.process import child_main
-from emu.qmp import QmpError, QmpServer
+from emu.config import Config
+from emu.migration import destination, source
+from emu.net import link, uri
+from emu.qmp.monitor import Monitor, serve_link
+from emu.qmp.protocol import QmpError, QmpServer
 from emu.shm import Segments
-from emu.status import Board
 
 BODIES = {"source": source.main, "destination": destination.main, "network": link.main}
 BOARDS = {"source": ("src-board", source.FIELDS),
@@ -55,7 +58,7 @@ class EngineError(RuntimeError):
     pass
 
 
-def _create(role: str, cfg) -> tuple[Segments, Clock]:
+def _create(role: str, cfg: Config) -> tuple[Segments, Clock]:
     """The shared memory of one program (a destination's with its front's board), checked to
     fit first, and its clock, started."""
     roles = (role, "network") if role == "destination" else (role,)
@@ -79,7 +82,7 @@ class Engine:
     A destination's engine comes with its front, an engine of role network on the same
     clock and memory, started and stopped with it."""
 
-    def __init__(self, role: str, cfg, host: Engine | None = None) -> None:
+    def __init__(self, role: str, cfg: Config, host: Engine | None = None) -> None:
         """host: the engine whose clock and memory this one works on (a destination's)."""
         self.role = role
         self.on_event: Callable[[tuple], None] = lambda event: None
@@ -103,7 +106,7 @@ class Engine:
     def spawned(self) -> bool:
         return self.proc is not None
 
-    def spawn(self, cfg, *args) -> None:
+    def spawn(self, cfg: Config, *args) -> None:
         if self.front:
             args = (*args, self._spawn_front(cfg))
         ctx = mp.get_context("spawn")
@@ -127,7 +130,7 @@ class Engine:
                 self.stop_child()
                 raise
 
-    def _spawn_front(self, cfg) -> str:
+    def _spawn_front(self, cfg: Config) -> str:
         """Start the front, listening in a private folder for the connections the
         destination hands over; the address it listens at."""
         self.private = tempfile.mkdtemp(prefix="postcopy-emu-front-")
@@ -261,12 +264,12 @@ def _monitor_server(program: Program, address: str, allow_remote: bool) -> QmpSe
         return None
 
 
-def run_side(role: str, args, cfg) -> int:
+def run_side(role: str, args, cfg: Config) -> int:
     """`postcopy-emu source` / `postcopy-emu destination`."""
     return _run(f"postcopy-emu {role}", args.trace, partial(_side, role, args, cfg))
 
 
-def _side(role: str, args, cfg, program: Program) -> int:
+def _side(role: str, args, cfg: Config, program: Program) -> int:
     engine = Engine(role, cfg)  # first: a guest that does not fit stops here, with one line
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
@@ -293,12 +296,12 @@ def _side(role: str, args, cfg, program: Program) -> int:
             monitor.close()
 
 
-def run_link(args, cfg) -> int:
+def run_link(args, cfg: Config) -> int:
     """`postcopy-emu link`: the emulated network between a source and a destination."""
     return _run("postcopy-emu link", args.trace, partial(_link, args, cfg))
 
 
-def _link(args, cfg, program: Program) -> int:
+def _link(args, cfg: Config, program: Program) -> int:
     try:
         uri.parse(args.connect)
         uri.check_listen(args.listen)  # the network process listens there once started

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from PySide6 import QtCore, QtWidgets
 
-from emu import metrics, report
 from emu.config import Config
-from gui import style
+from emu.figures import metrics, report
+from gui._qt import style
 from gui.session import FaultLog, Snapshot
 
 # (label, how to read it from (query-migrate reply, snapshot)); labels are QEMU's names.
@@ -100,7 +100,7 @@ def _blocktime(qm: dict) -> str:
 
 
 def _lag(snap: Snapshot) -> str:
-    """How late the destination got the link's frames (emu.report.emulator_health)."""
+    """How late the destination got the link's frames (emu.figures.report.emulator_health)."""
     dst = snap.boards["destination"]
     avg = dst["rx-lag-sum"] / max(dst["rx-frames"], 1)
     return f"avg {style.duration(avg)}, max {style.duration(dst['rx-lag-max'])} late"

@@ -22,16 +22,19 @@ import time
 
 import numpy as np
 
-from emu import channel, link, shm, uri, wire
-from emu import ram as R
-from emu.channel import ChannelError, Endpoint
+from emu import shm
+from emu.board import LAG_FIELDS, Board, lag_meter
+from emu.child import start_thread
 from emu.clock import Clock
-from emu.metrics import FAULT_DTYPE, FaultRing
-from emu.placement import MAIN, PREEMPT, Placer
-from emu.process import start_thread
-from emu.states import FINAL, StateLog, after_failure, pause_refusal
-from emu.status import LAG_FIELDS, Board, lag_meter
-from emu.workload import MAX_POS, SLICED, Memory, VCpu, Workload
+from emu.config import Config
+from emu.figures.metrics import FAULT_DTYPE, FaultRing
+from emu.migration import ram as R
+from emu.migration import wire
+from emu.migration.placement import MAIN, PREEMPT, Placer
+from emu.migration.states import FINAL, StateLog, after_failure, pause_refusal
+from emu.migration.workload import MAX_POS, SLICED, Memory, VCpu, Workload
+from emu.net import channel, link, uri
+from emu.net.channel import ChannelError, Endpoint
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS
@@ -72,7 +75,7 @@ class LoadError(ValueError):
     migration fails (QEMU: "load of migration failed"), in postcopy too."""
 
 
-def check_device_state(state: dict, cfg) -> dict:
+def check_device_state(state: dict, cfg: Config) -> dict:
     """The device state, checked against this destination's own configuration: a vCPU
     thread starts per position, so the source must not choose how many, or what they are."""
     vcpus, n = state.get("vcpus"), cfg["guest.vcpus"]
@@ -108,7 +111,7 @@ class DestMemory(Memory):
 
 
 class Destination:
-    def __init__(self, control, bufs: dict, cfg, front: str = "") -> None:
+    def __init__(self, control, bufs: dict, cfg: Config, front: str = "") -> None:
         """front: where this program's own link takes a source connected straight to it
         (a standalone destination's); "" if every source comes through a link."""
         self.control = control
@@ -560,7 +563,7 @@ class Destination:
         }
 
 
-def main(control, bufs: dict, cfg, front: str = "") -> None:
+def main(control, bufs: dict, cfg: Config, front: str = "") -> None:
     dst = Destination(control, bufs, cfg, front)
     control.on_orphan = dst.remove_sockets
     control.serve({"migrate-incoming": dst.incoming, "migrate-recover": dst.recover,

@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from emu import metrics, model
-from emu.config import load_config
+from emu.config import Config, load_config
 from emu.controller import Run
+from emu.figures import metrics, model
 
 PRESET = "seed-10g"
 PAGES = {"4K": "4KiB", "2M": "2MiB", "1G": "1GiB"}
@@ -44,7 +44,7 @@ FRAMES_PER_S = 8000  # frames a second the relay and the destination keep up wit
 MIN_SCALE = 0.01
 
 
-def time_scale(cfg) -> float:
+def time_scale(cfg: Config) -> float:
     """Slow enough that the emulator's own real time per fault (model.SOFTWARE_COST_S) is at
     most FIDELITY of the predicted latency, and that the link's frames come no faster than the
     relay keeps up with; no slower than needed, so that the cell gets samples."""
@@ -59,7 +59,7 @@ def cell_config(page: str, mode: str):
     return cfg.with_overrides([f"emulator.time-scale={time_scale(cfg)}"])
 
 
-def measure(cfg, window_real: float) -> dict:
+def measure(cfg: Config, window_real: float) -> dict:
     """Run the migration for window_real real seconds of postcopy; the faults it saw."""
     started = time.monotonic()
     with Run(cfg) as run:

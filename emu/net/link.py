@@ -33,9 +33,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from emu import channel, uri
+from emu.board import Board
 from emu.clock import SPIN_S, Clock
-from emu.status import Board
+from emu.config import Config
+from emu.net import channel, uri
 
 CONNECTIONS = ("main", "preempt", "return")
 # connection -> (sender port, receiver port, direction); ports are the relay's sockets
@@ -516,7 +517,7 @@ def _orphaned(listener: socket.socket, run_dir: str | None) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def main(control, bufs: dict, cfg, listen_uri: str, target_uri: str,
+def main(control, bufs: dict, cfg: Config, listen_uri: str, target_uri: str,
          run_dir: str | None = None) -> None:
     """The network process: relay what connects at `listen_uri` to `target_uri`; with no
     target, relay what a destination hands over there (its front). run_dir: the folder the
