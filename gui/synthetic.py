@@ -109,7 +109,8 @@ class SyntheticSession:
             "query-migrate": report.query_migrate(self.cfg, self.status["source"],
                                                   self.boards["source"], records,
                                                   total_ms, per_vcpu_ms),
-            "integrity": {"ok": ok, "checked": f"{self.cfg.npages} pages, made up"},
+            "integrity": {"ok": ok, "bad-pages": 0 if ok else 1,
+                          "checked": f"{self.cfg.npages} pages, made up"},
         }
 
     # ---- what the window calls, as on a Session ----

@@ -100,6 +100,8 @@ def test_scenario_refuses_an_unknown_mode():
 
 
 def _children() -> list[str]:
+    """This process's children, but for multiprocessing's resource tracker (earlier tests in
+    the same run start it, and it stays)."""
     mine = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -107,9 +109,17 @@ def _children() -> list[str]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == os.getpid():
+        if int(fields[1]) == os.getpid() and not _is_resource_tracker(pid):
             mine.append(pid)
     return mine
+
+
+def _is_resource_tracker(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return False
 
 
 @needs_qemu
