@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from emu.qmp import protocol as qmp
 from emu.qmp.protocol import QmpClient, QmpServer
-from emu.qmp.protocol import protocol as qmp
 from tests.test_qmp import Raw, error
 
 BIG = 64 << 10  # bytes of the reply to "big"
