@@ -49,7 +49,25 @@ def test_next_departure_is_the_head_completion():
     assert neck.next_departure() == pytest.approx(0.2)  # 10 bytes at half of 100 B/s
 
 
-class LinkBench:
+class Stepped:
+    """A relay stepped in a thread of its own, its clock started at `scale`."""
+
+    def start_stepping(self, scale: float) -> None:
+        self.stop = threading.Event()
+        self.clock.start(scale)
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.is_set():
+            self.relay.step(0.005)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
+class LinkBench(Stepped):
     """A relay in a thread with one sender and one receiver endpoint per direction."""
 
     def __init__(self, bandwidth: float, rtt: float, window: int, scale: float,
@@ -66,18 +84,7 @@ class LinkBench:
         if credits:  # in the source, the return-path thread reads them
             for ep in self.src.values():
                 ep.read_credits_in_background()
-        self.stop = threading.Event()
-        self.clock.start(scale)
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.stop.is_set():
-            self.relay.step(0.005)
-
-    def close(self):
-        self.stop.set()
-        self.thread.join()
+        self.start_stepping(scale)
 
 
 @pytest.fixture
@@ -190,7 +197,7 @@ def test_a_blocked_writer_wakes_only_when_write_wakeup_bytes_more_are_free(bench
     assert waited == pytest.approx((4096 + (32 << 10)) / B, rel=0.2)
 
 
-class RelayThread:
+class RelayThread(Stepped):
     """A relay listening at `listen` (forwarding to `target`, or a front if none), stepped in
     a thread of its own."""
 
@@ -198,18 +205,10 @@ class RelayThread:
         self.clock = Clock()
         self.relay = Relay(self.clock, Board(FIELDS), 1e9, rtt)
         self.relay.listen(listen, target)
-        self.stop = threading.Event()
-        self.clock.start(1.0)
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self):
-        while not self.stop.is_set():
-            self.relay.step(0.005)
+        self.start_stepping(1.0)
 
     def close(self):
-        self.stop.set()
-        self.thread.join()
+        super().close()
         self.relay.close()
 
 

@@ -22,6 +22,7 @@ from emu import signals
 from emu.controller import Run
 from emu.qmp.protocol import QmpClient
 from tests.conftest import config
+from tests.test_cleanup import _cmdline as cmdline
 from tests.test_cleanup import alive, children, segments, wait_for
 
 SLOW = ["--set", "emulator.time-scale=0.05", "--set", "guest.ram=32MiB"]
@@ -107,14 +108,6 @@ def engine_of(program: Program) -> int:
     assert wait_for(lambda: [k for k in children(program.proc.pid)
                              if "postcopy-emu: destination" in cmdline(k)]), program.err
     return [k for k in children(program.proc.pid) if "postcopy-emu: destination" in cmdline(k)][0]
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
 
 
 # ---- postcopy-emu run ----
