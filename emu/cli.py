@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import signal
 import sys
@@ -39,10 +40,20 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signum
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("postcopy-emu")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "(not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="postcopy-emu",
-        description="Emulate QEMU postcopy live migration and postcopy-preempt.")
+        description="Emulate QEMU postcopy live migration and postcopy-preempt.",
+        epilog="Every scenario key (--set section.key=value) is documented in docs/config.md; "
+               "`postcopy-emu COMMAND --help` for a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = _command(sub, "run", "run one migration to completion and report on it")
     run.add_argument("--json", action="store_true", help="print one JSON object")
@@ -112,7 +123,8 @@ def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
     cmd.add_argument("scenario", nargs="?", default=None,
                      help="scenario TOML file, or the name of a preset in assets/scenarios")
     cmd.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="override one setting (repeatable), e.g. --set link.rtt=1ms")
+                     help="override one setting (repeatable), e.g. --set link.rtt=1ms; "
+                          "every key is in docs/config.md")
     return cmd
 
 

@@ -123,3 +123,13 @@ def test_a_wrong_channel_says_which_words_there_are(capsys):
     line = run_cli(capsys, "--fault", "cut returns at 10ms")
     assert line == ("postcopy-emu: --fault 'cut returns at 10ms': channel must be one of main, "
                     "preempt, return (or return path) (got 'returns')")
+
+
+def test_version_and_help_point_to_the_keys(capsys):
+    from emu import cli
+    with pytest.raises(SystemExit) as end:
+        cli.main(["--version"])
+    assert end.value.code == 0 and capsys.readouterr().out.startswith("postcopy-emu ")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    assert "docs/config.md" in capsys.readouterr().out
