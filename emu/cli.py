@@ -132,6 +132,13 @@ def cmd_run(args, cfg: Config) -> int:
     from emu.controller import migrate
 
     faults, recover_after = _faults_and_recovery(args, cfg)
+    if recover_after is None:
+        _say("--recover-after never: a paused run waits for a recovery that never comes; "
+             "end it with Ctrl-C, or set emulator.duration-limit")
+    if (expected := _real_seconds(cfg, 0.0)) > LONG_RUN_S:
+        _say(f"this run takes about {_minutes(expected)} of real time "
+             f"({format_size(cfg['guest.ram'])} over {format_rate(_stream_rate(cfg))} at "
+             f"emulator.time-scale {cfg['emulator.time-scale']:g})")
     progress = _progress
     if args.trace:
         progress = _tracer()
@@ -223,13 +230,42 @@ def _tracer():
     return trace
 
 
+LONG_RUN_S = 30.0  # real seconds past which a run says beforehand how long it takes
+
+
+def _say(text: str) -> None:
+    print(f"postcopy-emu: {text}", file=sys.stderr, flush=True)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+
+
+def _stream_rate(cfg: Config) -> float:
+    """What the background stream moves per emulated second: the link, or a lower cap."""
+    caps = [c for c in (cfg["migration.max-bandwidth"], cfg["migration.max-postcopy-bandwidth"])
+            if c]
+    return min([cfg["link.bandwidth"], *caps])
+
+
+def _real_seconds(cfg: Config, present: float) -> float:
+    """Real seconds a run still takes, roughly, once `present` of the guest is on the
+    destination: the precopy time, then the rest of the RAM at the stream's rate."""
+    emulated = (1 - present) * cfg["guest.ram"] / _stream_rate(cfg)
+    if not present:
+        emulated += cfg["migration.switchover-after"]
+    return emulated / cfg["emulator.time-scale"]
+
+
 def _progress(run) -> None:
     dst = run.board("destination")
     faults, _ = run.faults(max(0, run.ring.count - 200))
     avg = faults["latency"].mean() * 1e3 if len(faults) else 0.0
+    present = dst["present"] / run.cfg.npages
     line = (f"\r[{run.clock.now():7.3f}s] {run.status['source']:>15} -> "
-            f"{run.status['destination']:<15} present {dst['present'] / run.cfg.npages:6.1%}  "
-            f"faults {int(dst['faults']):6d}  recent avg {avg:8.3f} ms ")
+            f"{run.status['destination']:<15} present {present:6.1%}  "
+            f"faults {int(dst['faults']):6d}  recent avg {avg:8.3f} ms  "
+            f"~{_real_seconds(run.cfg, present):4.0f} s left ")
     print(line, end="", file=sys.stderr, flush=True)
 
 

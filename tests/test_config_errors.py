@@ -133,3 +133,14 @@ def test_version_and_help_point_to_the_keys(capsys):
     with pytest.raises(SystemExit):
         cli.main(["run", "--help"])
     assert "docs/config.md" in capsys.readouterr().out
+
+
+def test_a_long_run_says_beforehand_how_long_it_takes():
+    from emu import cli
+    from tests.conftest import config
+    quick = config()
+    assert cli._real_seconds(quick, 0.0) < cli.LONG_RUN_S
+    long = config(guest__ram="20GiB", emulator__time_scale="0.02", emulator__payload="false")
+    # 20 GiB at 1 Gbit/s is 172 s emulated, 8590 s real at 0.02; halfway, half of the rest
+    assert cli._real_seconds(long, 0.0) == pytest.approx((20 * 2**30 / 125e6 + 0.1) / 0.02)
+    assert cli._real_seconds(long, 0.5) == pytest.approx(20 * 2**30 / 125e6 / 2 / 0.02)
