@@ -50,6 +50,10 @@ TRACE_CONTINUED = trace.point("postcopy_pause_incoming_continued")
 
 
 class Destination:
+    """One incoming migration (QEMU's MigrationIncomingState): what its parts share (the
+    configuration, the clock, the counters, the page states and the Placer, the status, the
+    vCPUs) and every change of its status."""
+
     def __init__(self, control, bufs: dict, cfg: Config, front: str = "") -> None:
         """front: where this program's own link takes a source connected straight to it
         (a standalone destination's); "" if every source comes through a link."""
