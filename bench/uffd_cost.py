@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this tree's emu
 
 from emu import uffd as U  # noqa: E402
-from emu.migration.destination import DestMemory  # noqa: E402
+from emu.migration.fault_thread import DestMemory  # noqa: E402
 from emu.migration.placement import MAIN, Placer  # noqa: E402
 from emu.migration.wire import RamRecord  # noqa: E402
 
@@ -134,7 +134,7 @@ def uffd_other_process(page: int, count: int) -> dict:
     return summary(times)
 
 
-# ---- the emulated backend, as emu/migration/destination.py and placement.py do it ----
+# ---- the emulated backend, as emu/migration/fault_thread.py and placement.py do it ----
 
 def emulated(page: int, count: int) -> dict:
     tpp = page // PAGE
@@ -147,7 +147,7 @@ def emulated(page: int, count: int) -> dict:
     stop = threading.Event()
     data = memoryview(np.full(page, 0x5A, np.uint8))
 
-    def fault_thread():  # Destination._fault_thread, placing at once instead of asking
+    def fault_thread():  # FaultThread._run, placing at once instead of asking
         while (host := faults.get()) is not None:
             if placer.request(host):
                 placer.receive(MAIN, RamRecord(host * page, tpp, 0, data))
@@ -158,7 +158,7 @@ def emulated(page: int, count: int) -> dict:
     for host in range(count):
         t0 = clock()
         if DestMemory.first_missing(memory, np.array([host * tpp])) == 0:
-            faults.put(host)  # Destination.fault()
+            faults.put(host)  # FaultThread.fault()
             placer.wait_present(host, stop)
         times.append(clock() - t0)
     faults.put(None)

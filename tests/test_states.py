@@ -9,7 +9,7 @@ import pytest
 from emu import controller
 from emu.controller import Run, migrate
 from emu.faults import Fault, parse
-from emu.migration import destination, source, wire
+from emu.migration import destination, loadvm, source, wire
 from emu.migration.states import StateLog, after_failure, refusal_text
 from tests.conftest import config
 from tests.test_recovery import assert_recovered, statuses
@@ -17,26 +17,26 @@ from tests.test_recovery import assert_recovered, statuses
 HOLD_S = 10.0  # real seconds the held listen thread waits for the pause at most
 
 
-class HeldDestination(destination.Destination):
-    """A destination whose listen thread, the first time it decodes POSTCOPY_RESUME, says so
-    and holds until the migration has paused: the preempt thread's pause then lands between
-    decoding the command and acting on it, every time."""
+class HeldLoadVM(loadvm.LoadVM):
+    """A listen thread that, the first time it decodes POSTCOPY_RESUME, says so and holds
+    until the migration has paused: the preempt thread's pause then lands between decoding
+    the command and acting on it, every time."""
 
     held = False
 
-    def _main_message(self, msg) -> None:
-        if not self.held and getattr(msg, "cmd", None) == wire.MIG_CMD_POSTCOPY_RESUME:
+    def process_command(self, msg) -> None:
+        if not self.held and msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:
             self.held = True
-            self.control.emit(("resume-decoded",))
+            self.dst.control.emit(("resume-decoded",))
             deadline = time.monotonic() + HOLD_S
-            while self.state.status != "postcopy-paused" and time.monotonic() < deadline:
+            while self.dst.state.status != "postcopy-paused" and time.monotonic() < deadline:
                 time.sleep(0.002)
-        super()._main_message(msg)
+        super().process_command(msg)
 
 
 def held_destination_main(control, bufs, cfg) -> None:
     """The destination child's body (runs in the spawned process, which imports this module)."""
-    destination.Destination = HeldDestination
+    loadvm.LoadVM = HeldLoadVM
     destination.main(control, bufs, cfg)
 
 

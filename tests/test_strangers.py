@@ -14,8 +14,7 @@ import pytest
 
 from emu.controller import Run
 from emu.figures import report
-from emu.migration import destination as D
-from emu.migration import wire
+from emu.migration import incoming, wire
 from emu.net import channel
 from tests.conftest import config
 from tests.wire_peer import closed, destination, frame, peer, read_frame
@@ -217,7 +216,7 @@ def test_a_main_hello_then_silence_does_not_keep_the_source_out(migrate_after):
 def test_the_accept_loop_survives_cant_start_new_thread(monkeypatch):
     """Before: RuntimeError from starting a thread ended the accept thread, while the
     migration went on saying setup."""
-    real = D.start_thread
+    real = incoming.start_thread
     failures = []
 
     def start_thread(name, target, *args):
@@ -226,7 +225,7 @@ def test_the_accept_loop_survives_cant_start_new_thread(monkeypatch):
             raise RuntimeError("can't start new thread")
         return real(name, target, *args)
 
-    monkeypatch.setattr(D, "start_thread", start_thread)
+    monkeypatch.setattr(incoming, "start_thread", start_thread)
     with destination() as (dst, _, path):
         first = peer(path, channel.MAIN_HELLO)
         assert closed(first) and failures
@@ -242,4 +241,4 @@ def test_what_is_not_a_hello_is_closed_unheard(junk):
         sock = connect(path, junk)
         sock.settimeout(WAIT)
         assert closed(sock)
-        assert dst.channels == [None, None]
+        assert dst.conns.channels == [None, None]

@@ -13,10 +13,19 @@ import threading
 
 import numpy as np
 
+from emu import trace
 from emu.migration import ram as R
 from emu.migration.wire import ProtocolError, RamRecord
 
 MAIN, PREEMPT = 0, 1
+CHANNEL_NAMES = ("main", "preempt")
+
+# QEMU's requested tree (mis->page_requested) and its count: a faulted page joins it
+# (migrate_send_rp_req_pages) and leaves it when placed (qemu_ufd_copy_ioctl)
+TRACE_REQ_ADD = trace.point("postcopy_page_req_add")
+TRACE_REQ_DEL = trace.point("postcopy_page_req_del")
+# a host page placed in postcopy (UFFDIO_COPY done, its vCPUs woken), on `channel`
+TRACE_PLACE = trace.point("postcopy_place_page")
 
 
 class TmpPage:
@@ -39,6 +48,7 @@ class Placer:
         self.present = 0
         self.tmp = [TmpPage(page_size, ram is not None) for _ in (MAIN, PREEMPT)]
         self.placed = [0, 0]  # host pages placed per channel
+        self.requested = 0  # host pages REQUESTED, not placed yet (page_requested_count)
         self.on_place = on_place  # (first host page, count, channel), under the lock
 
     # ---- from the vCPUs and the fault thread ----
@@ -50,6 +60,9 @@ class Placer:
             if self.states[page] >= R.REQUESTED:
                 return False
             self.states[page] = R.REQUESTED
+            self.requested += 1
+            if TRACE_REQ_ADD.enabled:
+                TRACE_REQ_ADD(page=page, count=self.requested)
             return True
 
     def wait_present(self, page: int, stop: threading.Event) -> None:
@@ -123,8 +136,8 @@ class Placer:
         span = self.states[first:first + count]
         # a page already present is left alone (UFFDIO_COPY would say EEXIST)
         new = span < R.PRESENT
-        codes = np.where(span == R.REQUESTED,
-                         R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
+        wanted = span == R.REQUESTED
+        codes = np.where(wanted, R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
                          R.BACKGROUND)
         if self.ram is not None and data is not None:
             src = np.frombuffer(data, np.uint8).reshape(count, self.tpp, R.TARGET_PAGE)
@@ -134,4 +147,23 @@ class Placer:
         placed = int(np.count_nonzero(new))
         self.present += placed
         self.placed[channel] += placed
+        resolved = int(np.count_nonzero(wanted))
+        self.requested -= resolved
         span[new] = codes[new]
+        if TRACE_PLACE.enabled or TRACE_REQ_DEL.enabled:
+            self._trace_placed(first, new, wanted, channel, self.requested + resolved)
+
+    @staticmethod
+    def _trace_placed(first: int, new: np.ndarray, wanted: np.ndarray, channel: int,
+                      count: int) -> None:
+        """Each page placed, in QEMU's order: the request it resolves leaves the requested
+        tree (postcopy_page_req_del, with the count left of `count`), then
+        postcopy_place_page."""
+        for i in np.flatnonzero(new):
+            page = first + int(i)
+            if wanted[i]:
+                count -= 1
+                if TRACE_REQ_DEL.enabled:
+                    TRACE_REQ_DEL(page=page, count=count)
+            if TRACE_PLACE.enabled:
+                TRACE_PLACE(page=page, channel=CHANNEL_NAMES[channel])
