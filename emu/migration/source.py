@@ -78,6 +78,7 @@ class Source:
         self.switchover = threading.Event()
         self.quit = threading.Event()
         self.resumed = threading.Event()  # set again when a recovery has finished
+        self.parked = threading.Event()  # the migration thread waits for a recovery
         self.workloads = [Workload(cfg, v) for v in range(cfg["guest.vcpus"])]
         self.vcpus: list[VCpu] = []  # the running vCPU threads
         self.vcpu_stop = threading.Event()
@@ -280,22 +281,35 @@ class Source:
                     return
             except ChannelError as err:
                 self._channel_failed(str(err), main)
+            if not self._postcopy_pause():
+                return
+
+    def _postcopy_pause(self) -> bool:
+        """postcopy_pause(): wait for a recovery; False if the source quits meanwhile. Parked
+        here, this thread sends no more, so the recovery may reload the dirty bitmap: a page
+        claimed after the reload would be lost with the broken channel it went on."""
+        self.parked.set()
+        try:
             while not self.resumed.wait(0.1):
                 if self.quit.is_set():
-                    return
+                    return False
+        finally:
+            self.parked.clear()
+        return True
 
     def _postcopy_stream(self) -> None:
         """ram_find_and_save_block() until nothing is dirty: the queue first, else the scan."""
         pacer = self._pacer("max-postcopy-bandwidth")
+        main, preempt = self.main, self.preempt
         break_huge = self.tpp > 1 and self.cfg["migration.x-postcopy-preempt-break-huge"]
         while True:
-            if self.rs.serve_queued_page(self.main, self.preempt):
+            if self.rs.serve_queued_page(main, preempt):
                 continue
             page = self.rs.find_dirty_block()
             if page is None:
                 break
-            self.rs.save_host_page(self.main, page, "postcopy-bytes", pacer,
-                                   self.preempt if break_huge else None)
+            self.rs.save_host_page(main, page, "postcopy-bytes", pacer,
+                                   preempt if break_huge else None)
             self._rate_limit(pacer)
         self._send_eofs()
 
@@ -305,7 +319,8 @@ class Source:
                 ep.send([wire.eof()])
 
     def _wait_for(self, event: threading.Event) -> bool:
-        """Wait for a reply from the destination; False if the channels broke meanwhile."""
+        """Wait for `event` (a reply from the destination, the migration thread parking);
+        False if the channels broke or the source quits meanwhile."""
         while not event.wait(0.05):
             if self.quit.is_set() or self.state.status in ("postcopy-paused", "failed"):
                 return False
@@ -376,6 +391,10 @@ class Source:
             return
         self.rp.bitmap_received.clear()
         self.rp.resume_ack.clear()
+        # QEMU's migration thread runs the handshake once woken in postcopy_pause(); ours
+        # runs here, once the migration thread has seen the failure and parked there
+        if not self._wait_for(self.parked):
+            return
         try:
             self._connect(address)
             # migrate_fd_connect()
