@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emu import trace
 from emu.board import Board
 from emu.clock import Clock
 from emu.config import Config
@@ -37,7 +38,15 @@ from emu.net.channel import Endpoint
 
 SCAN = 1 << 16  # dirty-bitmap window searched at once
 DISCARDS_PER_COMMAND = 4000
+RBNAME = wire.BLOCK.decode()  # the one RAM block, as trace points name it
 
+TRACE_QUEUE_PAGES = trace.point("ram_save_queue_pages")
+# An unqueued request ends in one of these two: the page goes, or it was sent already. QEMU's
+# get_queued_page is the first (traced as it finds the page dirty), its channel in "channel".
+TRACE_QUEUED_PAGE = trace.point("get_queued_page")
+TRACE_NOT_DIRTY = trace.point("get_queued_page_not_dirty")
+TRACE_PREEMPT_TRIGGERED = trace.point("postcopy_preempt_triggered")
+TRACE_PREEMPT_RESTORED = trace.point("postcopy_preempt_restored")
 
 
 class Pacer:
@@ -223,8 +232,12 @@ class RAMState:
         if not self.queue.nonempty.is_set():
             return
         self.board.add("break-huge", 1)
+        if TRACE_PREEMPT_TRIGGERED.enabled:
+            TRACE_PREEMPT_TRIGGERED(rbname=RBNAME, page=page, offset=offset)
         while self.serve_queued_page(main, preempt):
             pass
+        if TRACE_PREEMPT_RESTORED.enabled:
+            TRACE_PREEMPT_RESTORED(rbname=RBNAME, page=page, offset=offset)
 
     # ---- urgent pages ----
 
@@ -234,6 +247,8 @@ class RAMState:
             raise wire.ProtocolError(f"page request beyond RAM: offset {offset}")
         self.board.add("postcopy-requests", 1)
         page = offset // self.P
+        if TRACE_QUEUE_PAGES.enabled:  # before the put: a sender may take it at once
+            TRACE_QUEUE_PAGES(rbname=RBNAME, start=offset, len=length, page=page)
         self.queue.put(page, self.clock.now())
 
     def serve_queued_page(self, main: Endpoint, preempt: Endpoint | None) -> bool:
@@ -255,7 +270,11 @@ class RAMState:
             # already sent (maybe still in flight, maybe the host page being sent on main):
             # QEMU drops such requests too
             self.board.add("dropped-requests", 1)
+            if TRACE_NOT_DIRTY.enabled:
+                TRACE_NOT_DIRTY(rbname=RBNAME, offset=page * self.P, page=page)
             return True
+        if TRACE_QUEUED_PAGE.enabled:
+            TRACE_QUEUED_PAGE(rbname=RBNAME, offset=page * self.P, page=page, channel=ep.name)
         self._write_pages(ep, page, 1, "postcopy-bytes")
         self.board.add("urgent-preempt" if preempt else "urgent-main", 1)
         return True

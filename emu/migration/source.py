@@ -18,6 +18,7 @@ import threading
 
 import numpy as np
 
+from emu import trace
 from emu.board import Board
 from emu.child import start_thread
 from emu.clock import Clock
@@ -39,6 +40,8 @@ FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "n
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
 
+TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
+TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
 
 
 class SourceMemory(Memory):
@@ -362,7 +365,11 @@ class Source:
         """migration_rate_limit(): hold the background stream to its rate cap."""
         if not pacer.rate or self.clock.real_wait(pacer.t) <= 0:
             return
-        self._wait_pacer(pacer)
+        if TRACE_RATE_LIMIT_PRE.enabled:  # in emulated ms, as the figures are
+            TRACE_RATE_LIMIT_PRE(ms=round((pacer.t - self.clock.now()) * 1000))
+        urgent = self._wait_pacer(pacer)
+        if TRACE_RATE_LIMIT_POST.enabled:
+            TRACE_RATE_LIMIT_POST(urgent=int(urgent))
 
     def _wait_pacer(self, pacer: Pacer) -> bool:
         """Wait out the pacer. Urgent requests do not wait: QEMU wakes the rate-limited
