@@ -39,7 +39,7 @@ which is SOFTWARE_COST_S * emulator.time-scale of emulated time. Pass software_c
 another machine, or 0 for the network alone.
 
 max-postcopy-bandwidth: like QEMU, the source lets rate x 100 ms through at full speed at the
-start of each 100 ms window, then waits (source.Pacer). So main is full while the migration
+start of each 100 ms window, then waits (ram_save.Pacer). So main is full while the migration
 thread is blocked in that burst (the formula above), then drains what the socket holds (S falls
 from the window's content to 0, and the thread, waiting on its pacer, serves a request at once:
 r = 0), then is idle. A cap small enough that one window's bytes fit in the socket never blocks
@@ -65,7 +65,7 @@ from typing import Any
 from emu.config import Config
 from emu.migration import wire
 from emu.migration.ram import TARGET_PAGE
-from emu.migration.source import Pacer
+from emu.migration.ram_save import Pacer
 from emu.units import format_duration, format_rate, format_size
 
 MODES = ("vanilla", "preempt-no-break-huge", "preempt")

@@ -1,4 +1,9 @@
-"""The source: holds guest RAM, runs the guest until switchover, and streams RAM.
+"""The source: holds guest RAM, runs the guest until switchover, and migrates it.
+
+This is QEMU's migration.c: the commands (migrate, migrate-pause, migrate_cancel, ...) and the
+migration thread's state machine: setup, precopy iterations, the switchover (stop-and-copy, or
+postcopy_start()), postcopy, completion, and the recovery handshake after a pause. Page search
+and sending are ram_save's (QEMU's ram.c), the destination's messages return_path's.
 
 Threads, as QEMU names them: the migration thread (precopy, switchover, then postcopy: serve
 the request queue first, else the next dirty page), the return-path thread (parses the
@@ -10,10 +15,10 @@ writing the main channel, urgent pages wait too.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
+from emu import trace
 from emu.board import Board
 from emu.child import start_thread
 from emu.clock import Clock
@@ -21,6 +26,8 @@ from emu.config import Config
 from emu.migration import ram as R
 from emu.migration import wire
 from emu.migration.page_requests import PageRequestQueue
+from emu.migration.ram_save import Pacer, RAMState
+from emu.migration.return_path import ReturnPath
 from emu.migration.states import FINAL, StateLog, after_failure, pause_refusal
 from emu.migration.workload import Memory, VCpu, Workload
 from emu.net import channel, uri
@@ -30,35 +37,11 @@ FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "n
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
           "break-huge", "pongs")
-SCAN = 1 << 16  # dirty-bitmap window searched at once
-DISCARDS_PER_COMMAND = 4000
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
 
-
-class Pacer:
-    """A rate cap in emulated time (max-bandwidth, max-postcopy-bandwidth; 0 = none), the way
-    QEMU applies it: at most rate x 100 ms of bytes in each 100 ms window (BUFFER_DELAY), then
-    wait for the next window."""
-
-    WINDOW = 0.1
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.start = -self.WINDOW
-        self.sent = 0
-
-    def charge(self, now: float, nbytes: int) -> None:
-        if now >= self.start + self.WINDOW:
-            self.start, self.sent = now, 0
-        self.sent += nbytes
-
-    @property
-    def t(self) -> float:
-        """When the stream may go on."""
-        if not self.rate or self.sent < self.rate * self.WINDOW:
-            return self.start
-        return self.start + self.WINDOW
+TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
+TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
 
 
 class SourceMemory(Memory):
@@ -80,31 +63,25 @@ class Source:
         self.cfg = cfg
         self.clock = Clock(bufs["clock"])
         self.board = Board(FIELDS, bufs["src-board"])
-        self.P = cfg.page_size
         self.tpp = cfg.target_pages_per_host_page
-        self.piece = cfg["emulator.chunk"] // R.TARGET_PAGE  # target pages per record at most
-        self.raw = bufs["src-ram"]
-        ntarget = cfg["guest.ram"] // R.TARGET_PAGE
-        self.ram = None
-        if cfg["emulator.payload"]:
-            self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=self.raw)
-            R.stamp(self.ram)
-        self.states = np.ndarray((cfg.npages,), np.uint8, buffer=bufs["src-states"])
-        self.dirty = np.ones(cfg.npages, bool)  # nothing has been sent yet
-        self.sent_once = np.zeros(cfg.npages, bool)
-        self.queue = PageRequestQueue(bufs["src-queue"])
+        raw = bufs["src-ram"] if cfg["emulator.payload"] else None
+        self.guest_ram = None  # what the vCPUs write, by target page
+        if raw is not None:
+            ntarget = cfg["guest.ram"] // R.TARGET_PAGE
+            self.guest_ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=raw)
+            R.stamp(self.guest_ram)
+        states = np.ndarray((cfg.npages,), np.uint8, buffer=bufs["src-states"])
+        self.rs = RAMState(cfg, self.board, self.clock, states,
+                           PageRequestQueue(bufs["src-queue"]), raw)
+        self.rp = ReturnPath(self.rs, self.board, cfg.npages, self._channel_failed)
         self.state = StateLog("source", self.clock.now, control.emit)
         self.main: Endpoint | None = None
         self.preempt: Endpoint | None = None
-        self.lock = threading.Lock()
-        self.pos = 0  # where the background scan goes on (PageSearchStatus)
-        self._remaining_at = 0.0
+        self.lock = threading.Lock()  # the channels, and the state changes that go with them
         self.switchover = threading.Event()
         self.quit = threading.Event()
         self.resumed = threading.Event()  # set again when a recovery has finished
-        self.bitmap_received = threading.Event()
-        self.resume_ack = threading.Event()
-        self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
+        self.parked = threading.Event()  # the migration thread waits for a recovery
         self.workloads = [Workload(cfg, v) for v in range(cfg["guest.vcpus"])]
         self.vcpus: list[VCpu] = []  # the running vCPU threads
         self.vcpu_stop = threading.Event()
@@ -197,7 +174,7 @@ class Source:
             preempt.send([channel.PREEMPT_HELLO])
         with self.lock:
             self.main, self.preempt = main, preempt
-        start_thread("return-path", self._return_path_thread, main)
+        self.rp.start(main)
         if preempt:
             preempt.read_credits_in_background(
                 lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
@@ -218,7 +195,7 @@ class Source:
             _, new = self.state.settle(lambda status: after_failure(status, PAUSES))
             if new == "postcopy-paused":  # postcopy_pause()
                 self.resumed.clear()
-                self.queue.clear()  # lost: the destination asks again after resuming
+                self.rs.queue.clear()  # lost: the destination asks again after resuming
                 self.control.emit(("paused", "source", reason))
             elif new == "failed":
                 self.control.fail(f"source: {reason}")
@@ -257,7 +234,7 @@ class Source:
             if not self._stop_and_copy():
                 return
             self._send_eofs()
-            if not self._wait_for(self.shut):
+            if not self._wait_for(self.rp.shut):
                 return
             last = "device"
         if self.state.status in FINAL or self.quit.is_set():
@@ -269,13 +246,13 @@ class Source:
     def _precopy(self) -> None:
         pacer = self._pacer("max-bandwidth")
         while not self.switchover.is_set() and self.state.status != "cancelling":
-            page = self._next_dirty()
+            page = self.rs.find_dirty_block()
             if page is None:
                 self.main.flush()
                 self.switchover.wait(0.01)  # all clean: wait for the guest to dirty something
                 continue
-            self._wait_pacer(pacer)
-            self._send_background(page, pacer, "precopy-bytes", None)
+            self._rate_limit(pacer)
+            self.rs.save_host_page(self.main, page, "precopy-bytes", pacer)
         self.main.flush()
 
     def _start_postcopy(self) -> bool:
@@ -286,12 +263,7 @@ class Source:
             return False
         with self.vcpu_lock:
             self._stop_vcpus()
-        stale = np.flatnonzero(self.dirty & self.sent_once)
-        self.states[stale] = R.UNSENT  # dropped on the other side: not in flight any more
-        runs = _runs(stale)
-        for i in range(0, len(runs), DISCARDS_PER_COMMAND):
-            ranges = [(s * self.P, n * self.P) for s, n in runs[i:i + DISCARDS_PER_COMMAND]]
-            self.main.send([wire.discard_ranges(ranges)])
+        self.rs.send_discard_bitmap(self.main)
         # postcopy_start(): pings 2 and 3 around the device state "help line traces up"
         self.main.send([wire.ping(2)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
@@ -308,27 +280,40 @@ class Source:
             main = self.main  # a failure noticed late must not break a recovery's new channels
             try:
                 self._postcopy_stream()
-                if self._wait_for(self.shut):
+                if self._wait_for(self.rp.shut):
                     return
             except ChannelError as err:
                 self._channel_failed(str(err), main)
+            if not self._postcopy_pause():
+                return
+
+    def _postcopy_pause(self) -> bool:
+        """postcopy_pause(): wait for a recovery; False if the source quits meanwhile. Parked
+        here, this thread sends no more, so the recovery may reload the dirty bitmap: a page
+        claimed after the reload would be lost with the broken channel it went on."""
+        self.parked.set()
+        try:
             while not self.resumed.wait(0.1):
                 if self.quit.is_set():
-                    return
+                    return False
+        finally:
+            self.parked.clear()
+        return True
 
     def _postcopy_stream(self) -> None:
+        """ram_find_and_save_block() until nothing is dirty: the queue first, else the scan."""
         pacer = self._pacer("max-postcopy-bandwidth")
-        break_huge = (self.preempt is not None and self.tpp > 1
-                      and self.cfg["migration.x-postcopy-preempt-break-huge"])
+        main, preempt = self.main, self.preempt
+        break_huge = self.tpp > 1 and self.cfg["migration.x-postcopy-preempt-break-huge"]
         while True:
-            if self._serve_request():
+            if self.rs.serve_queued_page(main, preempt):
                 continue
-            page = self._next_dirty()
+            page = self.rs.find_dirty_block()
             if page is None:
                 break
-            self._send_background(page, pacer, "postcopy-bytes",
-                                  self._serve_queue if break_huge else None)
-            self._wait_pacer(pacer)
+            self.rs.save_host_page(main, page, "postcopy-bytes", pacer,
+                                   preempt if break_huge else None)
+            self._rate_limit(pacer)
         self._send_eofs()
 
     def _send_eofs(self) -> None:
@@ -337,7 +322,8 @@ class Source:
                 ep.send([wire.eof()])
 
     def _wait_for(self, event: threading.Event) -> bool:
-        """Wait for a reply from the destination; False if the channels broke meanwhile."""
+        """Wait for `event` (a reply from the destination, the migration thread parking);
+        False if the channels broke or the source quits meanwhile."""
         while not event.wait(0.05):
             if self.quit.is_set() or self.state.status in ("postcopy-paused", "failed"):
                 return False
@@ -349,8 +335,8 @@ class Source:
             return False
         with self.vcpu_lock:
             self._stop_vcpus()
-        while (page := self._next_dirty()) is not None:
-            self._send_background(page, None, "downtime-bytes", None)
+        while (page := self.rs.find_dirty_block()) is not None:
+            self.rs.save_host_page(self.main, page, "downtime-bytes")
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.board["downtime"] = self.clock.now() - t_stop
         return True
@@ -358,7 +344,7 @@ class Source:
     def _start_vcpus(self) -> None:
         """Run the vCPUs from where their workloads stand (a thread runs once: new ones)."""
         self.vcpu_stop = threading.Event()
-        memory = SourceMemory(self.ram, self.dirty, self.tpp)
+        memory = SourceMemory(self.guest_ram, self.rs.dirty, self.tpp)
         self.vcpus = [VCpu(v, w, memory, self.clock, self.cfg["workload.touch-cost"],
                            self.vcpu_stop) for v, w in enumerate(self.workloads)]
         for vcpu in self.vcpus:
@@ -375,116 +361,30 @@ class Source:
         self.pacer = (parameter, pacer)
         return pacer
 
-    # ---- page selection ----
-
-    def _next_dirty(self) -> int | None:
-        """First dirty host page at or after self.pos, wrapping around once."""
-        n = len(self.dirty)
-        start = self.pos % n
-        for lo, hi in ((start, n), (0, start)):
-            for w in range(lo, hi, SCAN):
-                window = self.dirty[w:min(w + SCAN, hi)]
-                i = int(np.argmax(window))
-                if window[i]:
-                    if lo == 0 and start:
-                        self.board.add("dirty-sync-count", 1)
-                    return w + i
-        return None
-
-    def _serve_request(self) -> bool:
-        """Take one request off the queue and send its page; False if the queue is empty."""
-        item = self.queue.pop()
-        if item is None:
-            return False
-        self.main.flush()  # the background records gathered so far go first
-        page = item[0]
-        if not self.dirty[page]:
-            # already sent (maybe still in flight, maybe the host page being sent on main):
-            # QEMU drops such requests too
-            self.board.add("dropped-requests", 1)
-        elif self.preempt:
-            self._send(page, 1, self.preempt, R.SENT_PREEMPT, "postcopy-bytes")
-            self.board.add("urgent-preempt", 1)
-        else:
-            self._send(page, 1, self.main, R.SENT_URGENT_MAIN, "postcopy-bytes")
-            self.board.add("urgent-main", 1)
-            self.pos = page + 1  # the guest will likely touch the neighbours next
-        return True
-
-    def _serve_queue(self) -> None:
-        """Break-huge: between two pieces of a huge page on main, serve what waits."""
-        if self.queue.nonempty.is_set():
-            self.board.add("break-huge", 1)
-            while self._serve_request():
-                pass
-
-    def _wait_pacer(self, pacer: Pacer) -> None:
-        """Hold the background stream to its rate cap. Urgent requests do not wait: QEMU wakes
-        the rate-limited migration thread for them (migration_make_urgent_request)."""
-        if not pacer.rate:
+    def _rate_limit(self, pacer: Pacer) -> None:
+        """migration_rate_limit(): hold the background stream to its rate cap."""
+        if not pacer.rate or self.clock.real_wait(pacer.t) <= 0:
             return
+        if TRACE_RATE_LIMIT_PRE.enabled:  # in emulated ms, as the figures are
+            TRACE_RATE_LIMIT_PRE(ms=round((pacer.t - self.clock.now()) * 1000))
+        urgent = self._wait_pacer(pacer)
+        if TRACE_RATE_LIMIT_POST.enabled:
+            TRACE_RATE_LIMIT_POST(urgent=int(urgent))
+
+    def _wait_pacer(self, pacer: Pacer) -> bool:
+        """Wait out the pacer. Urgent requests do not wait: QEMU wakes the rate-limited
+        migration thread for them (migration_make_urgent_request). True if some were sent."""
+        urgent = False
         while (wait := self.clock.real_wait(pacer.t)) > 0:
             if self.state.status == "postcopy-active":
-                if self._serve_request():
+                if self.rs.serve_queued_page(self.main, self.preempt):
+                    urgent = True
                     continue
             elif self.switchover.is_set():
-                return
+                break
             self.main.flush()
-            self.queue.nonempty.wait(min(wait, 0.01))
-
-    # ---- sending ----
-
-    def _send_background(self, page: int, pacer: Pacer | None, counter: str,
-                         between) -> None:
-        count = 1
-        if self.tpp == 1:  # small pages: one record carries a run of dirty pages
-            run = self.dirty[page:page + self.piece]
-            count = len(run) if run.all() else int(np.argmin(run))
-        self._send(page, count, self.main, R.SENT_MAIN, counter, between, more=True)
-        if pacer:
-            pacer.charge(self.clock.now(), count * self.P)
-        self.pos = page + count
-
-    def _send(self, page: int, count: int, ep: Endpoint, code: int, counter: str,
-              between=None, more: bool = False) -> None:
-        """Send host pages [page, page + count) on `ep`, in records of at most emulator.chunk;
-        `between` runs before every record but the first (the break-huge check). more: the
-        background stream, whose records may gather in the endpoint (Endpoint.send)."""
-        self.dirty[page:page + count] = False
-        self.sent_once[page:page + count] = True
-        self.states[page:page + count] = code
-        first = page * self.tpp
-        total = count * self.tpp
-        for start in range(0, total, self.piece):
-            if start and between:
-                between()
-            n = min(self.piece, total - start)
-            self._write_record(ep, (first + start) * R.TARGET_PAGE, n, counter, more)
-        self._publish_remaining()
-
-    def _publish_remaining(self) -> None:
-        """query-migrate's ram.remaining; counting a multi-GiB bitmap costs milliseconds, so
-        at most ten times a second."""
-        now = time.monotonic()
-        if now - self._remaining_at > 0.1:
-            self._remaining_at = now
-            self.board["remaining"] = int(np.count_nonzero(self.dirty)) * self.P
-
-    def _write_record(self, ep: Endpoint, offset: int, n: int, counter: str,
-                      more: bool) -> None:
-        header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
-        size = n * R.TARGET_PAGE
-        if self.ram is not None:
-            # straight from guest RAM: a page the guest writes meanwhile is re-dirtied and
-            # sent again, as in QEMU
-            ep.send([header, self.raw[offset:offset + size]], more=more)
-        else:
-            ep.send([header], virt=size, more=more)
-        b = self.board
-        b.add("transferred", size + len(header))
-        b.add(counter, size + len(header))
-        b.add("normal", n)
-        b.add("normal-bytes", size)
+            self.rs.queue.nonempty.wait(min(wait, 0.01))
+        return urgent
 
     # ---- recovery ----
 
@@ -496,8 +396,12 @@ class Source:
         changes the state only from the one before it, so that pause is never overwritten."""
         if not self.state.set("postcopy-paused", "postcopy-recover-setup"):  # migrate_prepare()
             return
-        self.bitmap_received.clear()
-        self.resume_ack.clear()
+        self.rp.bitmap_received.clear()
+        self.rp.resume_ack.clear()
+        # QEMU's migration thread runs the handshake once woken in postcopy_pause(); ours
+        # runs here, once the migration thread has seen the failure and parked there
+        if not self._wait_for(self.parked):
+            return
         try:
             self._connect(address)
             # migrate_fd_connect()
@@ -505,10 +409,10 @@ class Source:
                 return
             self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
                                          + wire.BLOCK)])
-            if not self._wait_for(self.bitmap_received):
+            if not self._wait_for(self.rp.bitmap_received):
                 return
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
-            if not self._wait_for(self.resume_ack):
+            if not self._wait_for(self.rp.resume_ack):
                 return
         except (OSError, ChannelError) as err:
             self._channel_failed(f"recovery: {err}")
@@ -516,46 +420,6 @@ class Source:
         with self.lock:  # a pause clears `resumed` under this lock: it must come after this
             if self.state.set("postcopy-recover", "postcopy-active"):
                 self.resumed.set()  # migrate_handle_rp_resume_ack()
-
-    # ---- return-path thread ----
-
-    def _return_path_thread(self, ep: Endpoint) -> None:
-        try:
-            while True:
-                kind, data = wire.decode_rp(ep.recv())
-                self._rp_message(kind, data)
-        except (ChannelError, wire.ProtocolError) as err:
-            if not self.shut.is_set():
-                self._channel_failed(f"return path: {err}", ep)
-
-    def _rp_message(self, kind: int, data: bytes) -> None:
-        if kind in (wire.MIG_RP_MSG_REQ_PAGES, wire.MIG_RP_MSG_REQ_PAGES_ID):
-            offset, _length = wire.parse_req_pages(kind, data)
-            if offset >= self.cfg["guest.ram"]:
-                raise wire.ProtocolError(f"page request beyond RAM: offset {offset}")
-            self.board.add("postcopy-requests", 1)
-            self.queue.put(offset // self.P, self.clock.now())
-        elif kind == wire.MIG_RP_MSG_RECV_BITMAP:
-            received = wire.parse_recv_bitmap(data, self.cfg.npages)
-            self.dirty |= ~received
-            self.states[~received] = R.UNSENT
-            self.bitmap_received.set()
-        elif kind == wire.MIG_RP_MSG_RESUME_ACK:
-            self.resume_ack.set()
-        elif kind == wire.MIG_RP_MSG_SHUT:
-            self.shut.set()
-        elif kind == wire.MIG_RP_MSG_PONG:
-            self.board.add("pongs", 1)  # QEMU traces it: source_return_path_thread_pong
-
-
-def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted page numbers -> (first, count) of each run of consecutive pages."""
-    if not len(pages):
-        return []
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pages)]))
-    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
 def main(control, bufs: dict, cfg: Config) -> None:

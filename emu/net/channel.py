@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from emu import trace
+
 # kind, payload length, charged-but-not-carried bytes, arrival time (emulated, set by the link),
 # checksum of the payload: like TCP's, it turns bytes corrupted on the way into a broken
 # connection rather than a wrong page. The link computes it as the bytes leave the sender (the
@@ -44,6 +46,12 @@ RELAYED = 2
 MAX_FRAME = 64 << 20
 BATCH = 256 << 10  # bytes of frames send(more=True) gathers before writing them
 BATCH_PARTS = 512  # buffers one sendmsg() gets at most (Linux takes 1024)
+
+# A writer asleep on a full connection, and awake again. QEMU has no trace point there (its
+# qio_channel_writev_full_all() waits in qio_channel_wait(G_IO_OUT)); named in qemu-file.c's
+# style, as the QEMUFile writev that blocks.
+TRACE_WRITEV_BLOCKED = trace.point("qemu_file_writev_blocked")
+TRACE_WRITEV_UNBLOCKED = trace.point("qemu_file_writev_unblocked")
 
 
 class ChannelError(ConnectionError):
@@ -96,11 +104,22 @@ class Endpoint:
         """Blocked: like a writer asleep on a full TCP socket, wake only once `wakeup` bytes
         more than this write needs have drained."""
         room = self.window - self.wakeup
+        # traced outside the lock: a slow sink must not hold up the credits
+        traced = TRACE_WRITEV_BLOCKED.enabled and self._full(charge, room)
+        if traced:
+            TRACE_WRITEV_BLOCKED(channel=self.name, queued=self._outstanding, size=charge)
         with self._credit:
-            while self._outstanding and self._outstanding + charge > room:
+            while self._full(charge, room):
                 if self._closed:
                     raise ChannelError(f"{self.name}: closed")
                 self._credit.wait(0.5)
+        if traced and TRACE_WRITEV_UNBLOCKED.enabled:
+            TRACE_WRITEV_UNBLOCKED(channel=self.name, queued=self._outstanding, size=charge)
+
+    def _full(self, charge: int, room: int) -> bool:
+        """No room for `charge` more bytes (a frame larger than the link goes when it is
+        empty)."""
+        return bool(self._outstanding) and self._outstanding + charge > room
 
     def flush(self) -> None:
         """Write the frames held by send(more=True)."""

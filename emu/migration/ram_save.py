@@ -1,0 +1,290 @@
+"""Page search and sending on the source: QEMU's migration/ram.c, as source.py is its
+migration.c.
+
+RAMState holds what every sender shares: the dirty bitmap, the pages ever sent (sent_once: a
+copy of theirs dirtied since is stale on the destination at switchover), the pages' states the
+window shows, the scan position (PageSearchStatus) and the queue of page requests. One lock,
+QEMU's bitmap_mutex, covers the bitmap side. The migration thread takes it to find and claim
+pages; the return-path thread takes it to reload the bitmap after a recovery, and from QEMU 8.0
+on it sends urgent pages itself (ram_save_host_page_urgent()). So every sending function here
+claims its pages under the lock and may run on either thread, and none holds the lock while it
+writes: a writer blocked on a full connection must not stop the other sender (QEMU 8.0 drops
+bitmap_mutex around each page in preempt mode for that reason).
+
+Claiming a page clears its dirty bits before its bytes are written, so two senders never send
+one page twice: the second finds it clean and drops the request (get_queued_page_not_dirty),
+as QEMU does. The vCPUs set dirty bits without the lock, as KVM's dirty log does: a bit set
+before a claim means the bytes written are read after it (and sent); one set after it means
+the page goes again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from emu import trace
+from emu.board import Board
+from emu.clock import Clock
+from emu.config import Config
+from emu.migration import wire
+from emu.migration.page_requests import PageRequestQueue
+from emu.migration.ram import SENT_MAIN, SENT_PREEMPT, SENT_URGENT_MAIN, TARGET_PAGE, UNSENT
+from emu.net.channel import Endpoint
+
+SCAN = 1 << 16  # dirty-bitmap window searched at once
+DISCARDS_PER_COMMAND = 4000
+RBNAME = wire.BLOCK.decode()  # the one RAM block, as trace points name it
+
+TRACE_QUEUE_PAGES = trace.point("ram_save_queue_pages")
+# An unqueued request ends in one of these two: the page goes, or it was sent already. QEMU's
+# get_queued_page is the first (traced as it finds the page dirty), its channel in "channel".
+TRACE_QUEUED_PAGE = trace.point("get_queued_page")
+TRACE_NOT_DIRTY = trace.point("get_queued_page_not_dirty")
+TRACE_PREEMPT_TRIGGERED = trace.point("postcopy_preempt_triggered")
+TRACE_PREEMPT_RESTORED = trace.point("postcopy_preempt_restored")
+
+
+class Pacer:
+    """A rate cap in emulated time (max-bandwidth, max-postcopy-bandwidth; 0 = none), the way
+    QEMU applies it: at most rate x 100 ms of bytes in each 100 ms window (BUFFER_DELAY), then
+    wait for the next window."""
+
+    WINDOW = 0.1
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.start = -self.WINDOW
+        self.sent = 0
+
+    def charge(self, now: float, nbytes: int) -> None:
+        if now >= self.start + self.WINDOW:
+            self.start, self.sent = now, 0
+        self.sent += nbytes
+
+    @property
+    def t(self) -> float:
+        """When the stream may go on."""
+        if not self.rate or self.sent < self.rate * self.WINDOW:
+            return self.start
+        return self.start + self.WINDOW
+
+
+@dataclass
+class PageSearchStatus:
+    """Where the background scan goes on (QEMU's PageSearchStatus; one RAM block here)."""
+
+    page: int = 0  # host page
+
+
+class RecordWriter:
+    """Page records on a channel, counted on the board (QEMU's save_normal_page())."""
+
+    def __init__(self, raw: memoryview | None, board: Board) -> None:
+        self.raw = raw  # guest RAM, None without payload (a record then costs the link its size)
+        self.board = board
+
+    def save_normal_page(self, ep: Endpoint, offset: int, n: int, counter: str,
+                         more: bool) -> None:
+        """n target pages from byte `offset`, in one record; `counter` is the phase's bytes
+        (precopy-bytes, ...). more: a background record, which may gather in the endpoint."""
+        header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
+        size = n * TARGET_PAGE
+        if self.raw is not None:
+            # straight from guest RAM: a page the guest writes meanwhile is re-dirtied and
+            # sent again, as in QEMU
+            ep.send([header, self.raw[offset:offset + size]], more=more)
+        else:
+            ep.send([header], virt=size, more=more)
+        b = self.board
+        b.add("transferred", size + len(header))
+        b.add(counter, size + len(header))
+        b.add("normal", n)
+        b.add("normal-bytes", size)
+
+
+class RAMState:
+    def __init__(self, cfg: Config, board: Board, clock: Clock, states: np.ndarray,
+                 queue: PageRequestQueue, raw: memoryview | None) -> None:
+        self.board = board
+        self.clock = clock
+        self.P = cfg.page_size
+        self.tpp = cfg.target_pages_per_host_page
+        self.piece = cfg["emulator.chunk"] // TARGET_PAGE  # target pages per record at most
+        self.ram_size = cfg["guest.ram"]
+        self.bitmap_mutex = threading.Lock()
+        # under bitmap_mutex:
+        self.dirty = np.ones(cfg.npages, bool)  # nothing has been sent yet
+        self.sent_once = np.zeros(cfg.npages, bool)
+        self.states = states  # the channel each host page went on, for the window
+        self.pss = PageSearchStatus()
+        # the request queue has a lock of its own: the return path puts without bitmap_mutex
+        self.queue = queue  # QEMU's src_page_requests
+        self.writer = RecordWriter(raw, board)
+        self._remaining_at = 0.0
+
+    # ---- the bitmap ----
+
+    def find_dirty_block(self) -> int | None:
+        """The first dirty host page at or after the scan position, wrapping around once (a new
+        pass over the bitmap: dirty-sync-count)."""
+        with self.bitmap_mutex:
+            n = len(self.dirty)
+            start = self.pss.page % n
+            for lo, hi in ((start, n), (0, start)):
+                for w in range(lo, hi, SCAN):
+                    window = self.dirty[w:min(w + SCAN, hi)]
+                    i = int(np.argmax(window))
+                    if window[i]:
+                        if lo == 0 and start:
+                            self.board.add("dirty-sync-count", 1)
+                        return w + i
+        return None
+
+    def send_discard_bitmap(self, ep: Endpoint) -> None:
+        """ram_postcopy_send_discard_bitmap(): at switchover the pages sent once and dirtied
+        since are stale on the destination, which drops them."""
+        with self.bitmap_mutex:
+            stale = np.flatnonzero(self.dirty & self.sent_once)
+            self.states[stale] = UNSENT  # dropped on the other side: not in flight any more
+        runs = _runs(stale)
+        for i in range(0, len(runs), DISCARDS_PER_COMMAND):
+            ranges = [(s * self.P, n * self.P) for s, n in runs[i:i + DISCARDS_PER_COMMAND]]
+            ep.send([wire.discard_ranges(ranges)])
+
+    def reload_bitmap(self, received: np.ndarray) -> None:
+        """ram_dirty_bitmap_reload(): after a recovery every page the destination did not
+        receive is dirty again (what was in flight is lost)."""
+        with self.bitmap_mutex:
+            self.dirty |= ~received
+            self.states[~received] = UNSENT
+
+    def publish_remaining(self) -> None:
+        """query-migrate's ram.remaining; counting a multi-GiB bitmap costs milliseconds, so
+        at most ten times a second."""
+        now = time.monotonic()
+        if now - self._remaining_at > 0.1:
+            self._remaining_at = now
+            with self.bitmap_mutex:
+                dirty = int(np.count_nonzero(self.dirty))
+            self.board["remaining"] = dirty * self.P
+
+    def _clear_dirty(self, page: int, count: int, code: int) -> None:
+        """migration_bitmap_clear_dirty(), under bitmap_mutex: host pages [page, page + count)
+        are this sender's now, going on the channel `code` names."""
+        self.dirty[page:page + count] = False
+        self.sent_once[page:page + count] = True
+        self.states[page:page + count] = code
+
+    # ---- the background stream ----
+
+    def save_host_page(self, ep: Endpoint, page: int, counter: str, pacer: Pacer | None = None,
+                       preempt: Endpoint | None = None) -> int:
+        """ram_save_host_page(): host page `page` on `ep` (main), or with small pages the run
+        of dirty pages it starts, as much as one record holds. pacer: charge the bytes to it.
+        preempt: break-huge, serve the queue on that channel between two records of a huge
+        page. The host pages sent (0 if another sender took the page meanwhile)."""
+        count = self._claim_run(page)
+        if not count:
+            return 0
+        between = None
+        if preempt:
+            def between(offset: int) -> None:
+                self._postcopy_preempt(ep, preempt, page, offset)
+        self._write_pages(ep, page, count, counter, more=True, between=between)
+        if pacer:
+            pacer.charge(self.clock.now(), count * self.P)
+        return count
+
+    def _claim_run(self, page: int) -> int:
+        with self.bitmap_mutex:
+            if self.tpp == 1:  # small pages: one record carries a run of dirty pages
+                run = self.dirty[page:page + self.piece]
+                count = len(run) if run.all() else int(np.argmin(run))
+            else:
+                count = int(self.dirty[page])
+            self._clear_dirty(page, count, SENT_MAIN)
+            self.pss.page = page + max(count, 1)
+        return count
+
+    def _write_pages(self, ep: Endpoint, page: int, count: int, counter: str, more: bool = False,
+                     between: Callable[[int], None] | None = None) -> None:
+        """Host pages [page, page + count), claimed, on `ep` in records of at most
+        emulator.chunk; between(offset) runs before every record but the first."""
+        first = page * self.tpp
+        total = count * self.tpp
+        for start in range(0, total, self.piece):
+            offset = (first + start) * TARGET_PAGE
+            if start and between:
+                between(offset)
+            self.writer.save_normal_page(ep, offset, min(self.piece, total - start), counter,
+                                         more)
+        self.publish_remaining()
+
+    def _postcopy_preempt(self, main: Endpoint, preempt: Endpoint, page: int,
+                          offset: int) -> None:
+        """Break-huge (x-postcopy-preempt-break-huge): between two records of huge page
+        `page` on main, serve what waits, then go back to the page at byte `offset`."""
+        if not self.queue.nonempty.is_set():
+            return
+        self.board.add("break-huge", 1)
+        if TRACE_PREEMPT_TRIGGERED.enabled:
+            TRACE_PREEMPT_TRIGGERED(rbname=RBNAME, page=page, offset=offset)
+        while self.serve_queued_page(main, preempt):
+            pass
+        if TRACE_PREEMPT_RESTORED.enabled:
+            TRACE_PREEMPT_RESTORED(rbname=RBNAME, page=page, offset=offset)
+
+    # ---- urgent pages ----
+
+    def queue_pages(self, offset: int, length: int) -> None:
+        """ram_save_queue_pages(): the destination asks for the host page at byte `offset`."""
+        if offset >= self.ram_size:
+            raise wire.ProtocolError(f"page request beyond RAM: offset {offset}")
+        self.board.add("postcopy-requests", 1)
+        page = offset // self.P
+        if TRACE_QUEUE_PAGES.enabled:  # before the put: a sender may take it at once
+            TRACE_QUEUE_PAGES(rbname=RBNAME, start=offset, len=length, page=page)
+        self.queue.put(page, self.clock.now())
+
+    def serve_queued_page(self, main: Endpoint, preempt: Endpoint | None) -> bool:
+        """get_queued_page() and send it: one request off the queue, its page on preempt
+        (else on main), unless it was sent already. False if the queue is empty."""
+        item = self.queue.pop()
+        if item is None:
+            return False
+        main.flush()  # the background records gathered so far go first
+        page = item[0]
+        ep, code = (preempt, SENT_PREEMPT) if preempt else (main, SENT_URGENT_MAIN)
+        with self.bitmap_mutex:
+            dirty = bool(self.dirty[page])
+            if dirty:
+                self._clear_dirty(page, 1, code)
+                if not preempt:  # the guest will likely touch the neighbours next
+                    self.pss.page = page + 1
+        if not dirty:
+            # already sent (maybe still in flight, maybe the host page being sent on main):
+            # QEMU drops such requests too
+            self.board.add("dropped-requests", 1)
+            if TRACE_NOT_DIRTY.enabled:
+                TRACE_NOT_DIRTY(rbname=RBNAME, offset=page * self.P, page=page)
+            return True
+        if TRACE_QUEUED_PAGE.enabled:
+            TRACE_QUEUED_PAGE(rbname=RBNAME, offset=page * self.P, page=page, channel=ep.name)
+        self._write_pages(ep, page, 1, "postcopy-bytes")
+        self.board.add("urgent-preempt" if preempt else "urgent-main", 1)
+        return True
+
+
+def _runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted page numbers -> (first, count) of each run of consecutive pages."""
+    if not len(pages):
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return [(int(pages[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
