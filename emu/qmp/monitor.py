@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 
 from emu import faults
-from emu.board import Board
 from emu.config import Config
-from emu.figures import integrity, metrics, report
-from emu.migration import source, states
+from emu.figures import integrity, report
+from emu.migration import states
 from emu.net import uri as uris
 from emu.qmp.protocol import QmpError, QmpServer
 
@@ -49,10 +48,6 @@ RUNNING = ("setup", "active", "device", "postcopy-active", "postcopy-paused",
            "wait-unplug")
 IN_POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover-setup",
                "postcopy-recover")
-# query-migrate fields that only the destination knows (QEMU 10.1 names)
-DESTINATION_FIELDS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency",
-                      "postcopy-vcpu-latency", "postcopy-latency-dist")
-NO_FAULTS = np.zeros(0, metrics.FAULT_DTYPE)
 LISTEN_TIMEOUT = 30.0  # real seconds for a freshly spawned child to listen (it imports numpy)
 
 
@@ -397,9 +392,7 @@ class Monitor:
         board = self.engine.board.snapshot()
         if status != "completed":
             board["total-time"] = self.engine.clock.now() - self.started_at  # so far
-        info = report.query_migrate(self.final_cfg, status, board, NO_FAULTS, 0.0, [])
-        for key in DESTINATION_FIELDS:
-            info.pop(key, None)
+        info = report.source_migration_info(self.final_cfg, status, board)
         if status != "completed":
             del info["downtime"]  # QEMU shows it once the migration has completed
         return info
@@ -416,16 +409,8 @@ class Monitor:
             info["error-desc"] = self.error_desc or "unknown error"
         if self.status == "completed" and self.caps["postcopy-blocktime"] \
                 and self.reported.wait(5):
-            info.update(self._latencies())
+            info.update(report.destination_postcopy_info(self.final_cfg, self.report["faults"]))
         return info
-
-    def _latencies(self) -> dict:
-        records = self.report["faults"]
-        total_ms, per_vcpu_ms = metrics.blocktime(records, self.cfg["guest.vcpus"])
-        zero = Board(source.FIELDS).snapshot()
-        full = report.query_migrate(self.final_cfg, "completed", zero, records, total_ms,
-                                    per_vcpu_ms)
-        return {key: full[key] for key in DESTINATION_FIELDS}
 
     def query_integrity(self) -> dict:
         """x-query-integrity: the memory check after an incoming migration
