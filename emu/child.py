@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 
 from emu import shm, signals
+from emu.events import Error, Event, Exit, Ready, from_tuple
 
 
 def start_thread(name: str, target, *args) -> threading.Thread:
@@ -42,7 +43,11 @@ class Control:
         shm.unlink_all(self.segments)
         os._exit(1)
 
-    def emit(self, event: tuple) -> None:
+    def emit(self, event: Event | tuple) -> None:
+        """Send an event (emu/events.py); an old-style tuple, ("paused", side, reason) and
+        the like, is made into its event first."""
+        if isinstance(event, tuple):
+            event = from_tuple(event)
         with self._lock:
             try:
                 self.conn.send(event)
@@ -50,11 +55,17 @@ class Control:
                 self.orphaned()
 
     def fail(self, message: str) -> None:
-        self.emit(("error", self.role, message))
+        """Say that this side failed, in one line."""
+        self.emit(Error.of(self.role, message))
+
+    def crashed(self) -> None:
+        """Say what the exception being handled was, with its traceback: a bug, not a
+        failure the engine knows."""
+        self.emit(Error.of(self.role, traceback.format_exc()))
 
     def serve(self, handlers: dict[str, Callable[..., None]]) -> None:
         """Say ready, then run commands until "quit"; exit if the controller disappears."""
-        self.emit(("ready", self.role))
+        self.emit(Ready(self.role))
         while True:
             try:
                 command, *args = self.conn.recv()
@@ -65,7 +76,7 @@ class Control:
             try:
                 handlers[command](*args)
             except Exception:  # a bad command must not take the process down silently
-                self.fail(traceback.format_exc())
+                self.crashed()
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
@@ -133,10 +144,11 @@ def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
         segments = shm.attach_all(names)
     except FileNotFoundError:  # the controller was killed, and the janitor has been
         os._exit(1)
+    bufs = {k: s.buf for k, s in segments.items()}
     try:
-        body(control, {k: s.buf for k, s in segments.items()}, *args)
+        body(control, bufs, *args)
     except Exception:
-        control.fail(traceback.format_exc())
+        control.crashed()
     finally:
-        control.emit(("exit", role))
+        control.emit(Exit(role))
         os._exit(0)  # numpy views into the segments would make a clean close() fail

@@ -213,7 +213,7 @@ def _tracer():
 
 def _progress(run) -> None:
     dst = run.board("destination")
-    faults, _ = run.faults(max(0, run.ring.count - 200))
+    faults, _ = run.faults(max(0, run.fault_count - 200))
     avg = faults["latency"].mean() * 1e3 if len(faults) else 0.0
     line = (f"\r[{run.clock.now():7.3f}s] {run.status['source']:>15} -> "
             f"{run.status['destination']:<15} present {dst['present'] / run.cfg.npages:6.1%}  "
@@ -279,6 +279,7 @@ def summary(result: dict, cfg: Config) -> str:
         what = fault["action"] + ("" if fault["action"] == "pause" else f" {fault['channel']}")
         lines.append(f"  fault: {what} at {fault['time'] * 1e3:.1f} ms")
     lines += [f"  error: {e}" for e in result["errors"]]
+    lines += ["    " + line for tb in result["tracebacks"] for line in tb.splitlines()]
     if "warning" in emu:
         lines.append(f"  warning: {emu['warning']}")
     if lat["dist"]:

@@ -391,11 +391,11 @@ def test_the_replayed_memory_check_sees_what_the_source_held():
     with Run(cfg) as run:
         run.wait()
         assert run.ok, run.errors
-        dst = np.frombuffer(run.dst_ram, np.uint8)
+        dst = run.ram("destination")
         report = run.reports["destination"]
-        assert integrity.check_replayed(cfg, dst, run.dst_states, report)["ok"]
+        assert integrity.check_replayed(cfg, dst, run.pages().dst, report)["ok"]
         dst[77 * 4096 + 2000] ^= 1
-        result = integrity.check_replayed(cfg, dst, run.dst_states, report)
+        result = integrity.check_replayed(cfg, dst, run.pages().dst, report)
         assert not result["ok"] and result["first-bad"] == [77]
 
 

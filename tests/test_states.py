@@ -3,18 +3,25 @@ compare-and-set, and a change from a state the side has already left is refused 
 
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
 from emu import controller
 from emu.controller import Run, migrate
+from emu.events import StateChanged, StateRefused
 from emu.faults import Fault, parse
 from emu.migration import destination, source, wire
-from emu.migration.states import StateLog, after_failure, refusal_text
+from emu.migration.states import StateLog, after_failure
 from tests.conftest import config
 from tests.test_recovery import assert_recovered, statuses
 
 HOLD_S = 10.0  # real seconds the held listen thread waits for the pause at most
+
+
+@dataclass(frozen=True)
+class ResumeDecoded:
+    """The held destination's own event: its listen thread has decoded POSTCOPY_RESUME."""
 
 
 class HeldDestination(destination.Destination):
@@ -27,7 +34,7 @@ class HeldDestination(destination.Destination):
     def _main_message(self, msg) -> None:
         if not self.held and getattr(msg, "cmd", None) == wire.MIG_CMD_POSTCOPY_RESUME:
             self.held = True
-            self.control.emit(("resume-decoded",))
+            self.control.emit(ResumeDecoded())
             deadline = time.monotonic() + HOLD_S
             while self.state.status != "postcopy-paused" and time.monotonic() < deadline:
                 time.sleep(0.002)
@@ -43,8 +50,8 @@ def held_destination_main(control, bufs, cfg) -> None:
 class CutPreemptOnResume(Run):
     """`cut preempt at postcopy-recover`, struck once the destination has decoded RESUME."""
 
-    def _event(self, event: tuple) -> None:
-        if event[0] == "resume-decoded":
+    def _event(self, event) -> None:
+        if isinstance(event, ResumeDecoded):
             self.inject(Fault("postcopy-recover", "cut", "preempt"))
         else:
             super()._event(event)
@@ -84,10 +91,10 @@ def test_a_change_is_a_compare_and_set():
     assert log.set("none", "setup")
     assert not log.set("none", "active")  # no longer in none: refused, traced
     assert log.status == "setup" and log.changes == [("setup", 1.5)]
-    assert events == [("state", "destination", "setup", 1.5),
-                      ("state-refused", "destination", "none", "active", "setup", 1.5)]
-    assert refusal_text(events[1]) == ("destination: migrate_set_state none -> active refused: "
-                                       "the state is setup")
+    assert events == [StateChanged("destination", "setup", 1.5),
+                      StateRefused("destination", "none", "active", "setup", 1.5)]
+    assert str(events[1]) == ("destination: migrate_set_state none -> active refused: "
+                              "the state is setup")
     assert log.set("setup", "setup") and len(events) == 2  # no change, no second event
 
 

@@ -58,6 +58,7 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
     return {
         "status": "completed" if ok else "failed",
         "errors": run.errors,
+        "tracebacks": run.tracebacks,  # of the errors that were bugs in the emulator
         "reached": reached,
         "query-migrate": query_migrate(cfg, run.status["source"], src, faults),
         "latency": latency,

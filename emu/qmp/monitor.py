@@ -21,10 +21,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from emu import faults
 from emu.config import Config
+from emu.events import (
+    Bound,
+    Died,
+    Error,
+    Event,
+    Listening,
+    Paused,
+    Refused,
+    Report,
+    StateChanged,
+    StateRefused,
+)
 from emu.figures import integrity, report
 from emu.migration import states
 from emu.net import uri as uris
@@ -119,40 +129,37 @@ class Monitor:
 
     # ---- what the engine child says ----
 
-    def event(self, event: tuple) -> None:
+    def event(self, event: Event) -> None:
         """An event from the engine child (its reader thread)."""
-        kind = event[0]
-        if kind == "state":
-            self.log(f"[{event[3] * 1e3:10.3f} ms] {event[1]}: {event[2]}")
-            self._set_status(event[2])
-        elif kind == "state-refused":
-            self.log(f"[{event[5] * 1e3:10.3f} ms] {states.refusal_text(event)}")
-        elif kind == "bound":
-            self.socket_files.append(uris.Pin(event[2]))
-        elif kind == "listening":
-            self.listening.append(event[1])
-            self._outcomes.put(None)
-        elif kind in ("refused", "error"):
-            message = event[2].strip().splitlines()[-1]
-            if kind == "error":
-                # query-migrate's error-desc once failed; the monitor is this side's already
-                self.error_desc = message.removeprefix(f"{self.role}: ")
-                self.log(f"error: {message}", always=True)
-            else:
-                self.log(f"{event[1]} refused: {message}")
-            self._outcomes.put(message)
-        elif kind == "paused":
-            self.log(f"{event[1]} paused: {event[2]}")
-        elif kind == "report":
-            self.report = event[2]
-            self.reported.set()
-        elif kind == "died":
-            why = event[2]
-            self.log(why, always=True)
-            self.error_desc = self.error_desc or why  # a failure it told first stays the reason
-            self._outcomes.put(why)
-            if self.status not in ("completed", "failed", "cancelled"):
-                self._set_status("failed")
+        match event:
+            case StateChanged(side, status, t):
+                self.log(f"[{t * 1e3:10.3f} ms] {side}: {status}")
+                self._set_status(status)
+            case StateRefused(t=t):
+                self.log(f"[{t * 1e3:10.3f} ms] {event}")
+            case Bound(file=file):
+                self.socket_files.append(uris.Pin(file))
+            case Listening(uri):
+                self.listening.append(uri)
+                self._outcomes.put(None)
+            case Refused(command, message):
+                self.log(f"{command} refused: {message}")
+                self._outcomes.put(message)
+            case Error(message=message):
+                self.error_desc = message  # query-migrate's error-desc once failed
+                self.log(f"error: {event}", always=True)
+                self._outcomes.put(message)
+            case Paused(side, reason):
+                self.log(f"{side} paused: {reason}")
+            case Report(report=report):
+                self.report = report
+                self.reported.set()
+            case Died(why=why):
+                self.log(why, always=True)
+                self.error_desc = self.error_desc or why  # a failure it told first stays why
+                self._outcomes.put(why)
+                if self.status not in ("completed", "failed", "cancelled"):
+                    self._set_status("failed")
 
     def _set_status(self, status: str) -> None:
         with self._lock:
@@ -419,9 +426,9 @@ class Monitor:
             raise QmpError(f"The memory check needs a completed incoming migration "
                            f"(status: {self.status})")
         if self.integrity is None:
-            ram = np.frombuffer(self.engine.segments.buf("dst-ram"), np.uint8)
-            page_states = np.frombuffer(self.engine.segments.buf("dst-states"), np.uint8)
-            self.integrity = integrity.check_replayed(self.final_cfg, ram, page_states, self.report)
+            shared = self.engine.shared
+            self.integrity = integrity.check_replayed(self.final_cfg, shared.ram("destination"),
+                                                      shared.states["destination"], self.report)
         return self.integrity
 
 
