@@ -14,10 +14,11 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from emu import shm, signals
-from emu.events import Error, Event, Exit, Ready, from_tuple
+from emu import shm, signals, trace
+from emu.clock import Clock
+from emu.events import Error, Event, Exit, Ready, Trace, from_tuple
 
 
 def start_thread(name: str, target, *args) -> threading.Thread:
@@ -62,6 +63,14 @@ class Control:
         """Say what the exception being handled was, with its traceback: a bug, not a
         failure the engine knows."""
         self.emit(Error.of(self.role, traceback.format_exc()))
+
+    def trace_to_controller(self, clock: Clock, patterns: Iterable[str]) -> None:
+        """Switch on the trace points matching QEMU-style `patterns` and send each one that
+        fires as a Trace event, stamped with this run's emulated time. No pattern: every
+        point stays off, and nothing is sent."""
+        trace.enable(patterns)
+        trace.set_sink(lambda name, fields: self.emit(Trace(self.role, name, clock.now(),
+                                                            fields)))
 
     def serve(self, handlers: dict[str, Callable[..., None]]) -> None:
         """Say ready, then run commands until "quit"; exit if the controller disappears."""
@@ -127,11 +136,11 @@ def _rewrite_argv(title: bytes) -> None:
 
 
 def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
-               janitor: bool = False) -> None:
+               janitor: bool = False, trace_patterns: tuple[str, ...] = ()) -> None:
     """Entry point of a spawned child: attach the run's segments and run `body`. The janitor
     unlinks them if the controller is killed: one child only, so that a sibling still starting
     up does not find them gone (the network child of a run, which also removes its socket
-    directory)."""
+    directory). trace_patterns: the trace points to send to the controller (QEMU's -trace)."""
     set_title(role)
     signals.ignore_terminal()
     # Threads here wait on each other (a vCPU on the listen thread, the migration thread on
@@ -145,6 +154,7 @@ def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
     except FileNotFoundError:  # the controller was killed, and the janitor has been
         os._exit(1)
     bufs = {k: s.buf for k, s in segments.items()}
+    control.trace_to_controller(Clock(bufs[shm.CLOCK]), trace_patterns)
     try:
         body(control, bufs, *args)
     except Exception:

@@ -38,6 +38,7 @@ from emu.events import (
     Report,
     StateChanged,
     StateRefused,
+    Trace,
 )
 from emu.faults import Fault
 from emu.migration.states import FINAL
@@ -67,7 +68,8 @@ class Pages(NamedTuple):
 
 class EventLog:
     """Every notable event of a run by its emulated time, for readers that show them as they
-    come (--trace, the window's event log) and for the report. An entry is (t, text).
+    come (--trace, the window's event log) and for the report. An entry is (t, what): what is
+    a line of text, or a Trace (its str() is the line).
 
     Events arrive out of order (each child has its own pipe), so the part of the log no
     reader has seen yet is kept sorted by time; equal times keep their order of arrival. An
@@ -75,12 +77,12 @@ class EventLog:
     arrived) has passed it."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[float, str]] = []
+        self.entries: list[tuple[float, str | Trace]] = []
         self._released = 0  # how many entries readers may have seen
 
-    def note(self, t: float, text: str) -> None:
+    def note(self, t: float, what: str | Trace) -> None:
         at = bisect.bisect_right(self.entries, t, lo=self._released, key=lambda entry: entry[0])
-        self.entries.insert(at, (t, text))
+        self.entries.insert(at, (t, what))
 
     def since(self, seen: int, horizon: float = math.inf) -> tuple[list, int]:
         """The entries from number `seen` on up to the horizon, and the number to pass next
@@ -89,7 +91,7 @@ class EventLog:
             self._released += 1
         return self.entries[seen:self._released], self._released
 
-    def in_order(self) -> list[tuple[float, str]]:
+    def in_order(self) -> list[tuple[float, str | Trace]]:
         """The whole log by time, an entry that came later than its horizon included."""
         return sorted(self.entries, key=lambda entry: entry[0])
 
@@ -99,10 +101,12 @@ class Run:
     commands that drive it, and what they say, read by one dispatcher (_event)."""
 
     def __init__(self, cfg: Config, faults: list[Fault] = (),
-                 recover_after: float | None = 0.2) -> None:
+                 recover_after: float | None = 0.2, trace: tuple[str, ...] = ()) -> None:
         """faults: what to break during postcopy; recover_after: emulated seconds after a
-        pause before recovering (migrate-recover + migrate resume), None = leave it paused."""
+        pause before recovering (migrate-recover + migrate resume), None = leave it paused;
+        trace: QEMU -trace patterns of the trace points the children log."""
         self.cfg = cfg
+        self.trace = tuple(trace)
         self.pending_faults = list(faults)
         self.injected: list[dict] = []
         self.recover_after = recover_after
@@ -288,9 +292,9 @@ class Run:
         return report.check_memory(self.cfg, self.ram("source"), self.ram("destination"),
                                    self.pages().dst, self.reports["destination"])
 
-    def note(self, t: float, text: str) -> None:
+    def note(self, t: float, what: str | Trace) -> None:
         """Log an event that happened at emulated time t (see EventLog)."""
-        self.log.note(t, text)
+        self.log.note(t, what)
 
     def events(self, seen: int = 0, final: bool = False) -> tuple[list, int]:
         """The log's events from number `seen` on, for a reader that shows them as they come
@@ -303,7 +307,7 @@ class Run:
             horizon = self.clock.now() - EVENT_DELAY_S * self.clock.scale
         return self.log.since(seen, horizon)
 
-    def events_in_order(self) -> list[tuple[float, str]]:
+    def events_in_order(self) -> list[tuple[float, str | Trace]]:
         """The whole log by time, an event that came later than EVENT_DELAY_S included."""
         return self.log.in_order()
 
@@ -320,7 +324,8 @@ class Run:
         plan = {"network": (True, (self.link_uri, self._incoming_uri(), self.tmpdir)),
                 "destination": (False, ()), "source": (False, ())}
         for role, (janitor, args) in plan.items():
-            self.children[role] = self.shared.spawn(role, self.cfg, *args, janitor=janitor)
+            self.children[role] = self.shared.spawn(role, self.cfg, *args, janitor=janitor,
+                                                    trace=self.trace)
 
     def _incoming_uri(self) -> str:
         """Where the destination listens: a new address for every recovery, as in QEMU."""
@@ -389,6 +394,8 @@ class Run:
                 self._state(side, status, t)
             case StateRefused(t=t):
                 self.note(t, str(event))
+            case Trace(t=t):
+                self.note(t, event)  # its str() is the line; the report keeps its fields
             case Link(what, channel, t):
                 self.note(t, f"link: {channel} connection {what}")
             case Listening(uri):
@@ -448,14 +455,14 @@ class Run:
 
 
 def migrate(cfg: Config, progress=None, faults: list[Fault] = (),
-            recover_after: float | None = 0.2) -> dict:
+            recover_after: float | None = 0.2, trace: tuple[str, ...] = ()) -> dict:
     """Run one migration to the end and return its report (see report.build)."""
     from emu.figures import report
 
     started = time.monotonic()
     run = None
     try:
-        run = Run(cfg, faults, recover_after)
+        run = Run(cfg, faults, recover_after, trace)
         run.start()
         run.wait(progress)
         return report.build(run, run.check_memory(), time.monotonic() - started)

@@ -122,14 +122,16 @@ class Shared:
         """The source's request queue as it publishes it: (host page, time queued)."""
         return read_published(self._queue)
 
-    def spawn(self, role: str, cfg: Config, *args, janitor: bool) -> Child:
-        """Start `role`'s engine child on these segments; args go to its main() after cfg."""
+    def spawn(self, role: str, cfg: Config, *args, janitor: bool,
+              trace: Iterable[str] = ()) -> Child:
+        """Start `role`'s engine child on these segments; args go to its main() after cfg.
+        trace: QEMU -trace patterns of the trace points it sends."""
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=child_main, name=f"postcopy-emu-{role}", daemon=True,
                            args=(role, BODIES[role].main, child, self.segments.names(), cfg,
                                  *args),
-                           kwargs={"janitor": janitor})
+                           kwargs={"janitor": janitor, "trace_patterns": tuple(trace)})
         with signals.spawning():
             proc.start()
         child.close()

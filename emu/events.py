@@ -6,12 +6,12 @@ run's controller, a standalone program's monitor, the link program) reads them w
 an error carries its one-line message apart from its traceback.
 
 Events are QEMU's words where QEMU has them: a state change is its migrate_set_state(), a
-refused change the compare-and-set that failed.
+refused change the compare-and-set that failed, a trace a trace-events line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,23 @@ class Died:
     why: str
 
 
+@dataclass(frozen=True)
+class Trace:
+    """A trace point that fired in `role` (emu/trace.py): QEMU's trace-event `name`, the
+    child's emulated time t, and the event's fields."""
+
+    role: str
+    name: str
+    t: float
+    fields: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        args = " ".join(f"{key}={value}" for key, value in self.fields.items())
+        return f"{self.role}: {self.name} {args}".rstrip()
+
+
 Event = (Ready | StateChanged | StateRefused | Refused | Paused | Error | Report | Listening
-         | Bound | Link | Exit | Died)
+         | Bound | Link | Exit | Died | Trace)
 
 # The tuples children sent before these types, by their first item: Control.emit still takes
 # them (the engine's call sites move over one by one) and makes the event here.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from emu import controller
+from emu import controller, trace
 from emu.controller import Run, migrate
 from emu.events import StateChanged, StateRefused
 from emu.faults import Fault, parse
@@ -96,6 +96,21 @@ def test_a_change_is_a_compare_and_set():
     assert str(events[1]) == ("destination: migrate_set_state none -> active refused: "
                               "the state is setup")
     assert log.set("setup", "setup") and len(events) == 2  # no change, no second event
+
+
+def test_a_change_fires_qemu_s_trace_point_when_it_is_on():
+    fired = []
+    trace.set_sink(lambda name, fields: fired.append((name, fields)))
+    try:
+        log = StateLog("source", lambda: 0.0)
+        log.set("none", "setup")  # off: nothing
+        trace.enable(["migrate_set_*"])
+        log.set("setup", "active")
+        log.set("setup", "failed")  # refused: no change, no trace
+    finally:
+        trace.enable([])
+        trace.set_sink(lambda name, fields: None)
+    assert fired == [("migrate_set_state", {"new_state": "active"})]
 
 
 def test_of_threads_racing_from_one_state_exactly_one_wins():

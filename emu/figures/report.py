@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from emu.config import Config
+from emu.events import Trace
 from emu.figures import integrity, metrics
 from emu.migration.ram import PRESENT, TARGET_PAGE
 from emu.migration.workload import SLICED
@@ -74,10 +75,29 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                    for side, changes in run.states.items()},
         "faults": run.injected,
         "recoveries": run.recoveries,
-        "events": [{"time": round(t, 6), "event": text} for t, text in run.events_in_order()],
+        "events": [event_json(t, what) for t, what in run.events_in_order()],
         "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }
+
+
+def event_json(t: float, what: str | Trace) -> dict:
+    """One entry of the run's log; a trace point's with its name and fields too."""
+    entry = {"time": round(t, 6), "event": str(what)}
+    if isinstance(what, Trace):
+        entry.update(trace=what.name, role=what.role,
+                     fields={key: _plain(value) for key, value in what.fields.items()})
+    return entry
+
+
+def _plain(value: object) -> object:
+    """A trace field as JSON takes it: numpy's numbers as Python's, anything else odd as
+    its text."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def how_far(run, page_faults: int) -> dict:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from emu import trace
 from emu.events import Event, StateChanged, StateRefused
 
 STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
             "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "completed",
             "failed", "colo", "pre-switchover", "device", "wait-unplug")
 FINAL = ("completed", "failed", "cancelled")
+
+TRACE_SET_STATE = trace.point("migrate_set_state")  # QEMU's, with the new state's name
 
 
 class StateLog:
@@ -41,6 +44,8 @@ class StateLog:
         if actual != old:
             self._emit(StateRefused(self.side, old, new, actual, t))
         elif new != old:
+            if TRACE_SET_STATE.enabled:
+                TRACE_SET_STATE(new_state=new)
             self._emit(StateChanged(self.side, new, t))
         return actual == old
 

@@ -34,6 +34,7 @@ from emu.events import (
     Report,
     StateChanged,
     StateRefused,
+    Trace,
 )
 from emu.figures import integrity, report
 from emu.migration import states
@@ -135,7 +136,7 @@ class Monitor:
             case StateChanged(side, status, t):
                 self.log(f"[{t * 1e3:10.3f} ms] {side}: {status}")
                 self._set_status(status)
-            case StateRefused(t=t):
+            case StateRefused(t=t) | Trace(t=t):
                 self.log(f"[{t * 1e3:10.3f} ms] {event}")
             case Bound(file=file):
                 self.socket_files.append(uris.Pin(file))

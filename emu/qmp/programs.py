@@ -38,7 +38,7 @@ from functools import partial
 from emu import engines, signals
 from emu.config import Config
 from emu.engines import Child, Shared
-from emu.events import Bound, Died, Error, Event, Link, Ready
+from emu.events import Bound, Died, Error, Event, Link, Ready, Trace
 from emu.net import uri
 from emu.qmp.monitor import Monitor, serve_link
 from emu.qmp.protocol import QmpError, QmpServer
@@ -58,9 +58,12 @@ class Engine:
     A destination's engine comes with its front, an engine of role network on the same
     clock and memory, started and stopped with it."""
 
-    def __init__(self, role: str, cfg: Config, host: Engine | None = None) -> None:
-        """host: the engine whose clock and memory this one works on (a destination's)."""
+    def __init__(self, role: str, cfg: Config, host: Engine | None = None,
+                 trace: tuple[str, ...] = ()) -> None:
+        """host: the engine whose clock and memory this one works on (a destination's);
+        trace: QEMU -trace patterns of the trace points its child sends."""
         self.role = role
+        self.trace = trace
         self.on_event: Callable[[Event], None] = lambda event: None
         self.hosted = host is not None
         if host:
@@ -71,7 +74,7 @@ class Engine:
             self.shared.clock.start(cfg["emulator.time-scale"])
         self.clock = self.shared.clock
         self.board = self.shared.boards[role]
-        self.front = Engine("network", cfg, self) if role == "destination" else None
+        self.front = Engine("network", cfg, self, trace) if role == "destination" else None
         self.private: str | None = None  # the front's folder, removed by this very path
         self.child: Child | None = None
         self.ready = threading.Event()
@@ -85,7 +88,8 @@ class Engine:
         if self.front:
             args = (*args, self._spawn_front(cfg))
         # the janitor of the program's segments, unless it works on its host's
-        child = self.shared.spawn(self.role, cfg, *args, janitor=not self.hosted)
+        child = self.shared.spawn(self.role, cfg, *args, janitor=not self.hosted,
+                                  trace=self.trace)
         self.child = child
         threading.Thread(target=self._read, args=(child,), name=f"{self.role}-events",
                          daemon=True).start()
@@ -155,11 +159,13 @@ class Engine:
 
 class Program:
     """What each standalone program does around its work: say things on stderr, and run
-    until quit, SIGTERM or Ctrl-C."""
+    until quit, SIGTERM or Ctrl-C. trace: None, or the QEMU -trace patterns of --trace
+    (none: only the state changes and connections)."""
 
-    def __init__(self, name: str, trace: bool) -> None:
+    def __init__(self, name: str, trace: tuple[str, ...] | None) -> None:
         self.name = name
-        self.tracing = trace
+        self.tracing = trace is not None
+        self.trace_patterns = trace or ()
         self.done = threading.Event()
 
     def say(self, text: str) -> None:
@@ -210,7 +216,7 @@ def run_side(role: str, args, cfg: Config) -> int:
 
 def _side(role: str, args, cfg: Config, program: Program) -> int:
     # first: a guest that does not fit stops here, with one line
-    engine = Engine(role, cfg)
+    engine = Engine(role, cfg, trace=program.trace_patterns)
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
         engine.close()
@@ -248,7 +254,7 @@ def _link(args, cfg: Config, program: Program) -> int:
     except (ValueError, OSError) as err:
         program.say(str(err))
         return 2
-    engine = Engine("network", cfg)
+    engine = Engine("network", cfg, trace=program.trace_patterns)
     server = None
     if args.qmp:
         server = _monitor_server(program, args.qmp, args.allow_remote)
@@ -295,6 +301,8 @@ def _link_event(program: Program, event: Event, bound: list | None = None) -> No
             bound.append(uri.Pin(file))
         case Link(what, channel, t):
             program.log(f"[{t * 1e3:10.3f} ms] {channel} connection {what}")
+        case Trace(t=t):
+            program.log(f"[{t * 1e3:10.3f} ms] {event}")
         case Error(message=message):
             program.say(f"error: {message}")
         case Died(why=why):
