@@ -14,9 +14,11 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from emu import shm, signals
+from emu import shm, signals, trace
+from emu.clock import Clock
+from emu.events import Error, Event, Exit, Ready, Trace, from_tuple
 
 
 def start_thread(name: str, target, *args) -> threading.Thread:
@@ -42,7 +44,11 @@ class Control:
         shm.unlink_all(self.segments)
         os._exit(1)
 
-    def emit(self, event: tuple) -> None:
+    def emit(self, event: Event | tuple) -> None:
+        """Send an event (emu/events.py); an old-style tuple, ("paused", side, reason) and
+        the like, is made into its event first."""
+        if isinstance(event, tuple):
+            event = from_tuple(event)
         with self._lock:
             try:
                 self.conn.send(event)
@@ -50,11 +56,25 @@ class Control:
                 self.orphaned()
 
     def fail(self, message: str) -> None:
-        self.emit(("error", self.role, message))
+        """Say that this side failed, in one line."""
+        self.emit(Error.of(self.role, message))
+
+    def crashed(self) -> None:
+        """Say what the exception being handled was, with its traceback: a bug, not a
+        failure the engine knows."""
+        self.emit(Error.of(self.role, traceback.format_exc()))
+
+    def trace_to_controller(self, clock: Clock, patterns: Iterable[str]) -> None:
+        """Switch on the trace points matching QEMU-style `patterns` and send each one that
+        fires as a Trace event, stamped with this run's emulated time. No pattern: every
+        point stays off, and nothing is sent."""
+        trace.enable(patterns)
+        trace.set_sink(lambda name, fields: self.emit(Trace(self.role, name, clock.now(),
+                                                            fields)))
 
     def serve(self, handlers: dict[str, Callable[..., None]]) -> None:
         """Say ready, then run commands until "quit"; exit if the controller disappears."""
-        self.emit(("ready", self.role))
+        self.emit(Ready(self.role))
         while True:
             try:
                 command, *args = self.conn.recv()
@@ -65,7 +85,7 @@ class Control:
             try:
                 handlers[command](*args)
             except Exception:  # a bad command must not take the process down silently
-                self.fail(traceback.format_exc())
+                self.crashed()
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
@@ -116,11 +136,11 @@ def _rewrite_argv(title: bytes) -> None:
 
 
 def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
-               janitor: bool = False) -> None:
+               janitor: bool = False, trace_patterns: tuple[str, ...] = ()) -> None:
     """Entry point of a spawned child: attach the run's segments and run `body`. The janitor
     unlinks them if the controller is killed: one child only, so that a sibling still starting
     up does not find them gone (the network child of a run, which also removes its socket
-    directory)."""
+    directory). trace_patterns: the trace points to send to the controller (QEMU's -trace)."""
     set_title(role)
     signals.ignore_terminal()
     # Threads here wait on each other (a vCPU on the listen thread, the migration thread on
@@ -133,10 +153,12 @@ def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
         segments = shm.attach_all(names)
     except FileNotFoundError:  # the controller was killed, and the janitor has been
         os._exit(1)
+    bufs = {k: s.buf for k, s in segments.items()}
+    control.trace_to_controller(Clock(bufs[shm.CLOCK]), trace_patterns)
     try:
-        body(control, {k: s.buf for k, s in segments.items()}, *args)
+        body(control, bufs, *args)
     except Exception:
-        control.fail(traceback.format_exc())
+        control.crashed()
     finally:
-        control.emit(("exit", role))
+        control.emit(Exit(role))
         os._exit(0)  # numpy views into the segments would make a clean close() fail

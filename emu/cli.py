@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import signal
 import sys
 from contextlib import nullcontext
 
-from emu import signals
-from emu.config import Config, ConfigError, load_config
+from emu import signals, trace
+from emu.config import Config, ConfigError, load_config, scenario_names
 from emu.figures import metrics
 from emu.figures.report import integrity_text
 from emu.units import format_duration, format_rate, format_size
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _trace_patterns(args)
         cfg = load_config(args.scenario, args.set)
         if args.command == "run":
             _faults_and_recovery(args, cfg)  # bad faults stop here, before any process starts
@@ -65,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="emulated time after a pause before recovering automatically "
                           "(migrate-recover, then migrate resume); 'never' to stay paused "
                           "(default: 200ms)")
-    run.add_argument("--trace", action="store_true",
-                     help="print every state change, fault and recovery step on stderr")
+    _trace_argument(run, "print every state change, fault and recovery step on stderr, in "
+                         "emulated-time order")
     run.set_defaults(func=cmd_run)
     predict = _command(sub, "predict", "predict the mean page-fault latency with the "
                        "analytical model, term by term (no migration runs)")
@@ -114,8 +116,15 @@ def _standalone_commands(sub) -> None:
         cmd.add_argument("--allow-remote", action="store_true",
                          help="serve QMP on a non-loopback TCP address (whoever connects "
                               "controls the program)")
-        cmd.add_argument("--trace", action="store_true",
-                         help="print every state change (link: every connection) on stderr")
+        _trace_argument(cmd, "print every state change (link: every connection) on stderr")
+
+
+def _trace_argument(cmd: argparse.ArgumentParser, what: str) -> None:
+    cmd.add_argument("--trace", action="append", nargs="?", const="", metavar="PATTERN",
+                     help=f"{what}; with a PATTERN, the trace points it names as well, with "
+                          f"their emulated times: QEMU's -trace patterns, e.g. "
+                          f"'postcopy_preempt_*' (repeatable, or comma-separated; "
+                          f"--trace=-NAME switches points off again)")
 
 
 def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -131,6 +140,7 @@ def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 def cmd_run(args, cfg: Config) -> int:
     from emu.controller import migrate
 
+    _warn_unmatched(args.trace)
     faults, recover_after = _faults_and_recovery(args, cfg)
     if recover_after is None:
         _say("--recover-after never: a paused run waits for a recovery that never comes; "
@@ -140,11 +150,11 @@ def cmd_run(args, cfg: Config) -> int:
              f"({format_size(cfg['guest.ram'])} over {format_rate(_stream_rate(cfg))} at "
              f"emulator.time-scale {cfg['emulator.time-scale']:g})")
     progress = _progress
-    if args.trace:
+    if args.trace is not None:
         progress = _tracer()
     elif args.json:
         progress = None
-    result = migrate(cfg, progress, faults, recover_after)
+    result = migrate(cfg, progress, faults, recover_after, args.trace or ())
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -197,12 +207,14 @@ def cmd_gui(args, cfg: Config) -> int:
 def cmd_side(args, cfg: Config) -> int:
     from emu.qmp import programs
 
+    _warn_unmatched(args.trace)
     return programs.run_side(args.command, args, cfg)
 
 
 def cmd_link(args, cfg: Config) -> int:
     from emu.qmp import programs
 
+    _warn_unmatched(args.trace)
     return programs.run_link(args, cfg)
 
 
@@ -217,6 +229,33 @@ def _faults_and_recovery(args, cfg: Config):
         return found, parse_duration(args.recover_after)
     except ValueError as err:
         raise ConfigError(f"--recover-after: {err}") from None
+
+
+def _trace_patterns(args) -> None:
+    """args.trace as trace patterns (None without --trace). A word after a bare --trace that
+    names a scenario, `run --trace seed-10g`, is the scenario, as before --trace took
+    patterns: no trace point is named like a file or a preset."""
+    if getattr(args, "trace", None) is None:
+        return
+    words = list(args.trace)
+    if args.scenario is None and words[-1] and _names_scenario(words[-1]):
+        args.scenario = words.pop()
+    try:
+        args.trace = trace.patterns(words)
+    except ValueError as err:
+        raise ConfigError(f"--trace: {err}") from None
+
+
+def _warn_unmatched(patterns: tuple[str, ...] | None) -> None:
+    """Once the engine's modules are imported (each declares its trace points): a pattern
+    that names none of them is a typo, most likely; QEMU warns too."""
+    for pattern in trace.unmatched(patterns or ()):
+        print(f"postcopy-emu: warning: --trace: no trace point matches {pattern!r}",
+              file=sys.stderr)
+
+
+def _names_scenario(word: str) -> bool:
+    return word in scenario_names() or os.path.isfile(word) or word.endswith(".toml")
 
 
 def _tracer():
@@ -259,7 +298,7 @@ def _real_seconds(cfg: Config, present: float) -> float:
 
 def _progress(run) -> None:
     dst = run.board("destination")
-    faults, _ = run.faults(max(0, run.ring.count - 200))
+    faults, _ = run.faults(max(0, run.fault_count - 200))
     avg = faults["latency"].mean() * 1e3 if len(faults) else 0.0
     present = dst["present"] / run.cfg.npages
     line = (f"\r[{run.clock.now():7.3f}s] {run.status['source']:>15} -> "
@@ -327,6 +366,7 @@ def summary(result: dict, cfg: Config) -> str:
         what = fault["action"] + ("" if fault["action"] == "pause" else f" {fault['channel']}")
         lines.append(f"  fault: {what} at {fault['time'] * 1e3:.1f} ms")
     lines += [f"  error: {e}" for e in result["errors"]]
+    lines += ["    " + line for tb in result["tracebacks"] for line in tb.splitlines()]
     if "warning" in emu:
         lines.append(f"  warning: {emu['warning']}")
     if lat["dist"]:

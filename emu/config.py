@@ -210,7 +210,7 @@ def _key(kind: str, default: object, help: str, **limits: Any) -> Key:
 
 # Upper bounds, far above any real use, so that a value like 1e30 is refused here, with its
 # key and range, rather than overflowing later in the middle of a run. Whether a guest fits
-# this machine is checked when a run starts (controller.check_room).
+# this machine is checked when a run starts (engines.check_room).
 RAM_MAX = "16TiB"
 SOCKET_BUFFER_MAX = "1GiB"  # Linux keeps a socket's buffer sizes in an int, doubled
 RATE_MAX = "10Tbit/s"

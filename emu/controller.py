@@ -1,88 +1,112 @@
 """The controller: starts a run's processes, drives the migration, and cleans everything up.
 
 Used by the command line and by the window. It owns every shared-memory segment and every
-child; stop() (also on error, a signal or a dead child) ends the children and unlinks the
-segments, so nothing outlives a run. Before anything exists, start() checks that the run's
-shared memory fits in /dev/shm and in the machine's memory.
+child, assembled as every program assembles its engines (emu/engines.py); stop() (also on
+error, a signal or a dead child) ends the children and unlinks the segments, so nothing
+outlives a run. Before anything exists, start() checks that the run's shared memory fits in
+/dev/shm and in the machine's memory. What the children say (emu/events.py) is read in one
+place, Run._event.
 """
 
 from __future__ import annotations
 
 import bisect
-import multiprocessing as mp
+import math
 import shutil
 import tempfile
 import time
 from multiprocessing.connection import wait as wait_connections
+from typing import NamedTuple
 
 import numpy as np
 
-from emu import shm, signals
-from emu.board import Board
-from emu.child import child_main
+from emu import engines, signals
 from emu.clock import Clock
 from emu.config import Config
+from emu.engines import ROLES, Child, Shared
+from emu.events import (
+    Bound,
+    Died,
+    Error,
+    Event,
+    Exit,
+    Link,
+    Listening,
+    Paused,
+    Ready,
+    Refused,
+    Report,
+    StateChanged,
+    StateRefused,
+    Trace,
+)
 from emu.faults import Fault
-from emu.figures.metrics import FaultRing
-from emu.migration import destination, source
-from emu.migration.page_requests import PageRequestQueue
-from emu.migration.states import FINAL, refusal_text
-from emu.net import link
-from emu.shm import Segments
-from emu.units import format_size
-
-ROLES = ("source", "destination", "network")
+from emu.migration.states import FINAL
 
 # Real seconds an event may take from the process that stamped it to the log: the events of
 # three processes cross three pipes, so a later one can be read first.
 EVENT_DELAY_S = 0.25
 RUN_DIR_PREFIX = "postcopy-emu-"  # the run's socket directory, in the system's temporary one
+DEATH_GRACE = 3.0  # real seconds the survivors of a dead child have to say what it did to them
 
 
 class RunError(RuntimeError):
     pass
 
 
-def layout(role: str, cfg: Config) -> dict[str, tuple[int, bool]]:
-    """The shared memory one engine child works on: name -> (bytes, allocated now). A guest
-    RAM without emulator.payload is never written: it stays sparse."""
-    npages, ram, payload = cfg.npages, cfg["guest.ram"], cfg["emulator.payload"]
-    if role == "source":
-        return {"src-ram": (ram, payload), "src-states": (npages, True),
-                "src-board": (Board.nbytes(source.FIELDS), True),
-                "src-queue": (PageRequestQueue.nbytes(), True)}
-    if role == "destination":
-        return {"dst-ram": (ram, payload), "dst-states": (npages, True),
-                "dst-arrival": (8 * npages, True),
-                "dst-board": (Board.nbytes(destination.FIELDS), True),
-                "faults": (FaultRing.nbytes(destination.RING), True)}
-    return {"relay-board": (Board.nbytes(link.FIELDS), True)}
+class Pages(NamedTuple):
+    """The page states the run's engines publish, one byte per host page (emu/migration/ram.py),
+    and when each page arrived on the destination (emulated s)."""
+
+    dst: np.ndarray
+    src: np.ndarray
+    arrival: np.ndarray
+
+    def copy(self) -> Pages:
+        return Pages(self.dst.copy(), self.src.copy(), self.arrival.copy())
 
 
-def plan(cfg: Config, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
-    """Every segment of a program running these roles' engines, with its clock; checked
-    with check_room() before the first one is made."""
-    segments = {"clock": (Clock.NBYTES, True)}
-    for role in roles:
-        segments.update(layout(role, cfg))
-    return segments
+class EventLog:
+    """Every notable event of a run by its emulated time, for readers that show them as they
+    come (--trace, the window's event log) and for the report. An entry is (t, what): what is
+    a line of text, or a Trace (its str() is the line).
 
+    Events arrive out of order (each child has its own pipe), so the part of the log no
+    reader has seen yet is kept sorted by time; equal times keep their order of arrival. An
+    event is released to readers once the horizon (the time before which every event has
+    arrived) has passed it."""
 
-def check_room(cfg: Config, roles: tuple[str, ...]) -> None:
-    """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit."""
-    ram = format_size(cfg["guest.ram"])
-    rams = sum(role != "network" for role in roles) if cfg["emulator.payload"] else 0
-    what = {0: f"the page arrays of a {ram} guest", 1: f"a guest RAM of {ram} and its page arrays",
-            2: f"two guest RAMs of {ram} and their page arrays"}[rams]
-    shm.check_room((size for size, allocated in plan(cfg, roles).values() if allocated), what)
+    def __init__(self) -> None:
+        self.entries: list[tuple[float, str | Trace]] = []
+        self._released = 0  # how many entries readers may have seen
+
+    def note(self, t: float, what: str | Trace) -> None:
+        at = bisect.bisect_right(self.entries, t, lo=self._released, key=lambda entry: entry[0])
+        self.entries.insert(at, (t, what))
+
+    def since(self, seen: int, horizon: float = math.inf) -> tuple[list, int]:
+        """The entries from number `seen` on up to the horizon, and the number to pass next
+        time."""
+        while self._released < len(self.entries) and self.entries[self._released][0] <= horizon:
+            self._released += 1
+        return self.entries[seen:self._released], self._released
+
+    def in_order(self) -> list[tuple[float, str | Trace]]:
+        """The whole log by time, an entry that came later than its horizon included."""
+        return sorted(self.entries, key=lambda entry: entry[0])
 
 
 class Run:
+    """One migration: its three engine children on one shared memory (emu/engines.py), the
+    commands that drive it, and what they say, read by one dispatcher (_event)."""
+
     def __init__(self, cfg: Config, faults: list[Fault] = (),
-                 recover_after: float | None = 0.2) -> None:
+                 recover_after: float | None = 0.2, trace: tuple[str, ...] = ()) -> None:
         """faults: what to break during postcopy; recover_after: emulated seconds after a
-        pause before recovering (migrate-recover + migrate resume), None = leave it paused."""
+        pause before recovering (migrate-recover + migrate resume), None = leave it paused;
+        trace: QEMU -trace patterns of the trace points the children log."""
         self.cfg = cfg
+        self.trace = tuple(trace)
         self.pending_faults = list(faults)
         self.injected: list[dict] = []
         self.recover_after = recover_after
@@ -90,30 +114,30 @@ class Run:
         self.recoveries = 0
         self.postcopy_start: float | None = None
         # every notable event, for --trace, the window and the report: see note() and events()
-        self.log: list[tuple[float, str]] = []
-        self._released = 0  # how many events of the log readers may have seen (events())
+        self.log = EventLog()
         self.listening: str | None = None
         self.tmpdir = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
         self.link_uri = f"unix:{self.tmpdir}/link.sock"
-        self.segments = Segments()
-        self.children: dict[str, tuple[mp.Process, object]] = {}
+        self.shared: Shared | None = None  # made by start()
+        self.children: dict[str, Child] = {}
         self.status = {"source": "none", "destination": "none"}
         self.states: dict[str, list[tuple[str, float]]] = {"source": [], "destination": []}
         self.reports: dict[str, dict] = {}
-        self.errors: list[str] = []
-        self.switched = False
+        self.errors: list[str] = []  # one line each
+        self.tracebacks: list[str] = []  # of the errors that were bugs
         self.dead: set[str] = set()
         self.refused: list[tuple[str, str]] = []  # commands a side refused, with QEMU's words
+        self._ready: set[str] = set()
+        self._postcopy_asked = False
+        self._death_deadline = math.inf  # once a child died: when to stop waiting for the rest
 
     # ---- life cycle ----
 
     def start(self) -> None:
         """Create segments, spawn source, destination and network, start the migration."""
         try:
-            check_room(self.cfg, ROLES)
-            self._create_segments()
+            self.shared = Shared(self.cfg, ROLES)
             self._spawn()
-            self.segments.untrack()  # the network child unlinks them if we are killed
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -127,20 +151,10 @@ class Run:
         """End the children, unlink the segments, remove the socket directory: safe to call
         twice, and a signal meanwhile waits until it is done (see emu.signals)."""
         with signals.held():
-            for _, conn in self.children.values():
-                try:
-                    conn.send(("quit",))
-                except OSError:
-                    pass
-            deadline = time.monotonic() + 3
-            while self.children:
-                _, (proc, conn) = self.children.popitem()
-                proc.join(max(0.1, deadline - time.monotonic()))
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join(2)
-                conn.close()
-            self.segments.close()
+            engines.stop(self.children.values())
+            self.children.clear()
+            if self.shared is not None:
+                self.shared.close()
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self) -> Run:
@@ -153,7 +167,24 @@ class Run:
     # ---- running ----
 
     def command(self, role: str, *command) -> None:
-        self.children[role][1].send(command)
+        self.children[role].send(*command)
+
+    def start_postcopy(self) -> bool:
+        """migrate-start-postcopy, once: False when it was asked for already (by poll() at
+        migration.switchover-after, or by hand)."""
+        if self._postcopy_asked:
+            return False
+        self._postcopy_asked = True
+        self.command("source", "migrate-start-postcopy")
+        return True
+
+    @property
+    def postcopy_asked(self) -> bool:
+        return self._postcopy_asked
+
+    def set_scale(self, scale: float) -> None:
+        """Emulated seconds per real second from now on; 0 freezes emulated time."""
+        self.clock.set_scale(scale)
 
     @property
     def finished(self) -> bool:
@@ -161,7 +192,7 @@ class Run:
             # let the survivors say what the loss did to them (failed, or paused in postcopy)
             settled = all(self.status[side] in FINAL + ("postcopy-paused",)
                           for side in self.status if side not in self.dead)
-            return settled or time.monotonic() > self.death_deadline
+            return settled or time.monotonic() > self._death_deadline
         if self.errors:
             return True
         return len(self.reports) == 2 or self._done_before_pause
@@ -184,10 +215,8 @@ class Run:
         faults, recovery."""
         self._pump(timeout)
         now = self.clock.now()
-        if (not self.switched and self.status["source"] == "active"
-                and now >= self.cfg["migration.switchover-after"]):
-            self.switched = True
-            self.command("source", "migrate-start-postcopy")
+        if self.status["source"] == "active" and now >= self.cfg["migration.switchover-after"]:
+            self.start_postcopy()
         self._inject_due(now)
         if self.recover_at is not None and now >= self.recover_at:
             self.recover_at = None
@@ -197,12 +226,15 @@ class Run:
             self.errors.append(f"not completed after emulator.duration-limit = {limit}s")
 
     def _pump(self, timeout: float) -> None:
-        conns = self._live()
-        for conn in wait_connections(list(conns), timeout):
+        live = {child.conn: child for role, child in self.children.items()
+                if role not in self.dead}
+        for conn in wait_connections(list(live), timeout):
+            child = live[conn]
             try:
-                self._event(conn.recv())
+                event = child.recv()
             except (EOFError, OSError):
-                self._died(conns[conn])
+                event = Died(child.role, child.death())
+            self._event(event)
 
     def wait(self, progress=None, every: float = 0.5) -> None:
         next_progress = time.monotonic()
@@ -216,80 +248,97 @@ class Run:
 
     # ---- state the window and the report read ----
 
-    def faults(self, seen: int = 0) -> tuple[np.ndarray, int]:
-        return self.ring.read_since(seen)
+    @property
+    def clock(self) -> Clock:
+        """The run's emulated clock, in its shared memory (once started)."""
+        return self._memory().clock
 
     def board(self, role: str) -> dict[str, float]:
-        return self.boards[role].snapshot()
+        """What `role`'s engine counts, now."""
+        return self._memory().boards[role].snapshot()
 
-    def note(self, t: float, text: str) -> None:
-        """Log an event that happened at emulated time t. Events arrive out of order (each
-        child has its own pipe), so the part of the log no reader has seen yet is kept sorted
-        by time; equal times keep their order of arrival."""
-        at = bisect.bisect_right(self.log, t, lo=self._released, key=lambda event: event[0])
-        self.log.insert(at, (t, text))
+    def boards(self) -> dict[str, dict[str, float]]:
+        return {role: self.board(role) for role in ROLES}
 
-    def events(self, seen: int = 0, final: bool = False) -> tuple[list[tuple[float, str]], int]:
+    def faults(self, seen: int = 0) -> tuple[np.ndarray, int]:
+        """The faults resolved from number `seen` on, and the number to pass next time."""
+        return self._memory().ring.read_since(seen)
+
+    @property
+    def fault_count(self) -> int:
+        return self._memory().ring.count
+
+    def pages(self) -> Pages:
+        """The page states as the engines publish them: views of the shared memory, valid
+        until stop() (copy() them to keep them)."""
+        shared = self._memory()
+        return Pages(shared.states["destination"], shared.states["source"], shared.arrival)
+
+    def requests(self) -> list[tuple[int, float]]:
+        """The source's request queue: (host page, emulated time queued)."""
+        return self._memory().requests()
+
+    def ram(self, role: str) -> np.ndarray:
+        """The guest RAM of the source or the destination, as bytes."""
+        return self._memory().ram(role)
+
+    def check_memory(self) -> dict | None:
+        """The memory check (emu/figures/report.py), once the run has completed; None if it
+        has not."""
+        from emu.figures import report
+
+        if not self.ok:
+            return None
+        return report.check_memory(self.cfg, self.ram("source"), self.ram("destination"),
+                                   self.pages().dst, self.reports["destination"])
+
+    def note(self, t: float, what: str | Trace) -> None:
+        """Log an event that happened at emulated time t (see EventLog)."""
+        self.log.note(t, what)
+
+    def events(self, seen: int = 0, final: bool = False) -> tuple[list, int]:
         """The log's events from number `seen` on, for a reader that shows them as they come
         (--trace, the window's event log), and the number to pass next time. An event is
         handed out once EVENT_DELAY_S has passed since its time, so that every earlier event
         has arrived and the reader shows them in time order; all of them once the run is over
         (or final)."""
-        if final or self.finished:
-            self._released = len(self.log)
-        else:
+        horizon = math.inf
+        if not (final or self.finished):
             horizon = self.clock.now() - EVENT_DELAY_S * self.clock.scale
-            while self._released < len(self.log) and self.log[self._released][0] <= horizon:
-                self._released += 1
-        return self.log[seen:self._released], self._released
+        return self.log.since(seen, horizon)
 
-    def events_in_order(self) -> list[tuple[float, str]]:
+    def events_in_order(self) -> list[tuple[float, str | Trace]]:
         """The whole log by time, an event that came later than EVENT_DELAY_S included."""
-        return sorted(self.log, key=lambda event: event[0])
+        return self.log.in_order()
 
     # ---- internals ----
 
-    def _create_segments(self) -> None:
-        cfg, seg = self.cfg, self.segments
-        for name, (size, allocated) in plan(cfg, ROLES).items():
-            seg.create(name, size, allocated)
-        npages = cfg.npages
-        self.clock = Clock(seg.buf("clock"))
-        self.src_ram, self.dst_ram = seg.buf("src-ram"), seg.buf("dst-ram")
-        self.src_states = np.ndarray((npages,), np.uint8, buffer=seg.buf("src-states"))
-        self.dst_states = np.ndarray((npages,), np.uint8, buffer=seg.buf("dst-states"))
-        self.dst_arrival = np.ndarray((npages,), np.float64, buffer=seg.buf("dst-arrival"))
-        self.boards = {
-            "source": Board(source.FIELDS, seg.buf("src-board")),
-            "destination": Board(destination.FIELDS, seg.buf("dst-board")),
-            "network": Board(link.FIELDS, seg.buf("relay-board")),
-        }
-        self.ring = FaultRing(seg.buf("faults"), destination.RING)
-        self.queue_buf = seg.buf("src-queue")
+    def _memory(self) -> Shared:
+        if self.shared is None:
+            raise RunError("the run has not started")
+        return self.shared
 
     def _spawn(self) -> None:
-        ctx = mp.get_context("spawn")
-        names = self.segments.names()
-        plan = {
-            # the run directory by its exact path: removed if we are killed, by the network
-            # process, the last to use it
-            "network": (link.main, (self.link_uri, self._incoming_uri(), self.tmpdir)),
-            "destination": (destination.main, ()),
-            "source": (source.main, ()),
-        }
-        for role, (target, args) in plan.items():
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=child_main, name=f"postcopy-emu-{role}", daemon=True,
-                               args=(role, target, child, names, self.cfg, *args),
-                               kwargs={"janitor": role == "network"})
-            with signals.spawning():
-                proc.start()
-            child.close()
-            self.children[role] = (proc, parent)
+        # the network child is the janitor: it unlinks the segments if we are killed, and
+        # removes the run directory (by its exact path), the last process to use it
+        plan = {"network": (True, (self.link_uri, self._incoming_uri(), self.tmpdir)),
+                "destination": (False, ()), "source": (False, ())}
+        for role, (janitor, args) in plan.items():
+            self.children[role] = self.shared.spawn(role, self.cfg, *args, janitor=janitor,
+                                                    trace=self.trace)
 
     def _incoming_uri(self) -> str:
         """Where the destination listens: a new address for every recovery, as in QEMU."""
         return f"unix:{self.tmpdir}/incoming-{self.recoveries}.sock"
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while len(self._ready) < len(self.children):
+            if time.monotonic() > deadline:
+                raise RunError("the emulator's processes did not start within 60 s")
+            self._pump(0.1)
+            if self.errors:
+                raise RunError(self.errors[0])
 
     def _wait_listening(self, timeout: float = 10.0) -> bool:
         """Wait for the destination's "listening" (True) or its refusal (False)."""
@@ -334,25 +383,40 @@ class Run:
             self.pending_faults.remove(fault)
             self.inject(fault)
 
-    def _wait_ready(self) -> None:
-        ready: set[str] = set()
-        deadline = time.monotonic() + 60
-        while len(ready) < len(self.children):
-            if time.monotonic() > deadline:
-                raise RunError("the emulator's processes did not start within 60 s")
-            conns = self._live()
-            for conn in wait_connections(list(conns), 0.1):
-                try:
-                    event = conn.recv()
-                except (EOFError, OSError):
-                    self._died(conns[conn])
-                    raise RunError(self.errors[-1]) from None
-                if event[0] == "ready":
-                    ready.add(event[1])
-                else:
-                    self._event(event)
-            if self.errors:
-                raise RunError(self.errors[0])
+    # ---- what the children say ----
+
+    def _event(self, event: Event) -> None:
+        """Every event of every child, read here and only here."""
+        match event:
+            case Ready(role):
+                self._ready.add(role)
+            case StateChanged(side, status, t):
+                self._state(side, status, t)
+            case StateRefused(t=t):
+                self.note(t, str(event))
+            case Trace(t=t):
+                self.note(t, event)  # its str() is the line; the report keeps its fields
+            case Link(what, channel, t):
+                self.note(t, f"link: {channel} connection {what}")
+            case Listening(uri):
+                self.listening = uri
+            case Paused(side, reason):
+                self.note(self.clock.now(), f"{side} paused: {reason}")
+            case Refused(command, message):
+                self._refused(command, message)
+            case Error():
+                self.errors.append(str(event))
+                if event.traceback:
+                    self.tracebacks.append(event.traceback)
+            case Report(side, report):
+                self.reports[side] = report
+            case Exit(role):
+                if not self.finished:
+                    self.errors.append(f"{role} process exited before the end")
+            case Died(role, why):
+                self._died(role, why)
+            case Bound():
+                pass  # in the run's directory, removed whole
 
     def _state(self, side: str, status: str, t: float) -> None:
         self.status[side] = status
@@ -370,40 +434,16 @@ class Run:
             self.pending_faults.remove(fault)
             self.inject(fault)
 
-    def _live(self) -> dict:
-        return {conn: role for role, (_, conn) in self.children.items() if role not in self.dead}
+    def _refused(self, command: str, message: str) -> None:
+        now = self.clock.now()
+        self.note(now, f"{command} refused: {message}")
+        self.refused.append((command, message))
+        if self.recover_after is not None:
+            self.recover_at = now + self.recover_after
 
-    def _event(self, event: tuple) -> None:
-        kind = event[0]
-        if kind == "state":
-            self._state(*event[1:])
-        elif kind == "state-refused":
-            self.note(event[5], refusal_text(event))
-        elif kind == "listening":
-            self.listening = event[1]
-        elif kind == "link":
-            self.note(event[3], f"link: {event[2]} connection {event[1]}")
-        elif kind == "paused":
-            self.note(self.clock.now(), f"{event[1]} paused: {event[2]}")
-        elif kind == "refused":
-            self.note(self.clock.now(), f"{event[1]} refused: {event[2]}")
-            self.refused.append((event[1], event[2]))
-            if self.recover_after is not None:
-                self.recover_at = self.clock.now() + self.recover_after
-        elif kind == "error":
-            self.errors.append(f"{event[1]}: {event[2].strip()}")
-        elif kind == "report":
-            self.reports[event[1]] = event[2]
-        elif kind == "exit":
-            if not self.finished:
-                self.errors.append(f"{event[1]} process exited before the end")
-
-    def _died(self, role: str) -> None:
-        proc = self.children[role][0]
+    def _died(self, role: str, why: str) -> None:
         self.dead.add(role)
-        self.death_deadline = time.monotonic() + 3
-        proc.join(1)
-        why = f"{role} process died (exit code {proc.exitcode})"
+        self._death_deadline = time.monotonic() + DEATH_GRACE
         if role != "network" and self.status["source"].startswith("postcopy"):
             why += (": postcopy had started, so the guest's memory was split between source "
                     "and destination; the guest cannot be saved")
@@ -415,22 +455,17 @@ class Run:
 
 
 def migrate(cfg: Config, progress=None, faults: list[Fault] = (),
-            recover_after: float | None = 0.2) -> dict:
+            recover_after: float | None = 0.2, trace: tuple[str, ...] = ()) -> dict:
     """Run one migration to the end and return its report (see report.build)."""
     from emu.figures import report
 
     started = time.monotonic()
     run = None
     try:
-        run = Run(cfg, faults, recover_after)
+        run = Run(cfg, faults, recover_after, trace)
         run.start()
         run.wait(progress)
-        checked = None
-        if run.ok:
-            checked = report.check_memory(
-                cfg, np.frombuffer(run.src_ram, np.uint8), np.frombuffer(run.dst_ram, np.uint8),
-                run.dst_states, run.reports["destination"])
-        return report.build(run, checked, time.monotonic() - started)
+        return report.build(run, run.check_memory(), time.monotonic() - started)
     finally:
         if run is not None:
             run.stop()

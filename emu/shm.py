@@ -32,6 +32,16 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14; the mmap module does not name it on Pyth
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
 PAGE = 4096  # tmpfs allocates whole pages, even for a 32-byte segment
 
+# The segments of a run by the names its children find them under; emu/engines.py lays them
+# out (which program has which, of what size).
+CLOCK = "clock"  # the emulated clock every process of a program reads
+SRC_RAM, SRC_STATES = "src-ram", "src-states"  # the source's guest RAM, its page states
+SRC_BOARD, SRC_QUEUE = "src-board", "src-queue"  # its counters, its page-request queue
+DST_RAM, DST_STATES = "dst-ram", "dst-states"  # the destination's guest RAM, its page states
+DST_ARRIVAL, DST_BOARD = "dst-arrival", "dst-board"  # when each page arrived, its counters
+FAULTS = "faults"  # the destination's ring of resolved page faults
+RELAY_BOARD = "relay-board"  # the network process's counters
+
 
 class NoRoom(ConfigError):
     """The run's shared memory does not fit in this machine: one line, like a bad setting."""

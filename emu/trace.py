@@ -17,6 +17,7 @@ which prints each with its emulated time.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterable
 
 Sink = Callable[[str, dict], None]
@@ -24,6 +25,7 @@ Sink = Callable[[str, dict], None]
 _points: dict[str, TracePoint] = {}
 _patterns: list[str] = []
 _sink: Sink = lambda name, fields: None  # noqa: E731
+_PATTERN = re.compile(r"-?[A-Za-z0-9_*?\[\]!]+")  # fnmatch's wildcards, on trace-event names
 
 
 class TracePoint:
@@ -56,6 +58,30 @@ def enable(patterns: Iterable[str]) -> list[str]:
     for tp in _points.values():
         tp.enabled = _matches(tp.name, _patterns)
     return sorted(name for name, tp in _points.items() if tp.enabled)
+
+
+def patterns(words: Iterable[str]) -> tuple[str, ...]:
+    """The patterns of -trace arguments as QEMU takes them: each may list several, comma-
+    separated, with or without QEMU's "enable=" ('enable=postcopy_*,migrate_set_state').
+    ValueError for a word that cannot be a pattern (trace points are named [a-z0-9_])."""
+    found = []
+    for word in words:
+        for item in word.split(","):
+            pattern = item.strip().removeprefix("enable=")
+            if not pattern:
+                continue
+            if not _PATTERN.fullmatch(pattern):
+                raise ValueError(f"{pattern!r} is not a trace pattern (a trace point's name, "
+                                 f"* and ? as wildcards, '-' first to switch points off)")
+            found.append(pattern)
+    return tuple(found)
+
+
+def unmatched(patterns: Iterable[str]) -> list[str]:
+    """The patterns (not the '-' ones) that match none of the points known so far: a typo,
+    most likely, which QEMU warns about too."""
+    return [p for p in patterns
+            if not p.startswith("-") and not any(fnmatch.fnmatchcase(n, p) for n in _points)]
 
 
 def set_sink(sink: Sink) -> None:

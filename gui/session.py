@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emu.config import Config
-from emu.controller import Run
+from emu.controller import Pages, Run
 from emu.faults import from_config as scenario_faults
 from emu.figures import metrics, report
 from emu.migration import ram as R
-from emu.migration.page_requests import read_published
 from gui import pagemap
 
 # Phases of a session, in order; "completed" and "failed" are final.
@@ -135,7 +134,7 @@ class Session:
         self._errors_seen = 0
         self._asked: dict[int, float] = {}  # requested page -> emulated time it was asked for
         self._started_real = 0.0
-        self._final: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._final: Pages | None = None  # the page states once the run has ended
         self._final_boards: dict[str, dict[str, float]] = {}
         self._now = self._prev_now = 0.0
 
@@ -157,16 +156,14 @@ class Session:
 
     def start_postcopy(self) -> bool:
         """migrate-start-postcopy now, instead of at migration.switchover-after."""
-        if not self.can_start_postcopy:
+        if not self.can_start_postcopy or not self.run.start_postcopy():
             return False
-        self.run.switched = True  # so Run.poll() does not send it again
-        self.run.command("source", "migrate-start-postcopy")
         self._log("migrate-start-postcopy (by hand)")
         return True
 
     @property
     def can_start_postcopy(self) -> bool:
-        return (self.phase == RUNNING and not self.run.switched
+        return (self.phase == RUNNING and not self.run.postcopy_asked
                 and self.cfg["migration.postcopy-ram"] and self.run.status["source"] == "active")
 
     @property
@@ -180,14 +177,14 @@ class Session:
         """Emulated seconds per real second; applies at once to a running migration."""
         self.scale = scale
         if self.phase == RUNNING and not self.paused:
-            self.run.clock.set_scale(scale)
+            self.run.set_scale(scale)
 
     def pause(self, paused: bool) -> None:
         """Freeze emulated time (scale 0): every process waits, nothing is lost."""
         if self.phase != RUNNING or paused == self.paused:
             return
         self.paused = paused
-        self.run.clock.set_scale(0 if paused else self.scale)
+        self.run.set_scale(0 if paused else self.scale)
         self._log("paused" if paused else f"resumed at time-scale {self.scale:g}")
 
     def stop(self) -> None:
@@ -226,12 +223,11 @@ class Session:
     def _started(self) -> None:
         self._worker = None
         if self._worker_error is not None:
-            self.run.errors.append(f"start: {self._worker_error}")
-            self._end(FAILED)
+            self._end(FAILED, f"start: {self._worker_error}")
         else:
             self.phase = RUNNING
             if self.scale != self.run.cfg["emulator.time-scale"]:
-                self.run.clock.set_scale(self.scale)  # the slider moved while we started
+                self.run.set_scale(self.scale)  # the slider moved while we started
 
     def _poll(self) -> np.ndarray:
         run = self.run
@@ -243,33 +239,30 @@ class Session:
         if run.finished:
             self._log_run()
             self.phase = CHECKING
-            self._final = (run.dst_states.copy(), run.src_states.copy(), run.dst_arrival.copy())
-            self._final_boards = {role: run.board(role) for role in run.boards}
+            self._final = run.pages().copy()
+            self._final_boards = run.boards()
             self._background(self._check)
         return new
 
     def _check(self) -> None:
         """The memory check and the report, off the timer: 0.1 s per 256 MiB of guest."""
         run = self.run
-        checked = None
-        if run.ok:
-            checked = report.check_memory(
-                run.cfg, np.frombuffer(run.src_ram, np.uint8),
-                np.frombuffer(run.dst_ram, np.uint8), run.dst_states, run.reports["destination"])
-        self.report = report.build(run, checked, time.monotonic() - self._started_real)
+        self.report = report.build(run, run.check_memory(), time.monotonic() - self._started_real)
 
     def _checked(self) -> None:
         self._worker = None
-        if self._worker_error is not None:
-            self.run.errors.append(f"report: {self._worker_error}")
         ok = self.report is not None and self.report["status"] == "completed"
         if self.report is not None:
             integrity = self.report["integrity"]
             self._log(f"memory check: {report.integrity_text(integrity)}")
-        self._end(COMPLETED if ok else FAILED)
+        error = self._worker_error
+        self._end(COMPLETED if ok else FAILED, error and f"report: {error}")
 
-    def _end(self, phase: str) -> None:
+    def _end(self, phase: str, error: str | None = None) -> None:
+        """The run is over: what it said, then the session's own error, if any."""
         self._log_errors()
+        if error:
+            self._log(f"error: {error}")
         self.run.stop()  # processes and segments go now; the copies in _final stay
         self.phase = phase
         self._log(f"run {phase}")
@@ -294,8 +287,8 @@ class Session:
         if self._final is not None:
             dst, src, arrival = self._final
         elif self.phase in (RUNNING, CHECKING):
-            dst, src, arrival = run.dst_states, run.src_states, run.dst_arrival
-            boards = {role: run.board(role) for role in run.boards}
+            dst, src, arrival = run.pages()
+            boards = run.boards()
         events, self._events = self._events, []
         status = dict(run.status) if run else {"source": "none", "destination": "none"}
         waiting = np.zeros(0, np.int64)
@@ -308,7 +301,7 @@ class Session:
         if self.phase != RUNNING:
             self._asked.clear()
             return Urgent()
-        queued = read_published(self.run.queue_buf)
+        queued = self.run.requests()
         # Ages: the source stamps each queued request. The destination does not publish when
         # it faulted, so a page first seen elsewhere was asked for between the last tick and
         # this one: take the middle.
@@ -339,7 +332,7 @@ class Session:
 
     def _log_errors(self) -> None:
         for error in self.run.errors[self._errors_seen:]:
-            self._log(f"error: {error.splitlines()[-1] if error else error}")
+            self._log(f"error: {error}")
         self._errors_seen = len(self.run.errors)
 
     # ---- one page, for the bitmap's hover text ----

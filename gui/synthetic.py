@@ -103,12 +103,10 @@ class SyntheticSession:
         self._asked.clear()
         self._queued.clear()
         records = np.concatenate([self.faults.records, *self._new])  # the next tick's too
-        total_ms, per_vcpu_ms = metrics.blocktime(records, self.cfg["guest.vcpus"])
         self.report = {
             "status": self.phase,
             "query-migrate": report.query_migrate(self.cfg, self.status["source"],
-                                                  self.boards["source"], records,
-                                                  total_ms, per_vcpu_ms),
+                                                  self.boards["source"], records),
             "integrity": {"ok": ok, "bad-pages": 0 if ok else 1,
                           "checked": f"{self.cfg.npages} pages, made up"},
         }

@@ -123,7 +123,7 @@ def test_a_killed_child_fails_the_run_and_nothing_is_left(victim, phase):
     try:
         run.start()
         poll_until(run, lambda: all(s == status for s in run.status.values()))
-        os.kill(run.children[victim][0].pid, signal.SIGKILL)
+        os.kill(run.children[victim].pid, signal.SIGKILL)
         poll_until(run, lambda: run.finished)
         assert any(f"{victim} process died" in e for e in run.errors), run.errors
         assert not run.ok
@@ -133,7 +133,7 @@ def test_a_killed_child_fails_the_run_and_nothing_is_left(victim, phase):
         message = "keeps running on the source" if phase == "precopy" else "cannot be saved"
         if victim == "destination" or (victim == "source" and phase == "postcopy"):
             assert any(message in e for e in run.errors), run.errors
-        procs = [p for p, _ in run.children.values()]
+        procs = [child.proc for child in run.children.values()]
     finally:
         run.stop()
     assert not any(p.is_alive() for p in procs)

@@ -94,7 +94,7 @@ def urgent_on_main(cfg) -> tuple[np.ndarray, float]:
         run.wait()
         assert run.ok, run.errors
         faults = run.reports["destination"]["faults"]
-        sent_as = run.src_states[faults["page"]]
+        sent_as = run.pages().src[faults["page"]]
         lag = report.build(run, None, 0.0)["emulator"]["lag-avg-us"]
     return faults["latency"][sent_as == SENT_URGENT_MAIN] * 1e6, lag
 

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from emu import signals
 from emu.qmp.protocol import QmpClient, QmpError, QmpServer
 
 GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 7}, '
@@ -381,6 +383,27 @@ def test_close_disconnects_clients_and_removes_the_socket(sock_dir):
     srv.close()  # twice is fine
     with pytest.raises(RuntimeError, match="starts once"):
         srv.start()
+
+
+def test_a_signal_while_the_monitor_starts_leaves_it_closable(sock_dir, monkeypatch):
+    """SIGTERM as start() starts its acceptor thread (a program told to stop at once): the
+    program's clean-up still closes the monitor. Before: Stopped came out of Thread.start()
+    before the thread ran, and close() failed to join it ("cannot join thread before it is
+    started"), so the program ended with a traceback."""
+    real_start = threading.Thread.start
+
+    def signalled_start(thread):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs here, in the main thread
+        real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", signalled_start)
+    srv = QmpServer(f"unix:{sock_dir}/m.sock")
+    with signals.stopping():
+        with pytest.raises(signals.Stopped):
+            srv.start()
+        monkeypatch.setattr(threading.Thread, "start", real_start)
+        srv.close()
+    assert not os.path.exists(f"{sock_dir}/m.sock")
+    assert not [t for t in threading.enumerate() if t.name.startswith("qmp-")]
 
 
 def test_a_stale_socket_is_taken_over_but_nothing_else(sock_dir):

@@ -6,6 +6,7 @@ events and error texts are QEMU's own.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -321,7 +322,7 @@ def test_migrate_cancel_in_precopy(where):
     incoming, relay = f"unix:{path}/in.sock", f"unix:{path}/link.sock"
     link = start(where, "link", "link", "--listen", relay, "--connect", incoming)
     dst = start(where, "dst", "destination", "--incoming", incoming)
-    src = start(where, "src", "source")
+    src = start(where, "src", "source", "--trace", "migrate_set_*")  # and its state changes
     s, d = src.connect(), dst.connect()
     link.connect()
     s.cmd("migrate-set-capabilities", capabilities=PREEMPT[1:])
@@ -345,6 +346,10 @@ def test_migrate_cancel_in_precopy(where):
         program.client.cmd("quit")
     for program in (src, dst, link):
         program.assert_gone()
+    # --trace PATTERN: QEMU's trace point, with the emulated time the source's child saw
+    assert re.search(r"\[ *[\d.]+ ms\] source: migrate_set_state new_state=cancelling\n",
+                     src.log()), src.log()
+    assert "migrate_set_state" not in dst.log()  # a bare --trace: state changes only
 
 
 def test_the_link_monitor(where):
@@ -391,11 +396,11 @@ def test_the_replayed_memory_check_sees_what_the_source_held():
     with Run(cfg) as run:
         run.wait()
         assert run.ok, run.errors
-        dst = np.frombuffer(run.dst_ram, np.uint8)
+        dst = run.ram("destination")
         report = run.reports["destination"]
-        assert integrity.check_replayed(cfg, dst, run.dst_states, report)["ok"]
+        assert integrity.check_replayed(cfg, dst, run.pages().dst, report)["ok"]
         dst[77 * 4096 + 2000] ^= 1
-        result = integrity.check_replayed(cfg, dst, run.dst_states, report)
+        result = integrity.check_replayed(cfg, dst, run.pages().dst, report)
         assert not result["ok"] and result["first-bad"] == [77]
 
 

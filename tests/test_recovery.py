@@ -118,10 +118,11 @@ def test_last_urgent_pages_are_not_lost_at_the_end():
         run.wait()
         assert run.ok, run.errors
         done = dict(run.states["destination"])["completed"]
-        urgent = run.dst_states == 6  # URGENT_PREEMPT
+        pages = run.pages()
+        urgent = pages.dst == 6  # URGENT_PREEMPT
         assert urgent.any()
-        assert run.dst_arrival[urgent].max() <= done
-        assert (run.dst_states >= 3).all()
+        assert pages.arrival[urgent].max() <= done
+        assert (pages.dst >= 3).all()
 
 
 def test_no_recovery_means_the_run_does_not_complete():

@@ -152,7 +152,7 @@ def test_a_killed_run_is_cleaned_up_by_its_children_without_a_warning(tmp):
 def test_stop_is_idempotent():
     run = Run(config())
     run.start()
-    procs = [proc for proc, _ in run.children.values()]
+    procs = [child.proc for child in run.children.values()]
     run.stop()
     run.stop()
     assert not any(proc.is_alive() for proc in procs)

@@ -3,18 +3,25 @@ compare-and-set, and a change from a state the side has already left is refused 
 
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 
-from emu import controller
+from emu import controller, trace
 from emu.controller import Run, migrate
+from emu.events import StateChanged, StateRefused
 from emu.faults import Fault, parse
 from emu.migration import destination, loadvm, source, wire
-from emu.migration.states import StateLog, after_failure, refusal_text
+from emu.migration.states import StateLog, after_failure
 from tests.conftest import config
 from tests.test_recovery import assert_recovered, statuses
 
 HOLD_S = 10.0  # real seconds the held listen thread waits for the pause at most
+
+
+@dataclass(frozen=True)
+class ResumeDecoded:
+    """The held destination's own event: its listen thread has decoded POSTCOPY_RESUME."""
 
 
 class HeldLoadVM(loadvm.LoadVM):
@@ -27,7 +34,7 @@ class HeldLoadVM(loadvm.LoadVM):
     def process_command(self, msg) -> None:
         if not self.held and msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:
             self.held = True
-            self.dst.control.emit(("resume-decoded",))
+            self.dst.control.emit(ResumeDecoded())
             deadline = time.monotonic() + HOLD_S
             while self.dst.state.status != "postcopy-paused" and time.monotonic() < deadline:
                 time.sleep(0.002)
@@ -43,8 +50,8 @@ def held_destination_main(control, bufs, cfg) -> None:
 class CutPreemptOnResume(Run):
     """`cut preempt at postcopy-recover`, struck once the destination has decoded RESUME."""
 
-    def _event(self, event: tuple) -> None:
-        if event[0] == "resume-decoded":
+    def _event(self, event) -> None:
+        if isinstance(event, ResumeDecoded):
             self.inject(Fault("postcopy-recover", "cut", "preempt"))
         else:
             super()._event(event)
@@ -84,11 +91,26 @@ def test_a_change_is_a_compare_and_set():
     assert log.set("none", "setup")
     assert not log.set("none", "active")  # no longer in none: refused, traced
     assert log.status == "setup" and log.changes == [("setup", 1.5)]
-    assert events == [("state", "destination", "setup", 1.5),
-                      ("state-refused", "destination", "none", "active", "setup", 1.5)]
-    assert refusal_text(events[1]) == ("destination: migrate_set_state none -> active refused: "
-                                       "the state is setup")
+    assert events == [StateChanged("destination", "setup", 1.5),
+                      StateRefused("destination", "none", "active", "setup", 1.5)]
+    assert str(events[1]) == ("destination: migrate_set_state none -> active refused: "
+                              "the state is setup")
     assert log.set("setup", "setup") and len(events) == 2  # no change, no second event
+
+
+def test_a_change_fires_qemu_s_trace_point_when_it_is_on():
+    fired = []
+    trace.set_sink(lambda name, fields: fired.append((name, fields)))
+    try:
+        log = StateLog("source", lambda: 0.0)
+        log.set("none", "setup")  # off: nothing
+        trace.enable(["migrate_set_*"])
+        log.set("setup", "active")
+        log.set("setup", "failed")  # refused: no change, no trace
+    finally:
+        trace.enable([])
+        trace.set_sink(lambda name, fields: None)
+    assert fired == [("migrate_set_state", {"new_state": "active"})]
 
 
 def test_of_threads_racing_from_one_state_exactly_one_wins():

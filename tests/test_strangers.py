@@ -9,7 +9,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from emu.controller import Run
@@ -46,7 +45,7 @@ class StrangersFirst(Run):
         super().command(role, *command)
 
     def pid(self, role: str) -> int:
-        return self.children[role][0].pid
+        return self.children[role].pid
 
     def address(self, role: str) -> str:
         """The unix socket path of the link's (network) or the destination's address."""
@@ -75,8 +74,8 @@ def _migrate_after(strangers, **sets) -> StrangersFirst:
         run.wait()
         assert run.ok, run.errors
         checked = report.check_memory(
-            cfg, np.frombuffer(run.src_ram, np.uint8), np.frombuffer(run.dst_ram, np.uint8),
-            run.dst_states, run.reports["destination"])
+            cfg, run.ram("source"), run.ram("destination"), run.pages().dst,
+            run.reports["destination"])
         assert checked["ok"], checked
         return run
     except BaseException:

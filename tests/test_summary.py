@@ -6,8 +6,8 @@ import signal
 
 from emu import cli
 from emu.cli import summary
-from emu.clock import Clock
-from emu.controller import Run, migrate
+from emu.controller import EVENT_DELAY_S, Run, migrate
+from emu.events import Link, StateChanged
 from tests.conftest import BASE, config
 
 
@@ -20,7 +20,7 @@ def test_a_killed_destination_says_how_far_the_run_got():
         if run.postcopy_start is not None and not killed \
                 and run.clock.now() > run.postcopy_start + 0.02:
             killed.append(run.clock.now())
-            os.kill(run.children["destination"][0].pid, signal.SIGKILL)
+            os.kill(run.children["destination"].pid, signal.SIGKILL)
     result = migrate(cfg, progress, recover_after=None)
     assert killed, "the migration completed before the kill"
     assert result["status"] == "failed"
@@ -63,7 +63,7 @@ def test_children_carry_their_role_in_the_process_title():
     run = Run(config())
     try:
         run.start()
-        titles = {role: _title(proc.pid) for role, (proc, _) in run.children.items()}
+        titles = {role: _title(child.pid) for role, child in run.children.items()}
     finally:
         run.stop()
     assert titles == {role: (f"postcopy-emu: {role}", f"pce-{role}")
@@ -76,19 +76,17 @@ def test_events_that_arrive_out_of_order_are_logged_in_time_order():
     events all come in time order."""
     run = Run(config())
     try:
-        run.clock = Clock()
-        run.clock.start(1.0)
-        run._event(("link", "connected", "main", 0.002))
-        run._event(("state", "destination", "setup", 0.001))
-        run._event(("state", "source", "setup", 0.0))
-        assert run.events(0) == ([], 0)  # too recent: an earlier event may still be on its way
-        run.clock.start(1.0, at=1.0)
-        shown, seen = run.events(0)
+        run._event(Link("connected", "main", 0.002))
+        run._event(StateChanged("destination", "setup", 0.001))
+        run._event(StateChanged("source", "setup", 0.0))
+        # at 0 s, too recent: an earlier event may still be on its way
+        assert run.log.since(0, horizon=-EVENT_DELAY_S) == ([], 0)
+        shown, seen = run.log.since(0, horizon=1.0 - EVENT_DELAY_S)
         assert shown == [(0.0, "source: setup"), (0.001, "destination: setup"),
                          (0.002, "link: main connection connected")]
         # later than any delay: shown next, not lost; the report sorts it in
-        run._event(("state", "source", "active", 0.0005))
-        assert run.events(seen) == ([(0.0005, "source: active")], 4)
+        run._event(StateChanged("source", "active", 0.0005))
+        assert run.log.since(seen, horizon=1.0) == ([(0.0005, "source: active")], 4)
         assert [t for t, _ in run.events_in_order()] == [0.0, 0.0005, 0.001, 0.002]
     finally:
         run.stop()
@@ -105,3 +103,5 @@ def test_a_real_migration_traces_and_reports_its_events_in_time_order(capsys):
     assert [line.split("] ", 1)[1] for line in traced] == [e["event"] for e in events]
     traced_ms = [float(line[1:].split(" ms]")[0]) for line in traced]
     assert traced_ms == sorted(traced_ms), traced
+    # a bare --trace names no trace point: the children send none
+    assert not any("trace" in e for e in events) and "migrate_set_state" not in err

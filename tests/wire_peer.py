@@ -6,8 +6,10 @@ import queue
 import socket
 import tempfile
 
+from emu import shm
 from emu.board import Board
 from emu.clock import Clock
+from emu.events import Error, Event, Listening, StateChanged, from_tuple
 from emu.figures.metrics import FaultRing
 from emu.migration import destination as D
 from emu.net import channel
@@ -26,19 +28,21 @@ class Control:
         self.errors: list[str] = []
         self.listening = ""
 
-    def emit(self, event: tuple) -> None:
-        if event[0] == "listening":
-            self.listening = event[1]
+    def emit(self, event: Event | tuple) -> None:
+        if isinstance(event, tuple):  # as the real Control takes them (emu/child.py)
+            event = from_tuple(event)
+        if isinstance(event, Listening):
+            self.listening = event.uri
         self.events.put(event)
 
     def fail(self, message: str) -> None:
         self.errors.append(message)
-        self.emit(("error", self.role, message))
+        self.emit(Error.of(self.role, message))
 
     def wait_state(self, status: str, timeout: float = WAIT) -> None:
         while True:
             event = self.events.get(timeout=timeout)
-            if event[0] == "state" and event[2] == status:
+            if isinstance(event, StateChanged) and event.status == status:
                 return
 
 
@@ -46,11 +50,11 @@ class Control:
 def destination(**sets):
     """A Destination in this process, listening on a unix socket: (dst, control, path)."""
     cfg = config(emulator__payload="false", **sets)
-    bufs = {"clock": bytearray(Clock.NBYTES),
-            "dst-board": bytearray(Board.nbytes(D.FIELDS)),
-            "dst-states": bytearray(cfg.npages), "dst-arrival": bytearray(8 * cfg.npages),
-            "faults": bytearray(FaultRing.nbytes(D.RING))}
-    Clock(bufs["clock"]).start(1.0)
+    bufs = {shm.CLOCK: bytearray(Clock.NBYTES),
+            shm.DST_BOARD: bytearray(Board.nbytes(D.FIELDS)),
+            shm.DST_STATES: bytearray(cfg.npages), shm.DST_ARRIVAL: bytearray(8 * cfg.npages),
+            shm.FAULTS: bytearray(FaultRing.nbytes(D.RING))}
+    Clock(bufs[shm.CLOCK]).start(1.0)
     control = Control()
     dst = D.Destination(control, bufs, cfg)
     folder = tempfile.mkdtemp(prefix="pds")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from emu.config import Config
+from emu.events import Trace
 from emu.figures import integrity, metrics
 from emu.migration.ram import PRESENT, TARGET_PAGE
 from emu.migration.workload import SLICED
@@ -58,9 +59,9 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
     return {
         "status": "completed" if ok else "failed",
         "errors": run.errors,
+        "tracebacks": run.tracebacks,  # of the errors that were bugs in the emulator
         "reached": reached,
-        "query-migrate": query_migrate(cfg, run.status["source"], src, faults,
-                                       total_ms, per_vcpu_ms),
+        "query-migrate": query_migrate(cfg, run.status["source"], src, faults),
         "latency": latency,
         # what the source's migration thread did with the requests it received
         "requests": {"urgent-main": int(src["urgent-main"]),
@@ -74,10 +75,29 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                    for side, changes in run.states.items()},
         "faults": run.injected,
         "recoveries": run.recoveries,
-        "events": [{"time": round(t, 6), "event": text} for t, text in run.events_in_order()],
+        "events": [event_json(t, what) for t, what in run.events_in_order()],
         "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }
+
+
+def event_json(t: float, what: str | Trace) -> dict:
+    """One entry of the run's log; a trace point's with its name and fields too."""
+    entry = {"time": round(t, 6), "event": str(what)}
+    if isinstance(what, Trace):
+        entry.update(trace=what.name, role=what.role,
+                     fields={key: _plain(value) for key, value in what.fields.items()})
+    return entry
+
+
+def _plain(value: object) -> object:
+    """A trace field as JSON takes it: numpy's numbers as Python's, anything else odd as
+    its text."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def how_far(run, page_faults: int) -> dict:
@@ -108,11 +128,28 @@ def integrity_text(integrity: dict) -> str:
     return f"{word} ({integrity['checked']}; bad pages {integrity['bad-pages']})"
 
 
-def query_migrate(cfg: Config, status: str, b: dict, faults: np.ndarray, blocktime_ms: float,
-                  vcpu_blocktime_ms: list[float]) -> dict:
-    """QEMU's query-migrate reply, with its field names and units (times in ms)."""
+def query_migrate(cfg: Config, status: str, b: dict, faults: np.ndarray) -> dict:
+    """query-migrate as a QEMU pair would answer it between them: the source's fields (from
+    its board `b`), then the destination's (from the faults it resolved)."""
+    return {**source_migration_info(cfg, status, b), **destination_postcopy_info(cfg, faults)}
+
+
+def source_migration_info(cfg: Config, status: str, b: dict) -> dict:
+    """What the source knows of query-migrate, from its board `b`: the status,
+    populate_time_info()'s times and populate_ram_info()'s RAM figures, with QEMU's field
+    names and units (times in ms). QEMU's fill_source_migration_info() picks from these by
+    status (emu/qmp/monitor.py); the run's report keeps them all."""
+    return {"status": status, **populate_time_info(b), "ram": populate_ram_info(cfg, b)}
+
+
+def populate_time_info(b: dict) -> dict:
+    return {"total-time": round(b["total-time"] * 1e3), "downtime": round(b["downtime"] * 1e3),
+            "setup-time": round(b["setup-time"] * 1e3)}
+
+
+def populate_ram_info(cfg: Config, b: dict) -> dict:
     total_s = b["total-time"] or 1e-9
-    ram = {
+    return {
         "transferred": int(b["transferred"]),
         "remaining": int(b["remaining"]),
         "total": cfg["guest.ram"],
@@ -128,23 +165,24 @@ def query_migrate(cfg: Config, status: str, b: dict, faults: np.ndarray, blockti
         "downtime-bytes": int(b["downtime-bytes"]),
         "postcopy-bytes": int(b["postcopy-bytes"]),
     }
-    reply = {
-        "status": status,
-        "total-time": round(b["total-time"] * 1e3),
-        "downtime": round(b["downtime"] * 1e3),
-        "setup-time": round(b["setup-time"] * 1e3),
-        "ram": ram,
-    }
+
+
+def destination_postcopy_info(cfg: Config, faults: np.ndarray) -> dict:
+    """What only the destination knows of query-migrate, from the faults its vCPUs resolved:
+    QEMU's fill_destination_postcopy_migration_info(), the blocktime (with the
+    postcopy-blocktime capability) and the fault latencies (QEMU 10.1's names; ms, ns)."""
+    info: dict = {}
     if cfg["migration.postcopy-blocktime"]:
-        reply["postcopy-blocktime"] = round(blocktime_ms)
-        reply["postcopy-vcpu-blocktime"] = [round(x) for x in vcpu_blocktime_ms]
-    lat = faults["latency"]
-    reply["postcopy-latency"] = round(float(lat.mean()) * 1e9) if len(lat) else 0
-    reply["postcopy-vcpu-latency"] = [
-        round(float(lat[faults["vcpu"] == v].mean()) * 1e9) if np.any(faults["vcpu"] == v) else 0
+        total_ms, per_vcpu_ms = metrics.blocktime(faults, cfg["guest.vcpus"])
+        info["postcopy-blocktime"] = round(total_ms)
+        info["postcopy-vcpu-blocktime"] = [round(x) for x in per_vcpu_ms]
+    lat, vcpus = faults["latency"], faults["vcpu"]
+    info["postcopy-latency"] = round(float(lat.mean()) * 1e9) if len(lat) else 0
+    info["postcopy-vcpu-latency"] = [
+        round(float(lat[vcpus == v].mean()) * 1e9) if np.any(vcpus == v) else 0
         for v in range(cfg["guest.vcpus"])]
-    reply["postcopy-latency-dist"] = metrics.latency_dist(lat)
-    return reply
+    info["postcopy-latency-dist"] = metrics.latency_dist(lat)
+    return info
 
 
 def emulator_health(cfg: Config, dst: dict, latency: dict, real_time: float) -> dict:

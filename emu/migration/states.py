@@ -5,10 +5,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from emu import trace
+from emu.events import Event, StateChanged, StateRefused
+
 STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
             "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "completed",
             "failed", "colo", "pre-switchover", "device", "wait-unplug")
 FINAL = ("completed", "failed", "cancelled")
+
+TRACE_SET_STATE = trace.point("migrate_set_state")  # QEMU's, with the new state's name
 
 
 class StateLog:
@@ -18,7 +23,7 @@ class StateLog:
     during the recovery handshake) is refused and traced, never written over it."""
 
     def __init__(self, side: str, now: Callable[[], float],
-                 emit: Callable[[tuple], None] = lambda event: None) -> None:
+                 emit: Callable[[Event], None] = lambda event: None) -> None:
         self.side = side
         self.status = "none"
         self.changes: list[tuple[str, float]] = []
@@ -27,7 +32,7 @@ class StateLog:
         self._lock = threading.Lock()
 
     def set(self, old: str, new: str) -> bool:
-        """Change from `old` to `new`; False (and a "state-refused" event) when the state is
+        """Change from `old` to `new`; False (and a StateRefused event) when the state is
         no longer `old`. Already in `new` is no change, as QEMU's cmpxchg of a state with
         itself sends no second event."""
         assert old in STATUSES and new in STATUSES, (old, new)
@@ -37,9 +42,11 @@ class StateLog:
                 self.status = new
                 self.changes.append((new, t))
         if actual != old:
-            self._emit(("state-refused", self.side, old, new, actual, t))
+            self._emit(StateRefused(self.side, old, new, actual, t))
         elif new != old:
-            self._emit(("state", self.side, new, t))
+            if TRACE_SET_STATE.enabled:
+                TRACE_SET_STATE(new_state=new)
+            self._emit(StateChanged(self.side, new, t))
         return actual == old
 
     def settle(self, decide: Callable[[str], str | None]) -> tuple[str, str | None]:
@@ -63,12 +70,6 @@ def after_failure(status: str, pausable: tuple[str, ...]) -> str | None:
     if status in FINAL or status == "postcopy-paused":
         return None
     return "failed"
-
-
-def refusal_text(event: tuple) -> str:
-    """A "state-refused" event as a trace line."""
-    _, side, old, new, actual, _t = event
-    return f"{side}: migrate_set_state {old} -> {new} refused: the state is {actual}"
 
 
 PAUSABLE = ("postcopy-active", "postcopy-recover")

@@ -33,9 +33,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from emu import shm
 from emu.board import Board
 from emu.clock import SPIN_S, Clock
 from emu.config import Config
+from emu.events import Bound, Link, Ready
 from emu.net import channel, uri
 
 CONNECTIONS = ("main", "preempt", "return")
@@ -522,16 +524,16 @@ def main(control, bufs: dict, cfg: Config, listen_uri: str, target_uri: str,
     """The network process: relay what connects at `listen_uri` to `target_uri`; with no
     target, relay what a destination hands over there (its front). run_dir: the folder the
     program made for it, removed if the program is killed."""
-    relay = Relay(Clock(bufs["clock"]), Board(FIELDS, bufs["relay-board"]),
+    relay = Relay(Clock(bufs[shm.CLOCK]), Board(FIELDS, bufs[shm.RELAY_BOARD]),
                   cfg["link.bandwidth"], cfg["link.rtt"])
     relay.listen(listen_uri, target_uri)
     control.on_orphan = lambda: _orphaned(relay.listener, run_dir)
     if pin := uri.bound_file(relay.listener):
-        control.emit(("bound", control.role, pin.file))  # the program removes it at its end
+        control.emit(Bound(control.role, pin.file))  # the program removes it at its end
     actions = {"cut": relay.cut, "corrupt": relay.corrupt,
                "target": lambda target: setattr(relay, "target", target)}
     relay.commands_waiting = control.conn.poll
-    control.emit(("ready", control.role))
+    control.emit(Ready(control.role))
     try:
         while True:
             if control.conn.poll():
@@ -543,8 +545,8 @@ def main(control, bufs: dict, cfg: Config, listen_uri: str, target_uri: str,
                     return
                 actions[command](*args)
             relay.step()
-            for event in relay.events:
-                control.emit(("link", *event, relay.clock.now()))
+            for what, channel_name in relay.events:
+                control.emit(Link(what, channel_name, relay.clock.now()))
             relay.events.clear()
     finally:
         relay.close()

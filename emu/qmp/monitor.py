@@ -21,13 +21,23 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from emu import faults
-from emu.board import Board
 from emu.config import Config
-from emu.figures import integrity, metrics, report
-from emu.migration import source, states
+from emu.events import (
+    Bound,
+    Died,
+    Error,
+    Event,
+    Listening,
+    Paused,
+    Refused,
+    Report,
+    StateChanged,
+    StateRefused,
+    Trace,
+)
+from emu.figures import integrity, report
+from emu.migration import states
 from emu.net import uri as uris
 from emu.qmp.protocol import QmpError, QmpServer
 
@@ -49,10 +59,6 @@ RUNNING = ("setup", "active", "device", "postcopy-active", "postcopy-paused",
            "wait-unplug")
 IN_POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover-setup",
                "postcopy-recover")
-# query-migrate fields that only the destination knows (QEMU 10.1 names)
-DESTINATION_FIELDS = ("postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency",
-                      "postcopy-vcpu-latency", "postcopy-latency-dist")
-NO_FAULTS = np.zeros(0, metrics.FAULT_DTYPE)
 LISTEN_TIMEOUT = 30.0  # real seconds for a freshly spawned child to listen (it imports numpy)
 
 
@@ -124,40 +130,37 @@ class Monitor:
 
     # ---- what the engine child says ----
 
-    def event(self, event: tuple) -> None:
+    def event(self, event: Event) -> None:
         """An event from the engine child (its reader thread)."""
-        kind = event[0]
-        if kind == "state":
-            self.log(f"[{event[3] * 1e3:10.3f} ms] {event[1]}: {event[2]}")
-            self._set_status(event[2])
-        elif kind == "state-refused":
-            self.log(f"[{event[5] * 1e3:10.3f} ms] {states.refusal_text(event)}")
-        elif kind == "bound":
-            self.socket_files.append(uris.Pin(event[2]))
-        elif kind == "listening":
-            self.listening.append(event[1])
-            self._outcomes.put(None)
-        elif kind in ("refused", "error"):
-            message = event[2].strip().splitlines()[-1]
-            if kind == "error":
-                # query-migrate's error-desc once failed; the monitor is this side's already
-                self.error_desc = message.removeprefix(f"{self.role}: ")
-                self.log(f"error: {message}", always=True)
-            else:
-                self.log(f"{event[1]} refused: {message}")
-            self._outcomes.put(message)
-        elif kind == "paused":
-            self.log(f"{event[1]} paused: {event[2]}")
-        elif kind == "report":
-            self.report = event[2]
-            self.reported.set()
-        elif kind == "died":
-            why = event[2]
-            self.log(why, always=True)
-            self.error_desc = self.error_desc or why  # a failure it told first stays the reason
-            self._outcomes.put(why)
-            if self.status not in ("completed", "failed", "cancelled"):
-                self._set_status("failed")
+        match event:
+            case StateChanged(side, status, t):
+                self.log(f"[{t * 1e3:10.3f} ms] {side}: {status}")
+                self._set_status(status)
+            case StateRefused(t=t) | Trace(t=t):
+                self.log(f"[{t * 1e3:10.3f} ms] {event}")
+            case Bound(file=file):
+                self.socket_files.append(uris.Pin(file))
+            case Listening(uri):
+                self.listening.append(uri)
+                self._outcomes.put(None)
+            case Refused(command, message):
+                self.log(f"{command} refused: {message}")
+                self._outcomes.put(message)
+            case Error(message=message):
+                self.error_desc = message  # query-migrate's error-desc once failed
+                self.log(f"error: {event}", always=True)
+                self._outcomes.put(message)
+            case Paused(side, reason):
+                self.log(f"{side} paused: {reason}")
+            case Report(report=report):
+                self.report = report
+                self.reported.set()
+            case Died(why=why):
+                self.log(why, always=True)
+                self.error_desc = self.error_desc or why  # a failure it told first stays why
+                self._outcomes.put(why)
+                if self.status not in ("completed", "failed", "cancelled"):
+                    self._set_status("failed")
 
     def _set_status(self, status: str) -> None:
         with self._lock:
@@ -397,9 +400,7 @@ class Monitor:
         board = self.engine.board.snapshot()
         if status != "completed":
             board["total-time"] = self.engine.clock.now() - self.started_at  # so far
-        info = report.query_migrate(self.final_cfg, status, board, NO_FAULTS, 0.0, [])
-        for key in DESTINATION_FIELDS:
-            info.pop(key, None)
+        info = report.source_migration_info(self.final_cfg, status, board)
         if status != "completed":
             del info["downtime"]  # QEMU shows it once the migration has completed
         return info
@@ -416,16 +417,8 @@ class Monitor:
             info["error-desc"] = self.error_desc or "unknown error"
         if self.status == "completed" and self.caps["postcopy-blocktime"] \
                 and self.reported.wait(5):
-            info.update(self._latencies())
+            info.update(report.destination_postcopy_info(self.final_cfg, self.report["faults"]))
         return info
-
-    def _latencies(self) -> dict:
-        records = self.report["faults"]
-        total_ms, per_vcpu_ms = metrics.blocktime(records, self.cfg["guest.vcpus"])
-        zero = Board(source.FIELDS).snapshot()
-        full = report.query_migrate(self.final_cfg, "completed", zero, records, total_ms,
-                                    per_vcpu_ms)
-        return {key: full[key] for key in DESTINATION_FIELDS}
 
     def query_integrity(self) -> dict:
         """x-query-integrity: the memory check after an incoming migration
@@ -434,9 +427,9 @@ class Monitor:
             raise QmpError(f"The memory check needs a completed incoming migration "
                            f"(status: {self.status})")
         if self.integrity is None:
-            ram = np.frombuffer(self.engine.segments.buf("dst-ram"), np.uint8)
-            page_states = np.frombuffer(self.engine.segments.buf("dst-states"), np.uint8)
-            self.integrity = integrity.check_replayed(self.final_cfg, ram, page_states, self.report)
+            shared = self.engine.shared
+            self.integrity = integrity.check_replayed(self.final_cfg, shared.ram("destination"),
+                                                      shared.states["destination"], self.report)
         return self.integrity
 
 

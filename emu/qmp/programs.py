@@ -26,7 +26,6 @@ them). Before any segment exists, the program checks that its shared memory fits
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import shutil
 import signal
 import sys
@@ -36,21 +35,14 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from emu import controller, signals
-from emu.board import Board
-from emu.child import child_main
-from emu.clock import Clock
+from emu import engines, signals
 from emu.config import Config
-from emu.migration import destination, source
-from emu.net import link, uri
+from emu.engines import Child, Shared
+from emu.events import Bound, Died, Error, Event, Link, Ready, Trace
+from emu.net import uri
 from emu.qmp.monitor import Monitor, serve_link
 from emu.qmp.protocol import QmpError, QmpServer
-from emu.shm import Segments
 
-BODIES = {"source": source.main, "destination": destination.main, "network": link.main}
-BOARDS = {"source": ("src-board", source.FIELDS),
-          "destination": ("dst-board", destination.FIELDS),
-          "network": ("relay-board", link.FIELDS)}
 QUIT_GRACE = 0.1  # real seconds for the reply to quit to go out before the monitor closes
 
 
@@ -58,71 +50,49 @@ class EngineError(RuntimeError):
     pass
 
 
-def _create(role: str, cfg: Config) -> tuple[Segments, Clock]:
-    """The shared memory of one program (a destination's with its front's board), checked to
-    fit first, and its clock, started."""
-    roles = (role, "network") if role == "destination" else (role,)
-    controller.check_room(cfg, roles)  # a guest that does not fit stops here, with one line
-    segments = Segments()
-    try:
-        for name, (size, allocated) in controller.plan(cfg, roles).items():
-            segments.create(name, size, allocated)
-        clock = Clock(segments.buf("clock"))
-    except BaseException:
-        segments.close()
-        raise
-    clock.start(cfg["emulator.time-scale"])
-    return segments, clock
-
-
 class Engine:
-    """One standalone program's engine child, the shared memory it works on, and the
-    program's clock. Events from the child go to on_event, from a thread of their own.
+    """One standalone program's engine child, the shared memory it works on (emu/engines.py),
+    and the program's clock, started at once. Events from the child go to on_event, from a
+    thread of their own.
 
     A destination's engine comes with its front, an engine of role network on the same
     clock and memory, started and stopped with it."""
 
-    def __init__(self, role: str, cfg: Config, host: Engine | None = None) -> None:
-        """host: the engine whose clock and memory this one works on (a destination's)."""
+    def __init__(self, role: str, cfg: Config, host: Engine | None = None,
+                 trace: tuple[str, ...] = ()) -> None:
+        """host: the engine whose clock and memory this one works on (a destination's);
+        trace: QEMU -trace patterns of the trace points its child sends."""
         self.role = role
-        self.on_event: Callable[[tuple], None] = lambda event: None
-        self.shared = host is not None
+        self.trace = trace
+        self.on_event: Callable[[Event], None] = lambda event: None
+        self.hosted = host is not None
         if host:
-            self.segments, self.clock = host.segments, host.clock
+            self.shared = host.shared
         else:
-            self.segments, self.clock = _create(role, cfg)
-        name, fields = BOARDS[role]
-        self.board = Board(fields, self.segments.buf(name))
-        self.front = Engine("network", cfg, self) if role == "destination" else None
+            roles = (role, "network") if role == "destination" else (role,)
+            self.shared = Shared(cfg, roles)  # a guest that does not fit stops here
+            self.shared.clock.start(cfg["emulator.time-scale"])
+        self.clock = self.shared.clock
+        self.board = self.shared.boards[role]
+        self.front = Engine("network", cfg, self, trace) if role == "destination" else None
         self.private: str | None = None  # the front's folder, removed by this very path
-        self.proc: mp.Process | None = None
-        self.conn = None
+        self.child: Child | None = None
         self.ready = threading.Event()
         self.errors: list[str] = []
-        self._send_lock = threading.Lock()
-        self._stopping = False
 
     @property
     def spawned(self) -> bool:
-        return self.proc is not None
+        return self.child is not None
 
     def spawn(self, cfg: Config, *args) -> None:
         if self.front:
             args = (*args, self._spawn_front(cfg))
-        ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=child_main, name=f"postcopy-emu-{self.role}",
-                                daemon=True, args=(self.role, BODIES[self.role], child,
-                                                   self.segments.names(), cfg, *args),
-                                kwargs={"janitor": not self.shared})
-        with signals.spawning():
-            self.proc.start()
-        if not self.shared:
-            self.segments.untrack()  # the child unlinks them if we are killed
-        child.close()
-        self.conn, self._stopping = parent, False
-        threading.Thread(target=self._read, args=(parent, self.proc),
-                         name=f"{self.role}-events", daemon=True).start()
+        # the janitor of the program's segments, unless it works on its host's
+        child = self.shared.spawn(self.role, cfg, *args, janitor=not self.hosted,
+                                  trace=self.trace)
+        self.child = child
+        threading.Thread(target=self._read, args=(child,), name=f"{self.role}-events",
+                         daemon=True).start()
         if self.front:
             try:  # a source may connect as soon as the destination listens
                 self.front.wait_ready()
@@ -140,11 +110,8 @@ class Engine:
 
     def send(self, *command) -> None:
         """A command to the child; it reads them in order once it has started."""
-        with self._send_lock:
-            try:
-                self.conn.send(command)
-            except (OSError, AttributeError):
-                pass  # the child is gone (its reader says so) or was stopped
+        if self.child is not None:
+            self.child.send(*command)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -154,80 +121,58 @@ class Engine:
                                   else f"the {self.role} process did not start")
 
     def stop_child(self) -> None:
-        self._stop()
+        if self.child is not None:
+            engines.stop([self.child])
+            self.child = None
+            self.ready.clear()
         if self.front:  # after the destination: what it still says is not about the link
             self.front.stop_child()
         if self.private:
             shutil.rmtree(self.private, ignore_errors=True)
             self.private = None
 
-    def _stop(self) -> None:
-        if self.proc is None:
-            return
-        with signals.held():
-            self._stopping = True
-            self.send("quit")
-            self.proc.join(3)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(2)
-            with self._send_lock:
-                self.conn.close()
-                self.proc = self.conn = None
-            if not self.shared:
-                self.segments.track()  # no child left to unlink them if we are killed
-            self.ready.clear()
-
     def close(self) -> None:
         """Stop the child and unlink the segments: safe to call twice, not cut short."""
         with signals.held():
             self.stop_child()
-            self.segments.close()
+            if not self.hosted:
+                self.shared.close()
 
-    def _read(self, conn, proc) -> None:
+    def _read(self, child: Child) -> None:
+        """The child's events, to on_event; its death, if it was not asked to stop."""
         while True:
             try:
-                event = conn.recv()
+                event = child.recv()
             except (EOFError, OSError):
-                if conn is self.conn and not self._stopping:  # not one we stopped
-                    why = self._death(proc)
-                    self.errors.append(why)
-                    self.on_event(("died", self.role, why))
+                if not child.stopping:
+                    event = Died(self.role, child.death())
+                    self.errors.append(event.why)
+                    self.on_event(event)
                 return
-            if event[0] == "ready":
-                self.ready.set()
-            elif event[0] == "error":
-                self.errors.append(event[2].strip().splitlines()[-1])
+            match event:
+                case Ready():
+                    self.ready.set()
+                case Error():
+                    self.errors.append(str(event))
             self.on_event(event)
-
-    def _death(self, proc) -> str:
-        """What became of a child that went away unasked, in one line."""
-        proc.join(2)  # its control connection closes as it dies: the exit status follows
-        code = proc.exitcode
-        if code is not None and code < 0:
-            try:
-                how = f"killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"killed by signal {-code}"
-        else:
-            how = "still running" if code is None else f"exit code {code}"
-        return f"the {self.role} process died ({how})"
 
 
 class Program:
     """What each standalone program does around its work: say things on stderr, and run
-    until quit, SIGTERM or Ctrl-C."""
+    until quit, SIGTERM or Ctrl-C. trace: None, or the QEMU -trace patterns of --trace
+    (none: only the state changes and connections)."""
 
-    def __init__(self, name: str, trace: bool) -> None:
+    def __init__(self, name: str, trace: tuple[str, ...] | None) -> None:
         self.name = name
-        self.trace = trace
+        self.tracing = trace is not None
+        self.trace_patterns = trace or ()
         self.done = threading.Event()
 
     def say(self, text: str) -> None:
         print(f"{self.name}: {text}", file=sys.stderr, flush=True)
 
     def log(self, text: str, always: bool = False) -> None:
-        if self.trace or always:
+        if self.tracing or always:
             self.say(text)
 
     def quit(self) -> None:
@@ -239,10 +184,10 @@ class Program:
             pass
 
 
-def _run(name: str, trace: bool, body: Callable[[Program], int]) -> int:
+def _run(name: str, args, body: Callable[[Program], int]) -> int:
     """Run a program's body with SIGTERM and SIGHUP turned into a clean exit, as QEMU does;
     Ctrl-C goes on to the command line, which says it was interrupted."""
-    program = Program(name, trace)
+    program = Program(name, args.trace)
     with signals.stopping():
         try:
             return body(program)
@@ -266,11 +211,12 @@ def _monitor_server(program: Program, address: str, allow_remote: bool) -> QmpSe
 
 def run_side(role: str, args, cfg: Config) -> int:
     """`postcopy-emu source` / `postcopy-emu destination`."""
-    return _run(f"postcopy-emu {role}", args.trace, partial(_side, role, args, cfg))
+    return _run(f"postcopy-emu {role}", args, partial(_side, role, args, cfg))
 
 
 def _side(role: str, args, cfg: Config, program: Program) -> int:
-    engine = Engine(role, cfg)  # first: a guest that does not fit stops here, with one line
+    # first: a guest that does not fit stops here, with one line
+    engine = Engine(role, cfg, trace=program.trace_patterns)
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
         engine.close()
@@ -298,7 +244,7 @@ def _side(role: str, args, cfg: Config, program: Program) -> int:
 
 def run_link(args, cfg: Config) -> int:
     """`postcopy-emu link`: the emulated network between a source and a destination."""
-    return _run("postcopy-emu link", args.trace, partial(_link, args, cfg))
+    return _run("postcopy-emu link", args, partial(_link, args, cfg))
 
 
 def _link(args, cfg: Config, program: Program) -> int:
@@ -308,7 +254,7 @@ def _link(args, cfg: Config, program: Program) -> int:
     except (ValueError, OSError) as err:
         program.say(str(err))
         return 2
-    engine = Engine("network", cfg)
+    engine = Engine("network", cfg, trace=program.trace_patterns)
     server = None
     if args.qmp:
         server = _monitor_server(program, args.qmp, args.allow_remote)
@@ -318,9 +264,9 @@ def _link(args, cfg: Config, program: Program) -> int:
     died = threading.Event()
     bound: list[uri.Pin] = []
 
-    def on_event(event: tuple) -> None:
+    def on_event(event: Event) -> None:
         _link_event(program, event, bound)
-        if event[0] == "died":  # nothing to relay without it: the program ends, and says so
+        if isinstance(event, Died):  # nothing to relay without it: the program ends, says so
             died.set()
             program.done.set()
     engine.on_event = on_event
@@ -346,14 +292,18 @@ def _link(args, cfg: Config, program: Program) -> int:
                 pin.remove()
 
 
-def _link_event(program: Program, event: tuple, bound: list | None = None) -> None:
-    """bound: where to keep the socket files the network process made, to remove them at the
-    end (None: a front's, in a folder removed whole)."""
-    if event[0] == "bound" and bound is not None:
-        bound.append(uri.Pin(event[2]))
-    elif event[0] == "link":
-        program.log(f"[{event[3] * 1e3:10.3f} ms] {event[2]} connection {event[1]}")
-    elif event[0] == "error":
-        program.say(f"error: {event[2].strip().splitlines()[-1]}")
-    elif event[0] == "died":
-        program.say(event[2])
+def _link_event(program: Program, event: Event, bound: list | None = None) -> None:
+    """What a network child says, for its program. bound: where to keep the socket files the
+    network process made, to remove them at the end (None: a front's, in a folder removed
+    whole)."""
+    match event:
+        case Bound(file=file) if bound is not None:
+            bound.append(uri.Pin(file))
+        case Link(what, channel, t):
+            program.log(f"[{t * 1e3:10.3f} ms] {channel} connection {what}")
+        case Trace(t=t):
+            program.log(f"[{t * 1e3:10.3f} ms] {event}")
+        case Error(message=message):
+            program.say(f"error: {message}")
+        case Died(why=why):
+            program.say(why)

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from emu import signals
 from emu.net import uri
 
 DEFAULT_VERSION: dict = {
@@ -596,11 +597,14 @@ class QmpServer:
     def start(self) -> QmpServer:
         if self._listener is not None or self._closed:
             raise RuntimeError("a QmpServer starts once")
-        self._listener = uri.listen(self.address, backlog=None)
-        self.address = uri.bound(self._listener)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._acceptor = threading.Thread(target=self._accept, name="qmp-accept", daemon=True)
-        self._acceptor.start()
+        # a stop signal meanwhile waits until the server is whole: close() can then undo it
+        with signals.held():
+            self._listener = uri.listen(self.address, backlog=None)
+            self.address = uri.bound(self._listener)
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._acceptor = threading.Thread(target=self._accept, name="qmp-accept",
+                                              daemon=True)
+            self._acceptor.start()
         return self
 
     def emit(self, name: str, data: dict | None = None) -> None:

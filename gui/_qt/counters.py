@@ -6,7 +6,7 @@ from __future__ import annotations
 from PySide6 import QtCore, QtWidgets
 
 from emu.config import Config
-from emu.figures import metrics, report
+from emu.figures import report
 from gui._qt import style
 from gui.session import FaultLog, Snapshot
 
@@ -79,9 +79,7 @@ def _live_query_migrate(snap: Snapshot, cfg: Config, log: FaultLog) -> dict:
     board = dict(snap.boards["source"])
     if not board["total-time"]:  # the source sets it at the end: show the time so far
         board["total-time"] = snap.now
-    total_ms, per_vcpu_ms = metrics.blocktime(log.records, cfg["guest.vcpus"])
-    return report.query_migrate(cfg, snap.status["source"], board, log.records, total_ms,
-                                per_vcpu_ms)
+    return report.query_migrate(cfg, snap.status["source"], board, log.records)
 
 
 def _urgent_sent(snap: Snapshot) -> str:

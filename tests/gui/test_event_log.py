@@ -3,8 +3,8 @@
 import re
 import time
 
-from emu.clock import Clock
 from emu.controller import Run
+from emu.events import Link, StateChanged
 from gui.session import COMPLETED, FAILED, RUNNING, Session
 from tests.gui.conftest import small_config
 
@@ -19,12 +19,10 @@ def test_the_window_and_the_run_write_one_log_in_time_order():
     session = Session(small_config())
     session.run = Run(session.cfg)
     try:
-        session.run.clock = Clock()
-        session.run.clock.start(1.0, at=1.0)
         session.phase = RUNNING
-        session.run._event(("link", "connected", "main", 0.002))
+        session.run._event(Link("connected", "main", 0.002))
         session._log("paused", 0.001)  # the window's own line, between the run's
-        session.run._event(("state", "source", "setup", 0.0))
+        session.run._event(StateChanged("source", "setup", 0.0))
         session._log_run(final=True)
         shown = _entries(session._events)
     finally:

@@ -112,7 +112,7 @@ def _in_postcopy(window, qtbot) -> list[int]:
     window.start_migration()
     qtbot.waitUntil(lambda: window.session.run.status["destination"] == "postcopy-active",
                     timeout=WAIT_MS)
-    return [proc.pid for proc, _ in window.session.run.children.values()]
+    return [child.pid for child in window.session.run.children.values()]
 
 
 def _all_gone(pids: list[int]) -> None:
