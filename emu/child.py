@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 
 from emu import shm, signals, trace
 from emu.clock import Clock
-from emu.events import Error, Event, Exit, Ready, Trace, from_tuple
+from emu.events import Error, Event, Exit, Ready, Trace
 
 
 def start_thread(name: str, target, *args) -> threading.Thread:
@@ -44,11 +44,8 @@ class Control:
         shm.unlink_all(self.segments)
         os._exit(1)
 
-    def emit(self, event: Event | tuple) -> None:
-        """Send an event (emu/events.py); an old-style tuple, ("paused", side, reason) and
-        the like, is made into its event first."""
-        if isinstance(event, tuple):
-            event = from_tuple(event)
+    def emit(self, event: Event) -> None:
+        """Send an event (emu/events.py) to the controller."""
         with self._lock:
             try:
                 self.conn.send(event)

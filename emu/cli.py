@@ -10,7 +10,7 @@ import signal
 import sys
 from contextlib import nullcontext
 
-from emu import signals, trace
+from emu import engines, signals, trace
 from emu.config import Config, ConfigError, load_config, scenario_names
 from emu.figures import metrics
 from emu.figures.report import integrity_text
@@ -145,6 +145,7 @@ def cmd_run(args, cfg: Config) -> int:
     if recover_after is None:
         _say("--recover-after never: a paused run waits for a recovery that never comes; "
              "end it with Ctrl-C, or set emulator.duration-limit")
+    engines.check_room(cfg, engines.ROLES)  # a guest that does not fit says only that
     if (expected := _real_seconds(cfg, 0.0)) > LONG_RUN_S:
         _say(f"this run takes about {_minutes(expected)} of real time "
              f"({format_size(cfg['guest.ram'])} over {format_rate(_stream_rate(cfg))} at "

@@ -76,13 +76,12 @@ class Error:
 
     @classmethod
     def of(cls, role: str, text: str) -> Error:
-        """The error a text says: a traceback's last line is its message. A message that
-        names its side first ("source: ...") loses the prefix: the role is a field."""
+        """The error a text says: a traceback's last line is its message."""
         text = text.strip()
         lines = text.splitlines() or [""]
         if len(lines) > 1:
             return cls(role, lines[-1], text)
-        return cls(role, text.removeprefix(f"{role}: "))
+        return cls(role, text)
 
 
 @dataclass(frozen=True)
@@ -150,15 +149,3 @@ class Trace:
 
 Event = (Ready | StateChanged | StateRefused | Refused | Paused | Error | Report | Listening
          | Bound | Link | Exit | Died | Trace)
-
-# The tuples children sent before these types, by their first item: Control.emit still takes
-# them (the engine's call sites move over one by one) and makes the event here.
-_TUPLES = {"ready": Ready, "state": StateChanged, "state-refused": StateRefused,
-           "refused": Refused, "paused": Paused, "error": Error.of, "report": Report,
-           "listening": Listening, "bound": Bound, "link": Link, "exit": Exit, "died": Died}
-
-
-def from_tuple(message: tuple) -> Event:
-    """The event an old-style tuple says, ("state", side, status, t) and the like."""
-    kind, *args = message
-    return _TUPLES[kind](*args)

@@ -9,7 +9,7 @@ import tempfile
 from emu import shm
 from emu.board import Board
 from emu.clock import Clock
-from emu.events import Error, Event, Listening, StateChanged, from_tuple
+from emu.events import Error, Event, Listening, StateChanged
 from emu.figures.metrics import FaultRing
 from emu.migration import destination as D
 from emu.net import channel
@@ -28,15 +28,13 @@ class Control:
         self.errors: list[str] = []
         self.listening = ""
 
-    def emit(self, event: Event | tuple) -> None:
-        if isinstance(event, tuple):  # as the real Control takes them (emu/child.py)
-            event = from_tuple(event)
+    def emit(self, event: Event) -> None:
         if isinstance(event, Listening):
             self.listening = event.uri
         self.events.put(event)
 
     def fail(self, message: str) -> None:
-        self.errors.append(message)
+        self.errors.append(f"{self.role}: {message}")  # as the controller says it
         self.emit(Error.of(self.role, message))
 
     def wait_state(self, status: str, timeout: float = WAIT) -> None:

@@ -28,6 +28,7 @@ from emu import shm, trace
 from emu.board import LAG_FIELDS, Board, lag_meter
 from emu.clock import Clock
 from emu.config import Config
+from emu.events import Paused, Refused, Report
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
 from emu.migration import loadvm, wire
 from emu.migration import ram as R
@@ -60,15 +61,15 @@ class Destination:
         self.control = control
         self.cfg = cfg
         self.front = front
-        self.clock = Clock(bufs["clock"])
-        self.board = Board(FIELDS, bufs["dst-board"])
+        self.clock = Clock(bufs[shm.CLOCK])
+        self.board = Board(FIELDS, bufs[shm.DST_BOARD])
         npages, ntarget = cfg.npages, cfg["guest.ram"] // R.TARGET_PAGE
-        states = np.ndarray((npages,), np.uint8, buffer=bufs["dst-states"])
-        self.arrival = np.ndarray((npages,), np.float64, buffer=bufs["dst-arrival"])
+        states = np.ndarray((npages,), np.uint8, buffer=bufs[shm.DST_STATES])
+        self.arrival = np.ndarray((npages,), np.float64, buffer=bufs[shm.DST_ARRIVAL])
         self.ram = None
         if cfg["emulator.payload"]:
-            shm.map_in(bufs["dst-ram"])
-            self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs["dst-ram"])
+            shm.map_in(bufs[shm.DST_RAM])
+            self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs[shm.DST_RAM])
         self.placer = Placer(states, self.ram, cfg.page_size, self._placed)
         self.state = StateLog("destination", self.clock.now, control.emit)
         self.lag = lag_meter(self.board, self.clock.now)
@@ -78,7 +79,7 @@ class Destination:
         self._eof_lock = threading.Lock()
         self.conns = Connections(self)
         self.loadvm = loadvm.LoadVM(self)
-        self.fault_thread = FaultThread(self, FaultRing(bufs["faults"], RING))
+        self.fault_thread = FaultThread(self, FaultRing(bufs[shm.FAULTS], RING))
         self.memory = DestMemory(self)
 
     # ---- commands ----
@@ -86,7 +87,7 @@ class Destination:
     def incoming(self, address: str) -> None:
         """migrate-incoming: listen for the source's channels (qemu_start_incoming_migration)."""
         if self.state.status != "none":
-            self.control.emit(("refused", "migrate-incoming",
+            self.control.emit(Refused("migrate-incoming",
                                "The incoming migration has already been started"))
             return
         listener = self.conns.bind(address, "migrate-incoming")
@@ -99,7 +100,7 @@ class Destination:
     def recover(self, address: str) -> None:
         """migrate-recover: listen on a new address for the source to resume; may be retried."""
         if self.state.status != "postcopy-paused":
-            self.control.emit(("refused", "migrate-recover",
+            self.control.emit(Refused("migrate-recover",
                                "Migrate recover can only be run when postcopy is paused."))
             return
         listener = self.conns.bind(address, "migrate-recover")
@@ -109,7 +110,7 @@ class Destination:
     def pause(self) -> None:
         """migrate-pause on the destination: break the channels; both sides pause."""
         if refusal := pause_refusal(self.state.status):
-            self.control.emit(("refused", "migrate-pause", refusal))
+            self.control.emit(Refused("migrate-pause", refusal))
             return
         self.channel_failed("migrate-pause")
 
@@ -171,7 +172,7 @@ class Destination:
         _, new = self.state.settle(lambda status: None if status in FINAL else "failed")
         if new is None:
             return
-        self.control.fail(f"destination: load of migration failed: Invalid argument: {detail}")
+        self.control.fail(f"load of migration failed: Invalid argument: {detail}")
         self.stop.set()
         self.conns.close_channels()
         self.conns.stop_listening()
@@ -198,9 +199,9 @@ class Destination:
         for vcpu in self.vcpus:
             vcpu.join()
         if missing:
-            self.control.fail(f"destination: {missing} host pages missing at the end")
+            self.control.fail(f"{missing} host pages missing at the end")
         self.send_rp(wire.rp_message(wire.MIG_RP_MSG_SHUT, b"\0\0\0\0"))
-        self.control.emit(("report", "destination", self._report()))
+        self.control.emit(Report("destination", self._report()))
 
     def channel_failed(self, reason: str) -> None:
         """A channel broke: in postcopy the migration pauses, from postcopy-active or from
@@ -210,9 +211,9 @@ class Destination:
             if TRACE_PAUSE.enabled:
                 TRACE_PAUSE()
             self.placer.drop_partial()
-            self.control.emit(("paused", "destination", reason))
+            self.control.emit(Paused("destination", reason))
         elif new == "failed":
-            self.control.fail(f"destination: {reason}")
+            self.control.fail(f"{reason}")
         if old not in ("completed", "failed"):
             self.conns.close_channels()
 

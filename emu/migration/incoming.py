@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from emu import trace
 from emu.child import start_thread
+from emu.events import Bound, Listening, Refused
 from emu.migration.placement import MAIN, PREEMPT
 from emu.net import channel, link, uri
 from emu.net.channel import ChannelError, Endpoint
@@ -88,11 +89,11 @@ class Connections:
         try:
             listener = uri.listen(address)
         except (OSError, ValueError) as err:
-            control.emit(("refused", command, str(err)))
+            control.emit(Refused(command, str(err)))
             return None
         if pin := uri.bound_file(listener):
             self.socket_files.append(pin)
-            control.emit(("bound", control.role, pin.file))  # the program removes it
+            control.emit(Bound(control.role, pin.file))  # the program removes it
         return listener
 
     def serve(self, listener: socket.socket) -> None:
@@ -102,7 +103,7 @@ class Connections:
         except RuntimeError:  # can't start new thread: the command fails, and says why
             self.stop_listening()
             raise
-        self.dst.control.emit(("listening", uri.bound(listener)))
+        self.dst.control.emit(Listening(uri.bound(listener)))
 
     def remove_sockets(self) -> None:
         """The program that would remove our socket files is gone (killed): remove them."""

@@ -18,11 +18,12 @@ import threading
 
 import numpy as np
 
-from emu import trace
+from emu import shm, trace
 from emu.board import Board
 from emu.child import start_thread
 from emu.clock import Clock
 from emu.config import Config
+from emu.events import Paused, Refused, Report
 from emu.migration import ram as R
 from emu.migration import wire
 from emu.migration.page_requests import PageRequestQueue
@@ -61,18 +62,18 @@ class Source:
     def __init__(self, control, bufs: dict, cfg: Config) -> None:
         self.control = control
         self.cfg = cfg
-        self.clock = Clock(bufs["clock"])
-        self.board = Board(FIELDS, bufs["src-board"])
+        self.clock = Clock(bufs[shm.CLOCK])
+        self.board = Board(FIELDS, bufs[shm.SRC_BOARD])
         self.tpp = cfg.target_pages_per_host_page
-        raw = bufs["src-ram"] if cfg["emulator.payload"] else None
+        raw = bufs[shm.SRC_RAM] if cfg["emulator.payload"] else None
         self.guest_ram = None  # what the vCPUs write, by target page
         if raw is not None:
             ntarget = cfg["guest.ram"] // R.TARGET_PAGE
             self.guest_ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=raw)
             R.stamp(self.guest_ram)
-        states = np.ndarray((cfg.npages,), np.uint8, buffer=bufs["src-states"])
+        states = np.ndarray((cfg.npages,), np.uint8, buffer=bufs[shm.SRC_STATES])
         self.rs = RAMState(cfg, self.board, self.clock, states,
-                           PageRequestQueue(bufs["src-queue"]), raw)
+                           PageRequestQueue(bufs[shm.SRC_QUEUE]), raw)
         self.rp = ReturnPath(self.rs, self.board, cfg.npages, self._channel_failed)
         self.state = StateLog("source", self.clock.now, control.emit)
         self.main: Endpoint | None = None
@@ -101,7 +102,7 @@ class Source:
         try:
             self._connect(address)
         except (OSError, ChannelError) as err:
-            self.control.fail(f"source: cannot connect to {address}: {err}")
+            self.control.fail(f"cannot connect to {address}: {err}")
             self.state.set("setup", "failed")  # migrate_fd_error()
             return
         with self.vcpu_lock:
@@ -112,7 +113,7 @@ class Source:
     def resume(self, address: str) -> None:
         """migrate with resume=true: reconnect and run the recovery handshake."""
         if self.state.status != "postcopy-paused":
-            self.control.emit(("refused", "migrate", "Cannot resume if there is no paused "
+            self.control.emit(Refused("migrate", "Cannot resume if there is no paused "
                                "migration"))
             return
         start_thread("resume", self._resume, address)
@@ -120,7 +121,7 @@ class Source:
     def pause(self) -> None:
         """migrate-pause: break the channels on purpose; both sides go to postcopy-paused."""
         if refusal := pause_refusal(self.state.status):
-            self.control.emit(("refused", "migrate-pause", refusal))
+            self.control.emit(Refused("migrate-pause", refusal))
             return
         self._channel_failed("migrate-pause")
 
@@ -196,9 +197,9 @@ class Source:
             if new == "postcopy-paused":  # postcopy_pause()
                 self.resumed.clear()
                 self.rs.queue.clear()  # lost: the destination asks again after resuming
-                self.control.emit(("paused", "source", reason))
+                self.control.emit(Paused("source", reason))
             elif new == "failed":
-                self.control.fail(f"source: {reason}")
+                self.control.fail(f"{reason}")
             broken = (self.main, self.preempt)  # not what a recovery connects meanwhile
         for channel_ep in broken:
             if channel_ep:
@@ -211,7 +212,7 @@ class Source:
             self._migrate()
         except ChannelError as err:
             self._channel_failed(str(err))
-        self.control.emit(("report", "source", {"states": self.state.changes,
+        self.control.emit(Report("source", {"states": self.state.changes,
                                                 "board": self.board.snapshot()}))
 
     def _migrate(self) -> None:
