@@ -169,8 +169,13 @@ class Child:
                 pass
 
     def recv(self) -> Event:
-        """The child's next event; EOFError or OSError once it is gone."""
-        return self.conn.recv()
+        """The child's next event; EOFError or OSError once it is gone, or once stop closed
+        the connection under a reader blocked here (multiprocessing then finds its handle
+        gone and raises TypeError: the same end, said otherwise)."""
+        try:
+            return self.conn.recv()
+        except TypeError:
+            raise EOFError("the control connection was closed") from None
 
     def death(self) -> str:
         """What became of a child that went away unasked, in one line."""

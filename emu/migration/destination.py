@@ -88,7 +88,7 @@ class Destination:
         """migrate-incoming: listen for the source's channels (qemu_start_incoming_migration)."""
         if self.state.status != "none":
             self.control.emit(Refused("migrate-incoming",
-                               "The incoming migration has already been started"))
+                                      "The incoming migration has already been started"))
             return
         listener = self.conns.bind(address, "migrate-incoming")
         if listener is None:
@@ -101,7 +101,7 @@ class Destination:
         """migrate-recover: listen on a new address for the source to resume; may be retried."""
         if self.state.status != "postcopy-paused":
             self.control.emit(Refused("migrate-recover",
-                               "Migrate recover can only be run when postcopy is paused."))
+                                      "Migrate recover can only be run when postcopy is paused."))
             return
         listener = self.conns.bind(address, "migrate-recover")
         if listener is not None:

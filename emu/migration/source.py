@@ -114,7 +114,7 @@ class Source:
         """migrate with resume=true: reconnect and run the recovery handshake."""
         if self.state.status != "postcopy-paused":
             self.control.emit(Refused("migrate", "Cannot resume if there is no paused "
-                               "migration"))
+                                      "migration"))
             return
         start_thread("resume", self._resume, address)
 
