@@ -35,7 +35,7 @@ from emu.migration import ram as R
 from emu.migration.fault_thread import DestMemory, FaultThread
 from emu.migration.incoming import Connections
 from emu.migration.placement import MAIN, Placer
-from emu.migration.states import FINAL, StateLog, after_failure, pause_refusal
+from emu.migration.states import FINAL, StateLog, after_failure
 from emu.migration.workload import VCpu, Workload
 from emu.net.channel import ChannelError
 
@@ -109,10 +109,8 @@ class Destination:
 
     def pause(self) -> None:
         """migrate-pause on the destination: break the channels; both sides pause."""
-        if refusal := pause_refusal(self.state.status):
-            self.control.emit(Refused("migrate-pause", refusal))
-            return
-        self.channel_failed("migrate-pause")
+        if self.state.pause_allowed():
+            self.channel_failed("migrate-pause")
 
     def shutdown(self) -> None:
         self.stop.set()

@@ -29,7 +29,7 @@ from emu.migration import wire
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.return_path import ReturnPath
-from emu.migration.states import FINAL, StateLog, after_failure, pause_refusal
+from emu.migration.states import FINAL, StateLog, after_failure
 from emu.migration.workload import Memory, VCpu, Workload
 from emu.net import channel, uri
 from emu.net.channel import ChannelError, Endpoint
@@ -120,10 +120,8 @@ class Source:
 
     def pause(self) -> None:
         """migrate-pause: break the channels on purpose; both sides go to postcopy-paused."""
-        if refusal := pause_refusal(self.state.status):
-            self.control.emit(Refused("migrate-pause", refusal))
-            return
-        self._channel_failed("migrate-pause")
+        if self.state.pause_allowed():
+            self._channel_failed("migrate-pause")
 
     def start_postcopy(self) -> None:
         self.switchover.set()

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable
 
 from emu import trace
-from emu.events import Event, StateChanged, StateRefused
+from emu.events import Event, Refused, StateChanged, StateRefused
 
 STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
             "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "completed",
@@ -48,6 +48,13 @@ class StateLog:
                 TRACE_SET_STATE(new_state=new)
             self._emit(StateChanged(self.side, new, t))
         return actual == old
+
+    def pause_allowed(self) -> bool:
+        """migrate-pause may break the channels now; if not, QEMU's refusal is told."""
+        refusal = pause_refusal(self.status)
+        if refusal:
+            self._emit(Refused("migrate-pause", refusal))
+        return refusal is None
 
     def settle(self, decide: Callable[[str], str | None]) -> tuple[str, str | None]:
         """Change to decide(current state), again from the new state if another thread changed

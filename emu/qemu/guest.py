@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from emu.migration.ram import TARGET_PAGE
+
 SOURCE = Path(__file__).with_name("guest.S")
 LOAD_ADDRESS = 0x100000  # where the linker places the image, as multiboot loaders expect
 PARAMS_MAGIC = b"PCEGUEST"
@@ -28,7 +30,7 @@ STATUS_ADDRESS = LOAD_ADDRESS + 0x80  # guest.S `status`
 STATUS_SIZE = 24
 MARK = 0x50434547
 LCG_A, LCG_C = 1664525, 1013904223
-PAGE = 4096
+PAGE = TARGET_PAGE  # the guest touches 4 KiB x86 pages, QEMU's target page
 PATTERNS = ("ascending", "stride", "random")
 # The region starts above the image and a 2 MiB boundary, so it is whole huge pages too,
 # and ends a huge page before the top of RAM, where the firmware keeps its tables.
