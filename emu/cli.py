@@ -77,10 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark that prints figures",
                            description="seed-table: the postcopy-preempt series' latency "
                                        "table (3 page sizes x 3 modes) under the seed-10g "
-                                       "preset, next to the seed's figures and the model's")
-    bench.add_argument("name", choices=["seed-table"])
+                                       "preset, next to the seed's figures and the model's; "
+                                       "qemu: the same migrations on real QEMU "
+                                       "(qemu-system-x86_64) and on the emulator, side by "
+                                       "side")
+    bench.add_argument("name", choices=["seed-table", "qemu"])
     bench.add_argument("--quick", action="store_true",
-                       help="fewer samples (about a fifth), about 2 minutes instead of about 6")
+                       help="seed-table: fewer samples (about a fifth), about 2 minutes "
+                            "instead of about 6; qemu: a 64 MiB guest and one cap, about 2.5 "
+                            "minutes")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench, scenario=None, set=[])
     gui = _command(sub, "gui", "open the window")
@@ -185,6 +190,10 @@ def cmd_predict(args, cfg: Config) -> int:
 
 
 def cmd_bench(args, cfg: Config) -> int:
+    if args.name == "qemu":
+        from emu.figures import qemu_bench
+
+        return qemu_bench.main(args.quick, args.json)
     from emu.figures import seedtable
 
     return seedtable.main(args.quick, args.json)

@@ -1,0 +1,175 @@
+"""postcopy-emu bench qemu: the same migration on real QEMU and on the emulator, side by side.
+
+Each scenario (guest pattern, RAM, postcopy cap) runs in each mode once on two local
+qemu-system-x86_64 (emu.qemu.harness) and once on the emulator (emu.controller.migrate), one
+migration at a time. The emulator is given what the QEMU run has: the same guest RAM, the
+guest's walk mapped onto a workload pattern, the same precopy time before
+migrate-start-postcopy, the same caps, and as its link the rate QEMU itself reached over
+loopback on the development machine (docs/qemu.md, "Throughput").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from emu.qemu import available
+
+MODES = ("vanilla", "preempt")  # preempt-no-break-huge only differs with huge pages
+FIELDS = ("count", "median-ms", "mean-ms", "p99-ms", "blocktime-ms", "progress")
+# QEMU's own postcopy rate over loopback here (median of 18 unlimited runs, docs/qemu.md):
+# QEMU is CPU-bound, so this, not the loopback TCP figure, is the emulator's link.
+LINK = "824MB/s"
+TIME_SCALE = 0.1  # slow enough for the emulator to keep up with that link
+# The QEMU guest's touch rate under TCG here (1.2 million touches/s, docs/qemu.md).
+TOUCH_COST = "833ns"
+# The QEMU guest's walk -> the emulator's workload pattern.
+PATTERNS = {"stride": "stride", "ascending": "sequential", "random": "random"}
+STRIDE_SHARE = 0.382  # the QEMU guest's stride: about 0.382 of its region (emu/qemu/guest.S)
+PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Case:
+    """One scenario: a guest, its RAM, its precopy time and caps (bytes/s, 0 = unlimited)."""
+    pattern: str
+    ram: int
+    postcopy_cap: int
+    precopy: float = 1.0
+    precopy_cap: int = 0
+
+    @property
+    def name(self) -> str:
+        cap = f"{self.postcopy_cap // 1_000_000}MB/s" if self.postcopy_cap else "unlimited"
+        return f"{self.pattern} {self.ram >> 20}MiB {cap}"
+
+
+def matrix(quick: bool = False) -> list[Case]:
+    """Far-stride and ascending guests, unlimited and two postcopy caps (issue 12 item 5).
+    --quick: a 64 MiB guest and one cap, so the capped emulator runs stay short."""
+    if quick:
+        return [Case(p, 64 << 20, cap) for p in ("stride", "ascending")
+                for cap in (0, 50_000_000)]
+    return [Case(p, 256 << 20, cap) for p in ("stride", "ascending")
+            for cap in (0, 50_000_000, 10_000_000)]
+
+
+def qemu_scenario(case: Case, mode: str, timeout: float = 300.0):
+    from emu.qemu import harness
+
+    return harness.Scenario(pattern=case.pattern, mode=mode, ram=case.ram,
+                            max_bandwidth=case.precopy_cap,
+                            max_postcopy_bandwidth=case.postcopy_cap, precopy=case.precopy,
+                            timeout=timeout)
+
+
+def emulator_sets(case: Case, mode: str, time_scale: float = TIME_SCALE) -> list[str]:
+    """The --set list of the emulator's matching scenario."""
+    stride = max(PAGE, round(case.ram * STRIDE_SHARE / PAGE) * PAGE)
+    return [
+        f"guest.ram={case.ram}",
+        f"workload.pattern={PATTERNS[case.pattern]}",
+        f"workload.stride={stride}",
+        f"workload.touch-cost={TOUCH_COST}",
+        f"link.bandwidth={LINK}",
+        # QEMU's unlimited precopy is the link's speed (the emulator wants a positive cap)
+        f"migration.max-bandwidth={case.precopy_cap or LINK}",
+        f"migration.max-postcopy-bandwidth={case.postcopy_cap}",
+        f"migration.switchover-after={case.precopy}s",
+        "migration.downtime-limit=1ms",  # as the harness: precopy never completes alone
+        f"migration.postcopy-preempt={'false' if mode == 'vanilla' else 'true'}",
+        f"migration.x-postcopy-preempt-break-huge={'false' if mode.endswith('huge') else 'true'}",
+        f"emulator.time-scale={time_scale}",
+    ]
+
+
+def emulator_summary(report: dict) -> dict:
+    """The emulator's report in the bench's fields (progress: not reported yet, item 8)."""
+    lat = report["latency"]
+    return {"count": lat["count"], "median-ms": round(lat["p50-us"] / 1e3, 3),
+            "mean-ms": round(lat["avg-us"] / 1e3, 3), "p99-ms": round(lat["p99-us"] / 1e3, 3),
+            "blocktime-ms": round(report["blocktime-ms"]["total"]),
+            "progress": report.get("progress")}
+
+
+def run_emulator(case: Case, mode: str, time_scale: float = TIME_SCALE) -> dict:
+    from emu.config import load_config
+    from emu.controller import migrate
+
+    report = migrate(load_config(None, emulator_sets(case, mode, time_scale)))
+    if report["status"] != "completed":
+        raise RuntimeError(f"the emulator's {case.name} {mode} run failed: {report['errors']}")
+    return emulator_summary(report)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def ratios(scenarios: list[dict]) -> list[dict]:
+    """vanilla / preempt of medians and means, per scenario name and side."""
+    by = {(s["name"], s["mode"]): s for s in scenarios}
+    out = []
+    for name in dict.fromkeys(s["name"] for s in scenarios):
+        van, pre = by.get((name, "vanilla")), by.get((name, "preempt"))
+        if van and pre:
+            out.append({"name": name, **{
+                f"{side}-{key}": ratio(van[side][key], pre[side][key])
+                for side in ("qemu", "emulator") for key in ("median-ms", "mean-ms")}})
+    return out
+
+
+def _cell(value) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def table(scenarios: list[dict]) -> str:
+    head = ["scenario", "mode", "side", *FIELDS]
+    rows = [[s["name"], s["mode"], side, *(_cell(s[side][k]) for k in FIELDS)]
+            for s in scenarios for side in ("qemu", "emulator")]
+    rat = ratios(scenarios)
+    rhead = ["scenario", "qemu median", "emulator median", "qemu mean", "emulator mean"]
+    rrows = [[r["name"], *(_cell(r[k]) for k in ("qemu-median-ms", "emulator-median-ms",
+                                                  "qemu-mean-ms", "emulator-mean-ms"))]
+             for r in rat]
+    return _columns(head, rows) + "\n\nvanilla / preempt:\n" + _columns(rhead, rrows)
+
+
+def _columns(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    lines = [head, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def result(version: str, scenarios: list[dict], quick: bool, real_time: float) -> dict:
+    return {"qemu-version": version, "quick": quick, "link": LINK, "time-scale": TIME_SCALE,
+            "scenarios": scenarios, "ratios": ratios(scenarios),
+            "real-time-s": round(real_time, 1)}
+
+
+def run_one(case: Case, mode: str) -> tuple[dict, str]:
+    from emu.qemu import harness
+
+    got = harness.run(qemu_scenario(case, mode))
+    entry = {"name": case.name, "mode": mode, "qemu": got.summary(),
+             "emulator": run_emulator(case, mode)}
+    return entry, got.version
+
+
+def main(quick: bool, as_json: bool) -> int:
+    if (why := available()) is not None:
+        print(why)  # one line, with the install command; not a failure
+        return 0
+    started, version, scenarios = time.monotonic(), None, []
+    for case in matrix(quick):
+        for mode in MODES:  # one migration at a time: the machine has few cores
+            entry, version = run_one(case, mode)
+            scenarios.append(entry)
+            print(f"  {case.name} {mode}: qemu {entry['qemu']['median-ms']} ms, emulator "
+                  f"{entry['emulator']['median-ms']} ms (median)", file=sys.stderr, flush=True)
+    out = result(version, scenarios, quick, time.monotonic() - started)
+    print(json.dumps(out, indent=1) if as_json else f"QEMU {version}\n" + table(scenarios))
+    return 0

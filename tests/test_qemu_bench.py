@@ -1,0 +1,82 @@
+"""bench qemu: its matrix, its table and JSON (pure), one tiny real side-by-side scenario."""
+
+import json
+
+import pytest
+
+from emu import cli
+from emu.config import load_config
+from emu.figures import qemu_bench
+from emu.qemu import available, env
+
+SUMMARY = {"count": 10, "median-ms": 4.0, "mean-ms": 5.0, "p99-ms": 9.0, "blocktime-ms": 50,
+           "progress": None}
+
+
+def _entry(name, mode, median, mean):
+    side = {**SUMMARY, "median-ms": median, "mean-ms": mean}
+    return {"name": name, "mode": mode, "qemu": dict(side), "emulator": dict(side)}
+
+
+def test_the_matrix_is_stride_and_ascending_unlimited_and_two_caps():
+    cases = qemu_bench.matrix()
+    assert {c.pattern for c in cases} == {"stride", "ascending"}
+    assert sorted({c.postcopy_cap for c in cases}) == [0, 10_000_000, 50_000_000]
+    assert {c.ram for c in cases} == {256 << 20}
+    quick = qemu_bench.matrix(quick=True)
+    assert len(quick) < len(cases) and {c.pattern for c in quick} == {"stride", "ascending"}
+
+
+def test_the_emulator_scenario_matches_the_qemu_one():
+    case = qemu_bench.Case("ascending", 64 << 20, 50_000_000, precopy=0.5)
+    cfg = load_config(None, qemu_bench.emulator_sets(case, "preempt"))
+    qemu = qemu_bench.qemu_scenario(case, "preempt")
+    assert cfg["guest.ram"] == qemu.ram == 64 << 20
+    assert cfg["workload.pattern"] == "sequential" and qemu.pattern == "ascending"
+    assert cfg["migration.max-postcopy-bandwidth"] == qemu.max_postcopy_bandwidth == 50_000_000
+    assert cfg["migration.switchover-after"] == qemu.precopy == 0.5
+    assert cfg["migration.postcopy-preempt"] and qemu.mode == "preempt"
+    assert not load_config(None, qemu_bench.emulator_sets(case, "vanilla"))[
+        "migration.postcopy-preempt"]
+    stride = load_config(None, qemu_bench.emulator_sets(
+        qemu_bench.Case("stride", 256 << 20, 0), "vanilla"))
+    assert stride["workload.stride"] == round(0.382 * (256 << 20) / 4096) * 4096
+
+
+def test_json_names_the_fields_as_the_issue_does():
+    scenarios = [_entry("s", "vanilla", 4.0, 6.0), _entry("s", "preempt", 0.5, 2.0)]
+    out = json.loads(json.dumps(qemu_bench.result("7.2.22", scenarios, True, 1.0)))
+    assert out["qemu-version"] == "7.2.22"
+    for s in out["scenarios"]:
+        assert set(s) == {"name", "mode", "qemu", "emulator"}
+        assert set(s["qemu"]) == set(s["emulator"]) == set(qemu_bench.FIELDS)
+    assert out["ratios"] == [{"name": "s", "qemu-median-ms": 8.0, "emulator-median-ms": 8.0,
+                              "qemu-mean-ms": 3.0, "emulator-mean-ms": 3.0}]
+
+
+def test_the_table_has_a_row_per_side_and_the_ratios():
+    scenarios = [_entry("s", "vanilla", 4.0, 6.0), _entry("s", "preempt", 0.5, 2.0)]
+    text = qemu_bench.table(scenarios)
+    assert len([line for line in text.splitlines() if line.startswith("s ")]) == 5
+    assert "vanilla / preempt" in text and " 8 " in text
+
+
+def test_without_qemu_it_says_so_in_one_line_and_exits_0(monkeypatch, capsys):
+    monkeypatch.setattr(env, "qemu_version", lambda: None)
+    assert cli.main(["bench", "qemu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines() == [
+        "qemu-system-x86_64 not found (install it: apt-get install qemu-system-x86)"]
+
+
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+def test_one_tiny_scenario_side_by_side(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    # As the harness's own test: a precopy cap so a 32 MiB guest reaches postcopy.
+    case = qemu_bench.Case("stride", 32 << 20, 0, precopy=0.4, precopy_cap=50_000_000)
+    entry, version = qemu_bench.run_one(case, "preempt")
+    assert version.startswith(".".join(map(str, env.qemu_version())))
+    for side in ("qemu", "emulator"):
+        assert set(entry[side]) == set(qemu_bench.FIELDS) and entry[side]["count"] > 0
