@@ -108,7 +108,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         plot.setTitle("postcopy-latency-dist: faults per log2 bucket", size="10pt",
                       color="#333")
         plot.setLabel("left", "% of faults")
-        plot.setLabel("bottom", "latency bucket [2^N us, 2^(N+1) us)")
+        plot.setLabel("bottom", "latency bucket [2^N us, 2^(N+1) us), by its lower edge")
         plot.setMenuEnabled(False)
         plot.setMouseEnabled(x=False, y=False)
         plot.disableAutoRange()
