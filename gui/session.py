@@ -371,7 +371,8 @@ def describe_page(cfg: Config, faults: FaultLog, page: int, code: int, arrival: 
     """One line about host page *page*, shown in display state *code*: how and when it
     arrived, how long each vCPU that faulted on it waited, and, if one is blocked on it
     since *blocked_since*, for how long."""
-    text = f"page {page} (guest address 0x{page * cfg.page_size:x}): {pagemap.LEGEND[code]}"
+    text = f"page {page} (guest address 0x{page * cfg.page_size:x}): "
+    text += pagemap.legend(cfg["migration.postcopy-preempt"])[code]
     if code in ARRIVED_HOW:
         text += f", arrived at {arrival[page]:.4f} s {ARRIVED_HOW[code]}"
     recs = faults.records

@@ -24,6 +24,10 @@ ROWS = (
     ("ram dirty-sync-count", lambda q, s: f"{q['ram']['dirty-sync-count']}"),
     ("ram postcopy-requests", lambda q, s: f"{q['ram']['postcopy-requests']:,}"),
     ("urgent pages sent", lambda q, s: _urgent_sent(s)),
+    # the gap between postcopy-requests and urgent pages sent: requests for pages the source
+    # had sent already (in the background stream), which it drops as QEMU does
+    ("requests dropped", lambda q, s: f"{int(s.boards['source']['dropped-requests']):,} "
+                                      "(page already sent)"),
     ("postcopy-blocktime", lambda q, s: _blocktime(q)),
     ("postcopy-latency", lambda q, s: style.duration(q["postcopy-latency"] * 1e-9)),
     ("emulator lag", lambda q, s: _lag(s)),

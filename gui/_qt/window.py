@@ -195,7 +195,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
             self.latency.set_previous(mode_label(old.cfg), old.faults)
 
     def _reset_views(self, cfg: Config) -> None:
-        self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe)
+        self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe,
+                          preempt=cfg["migration.postcopy-preempt"])
         self.latency.reset(mode_label(cfg))
         self.queue.reset(cfg)
         self.counters.reset()
