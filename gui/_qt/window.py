@@ -229,7 +229,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.latency.update_from(snap, session.faults, session.switchover)
         self.queue.update_from(snap)
         self.counters.update_from(snap, session.cfg, session.faults,
-                                  session.report if snap.phase in FINAL else None)
+                                  session.report if snap.phase in FINAL else None,
+                                  session.integrity)
         for line in snap.events:
             self.events.appendPlainText(line)
         self.controls.set_state(startable=snap.phase not in (STARTING, RUNNING),

@@ -6,7 +6,7 @@ from PySide6 import QtCore
 
 from emu.migration import ram as R
 from gui._qt import style
-from gui.session import IDLE
+from gui.session import CHECKING, IDLE
 from gui.synthetic import SyntheticSession
 from tests.gui.conftest import small_config
 
@@ -110,6 +110,18 @@ def test_with_preempt_a_page_asked_for_on_main_is_named_background_and_dropped(s
 def test_without_preempt_a_page_asked_for_on_main_came_on_main(shown):
     window, _ = shown(small_config())
     assert window.bitmap.legend_text(R.URGENT_MAIN) == "asked for, came on main"
+
+
+def test_the_memory_check_shows_as_soon_as_the_run_has_ended(shown):
+    window, s = shown(small_config())
+    s.phase = CHECKING  # the run has completed; the check and the report are being made
+    s.status = {"source": "completed", "destination": "completed"}
+    window.refresh()
+    assert window.counters.value("memory check") == "checking the guest's memory…"
+    s.integrity = {"ok": True, "bad-pages": 0, "checked": "4 pages"}  # the report is not yet
+    window.refresh()
+    assert window.counters.value("memory check") == "ok (4 pages; bad pages 0)"
+    assert window.counters.value("status") == "completed → completed"
 
 
 def test_faults_reach_the_plot_the_figures_the_counters_and_the_log(shown):
