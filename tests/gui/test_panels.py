@@ -124,6 +124,15 @@ def test_the_memory_check_shows_as_soon_as_the_run_has_ended(shown):
     assert window.counters.value("status") == "completed → completed"
 
 
+def test_hovering_the_histogram_names_the_whole_bucket(shown, qtbot):
+    window, _ = shown(small_config())
+    window.refresh()
+    assert window.latency.bucket_tip(13.5) == "bucket 13: [8.19 ms, 16.4 ms) = [2^13, 2^14) us"
+    view = window.latency.histogram.viewport()
+    qtbot.mouseMove(view, QtCore.QPoint(view.width() // 2, view.height() // 2))
+    qtbot.waitUntil(lambda: window.latency.histogram.toolTip().startswith("bucket "))
+
+
 def test_faults_reach_the_plot_the_figures_the_counters_and_the_log(shown):
     window, s = shown(small_config(migration__postcopy_preempt="true"))
     s.status = {"source": "postcopy-active", "destination": "postcopy-active"}
