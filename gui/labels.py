@@ -19,9 +19,21 @@ def slider_to_scale(position: int) -> float:
     return float(f"{10 ** (position / SCALE_STEPS + SCALE_MIN_LOG):.2g}")
 
 
+def _edge(n: int, space: str = "") -> str:
+    """2^n us to three significant figures in the unit that keeps it under 1000: 8192 us is
+    "8.19ms" (exact to the figures shown, never rounded to a made-up 8 ms)."""
+    us = 1 << n
+    for unit, scale in (("s", 1e6), ("ms", 1e3)):
+        if us >= scale:
+            return f"{us / scale:.3g}{space}{unit}"
+    return f"{us}{space}us"
+
+
 def bucket_label(n: int) -> str:
-    """Lower edge of bucket n: 2^n us, written 1us .. 512us, 1ms .. 512ms, 1s .."""
-    for unit, shift in (("s", 20), ("ms", 10)):
-        if n >= shift:
-            return f"{1 << (n - shift)}{unit}"
-    return f"{1 << n}us"
+    """Lower edge of bucket n = [2^n us, 2^(n+1) us): 1us .. 512us, 1.02ms .. 524ms, 1.05s .."""
+    return _edge(n)
+
+
+def bucket_interval(n: int) -> str:
+    """The whole bucket n, for a tooltip: "[8.19 ms, 16.4 ms) = [2^13, 2^14) us"."""
+    return f"[{_edge(n, ' ')}, {_edge(n + 1, ' ')}) = [2^{n}, 2^{n + 1}) us"

@@ -29,11 +29,20 @@ LEGEND = {
     R.REQUESTED: "requested, not sent yet",
     R.PRECOPY: "arrived in precopy",
     R.BACKGROUND: "arrived in background",
-    R.URGENT_MAIN: "on demand, via main",
-    R.URGENT_PREEMPT: "on demand, via preempt",
+    R.URGENT_MAIN: "asked for, came on main",
+    R.URGENT_PREEMPT: "asked for, came on preempt",
     R.INFLIGHT_MAIN: "in flight on main",
     R.INFLIGHT_PREEMPT: "in flight on preempt",
 }
+# With postcopy-preempt every page the source sends urgently goes on preempt: a page a vCPU
+# asked for that still came on main was already in the background stream (the source dropped
+# the request, "dropped-requests"), so the legend says so instead of "on main".
+LEGEND_PREEMPT = {**LEGEND, R.URGENT_MAIN: "asked for, came in the background"}
+
+
+def legend(preempt: bool) -> dict[int, str]:
+    """The legend's words for a run with or without postcopy-preempt."""
+    return LEGEND_PREEMPT if preempt else LEGEND
 # Legend order: the story of a page, from absent to delivered on demand.
 LEGEND_ORDER = (R.MISSING, R.DISCARDED, R.REQUESTED, R.INFLIGHT_MAIN, R.INFLIGHT_PREEMPT,
                 R.PRECOPY, R.BACKGROUND, R.URGENT_MAIN, R.URGENT_PREEMPT)

@@ -125,6 +125,8 @@ class Session:
         self.phase = IDLE
         self.faults = FaultLog()
         self.report: dict | None = None  # emu.figures.report.build() once the run has ended
+        # the memory check's result as soon as it exists, before the rest of the report
+        self.integrity: dict | None = None
         self.scale = cfg["emulator.time-scale"]
         self.paused = False
         self._worker: threading.Thread | None = None
@@ -247,7 +249,8 @@ class Session:
     def _check(self) -> None:
         """The memory check and the report, off the timer: 0.1 s per 256 MiB of guest."""
         run = self.run
-        self.report = report.build(run, run.check_memory(), time.monotonic() - self._started_real)
+        self.integrity = run.check_memory()
+        self.report = report.build(run, self.integrity, time.monotonic() - self._started_real)
 
     def _checked(self) -> None:
         self._worker = None
@@ -371,7 +374,8 @@ def describe_page(cfg: Config, faults: FaultLog, page: int, code: int, arrival: 
     """One line about host page *page*, shown in display state *code*: how and when it
     arrived, how long each vCPU that faulted on it waited, and, if one is blocked on it
     since *blocked_since*, for how long."""
-    text = f"page {page} (guest address 0x{page * cfg.page_size:x}): {pagemap.LEGEND[code]}"
+    text = f"page {page} (guest address 0x{page * cfg.page_size:x}): "
+    text += pagemap.legend(cfg["migration.postcopy-preempt"])[code]
     if code in ARRIVED_HOW:
         text += f", arrived at {arrival[page]:.4f} s {ARRIVED_HOW[code]}"
     recs = faults.records

@@ -42,6 +42,7 @@ class SyntheticSession:
         self.arrival = np.zeros(cfg.npages)
         self.faults = FaultLog()
         self.report: dict | None = None
+        self.integrity: dict | None = None  # the memory check, as soon as it exists
         self.status = {"source": "active", "destination": "active"}
         self.boards = {"source": dict.fromkeys(source.FIELDS, 0.0),
                        "destination": dict.fromkeys(destination.FIELDS, 0.0),
@@ -103,12 +104,13 @@ class SyntheticSession:
         self._asked.clear()
         self._queued.clear()
         records = np.concatenate([self.faults.records, *self._new])  # the next tick's too
+        self.integrity = {"ok": ok, "bad-pages": 0 if ok else 1,
+                          "checked": f"{self.cfg.npages} pages, made up"}
         self.report = {
             "status": self.phase,
             "query-migrate": report.query_migrate(self.cfg, self.status["source"],
                                                   self.boards["source"], records),
-            "integrity": {"ok": ok, "bad-pages": 0 if ok else 1,
-                          "checked": f"{self.cfg.npages} pages, made up"},
+            "integrity": self.integrity,
         }
 
     # ---- what the window calls, as on a Session ----

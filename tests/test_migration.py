@@ -135,3 +135,18 @@ def test_the_source_pings_around_the_device_state_as_qemu():
         run.wait()
         assert run.ok
         assert run.board("source")["pongs"] == 2
+
+
+def test_dirty_sync_count_counts_qemus_syncs_and_none_in_postcopy():
+    """migration_bitmap_sync() at setup (ram_init_bitmaps), per completed precopy round
+    (ram_save_pending) and at the switchover (ram_postcopy_send_discard_bitmap); never in
+    postcopy. 32 MiB at 1 Gbit/s is a round in about 0.27 s: two rounds before 600 ms."""
+    with Run(config(workload__pattern="ab", migration__postcopy_preempt="true",
+                    migration__switchover_after="600ms")) as run:
+        while run.status["source"] != "postcopy-active" and not run.finished:
+            run.poll()
+        at_switchover = run.board("source")["dirty-sync-count"]
+        run.wait()
+        assert run.ok
+        assert at_switchover >= 4  # setup, two rounds, the switchover
+        assert run.board("source")["dirty-sync-count"] == at_switchover

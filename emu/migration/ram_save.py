@@ -79,6 +79,7 @@ class PageSearchStatus:
     """Where the background scan goes on (QEMU's PageSearchStatus; one RAM block here)."""
 
     page: int = 0  # host page
+    complete_round: bool = False  # the scan reached the end of RAM since the last sync
 
 
 class RecordWriter:
@@ -130,24 +131,38 @@ class RAMState:
     # ---- the bitmap ----
 
     def find_dirty_block(self) -> int | None:
-        """The first dirty host page at or after the scan position, wrapping around once (a new
-        pass over the bitmap: dirty-sync-count)."""
+        """The first dirty host page at or after the scan position, wrapping around once;
+        reaching the end of RAM sets pss.complete_round, as QEMU's find_dirty_block() does."""
         with self.bitmap_mutex:
             n = len(self.dirty)
-            start = self.pss.page % n
+            if self.pss.page >= n:  # the last page sent was the last of RAM
+                self.pss.page = 0
+                self.pss.complete_round = True
+            start = self.pss.page
             for lo, hi in ((start, n), (0, start)):
                 for w in range(lo, hi, SCAN):
                     window = self.dirty[w:min(w + SCAN, hi)]
                     i = int(np.argmax(window))
                     if window[i]:
                         if lo == 0 and start:
-                            self.board.add("dirty-sync-count", 1)
+                            self.pss.complete_round = True
                         return w + i
         return None
 
+    def migration_bitmap_sync(self) -> None:
+        """QEMU's migration_bitmap_sync() copies the dirty log into the migration bitmap and
+        counts dirty-sync-count. The emulator's bitmap is always live (vCPU writes set it at
+        once), so a sync here is only the count, at QEMU's call sites: ram_init_bitmaps() at
+        setup, ram_save_pending() in precopy (each completed round stands for the moment
+        the remaining bytes fall under bandwidth x downtime-limit), and the switchover
+        (ram_postcopy_send_discard_bitmap() or ram_save_complete()). Never in postcopy."""
+        self.pss.complete_round = False
+        self.board.add("dirty-sync-count", 1)
+
     def send_discard_bitmap(self, ep: Endpoint) -> None:
         """ram_postcopy_send_discard_bitmap(): at switchover the pages sent once and dirtied
-        since are stale on the destination, which drops them."""
+        since are stale on the destination, which drops them. QEMU's last sync is here."""
+        self.migration_bitmap_sync()
         with self.bitmap_mutex:
             stale = np.flatnonzero(self.dirty & self.sent_once)
             self.states[stale] = UNSENT  # dropped on the other side: not in flight any more

@@ -218,6 +218,7 @@ class Source:
         self.main.send([wire.command(wire.MIG_CMD_OPEN_RETURN_PATH)])
         if self.cfg["migration.postcopy-ram"]:
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_ADVISE)])
+        self.rs.migration_bitmap_sync()  # ram_init_bitmaps()
         self.board["setup-time"] = self.clock.now() - t0
         self.state.set("setup", "active")  # migration_thread()
         self._precopy()
@@ -246,6 +247,8 @@ class Source:
         pacer = self._pacer("max-bandwidth")
         while not self.switchover.is_set() and self.state.status != "cancelling":
             page = self.rs.find_dirty_block()
+            if self.rs.pss.complete_round:  # ram_save_pending()
+                self.rs.migration_bitmap_sync()
             if page is None:
                 self.main.flush()
                 self.switchover.wait(0.01)  # all clean: wait for the guest to dirty something
@@ -334,6 +337,7 @@ class Source:
             return False
         with self.vcpu_lock:
             self._stop_vcpus()
+        self.rs.migration_bitmap_sync()  # ram_save_complete()
         while (page := self.rs.find_dirty_block()) is not None:
             self.rs.save_host_page(self.main, page, "downtime-bytes")
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])

@@ -48,7 +48,7 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._info = QtWidgets.QLabel("Hover over a page for its story; click to keep it.")
         self._info.setWordWrap(True)
         style.fix_lines(self._info, 2)
-        self._legend, self._counts = _legend()
+        self._legend, self._counts, self._names = _legend()
         self._layout()
         self._view.scene().sigMouseMoved.connect(self._hovered)
         self._view.scene().sigMouseClicked.connect(self._clicked)
@@ -72,9 +72,12 @@ class QtPageBitmap(QtWidgets.QWidget):
     # ---- a new run ----
 
     def reset(self, npages: int, page_size: int,
-              describe: Callable[[int, int, np.ndarray], str] | None = None) -> None:
+              describe: Callable[[int, int, np.ndarray], str] | None = None,
+              preempt: bool = False) -> None:
         """Blank grid for a guest of npages host pages; describe(page, display code, arrival
-        times) gives the hover text."""
+        times) gives the hover text; the legend's words fit a run with(out) *preempt*."""
+        for code, text in pagemap.legend(preempt).items():
+            self._names[code].setText(text)
         self.npages = npages
         rows, cols = pagemap.grid_shape(npages)
         self._cols = cols
@@ -150,6 +153,10 @@ class QtPageBitmap(QtWidgets.QWidget):
         for code, label in self._counts.items():
             label.setText(f"{int(counts[code]):,}")
 
+    def legend_text(self, code: int) -> str:
+        """The legend's words for display state *code* (for tests)."""
+        return self._names[code].text()
+
     def count(self, code: int) -> int:
         """Pages the legend counts in display state *code* (for tests)."""
         return int(self._counts[code].text().replace(",", ""))
@@ -199,15 +206,17 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._info.setText(self._describe(page, code, snap.arrival))
 
 
-def _legend() -> tuple[QtWidgets.QGridLayout, dict[int, QtWidgets.QLabel]]:
+def _legend() -> tuple[QtWidgets.QGridLayout, dict[int, QtWidgets.QLabel],
+                       dict[int, QtWidgets.QLabel]]:
     grid = QtWidgets.QGridLayout()
     grid.setVerticalSpacing(2)
     heading = QtWidgets.QLabel("<b>page state</b>")
     grid.addWidget(heading, 0, 0, 1, 3)
-    counts = {}
+    counts, names = {}, {}
     for row, code in enumerate(pagemap.LEGEND_ORDER, start=1):
         grid.addWidget(swatch(pagemap.COLOURS[code]), row, 0)
-        grid.addWidget(QtWidgets.QLabel(pagemap.LEGEND[code]), row, 1)
+        names[code] = QtWidgets.QLabel(pagemap.LEGEND[code])
+        grid.addWidget(names[code], row, 1)
         counts[code] = QtWidgets.QLabel("0")
         counts[code].setAlignment(QtCore.Qt.AlignmentFlag.AlignRight)
         # room for a million pages, so a growing count does not move the layout
@@ -218,4 +227,4 @@ def _legend() -> tuple[QtWidgets.QGridLayout, dict[int, QtWidgets.QLabel]]:
     grid.addWidget(QtWidgets.QLabel("a vCPU is blocked on this page"),
                    len(pagemap.LEGEND_ORDER) + 1, 1, 1, 2)
     grid.setRowStretch(len(pagemap.LEGEND_ORDER) + 2, 1)
-    return grid, counts
+    return grid, counts, names

@@ -8,7 +8,7 @@ from PySide6 import QtCore, QtWidgets
 from emu.config import Config
 from emu.figures import report
 from gui._qt import style
-from gui.session import FaultLog, Snapshot
+from gui.session import CHECKING, FaultLog, Snapshot
 
 # (label, how to read it from (query-migrate reply, snapshot)); labels are QEMU's names.
 ROWS = (
@@ -24,6 +24,10 @@ ROWS = (
     ("ram dirty-sync-count", lambda q, s: f"{q['ram']['dirty-sync-count']}"),
     ("ram postcopy-requests", lambda q, s: f"{q['ram']['postcopy-requests']:,}"),
     ("urgent pages sent", lambda q, s: _urgent_sent(s)),
+    # the gap between postcopy-requests and urgent pages sent: requests for pages the source
+    # had sent already (in the background stream), which it drops as QEMU does
+    ("requests dropped", lambda q, s: f"{int(s.boards['source']['dropped-requests']):,} "
+                                      "(page already sent)"),
     ("postcopy-blocktime", lambda q, s: _blocktime(q)),
     ("postcopy-latency", lambda q, s: style.duration(q["postcopy-latency"] * 1e-9)),
     ("emulator lag", lambda q, s: _lag(s)),
@@ -56,17 +60,22 @@ class QtCounters(QtWidgets.QWidget):
         self._final_shown = False
 
     def update_from(self, snap: Snapshot, cfg: Config, log: FaultLog,
-                    final: dict | None) -> None:
-        """Live figures from the boards while running; the report's once it exists."""
-        turn = self._turn.due() or final is not None
+                    final: dict | None, integrity: dict | None = None) -> None:
+        """Live figures from the boards while running; the report's once it exists. The
+        memory check shows from the moment the run has ended: "checking" while it runs, its
+        result as soon as it has one (the rest of the report takes longer)."""
+        turn = self._turn.due() or final is not None or snap.phase == CHECKING
         if self._final_shown or "source" not in snap.boards or not turn:
             return
         qm = final["query-migrate"] if final else _live_query_migrate(snap, cfg, log)
         for name, read in ROWS:
             self.value(name, read(qm, snap))
-        if final:
-            self.value("memory check", report.integrity_text(final["integrity"]))
-            self._final_shown = True
+        integrity = final["integrity"] if final else integrity
+        if integrity is not None:
+            self.value("memory check", report.integrity_text(integrity))
+        elif snap.phase == CHECKING:
+            self.value("memory check", "checking the guest's memory…")
+        self._final_shown = final is not None
 
     def value(self, name: str, text: str | None = None) -> str:
         """Set (when text is given) and return the shown value of one row."""

@@ -9,6 +9,8 @@ persistent items; the histogram and the figures are redrawn a few times a second
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore, QtWidgets
@@ -16,7 +18,7 @@ from PySide6 import QtCore, QtWidgets
 from emu.figures import metrics
 from gui._qt import style
 from gui._qt.pointraster import QtPointRaster
-from gui.labels import bucket_label
+from gui.labels import bucket_interval, bucket_label
 from gui.session import BUCKETS, RUNNING, FaultLog, Snapshot
 
 DASH = QtCore.Qt.PenStyle.DashLine
@@ -66,6 +68,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._hist = pg.PlotWidget(background="w")
         self._raster, self._switch = self._build_scatter()
         self._bars, self._prev_bars = self._build_hist()
+        self._hist.scene().sigMouseMoved.connect(self._hist_hovered)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for widget, stretch in ((self._title, 0), (self._stats, 0), (self._key, 0),
@@ -108,7 +111,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         plot.setTitle("postcopy-latency-dist: faults per log2 bucket", size="10pt",
                       color="#333")
         plot.setLabel("left", "% of faults")
-        plot.setLabel("bottom", "latency bucket [2^N us, 2^(N+1) us)")
+        plot.setLabel("bottom", "latency bucket [2^N us, 2^(N+1) us), by its lower edge")
         plot.setMenuEnabled(False)
         plot.setMouseEnabled(x=False, y=False)
         plot.disableAutoRange()
@@ -128,6 +131,21 @@ class QtLatencyPlots(QtWidgets.QWidget):
         ticks = [(n, bucket_label(n)) for n in range(BUCKETS)]
         plot.getAxis("bottom").setTicks([ticks[::2], ticks[1::2]])
         return bars, previous
+
+    def _hist_hovered(self, scene_pos: QtCore.QPointF) -> None:
+        """The tick labels give a bucket's lower edge, rounded: the tooltip the whole bucket."""
+        x = self._hist.getPlotItem().getViewBox().mapSceneToView(scene_pos).x()
+        self._hist.setToolTip(self.bucket_tip(x))
+
+    @property
+    def histogram(self) -> pg.PlotWidget:
+        return self._hist
+
+    @staticmethod
+    def bucket_tip(x: float) -> str:
+        """The tooltip over the histogram at bucket coordinate *x* (bucket n spans [n, n+1))."""
+        n = math.floor(x)
+        return f"bucket {n}: {bucket_interval(n)}" if 0 <= n < BUCKETS else ""
 
     # ---- runs ----
 

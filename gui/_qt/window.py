@@ -195,7 +195,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
             self.latency.set_previous(mode_label(old.cfg), old.faults)
 
     def _reset_views(self, cfg: Config) -> None:
-        self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe)
+        self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe,
+                          preempt=cfg["migration.postcopy-preempt"])
         self.latency.reset(mode_label(cfg))
         self.queue.reset(cfg)
         self.counters.reset()
@@ -228,7 +229,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.latency.update_from(snap, session.faults, session.switchover)
         self.queue.update_from(snap)
         self.counters.update_from(snap, session.cfg, session.faults,
-                                  session.report if snap.phase in FINAL else None)
+                                  session.report if snap.phase in FINAL else None,
+                                  session.integrity)
         for line in snap.events:
             self.events.appendPlainText(line)
         self.controls.set_state(startable=snap.phase not in (STARTING, RUNNING),

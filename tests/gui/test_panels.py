@@ -6,7 +6,7 @@ from PySide6 import QtCore
 
 from emu.migration import ram as R
 from gui._qt import style
-from gui.session import IDLE
+from gui.session import CHECKING, IDLE
 from gui.synthetic import SyntheticSession
 from tests.gui.conftest import small_config
 
@@ -46,7 +46,7 @@ def test_the_bitmap_counts_every_state_and_tells_a_page_story(shown, qtbot):
     assert {code: window.bitmap.count(code) for code in counts} == counts
     window.bitmap.select(200)
     assert window.bitmap.info_text() == (
-        "page 200 (guest address 0xc8000): on demand, via preempt, arrived at 0.3010 s on the "
+        "page 200 (guest address 0xc8000): asked for, came on preempt, arrived at 0.3010 s on the "
         "preempt channel; vCPU 0 faulted on it at 0.2500 s and waited 51.000 ms")
     window.bitmap.select(400)
     assert window.bitmap.info_text().endswith(
@@ -90,6 +90,47 @@ def test_preempt_lists_the_pages_on_its_channel(shown):
         f"page 7 · waiting <b>{style.duration(0.001)}</b><br>"
         f"page 8 · waiting <b>{style.duration(0.001)}</b><br>+ 1 more")
     assert "none" in window.queue.text("main")
+
+
+def test_with_preempt_a_page_asked_for_on_main_is_named_background_and_dropped(shown):
+    window, s = shown(small_config(migration__postcopy_preempt="true"))
+    s.block(30)
+    s.send(30, R.SENT_MAIN)  # already in the background stream: the source drops the request
+    s.boards["source"]["postcopy-requests"] = 1
+    s.boards["source"]["dropped-requests"] = 1
+    s.now = 0.002
+    s.arrive(30, R.URGENT_MAIN)
+    window.refresh()
+    assert window.bitmap.count(R.URGENT_MAIN) == 1
+    assert window.bitmap.legend_text(R.URGENT_MAIN) == "asked for, came in the background"
+    assert window.counters.value("urgent pages sent") == "on main 0 · on preempt 0"
+    assert window.counters.value("requests dropped") == "1 (page already sent)"
+
+
+def test_without_preempt_a_page_asked_for_on_main_came_on_main(shown):
+    window, _ = shown(small_config())
+    assert window.bitmap.legend_text(R.URGENT_MAIN) == "asked for, came on main"
+
+
+def test_the_memory_check_shows_as_soon_as_the_run_has_ended(shown):
+    window, s = shown(small_config())
+    s.phase = CHECKING  # the run has completed; the check and the report are being made
+    s.status = {"source": "completed", "destination": "completed"}
+    window.refresh()
+    assert window.counters.value("memory check") == "checking the guest's memory…"
+    s.integrity = {"ok": True, "bad-pages": 0, "checked": "4 pages"}  # the report is not yet
+    window.refresh()
+    assert window.counters.value("memory check") == "ok (4 pages; bad pages 0)"
+    assert window.counters.value("status") == "completed → completed"
+
+
+def test_hovering_the_histogram_names_the_whole_bucket(shown, qtbot):
+    window, _ = shown(small_config())
+    window.refresh()
+    assert window.latency.bucket_tip(13.5) == "bucket 13: [8.19 ms, 16.4 ms) = [2^13, 2^14) us"
+    view = window.latency.histogram.viewport()
+    qtbot.mouseMove(view, QtCore.QPoint(view.width() // 2, view.height() // 2))
+    qtbot.waitUntil(lambda: window.latency.histogram.toolTip().startswith("bucket "))
 
 
 def test_faults_reach_the_plot_the_figures_the_counters_and_the_log(shown):

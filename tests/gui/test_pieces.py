@@ -7,7 +7,7 @@ from emu.figures import metrics
 from emu.migration import ram as R
 from gui import pagemap
 from gui._qt.pointraster import stamp
-from gui.labels import bucket_label, slider_to_scale
+from gui.labels import bucket_interval, bucket_label, slider_to_scale
 from gui.session import FaultLog
 
 
@@ -115,9 +115,11 @@ def test_fault_log_figures_match_metrics_summarize():
     assert len(log.records) == len(every)
 
 
-def test_bucket_labels_are_qemus_log2_edges():
-    assert [bucket_label(n) for n in (0, 1, 9, 10, 13, 20)] == \
-        ["1us", "2us", "512us", "1ms", "8ms", "1s"]
+def test_bucket_labels_are_qemus_log2_edges_exactly():
+    # 2^13 us is 8.192 ms: not "8ms", which a newcomer reads as a round 8000 us
+    assert [bucket_label(n) for n in (0, 1, 9, 10, 13, 14, 20)] == \
+        ["1us", "2us", "512us", "1.02ms", "8.19ms", "16.4ms", "1.05s"]
+    assert bucket_interval(13) == "[8.19 ms, 16.4 ms) = [2^13, 2^14) us"
 
 
 def test_time_scale_slider_spans_a_hundredth_to_ten():
