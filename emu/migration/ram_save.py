@@ -103,6 +103,8 @@ class RecordWriter:
         zero = zero_pages(self.words[first:first + n])
         if not zero.any():  # the common case, a populated guest: one record as before
             return self.save_normal_page(ep, offset, n, counter, more)
+        if zero.all():
+            return self.save_zero_page(ep, offset, n, counter, more)
         sent = 0
         for start, count, is_zero in _flag_runs(zero):
             save = self.save_zero_page if is_zero else self.save_normal_page
@@ -150,6 +152,8 @@ def zero_pages(words: np.ndarray) -> np.ndarray:
     buffer_zero_int(), the first and last words first: a page the guest wrote, or stamped,
     is told apart there without reading the rest."""
     zero = (words[:, 0] | words[:, -1]) == 0
+    if zero.all():  # no page told apart: read them all, in place
+        return ~words.any(axis=1)
     if zero.any():
         maybe = np.flatnonzero(zero)
         zero[maybe] = ~words[maybe].any(axis=1)
