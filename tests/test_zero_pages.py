@@ -8,6 +8,7 @@ import pytest
 
 from emu import trace
 from emu.board import Board
+from emu.cli import summary
 from emu.clock import Clock
 from emu.controller import Run, migrate
 from emu.figures import integrity
@@ -297,6 +298,10 @@ def test_a_quarter_populated_guest_migrates_faster_on_the_same_link():
     assert full_qm["ram"]["duplicate"] == 0
     assert quarter_qm["ram"]["transferred"] < 0.3 * full_qm["ram"]["transferred"]
     assert quarter_qm["total-time"] < 0.6 * full_qm["total-time"], (quarter_qm, full_qm)
+    # what run prints says why
+    assert "zero pages" not in summary(full, config(**IDLE_SOURCE))
+    assert f", {NPAGES * 3 // 4} zero pages (header only)" in summary(
+        quarter, config(**IDLE_SOURCE, guest__populated="0.25"))
 
 
 @pytest.mark.parametrize("preempt, break_huge", [("false", "true"), ("true", "true"),
