@@ -80,8 +80,8 @@ class RamRecord:
     offset: int  # bytes into the RAM block
     npages: int  # target pages in this record
     flags: int
-    data: memoryview | None  # npages * 4 KiB, or None when the payload does not travel, or
-    # for a zero record
+    data: memoryview | None  # npages * 4 KiB; None when the payload does not travel, and in
+    # a zero record
 
     @property
     def zero(self) -> bool:
