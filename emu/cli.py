@@ -339,6 +339,11 @@ def _how_far(reached: dict) -> str:
             f"resolved, {reached['present']:.1%} of the pages on the destination")
 
 
+def _zero_pages(ram: dict) -> str:
+    """The pages that went as zero pages (ram.duplicate), when there were any."""
+    return f", {ram['duplicate']} zero pages (header only)" if ram["duplicate"] else ""
+
+
 def summary(result: dict, cfg: Config) -> str:
     qm, lat = result["query-migrate"], result["latency"]
     mode = "vanilla postcopy"
@@ -359,7 +364,7 @@ def summary(result: dict, cfg: Config) -> str:
         f"socket buffer {format_size(cfg['link.socket-buffer'])}",
         f"  switchover at {switch * 1e3:.0f} ms, downtime {qm['downtime']} ms; transferred "
         f"{qm['ram']['transferred'] / 1e6:.1f} MB (precopy {qm['ram']['precopy-bytes'] / 1e6:.1f},"
-        f" postcopy {qm['ram']['postcopy-bytes'] / 1e6:.1f})",
+        f" postcopy {qm['ram']['postcopy-bytes'] / 1e6:.1f})" + _zero_pages(qm["ram"]),
         f"  page faults {lat['count']}: avg {lat['avg-us'] / 1e3:.3f} ms, p50 "
         f"{lat['p50-us'] / 1e3:.3f}, p99 {lat['p99-us'] / 1e3:.3f}, max "
         f"{lat['max-us'] / 1e3:.3f} ms",

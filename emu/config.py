@@ -261,6 +261,10 @@ KEYS: dict[str, Key] = {
     "guest.ram": _key("size", "256MiB", "guest RAM size", low=0, low_open=True, high=RAM_MAX),
     "guest.page-size": _key("size", "4KiB", "host page size", choices=("4KiB", "2MiB", "1GiB")),
     "guest.vcpus": _key("int", 1, "vCPUs running the workload", low=1, high=64),
+    "guest.populated": _key(
+        "float", 1, "share of RAM the guest wrote before the migration (the rest is zero)",
+        low=0, high=1,
+    ),
     "workload.pattern": _key(
         "str",
         "random",

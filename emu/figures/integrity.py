@@ -1,17 +1,19 @@
 """The memory check after migration: does the destination's guest RAM match the source's?
 
 Guest RAM is a flat uint8 array of 4096-byte target pages. The workload's vCPUs write only the
-first bytes of each page; every other byte (including the page's own index, stamped in its last
-8 bytes at setup) must arrive unchanged.
+first bytes of each page; every other byte (including the page's own index plus one, stamped in
+its last 8 bytes at setup) must arrive unchanged. The pages past guest.populated are not
+stamped: they are zero until a vCPU writes them, the source sends them as zero pages, and zero is
+what they must hold on the destination.
 
 When the source's memory lives in another program (check_replayed): a standalone destination
 (`postcopy-emu destination`) cannot read the source's RAM, so it recomputes what every page must
 hold: the workload is deterministic (emulator.seed), the guest RAM starts as zeros with each
-target page's index stamped in its last 8 bytes, and each vCPU's final position in its workload
-says exactly which touches happened, on the source before the switchover and here after it.
-Replaying them gives the expected content of every byte of every target page, which is checked
-in full. This needs the same guest and workload settings on both sides, as two QEMUs need the
-same machine.
+populated target page's index plus one stamped in its last 8 bytes, and each vCPU's final
+position in its workload says exactly which touches happened, on the source before the
+switchover and here after it. Replaying them gives the expected content of every byte of every
+target page, which is checked in full. This needs the same guest and workload settings on both
+sides, as two QEMUs need the same machine.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from emu.config import Config
-from emu.migration.ram import PRESENT, TARGET_PAGE
+from emu.migration.ram import PRESENT, TARGET_PAGE, populated_pages, stamps
 from emu.migration.workload import SLICED, Workload
 
 # Pages per comparison chunk in check_rest: 32 MiB of RAM, small temporaries.
@@ -154,8 +156,10 @@ def check_replayed(cfg: Config, dst_ram: np.ndarray, dst_states: np.ndarray,
                 "first-bad": missing[:20].tolist(), "checked": "page states only (no payload)"}
     head = expected_head(cfg, dst_report["positions"])
     pages = dst_ram.reshape(-1, TARGET_PAGE)
+    populated = populated_pages(len(pages), cfg["guest.populated"])
     bad = np.unique(np.concatenate(
-        [_differing_from(pages[first:first + _CHUNK_PAGES], head[first:first + _CHUNK_PAGES], first)
+        [_differing_from(pages[first:first + _CHUNK_PAGES], head[first:first + _CHUNK_PAGES],
+                         first, populated)
          for first in range(0, len(pages), _CHUNK_PAGES)]))
     touches = dst_report["bad-touches"]
     return {"ok": not len(bad) and not touches, "bad-pages": len(bad),
@@ -164,9 +168,12 @@ def check_replayed(cfg: Config, dst_ram: np.ndarray, dst_states: np.ndarray,
                        "to each vCPU's final position"}
 
 
-def _differing_from(pages: np.ndarray, head: np.ndarray, first: int) -> np.ndarray:
-    """Indices of the pages in this chunk that differ from what they must hold."""
+def _differing_from(pages: np.ndarray, head: np.ndarray, first: int,
+                    populated: int) -> np.ndarray:
+    """Indices of the pages in this chunk that differ from what they must hold; the first
+    `populated` pages of RAM are stamped, the others zero but for what the vCPUs wrote."""
     expected = np.zeros_like(pages)
     expected[:, :head.shape[1]] = head
-    expected.view(np.uint64)[:, -1] = np.arange(first, first + len(pages), dtype=np.uint64)
+    stamped = max(0, min(len(pages), populated - first))
+    expected.view(np.uint64)[:stamped, -1] = stamps(first, stamped)
     return np.flatnonzero((pages != expected).any(axis=1)) + first

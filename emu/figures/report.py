@@ -153,14 +153,15 @@ def populate_ram_info(cfg: Config, b: dict) -> dict:
         "transferred": int(b["transferred"]),
         "remaining": int(b["remaining"]),
         "total": cfg["guest.ram"],
-        "duplicate": 0,
+        "duplicate": int(b["duplicate"]),  # zero pages, header only (save_zero_page())
         "normal": int(b["normal"]),
         "normal-bytes": int(b["normal-bytes"]),
         "mbps": round(b["transferred"] * 8 / 1e6 / total_s, 3),
         "dirty-sync-count": int(b["dirty-sync-count"]),
         "postcopy-requests": int(b["postcopy-requests"]),
         "page-size": TARGET_PAGE,
-        "pages-per-second": round(b["normal"] / total_s, 1),
+        # ram_get_total_transferred_pages(): zero pages count as pages sent
+        "pages-per-second": round((b["normal"] + b["duplicate"]) / total_s, 1),
         "precopy-bytes": int(b["precopy-bytes"]),
         "downtime-bytes": int(b["downtime-bytes"]),
         "postcopy-bytes": int(b["postcopy-bytes"]),

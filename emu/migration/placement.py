@@ -2,9 +2,11 @@
 
 Like QEMU's postcopy_place_page(): the pieces of a host page are assembled in a temporary page,
 one per channel (PostcopyTmpPage), and the whole host page is placed at once when its last piece
-arrives; placement marks the page present and wakes every vCPU blocked on it. The pieces of one
-host page must come in order on one channel: a piece of another host page, or of a page that the
-other channel is assembling (split brain), is a protocol error.
+arrives; placement marks the page present and wakes every vCPU blocked on it. A zero record's
+pages are placed as zeros (postcopy_place_page_zero()); in a huge page being assembled each
+zero piece is a memset, and a huge page whose pieces were all zero is placed as a zero page.
+The pieces of one host page must come in order on one channel: a piece of another host page,
+or of a page that the other channel is assembling (split brain), is a protocol error.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ TRACE_REQ_ADD = trace.point("postcopy_page_req_add")
 TRACE_REQ_DEL = trace.point("postcopy_page_req_del")
 # a host page placed in postcopy (UFFDIO_COPY done, its vCPUs woken), on `channel`
 TRACE_PLACE = trace.point("postcopy_place_page")
+# the same for a page of zeros (UFFDIO_ZEROPAGE, or for huge pages a copy of the zero page)
+TRACE_PLACE_ZERO = trace.point("postcopy_place_page_zero")
 
 
 class TmpPage:
     def __init__(self, page_size: int, payload: bool) -> None:
         self.page = -1  # host page being assembled, -1 when idle
         self.filled = 0  # target pages received so far
+        self.all_zero = True  # every piece so far came as a zero record (QEMU's all_zero)
         self.buf = np.zeros(page_size, np.uint8) if payload else None
 
 
@@ -93,7 +98,11 @@ class Placer:
             raise ProtocolError(f"RAM record at {rec.offset} (+{rec.npages} pages) beyond RAM")
         if rec.offset % self.page_size == 0 and rec.npages % self.tpp == 0 \
                 and self.tmp[channel].page < 0:
-            self._place(rec.offset // self.page_size, rec.npages // self.tpp, rec.data, channel)
+            first, count = rec.offset // self.page_size, rec.npages // self.tpp
+            if rec.zero:
+                self.place_zero_page(first, count, channel)
+            else:
+                self._place(first, count, rec.data, channel)
         else:
             self._assemble(channel, rec)
 
@@ -105,26 +114,44 @@ class Placer:
                 raise ProtocolError(f"host page {page} starts in the middle")
             if self.tmp[1 - channel].page == page:
                 raise ProtocolError(f"host page {page} sent on two channels (split brain)")
-            tmp.page, tmp.filled = page, 0
+            tmp.page, tmp.filled, tmp.all_zero = page, 0, True
         expected = tmp.page * self.page_size + tmp.filled * R.TARGET_PAGE
         if rec.offset != expected or tmp.filled + rec.npages > self.tpp:
             raise ProtocolError(f"expected offset {expected} of host page {tmp.page}, "
                                 f"got {rec.offset} (+{rec.npages} pages)")
         if tmp.buf is not None:
             start = tmp.filled * R.TARGET_PAGE
-            tmp.buf[start:start + len(rec.data)] = np.frombuffer(rec.data, np.uint8)
+            end = start + rec.npages * R.TARGET_PAGE
+            if rec.zero:  # ram_load_postcopy(): memset, the target page is not the host page
+                tmp.buf[start:end] = 0
+            else:
+                tmp.buf[start:end] = np.frombuffer(rec.data, np.uint8)
+        tmp.all_zero &= rec.zero
         tmp.filled += rec.npages
         if tmp.filled == self.tpp:
             tmp.page = -1
-            self._place(page, 1, tmp.buf if tmp.buf is not None else None, channel)
+            if tmp.all_zero:
+                self.place_zero_page(page, 1, channel)
+            else:
+                self._place(page, 1, tmp.buf, channel)
 
-    def _place(self, first: int, count: int, data, channel: int) -> None:
+    def place_zero_page(self, first: int, count: int, channel: int) -> None:
+        """Host pages [first, first + count) of zeros: postcopy_place_page_zero() in postcopy
+        (4 KiB: UFFDIO_ZEROPAGE; a huge page: UFFDIO_COPY of the whole pre-zeroed
+        postcopy_tmp_zero_page), a memset in precopy. Present, and its vCPUs woken, as a
+        normal page."""
+        self._place(first, count, None, channel, zero=True)
+
+    def _place(self, first: int, count: int, data, channel: int, zero: bool = False) -> None:
+        """data: the pages' bytes (None without payload); zero: they are zeros."""
         with self.cond:
             if self.postcopy:
-                self._place_postcopy(first, count, data, channel)
+                self._place_postcopy(first, count, data, channel, zero)
             else:  # precopy: the guest here is not running yet, pages are simply (re)written
                 span = self.states[first:first + count]
-                if self.ram is not None and data is not None:
+                if self.ram is not None and zero:  # a page sent before may hold old bytes
+                    self.ram[first * self.tpp:(first + count) * self.tpp] = 0
+                elif self.ram is not None and data is not None:
                     self._bytes[first * self.page_size:(first + count) * self.page_size] = data
                 self.present += count - int(np.count_nonzero(span))  # MISSING (0) or PRECOPY
                 span.fill(R.PRECOPY)
@@ -132,38 +159,43 @@ class Placer:
             self.on_place(first, count, channel)
             self.cond.notify_all()
 
-    def _place_postcopy(self, first: int, count: int, data, channel: int) -> None:
+    def _place_postcopy(self, first: int, count: int, data, channel: int, zero: bool) -> None:
         span = self.states[first:first + count]
         # a page already present is left alone (UFFDIO_COPY would say EEXIST)
         new = span < R.PRESENT
         wanted = span == R.REQUESTED
         codes = np.where(wanted, R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
                          R.BACKGROUND)
-        if self.ram is not None and data is not None:
-            src = np.frombuffer(data, np.uint8).reshape(count, self.tpp, R.TARGET_PAGE)
+        if self.ram is not None and (zero or data is not None):
             dst = self.ram[first * self.tpp:(first + count) * self.tpp].reshape(
                 count, self.tpp, R.TARGET_PAGE)
-            dst[new] = src[new]
+            if zero:  # a missing page holds zeros already (never placed, or discarded): kept so
+                dst[new] = 0
+            else:
+                src = np.frombuffer(data, np.uint8).reshape(count, self.tpp, R.TARGET_PAGE)
+                dst[new] = src[new]
         placed = int(np.count_nonzero(new))
         self.present += placed
         self.placed[channel] += placed
         resolved = int(np.count_nonzero(wanted))
         self.requested -= resolved
         span[new] = codes[new]
-        if TRACE_PLACE.enabled or TRACE_REQ_DEL.enabled:
-            self._trace_placed(first, new, wanted, channel, self.requested + resolved)
+        placed_point = TRACE_PLACE_ZERO if zero else TRACE_PLACE
+        if placed_point.enabled or TRACE_REQ_DEL.enabled:
+            self._trace_placed(first, new, wanted, channel, self.requested + resolved,
+                               placed_point)
 
     @staticmethod
     def _trace_placed(first: int, new: np.ndarray, wanted: np.ndarray, channel: int,
-                      count: int) -> None:
+                      count: int, placed_point: trace.TracePoint) -> None:
         """Each page placed, in QEMU's order: the request it resolves leaves the requested
         tree (postcopy_page_req_del, with the count left of `count`), then
-        postcopy_place_page."""
+        postcopy_place_page (or postcopy_place_page_zero)."""
         for i in np.flatnonzero(new):
             page = first + int(i)
             if wanted[i]:
                 count -= 1
                 if TRACE_REQ_DEL.enabled:
                     TRACE_REQ_DEL(page=page, count=count)
-            if TRACE_PLACE.enabled:
-                TRACE_PLACE(page=page, channel=CHANNEL_NAMES[channel])
+            if placed_point.enabled:
+                placed_point(page=page, channel=CHANNEL_NAMES[channel])

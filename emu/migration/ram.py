@@ -49,8 +49,21 @@ def display_states(dest: np.ndarray, src: np.ndarray, out: np.ndarray | None = N
     return out
 
 
-def stamp(ram: np.ndarray) -> None:
-    """Write each target page's own index into its last 8 bytes, so that a page landing at the
-    wrong place, or not at all, shows in the memory check."""
+def populated_pages(ntarget: int, populated: float) -> int:
+    """How many target pages, from page 0, hold data at setup (guest.populated)."""
+    return round(ntarget * populated)
+
+
+def stamps(first: int, count: int) -> np.ndarray:
+    """The last 8 bytes of populated target pages [first, first + count): the page's own index
+    plus one, never 0, so that a populated page is never a zero page."""
+    return np.arange(first + 1, first + count + 1, dtype=np.uint64)
+
+
+def stamp(ram: np.ndarray, populated: float = 1.0) -> None:
+    """Stamp each populated target page (stamps()), so that a page landing at the wrong place,
+    or not at all, shows in the memory check. The pages past guest.populated stay zero, as
+    memory the guest never wrote."""
     pages = ram.view(np.uint64).reshape(-1, TARGET_PAGE // 8)
-    pages[:, -1] = np.arange(pages.shape[0], dtype=np.uint64)
+    n = populated_pages(pages.shape[0], populated)
+    pages[:n, -1] = stamps(0, n)

@@ -83,16 +83,39 @@ class PageSearchStatus:
 
 
 class RecordWriter:
-    """Page records on a channel, counted on the board (QEMU's save_normal_page())."""
+    """Page records on a channel, counted on the board (QEMU's ram_save_target_page(): each
+    target page is checked for zeros first, save_zero_page(), else save_normal_page())."""
 
     def __init__(self, raw: memoryview | None, board: Board) -> None:
         self.raw = raw  # guest RAM, None without payload (a record then costs the link its size)
         self.board = board
+        # guest RAM as 64-bit words, a row per target page: the zero check reads these
+        self.words = None if raw is None else np.frombuffer(raw, np.uint64).reshape(
+            -1, TARGET_PAGE // 8)
+
+    def save_pages(self, ep: Endpoint, offset: int, n: int, counter: str, more: bool) -> int:
+        """n target pages from byte `offset`: the runs of zero pages as zero records, the runs
+        between as normal records (without payload there are no bytes to check: all normal).
+        The bytes written."""
+        if self.words is None:
+            return self.save_normal_page(ep, offset, n, counter, more)
+        first = offset // TARGET_PAGE
+        zero = zero_pages(self.words[first:first + n])
+        if not zero.any():  # the common case, a populated guest: one record as before
+            return self.save_normal_page(ep, offset, n, counter, more)
+        if zero.all():
+            return self.save_zero_page(ep, offset, n, counter, more)
+        sent = 0
+        for start, count, is_zero in _flag_runs(zero):
+            save = self.save_zero_page if is_zero else self.save_normal_page
+            sent += save(ep, offset + start * TARGET_PAGE, count, counter, more)
+        return sent
 
     def save_normal_page(self, ep: Endpoint, offset: int, n: int, counter: str,
-                         more: bool) -> None:
+                         more: bool) -> int:
         """n target pages from byte `offset`, in one record; `counter` is the phase's bytes
-        (precopy-bytes, ...). more: a background record, which may gather in the endpoint."""
+        (precopy-bytes, ...). more: a background record, which may gather in the endpoint.
+        The bytes written."""
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * TARGET_PAGE
         if self.raw is not None:
@@ -106,6 +129,42 @@ class RecordWriter:
         b.add(counter, size + len(header))
         b.add("normal", n)
         b.add("normal-bytes", size)
+        return size + len(header)
+
+    def save_zero_page(self, ep: Endpoint, offset: int, n: int, counter: str,
+                       more: bool) -> int:
+        """save_zero_page(): n all-zero target pages from byte `offset` as one zero record,
+        on the channel the pages would have gone on. It costs the link, the counters and the
+        rate limit what QEMU's n zero-page records cost (ZERO_PAGE_BYTES each, at least the
+        record's own size); counted in duplicate, not in normal. The bytes written."""
+        record = wire.zero_record(offset, n)
+        cost = max(len(record), n * wire.ZERO_PAGE_BYTES)
+        ep.send([record], virt=cost - len(record), more=more)
+        b = self.board
+        b.add("transferred", cost)
+        b.add(counter, cost)
+        b.add("duplicate", n)
+        return cost
+
+
+def zero_pages(words: np.ndarray) -> np.ndarray:
+    """buffer_is_zero() of each row (a target page as 64-bit words). Like QEMU's
+    buffer_zero_int(), the first and last words first: a page the guest wrote, or stamped,
+    is told apart there without reading the rest."""
+    zero = (words[:, 0] | words[:, -1]) == 0
+    if zero.all():  # no page told apart: read them all, in place
+        return ~words.any(axis=1)
+    if zero.any():
+        maybe = np.flatnonzero(zero)
+        zero[maybe] = ~words[maybe].any(axis=1)
+    return zero
+
+
+def _flag_runs(flags: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(start, count, value) of each run of equal values in a bool array."""
+    starts = np.concatenate(([0], np.flatnonzero(flags[1:] != flags[:-1]) + 1))
+    ends = np.concatenate((starts[1:], [len(flags)]))
+    return [(int(s), int(e - s), bool(flags[s])) for s, e in zip(starts, ends, strict=True)]
 
 
 class RAMState:
@@ -210,9 +269,9 @@ class RAMState:
         if preempt:
             def between(offset: int) -> None:
                 self._postcopy_preempt(ep, preempt, page, offset)
-        self._write_pages(ep, page, count, counter, more=True, between=between)
-        if pacer:
-            pacer.charge(self.clock.now(), count * self.P)
+        sent = self._write_pages(ep, page, count, counter, more=True, between=between)
+        if pacer:  # the bytes written: a zero page costs its header only (ZERO_PAGE_BYTES)
+            pacer.charge(self.clock.now(), sent)
         return count
 
     def _claim_run(self, page: int) -> int:
@@ -227,18 +286,21 @@ class RAMState:
         return count
 
     def _write_pages(self, ep: Endpoint, page: int, count: int, counter: str, more: bool = False,
-                     between: Callable[[int], None] | None = None) -> None:
+                     between: Callable[[int], None] | None = None) -> int:
         """Host pages [page, page + count), claimed, on `ep` in records of at most
-        emulator.chunk; between(offset) runs before every record but the first."""
+        emulator.chunk; between(offset) runs before every record but the first. The bytes
+        written."""
         first = page * self.tpp
         total = count * self.tpp
+        sent = 0
         for start in range(0, total, self.piece):
             offset = (first + start) * TARGET_PAGE
             if start and between:
                 between(offset)
-            self.writer.save_normal_page(ep, offset, min(self.piece, total - start), counter,
-                                         more)
+            sent += self.writer.save_pages(ep, offset, min(self.piece, total - start), counter,
+                                           more)
         self.publish_remaining()
+        return sent
 
     def _postcopy_preempt(self, main: Endpoint, preempt: Endpoint, page: int,
                           offset: int) -> None:

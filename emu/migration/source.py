@@ -37,7 +37,7 @@ from emu.net.channel import ChannelError, Endpoint
 FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "normal",
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
-          "break-huge", "pongs")
+          "break-huge", "pongs", "duplicate")
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
 
@@ -70,7 +70,7 @@ class Source:
         if raw is not None:
             ntarget = cfg["guest.ram"] // R.TARGET_PAGE
             self.guest_ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=raw)
-            R.stamp(self.guest_ram)
+            R.stamp(self.guest_ram, cfg["guest.populated"])
         states = np.ndarray((cfg.npages,), np.uint8, buffer=bufs[shm.SRC_STATES])
         self.rs = RAMState(cfg, self.board, self.clock, states,
                            PageRequestQueue(bufs[shm.SRC_QUEUE]), raw)

@@ -4,7 +4,8 @@ Main stream (source -> destination), one message per frame, named after QEMU's s
 formats: commands (QEMU_VM_COMMAND + MIG_CMD_*), RAM records, device state, EOF.
 RAM records carry a run of target pages: QEMU writes one record per 4 KiB page; we let one
 record carry up to emulator.chunk bytes of contiguous pages, because a Python process pays per
-record what QEMU pays per page.
+record what QEMU pays per page. A zero record (RAM_SAVE_FLAG_ZERO) carries a run of all-zero
+pages as QEMU's fill byte per page instead of their bytes (save_zero_page_to_file()).
 Return path (destination -> source): QEMU's MIG_RP_MSG_* with their numbers.
 
 Every decoder raises ProtocolError on input that does not parse, never anything else.
@@ -43,10 +44,15 @@ MIG_CMD_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POS
                  8: "PACKAGED", 9: "RECV_BITMAP"}
 
 # RAM_SAVE_FLAG_*
+RAM_SAVE_FLAG_ZERO = 0x02
 RAM_SAVE_FLAG_PAGE = 0x08
 RAM_SAVE_FLAG_EOS = 0x10
 RAM_SAVE_FLAG_CONTINUE = 0x20
-RAM_FLAGS = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE
+RAM_FLAGS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE
+RAM_KINDS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE  # a record is exactly one of these
+# What QEMU writes for one zero page: an 8-byte page header (offset | flags, the block
+# implied by RAM_SAVE_FLAG_CONTINUE) and the fill byte. A zero record costs this per page.
+ZERO_PAGE_BYTES = 9
 
 # MIG_RP_MSG_*
 MIG_RP_MSG_SHUT = 1
@@ -74,7 +80,13 @@ class RamRecord:
     offset: int  # bytes into the RAM block
     npages: int  # target pages in this record
     flags: int
-    data: memoryview | None  # npages * 4 KiB, or None when the payload does not travel
+    data: memoryview | None  # npages * 4 KiB; None when the payload does not travel, and in
+    # a zero record
+
+    @property
+    def zero(self) -> bool:
+        """A run of all-zero pages (RAM_SAVE_FLAG_ZERO): placed as zeros, no bytes."""
+        return bool(self.flags & RAM_SAVE_FLAG_ZERO)
 
 
 @dataclass
@@ -107,6 +119,13 @@ def ping(value: int) -> bytes:
 
 def ram_header(offset: int, npages: int, flags: int) -> bytes:
     return _RAM.pack(QEMU_VM_SECTION_PART, offset, npages, flags)
+
+
+def zero_record(offset: int, npages: int) -> bytes:
+    """npages all-zero target pages from byte `offset`: the header and one fill byte (0) per
+    page, as QEMU's save_zero_page_to_file() writes after each page's header."""
+    return ram_header(offset, npages, RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE) \
+        + bytes(npages)
 
 
 def device_state(state: dict) -> bytes:
@@ -145,14 +164,28 @@ def _decode_ram(msg: bytes, payload: bool) -> RamRecord:
     if len(msg) < _RAM.size:
         raise ProtocolError("short RAM record")
     _, offset, npages, flags = _RAM.unpack_from(msg)
-    if flags & ~RAM_FLAGS or not flags & RAM_SAVE_FLAG_PAGE or npages == 0:
+    if flags & ~RAM_FLAGS or (flags & RAM_KINDS) not in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO) \
+            or npages == 0:
         raise ProtocolError(f"bad RAM record flags 0x{flags:x} / pages {npages}")
     if offset % TARGET_PAGE:
         raise ProtocolError(f"RAM offset {offset} not page aligned")
+    if flags & RAM_SAVE_FLAG_ZERO:
+        return _decode_zero(msg, offset, npages, flags)
     want = npages * TARGET_PAGE if payload else 0
     if len(msg) - _RAM.size != want:
         raise ProtocolError(f"RAM record of {npages} pages carries {len(msg) - _RAM.size} bytes")
     return RamRecord(offset, npages, flags, memoryview(msg)[_RAM.size:] if payload else None)
+
+
+def _decode_zero(msg: bytes, offset: int, npages: int, flags: int) -> RamRecord:
+    """A zero record, in either payload mode: one fill byte per page, each 0 (QEMU would
+    memset another value; no source of ours sends one)."""
+    fill = msg[_RAM.size:]
+    if len(fill) != npages:
+        raise ProtocolError(f"zero RAM record of {npages} pages carries {len(fill)} fill bytes")
+    if fill.count(0) != npages:
+        raise ProtocolError(f"zero RAM record with a fill byte other than 0 at offset {offset}")
+    return RamRecord(offset, npages, flags, None)
 
 
 def _decode_command(msg: bytes) -> Command:
