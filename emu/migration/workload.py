@@ -183,7 +183,7 @@ class VCpu(threading.Thread):
             if k < len(pages):
                 waited = self.memory.fault(self.index, int(pages[k]))
                 woke = self.clock.now()
-                if waited:  # stopped instead of woken: the run ended while it waited
+                if waited:  # not woken but stopped if the run ended while it waited
                     touches.faulted(vt, self.workload.pos, None if self.stop.is_set() else woke)
                 vt = max(vt, woke)  # the time spent blocked is lost to the guest
                 touches.batch = (vt, self.workload.pos, 0)
