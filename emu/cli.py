@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from emu import engines, signals, trace
 from emu.config import Config, ConfigError, load_config, scenario_names
 from emu.figures import metrics
+from emu.figures import progress as guest_progress
 from emu.figures.report import integrity_text
 from emu.units import format_duration, format_rate, format_size
 
@@ -373,6 +374,7 @@ def summary(result: dict, cfg: Config) -> str:
             for name, ch in lat["by-channel"].items() if ch["count"]),
         f"  postcopy-requests {qm['ram']['postcopy-requests']}, "
         f"blocktime {result['blocktime-ms']['total']:.1f} ms",
+        f"  guest progress in postcopy: {guest_progress.text(result['progress'])}",
         f"  integrity: {integrity_text(result['integrity'])}",
     ]
     if result["status"] != "completed":

@@ -18,6 +18,7 @@ from emu.config import Config
 from emu.controller import Pages, Run
 from emu.faults import from_config as scenario_faults
 from emu.figures import metrics, report
+from emu.figures import progress as guest_progress
 from emu.migration import ram as R
 from gui import pagemap
 
@@ -116,6 +117,18 @@ class Snapshot:
     urgent: Urgent
     boards: dict[str, dict[str, float]]
     events: list[str]  # event-log lines new since the last tick
+    # the guest's progress on the destination (emu/figures/progress.py): so far while the run
+    # goes on, the report's once it has one; None before the guest resumed there
+    progress: dict | None = None
+
+
+def snapshot_progress(cfg: Config, boards: dict, now: float, final: dict | None) -> dict | None:
+    """The Snapshot's progress: the report's, else what the destination publishes."""
+    if final is not None and "progress" in final:
+        return final["progress"]
+    if "destination" not in boards:
+        return None
+    return guest_progress.from_board(boards["destination"], cfg["guest.vcpus"], now)
 
 
 class Session:
@@ -297,8 +310,10 @@ class Session:
         waiting = np.zeros(0, np.int64)
         if dst is not None and self.phase == RUNNING:
             waiting = np.flatnonzero(dst == R.REQUESTED)
+        final = self.report if self.phase in FINAL else None
         return Snapshot(self.phase, self._now, status, dst, src, arrival, new, waiting,
-                        self._urgent(waiting, src), boards, events)
+                        self._urgent(waiting, src), boards, events,
+                        snapshot_progress(self.cfg, boards, self._now, final))
 
     def _urgent(self, waiting: np.ndarray, src: np.ndarray | None) -> Urgent:
         if self.phase != RUNNING:

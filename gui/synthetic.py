@@ -14,6 +14,7 @@ import numpy as np
 
 from emu.config import Config
 from emu.figures import metrics, report
+from emu.figures import progress as guest_progress
 from emu.migration import destination, source
 from emu.migration import ram as R
 from emu.net import link
@@ -26,6 +27,7 @@ from gui.session import (
     Snapshot,
     Urgent,
     describe_page,
+    snapshot_progress,
     where_urgent,
 )
 
@@ -111,6 +113,8 @@ class SyntheticSession:
             "query-migrate": report.query_migrate(self.cfg, self.status["source"],
                                                   self.boards["source"], records),
             "integrity": self.integrity,
+            "progress": guest_progress.from_board(self.boards["destination"],
+                                                  self.cfg["guest.vcpus"], self.now, "completed"),
         }
 
     # ---- what the window calls, as on a Session ----
@@ -124,8 +128,10 @@ class SyntheticSession:
         urgent = (where_urgent(waiting, self.src, self._queued, self._asked, self.now)
                   if running else Urgent())
         events, self._events = self._events, []
+        final = self.report if self.phase in FINAL else None
         return Snapshot(self.phase, self.now, dict(self.status), self.dst, self.src,
-                        self.arrival, new, waiting, urgent, self.boards, events)
+                        self.arrival, new, waiting, urgent, self.boards, events,
+                        snapshot_progress(self.cfg, self.boards, self.now, final))
 
     def describe(self, page: int, code: int, arrival: np.ndarray) -> str:
         return describe_page(self.cfg, self.faults, page, code, arrival,

@@ -51,7 +51,30 @@ def test_json_names_the_fields_as_the_issue_does():
         assert set(s) == {"name", "mode", "qemu", "emulator"}
         assert set(s["qemu"]) == set(s["emulator"]) == set(qemu_bench.FIELDS)
     assert out["ratios"] == [{"name": "s", "qemu-median-ms": 8.0, "emulator-median-ms": 8.0,
-                              "qemu-mean-ms": 3.0, "emulator-mean-ms": 3.0}]
+                              "qemu-mean-ms": 3.0, "emulator-mean-ms": 3.0,
+                              "qemu-progress": None, "emulator-progress": None}]
+
+
+def test_the_emulators_progress_is_measured_over_qemus_window():
+    report = {"latency": {"count": 3, "p50-us": 1000.0, "avg-us": 2000.0, "p99-us": 3000.0},
+              "blocktime-ms": {"total": 12.4},
+              "progress": {"total": 9000.0, "until-last-fault": {"total": 4321.6}}}
+    assert qemu_bench.emulator_summary(report)["progress"] == 4322  # rounded as QEMU's
+    report["progress"]["until-last-fault"] = None  # no fault in postcopy: none, as QEMU's
+    assert qemu_bench.emulator_summary(report)["progress"] is None
+    report["progress"] = None  # the guest never ran on the destination
+    assert qemu_bench.emulator_summary(report)["progress"] is None
+
+
+def test_the_table_shows_progress_and_how_much_further_preempt_gets():
+    van, pre = _entry("s", "vanilla", 4.0, 6.0), _entry("s", "preempt", 0.5, 2.0)
+    van["qemu"]["progress"], pre["qemu"]["progress"] = 1000, 2500
+    van["emulator"]["progress"], pre["emulator"]["progress"] = 800, 1600
+    [r] = qemu_bench.ratios([van, pre])
+    assert (r["qemu-progress"], r["emulator-progress"]) == (2.5, 2.0)
+    text = qemu_bench.table([van, pre])
+    assert "2500" in text and "1600" in text
+    assert text.splitlines()[-1].split()[-2:] == ["2.5", "2"]
 
 
 def test_the_table_has_a_row_per_side_and_the_ratios():
@@ -80,3 +103,4 @@ def test_one_tiny_scenario_side_by_side(tmp_path, monkeypatch):
     assert version.startswith(".".join(map(str, env.qemu_version())))
     for side in ("qemu", "emulator"):
         assert set(entry[side]) == set(qemu_bench.FIELDS) and entry[side]["count"] > 0
+    assert entry["emulator"]["progress"] > 0  # it faulted: its window exists

@@ -29,6 +29,7 @@ TOUCH_COST = "833ns"
 PATTERNS = {"stride": "stride", "ascending": "sequential", "random": "random"}
 STRIDE_SHARE = 0.382  # the QEMU guest's stride: about 0.382 of its region (emu/qemu/guest.S)
 PAGE = 4096
+SIDES = ("qemu", "emulator")
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,20 @@ def emulator_sets(case: Case, mode: str, time_scale: float = TIME_SCALE) -> list
 
 
 def emulator_summary(report: dict) -> dict:
-    """The emulator's report in the bench's fields (progress: not reported yet, item 8)."""
+    """The emulator's report in the bench's fields. progress as the harness measures QEMU's
+    (Result.progress): the guest's touches per second from its resume on the destination to
+    its last fault, the report's progress["until-last-fault"] (emu/figures/progress.py)."""
     lat = report["latency"]
     return {"count": lat["count"], "median-ms": round(lat["p50-us"] / 1e3, 3),
             "mean-ms": round(lat["avg-us"] / 1e3, 3), "p99-ms": round(lat["p99-us"] / 1e3, 3),
             "blocktime-ms": round(report["blocktime-ms"]["total"]),
-            "progress": report.get("progress")}
+            "progress": _qemu_window_progress(report.get("progress"))}
+
+
+def _qemu_window_progress(progress: dict | None) -> int | None:
+    """Rounded as Result.summary() rounds QEMU's; None where QEMU's would be (no fault)."""
+    measured = (progress or {}).get("until-last-fault")
+    return None if measured is None else round(measured["total"])
 
 
 def run_emulator(case: Case, mode: str, time_scale: float = TIME_SCALE) -> dict:
@@ -109,7 +118,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(scenarios: list[dict]) -> list[dict]:
-    """vanilla / preempt of medians and means, per scenario name and side."""
+    """vanilla / preempt of medians and means, and preempt / vanilla of guest progress (how
+    much further preempt gets the guest), per scenario name and side."""
     by = {(s["name"], s["mode"]): s for s in scenarios}
     out = []
     for name in dict.fromkeys(s["name"] for s in scenarios):
@@ -117,7 +127,9 @@ def ratios(scenarios: list[dict]) -> list[dict]:
         if van and pre:
             out.append({"name": name, **{
                 f"{side}-{key}": ratio(van[side][key], pre[side][key])
-                for side in ("qemu", "emulator") for key in ("median-ms", "mean-ms")}})
+                for side in SIDES for key in ("median-ms", "mean-ms")}, **{
+                f"{side}-progress": ratio(pre[side]["progress"], van[side]["progress"])
+                for side in SIDES}})
     return out
 
 
@@ -128,13 +140,16 @@ def _cell(value) -> str:
 def table(scenarios: list[dict]) -> str:
     head = ["scenario", "mode", "side", *FIELDS]
     rows = [[s["name"], s["mode"], side, *(_cell(s[side][k]) for k in FIELDS)]
-            for s in scenarios for side in ("qemu", "emulator")]
+            for s in scenarios for side in SIDES]
     rat = ratios(scenarios)
-    rhead = ["scenario", "qemu median", "emulator median", "qemu mean", "emulator mean"]
+    rhead = ["scenario", "qemu median", "emulator median", "qemu mean", "emulator mean",
+             "qemu progress", "emulator progress"]
     rrows = [[r["name"], *(_cell(r[k]) for k in ("qemu-median-ms", "emulator-median-ms",
-                                                  "qemu-mean-ms", "emulator-mean-ms"))]
+                                                  "qemu-mean-ms", "emulator-mean-ms",
+                                                  "qemu-progress", "emulator-progress"))]
              for r in rat]
-    return _columns(head, rows) + "\n\nvanilla / preempt:\n" + _columns(rhead, rrows)
+    return (_columns(head, rows) + "\n\nprogress: guest touches/s from resume to the last "
+            "fault\nvanilla / preempt (progress: preempt / vanilla):\n" + _columns(rhead, rrows))
 
 
 def _columns(head: list[str], rows: list[list[str]]) -> str:

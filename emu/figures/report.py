@@ -7,6 +7,7 @@ import numpy as np
 from emu.config import Config
 from emu.events import Trace
 from emu.figures import integrity, metrics
+from emu.figures import progress as guest_progress
 from emu.migration.ram import PRESENT, TARGET_PAGE
 from emu.migration.workload import SLICED
 
@@ -70,6 +71,7 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                      "break-huge": int(src["break-huge"])},
         "blocktime-ms": {"total": round(total_ms, 3),
                          "per-vcpu": [round(x, 3) for x in per_vcpu_ms]},
+        "progress": progress(run, dst, reached["time"]),
         "integrity": integrity_result or dict(NOT_CHECKED),
         "states": {side: [{"status": s, "time": round(t, 6)} for s, t in changes]
                    for side, changes in run.states.items()},
@@ -79,6 +81,16 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
         "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
         "config": cfg.to_json(),
     }
+
+
+def progress(run, dst: dict, now: float) -> dict | None:
+    """The guest's progress during postcopy (emu/figures/progress.py): from the destination's
+    own count once it completed, else from what it published until the run ended."""
+    cfg = run.cfg
+    if dst.get("ended") is not None:
+        return guest_progress.from_vcpus(dst["touches"], dst["ended"], "completed",
+                                         cfg["workload.touch-cost"])
+    return guest_progress.from_board(run.board("destination"), cfg["guest.vcpus"], now)
 
 
 def event_json(t: float, what: str | Trace) -> dict:

@@ -29,6 +29,7 @@ from emu.board import LAG_FIELDS, Board, lag_meter
 from emu.clock import Clock
 from emu.config import Config
 from emu.events import Paused, Refused, Report
+from emu.figures import progress
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
 from emu.migration import loadvm, wire
 from emu.migration import ram as R
@@ -40,7 +41,7 @@ from emu.migration.workload import VCpu, Workload
 from emu.net.channel import ChannelError
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
-          "placed-main", "placed-preempt") + LAG_FIELDS
+          "placed-main", "placed-preempt") + LAG_FIELDS + progress.BOARD_FIELDS
 RING = 1 << 16
 PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
 
@@ -75,6 +76,7 @@ class Destination:
         self.lag = lag_meter(self.board, self.clock.now)
         self.stop = threading.Event()
         self.vcpus: list[VCpu] = []
+        self.ended: float | None = None  # when the vCPUs were stopped at completion
         self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
         self._eof_lock = threading.Lock()
         self.conns = Connections(self)
@@ -146,11 +148,20 @@ class Destination:
     def start_vcpus(self, device: dict) -> None:
         """POSTCOPY_RUN: the guest runs here, its vCPUs where the device state put them."""
         positions = device.get("vcpus", [0] * self.cfg["guest.vcpus"])
+        self.board[progress.RESUMED] = self.clock.now()
         for v, pos in enumerate(positions):
             vcpu = VCpu(v, Workload(self.cfg, v, pos), self.memory, self.clock,
-                        self.cfg["workload.touch-cost"], self.stop)
+                        self.cfg["workload.touch-cost"], self.stop, self._publisher(v))
             self.vcpus.append(vcpu)
             vcpu.start()
+
+    def _publisher(self, vcpu: int):
+        """Where vCPU `vcpu` publishes its touches (its own field: one writer)."""
+        field = progress.board_field(vcpu)
+
+        def publish(touches: int) -> None:
+            self.board[field] = touches
+        return publish
 
     def postcopy_resume(self) -> None:
         """POSTCOPY_RESUME: back to postcopy-active; ask again for every page still wanted,
@@ -193,6 +204,7 @@ class Destination:
         old = "postcopy-active" if self.placer.postcopy else "active"
         if not self.state.set(old, "failed" if missing else "completed"):
             return
+        self.ended = self.clock.now()  # the guest's progress is counted up to here
         self.stop.set()
         for vcpu in self.vcpus:
             vcpu.join()
@@ -247,7 +259,17 @@ class Destination:
             "bad-touches": sum(v.bad for v in self.vcpus),
             "increments": self.memory.increments,
             "board": self.board.snapshot(),
+            "touches": [self._touches(v.touches) for v in self.vcpus if v.touches],
+            "ended": self.ended,
         }
+
+    def _touches(self, touches) -> dict:
+        """One vCPU's count for the guest's progress (emu/figures/progress.py)."""
+        fault_at, fault_pos = touches.fault
+        return {"from": touches.t0, "touches": touches.at(self.ended),
+                "faulted": touches.faults > 0,
+                "fault-at": fault_at, "fault-touches": fault_pos - touches.pos0,
+                "woken": touches.woken}
 
 
 def main(control, bufs: dict, cfg: Config, front: str = "") -> None:

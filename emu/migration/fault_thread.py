@@ -57,8 +57,8 @@ class DestMemory(Memory):
         present = self.states[pages // self.tpp] >= R.PRESENT
         return len(pages) if present.all() else int(np.argmin(present))
 
-    def fault(self, vcpu: int, page: int) -> None:
-        self.faults.fault(vcpu, page // self.tpp)
+    def fault(self, vcpu: int, page: int) -> bool:
+        return self.faults.fault(vcpu, page // self.tpp)
 
     def touched(self, vcpu: int, pages: np.ndarray) -> None:
         if self.increments is not None and len(pages):
@@ -116,21 +116,23 @@ class FaultThread:
 
     # ---- called from vCPU threads ----
 
-    def fault(self, vcpu: int, page: int) -> None:
-        """A vCPU touched a host page that is not present: request it and block until placed."""
+    def fault(self, vcpu: int, page: int) -> bool:
+        """A vCPU touched a host page that is not present: request it and block until placed
+        (True), or stopped; False if it was present by now."""
         dst = self.dst
         placer, clock = dst.placer, dst.clock
         if placer.states[page] >= R.PRESENT:
-            return
+            return False
         t0 = clock.now()
         dst.board.add("blocked", 1)
         self.faults.put((vcpu, page))
         placer.wait_present(page, dst.stop)
         dst.board.add("blocked", -1)
         if placer.states[page] < R.PRESENT:
-            return  # stopped while waiting
+            return True  # stopped while waiting
         channel_code = PREEMPT if placer.states[page] == R.URGENT_PREEMPT else MAIN
         record = (t0, vcpu, page, clock.now() - t0, channel_code)
         self.ring.append(record)
         self.records.append(record)
         dst.board.add("faults", 1)
+        return True

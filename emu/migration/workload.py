@@ -10,6 +10,8 @@ Patterns (workload.pattern):
   memory check knows exactly what each page must hold).
 A touch costs workload.touch-cost of emulated time. A vCPU does its touches in batches as the
 clock allows, so it never spins the host CPU, and stops at the first page that is not present.
+Each vCPU keeps count of its touches by emulated time (Touches), for the guest's progress
+(emu/figures/progress.py).
 """
 
 from __future__ import annotations
@@ -109,17 +111,47 @@ class Memory:
         """Index of the first touch whose page is not present (len(pages) if all are)."""
         raise NotImplementedError
 
-    def fault(self, vcpu: int, page: int) -> None:
-        """Block until the target page `page` is present."""
+    def fault(self, vcpu: int, page: int) -> bool:
+        """Block until the target page `page` is present; False if it was already (it came
+        while the vCPU was on its way to it: no fault)."""
         raise NotImplementedError
 
     def touched(self, vcpu: int, pages: np.ndarray) -> None:
         """After a batch of writes (the source marks them dirty)."""
 
 
+class Touches:
+    """One vCPU's touches by emulated time since it started (on the destination: since the
+    guest resumed there), as its own cursor counts them: what it has done by any time up to
+    the end of its run, and where its last fault stopped it. `publish(n)`, if given, gets the
+    touches done so far after every batch (the destination's board)."""
+
+    def __init__(self, t: float, pos: int, cost: float, publish=None) -> None:
+        self.t0, self.pos0, self.cost = t, pos, cost
+        self.publish = publish
+        self.batch = (t, pos, 0)  # the batch under way: its first touch's time and position, size
+        # the last fault: the time the vCPU reached the touch that faulted, the touches done
+        # before it, and when the vCPU went on (None while it waits: it never did)
+        self.fault = (t, pos)
+        self.woken: float | None = t
+        self.faults = 0
+
+    def at(self, t: float) -> int:
+        """Touches done by emulated time t (not before the last batch began): a batch's
+        touches are done one per `cost`, whether or not its thread has caught up with them."""
+        start, pos, size = self.batch
+        done = min(size, max(0, int((t - start) / self.cost))) if t > start else 0
+        return pos + done - self.pos0
+
+    def faulted(self, t: float, pos: int, woken: float | None) -> None:
+        """The vCPU waited for a missing page at touch `pos`, reached at time t."""
+        self.fault, self.woken = (t, pos), woken
+        self.faults += 1
+
+
 class VCpu(threading.Thread):
     def __init__(self, index: int, workload: Workload, memory: Memory, clock: Clock,
-                 touch_cost: float, stop: threading.Event) -> None:
+                 touch_cost: float, stop: threading.Event, publish=None) -> None:
         super().__init__(name=f"vcpu{index}", daemon=True)
         self.index = index
         self.workload = workload
@@ -128,12 +160,16 @@ class VCpu(threading.Thread):
         self.cost = touch_cost
         self.stop = stop
         self.bad = 0  # touches that found a value their previous pass did not write
+        self.publish = publish
+        self.touches: Touches | None = None  # from the moment it runs
 
     def run(self) -> None:
         vt = self.clock.now()  # how far this vCPU has got, in emulated time
+        touches = self.touches = Touches(vt, self.workload.pos, self.cost, self.publish)
         while not self.stop.is_set():
             pages = self.workload.peek(self.workload.max_batch)
             k = self.memory.first_missing(pages)
+            touches.batch = (vt, self.workload.pos, k)
             # the guest reaches touch k at vt + k x cost: do the touches before it then, so a
             # fault is raised at its own time, not at the end of a batch
             vt += k * self.cost
@@ -142,6 +178,12 @@ class VCpu(threading.Thread):
                     return
             self.bad += self.workload.commit(self.memory.ram, pages[:k])
             self.memory.touched(self.index, pages[:k])
+            if touches.publish is not None:
+                touches.publish(self.workload.pos - touches.pos0)
             if k < len(pages):
-                self.memory.fault(self.index, int(pages[k]))
-                vt = max(vt, self.clock.now())  # the time spent blocked is lost to the guest
+                waited = self.memory.fault(self.index, int(pages[k]))
+                woke = self.clock.now()
+                if waited:  # not woken but stopped if the run ended while it waited
+                    touches.faulted(vt, self.workload.pos, None if self.stop.is_set() else woke)
+                vt = max(vt, woke)  # the time spent blocked is lost to the guest
+                touches.batch = (vt, self.workload.pos, 0)

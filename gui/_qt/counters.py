@@ -29,9 +29,14 @@ ROWS = (
     ("requests dropped", lambda q, s: f"{int(s.boards['source']['dropped-requests']):,} "
                                       "(page already sent)"),
     ("postcopy-blocktime", lambda q, s: _blocktime(q)),
+    # what the vCPUs got done meanwhile: blocktime alone does not tell a guest whose faults
+    # are served fast (more of them, as much time blocked) from one that waits long
+    ("guest progress", lambda q, s: _progress(s.progress)),
     ("postcopy-latency", lambda q, s: style.duration(q["postcopy-latency"] * 1e-9)),
     ("emulator lag", lambda q, s: _lag(s)),
 )
+PROGRESS_TIP = ("Touches (4 KiB page writes) the destination's vCPUs did per emulated second, "
+                "from the guest's resume there until the run completed")
 
 
 class QtCounters(QtWidgets.QWidget):
@@ -46,6 +51,7 @@ class QtCounters(QtWidgets.QWidget):
         for name, _ in (*ROWS, ("memory check", None)):
             self._values[name] = QtWidgets.QLabel("–")
             form.addRow(name, self._values[name])
+        self._values["guest progress"].setToolTip(PROGRESS_TIP)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(title)
@@ -103,6 +109,21 @@ def _blocktime(qm: dict) -> str:
     per_vcpu = qm["postcopy-vcpu-blocktime"]
     if len(per_vcpu) > 1:  # with one vCPU the two are the same figure
         text += " (per vCPU: " + ", ".join(f"{ms:,}" for ms in per_vcpu[:4]) + " ms)"
+    return text
+
+
+def _progress(progress: dict | None) -> str:
+    """Touches per emulated second on the destination (emu/figures/progress.py), so far while
+    the run goes on."""
+    if progress is None:
+        return "– (the guest runs on the source)"
+    window = progress["window"]
+    so_far = " so far" if window["until"] == "run ended" else ""
+    text = (f"{progress['total']:,.0f} touches/s ({progress['touches']['total']:,} in "
+            f"{style.duration(window['seconds'])}{so_far})")
+    per_vcpu = progress["per-vcpu"]
+    if len(per_vcpu) > 1:
+        text += " (per vCPU: " + ", ".join(f"{r:,.0f}" for r in per_vcpu[:4]) + ")"
     return text
 
 

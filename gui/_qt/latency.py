@@ -13,11 +13,12 @@ import math
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6 import QtCore, QtWidgets
+from PySide6 import QtCore, QtGui, QtWidgets
 
 from emu.figures import metrics
 from gui._qt import style
 from gui._qt.pointraster import QtPointRaster
+from gui.comparison import ProgressTrack, compare
 from gui.labels import bucket_interval, bucket_label
 from gui.session import BUCKETS, RUNNING, FaultLog, Snapshot
 
@@ -42,6 +43,11 @@ def _key_html(previous: str | None) -> str:
         for rgb, text in dots)
 
 
+def _short(label: str) -> str:
+    """A mode label in the comparison's few words: "postcopy-preempt" -> "preempt"."""
+    return label.replace("postcopy-preempt", "preempt").replace("vanilla postcopy", "vanilla")
+
+
 def stats_row(name: str, stats: dict, colour: str = "#000") -> str:
     """One row of the figures table: which run, count, avg, p50, p99."""
     cells = [name, f"{stats['count']:,} faults"]
@@ -61,7 +67,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._stats = QtWidgets.QLabel()
         self._stats.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self._stats.setWordWrap(True)
-        style.fix_lines(self._stats, 2)
+        style.fix_lines(self._stats, 3)  # this run, the previous one, and how they compare
         self._key = QtWidgets.QLabel(_key_html(None))
         style.fix_lines(self._key, 1)
         self._scatter = pg.PlotWidget(background="w")
@@ -75,6 +81,8 @@ class QtLatencyPlots(QtWidgets.QWidget):
                                 (self._scatter, 3), (self._hist, 2)):
             layout.addWidget(widget, stretch)
         self._previous: tuple[str, FaultLog] | None = None
+        self._progress = ProgressTrack()  # this run's guest progress, for the comparison
+        self._prev_progress = ProgressTrack()
         self._prev_xy = (np.zeros(0), np.zeros(0))  # the previous run's points
         self._buckets_shown: tuple[int, int] | None = None
         self._points_turn = style.Turn("points")
@@ -153,6 +161,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         """Clear the current run; *label* names it in the figures ("postcopy-preempt")."""
         self._label = label
         self._log: FaultLog | None = None
+        self._progress = ProgressTrack()
         self._shown_count = -1
         self._pending: list[np.ndarray] = []
         for channel in range(len(metrics.CHANNELS)):
@@ -165,9 +174,16 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._raster.redraw()
         self._redraw()
 
-    def set_previous(self, label: str, log: FaultLog | None) -> None:
-        """Keep a finished run in grey under the next one (None: no overlay)."""
+    def set_previous(self, label: str, log: FaultLog | None,
+                     progress: dict | None = None) -> None:
+        """Keep a finished run in grey under the next one (None: no overlay), with its guest
+        progress (its report's, emu/figures/progress.py) to compare the next one's with,
+        point by point as far as this panel saw it run."""
         self._previous = (label, log) if log is not None and log.count else None
+        self._prev_progress, self._progress = self._progress, ProgressTrack()
+        self._prev_progress.add(progress)
+        if self._previous is None or progress is None:
+            self._prev_progress = ProgressTrack()
         self._key.setText(_key_html(label if self._previous else None))
         self._raster.clear(0)
         self._prev_xy = (np.zeros(0), np.zeros(0))
@@ -214,8 +230,14 @@ class QtLatencyPlots(QtWidgets.QWidget):
         if switchover is not None and not self._switch.isVisible():
             self._switch.setValue(switchover)
             self._switch.show()
-        if (self._hist_turn.due() or not running) and log.count != self._shown_count:
+        if not (self._hist_turn.due() or not running):
+            return
+        seen = self._progress.now
+        self._progress.add(snap.progress)
+        if log.count != self._shown_count:
             self._redraw()
+        elif self._progress.now != seen and self._previous is not None:
+            self._stats.setText(self._stats_html())  # only the comparison line changed
 
     def _add_points(self) -> None:
         if not self._pending:
@@ -269,7 +291,32 @@ class QtLatencyPlots(QtWidgets.QWidget):
         if self._previous is not None:
             rows.append(stats_row("previous run", self._previous[1].summary(),
                                   style.css(style.PREVIOUS)))
-        return "<table cellspacing='0' cellpadding='0'>" + "".join(rows) + "</table>"
+        html = "<table cellspacing='0' cellpadding='0'>" + "".join(rows) + "</table>"
+        self._stats.setToolTip(self.comparison_tip())
+        return html + self._comparison_html()
+
+    def _comparison(self) -> tuple[str, str] | None:
+        """(line, tooltip) of the grey comparison of guest progress (gui/comparison.py)."""
+        if self._previous is None:
+            return None
+        return compare(self._progress, self._prev_progress, _short(self._label),
+                       _short(self._previous[0]))
+
+    def _comparison_html(self) -> str:
+        """'preempt: 2.1x more guest progress than vanilla', in grey: one short line (the
+        figures themselves are in its tooltip)."""
+        found = self._comparison()
+        if found is None:
+            return ""
+        return f"<div style='color:{style.css(style.PREVIOUS)}'>{found[0]}</div>"
+
+    def comparison_tip(self) -> str:
+        found = self._comparison()
+        return "" if found is None else found[1]
+
+    def comparison_text(self) -> str:
+        """The comparison line as shown, without its markup ("" when there is none)."""
+        return QtGui.QTextDocumentFragment.fromHtml(self._comparison_html()).toPlainText()
 
     def stats_text(self) -> str:
         return self._stats.text()

@@ -192,7 +192,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         old = self.session
         old.stop()
         if old.phase == COMPLETED:
-            self.latency.set_previous(mode_label(old.cfg), old.faults)
+            self.latency.set_previous(mode_label(old.cfg), old.faults,
+                                      (old.report or {}).get("progress"))
 
     def _reset_views(self, cfg: Config) -> None:
         self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe,
