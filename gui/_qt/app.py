@@ -36,7 +36,7 @@ def main(cfg: Config, args) -> int:
         return 2
     app = application()
     display.release()
-    window = QtMainWindow(cfg, preset)
+    window = QtMainWindow(cfg, preset, getattr(args, "record", None))
     window.resize(*WINDOW_SIZE)
     window.show()
     # Ctrl-C in the terminal closes the window (and so stops the run) instead of being
@@ -45,6 +45,46 @@ def main(cfg: Config, args) -> int:
     if args.screenshot:
         return screenshot(app, window, args.screenshot, args.run_for)
     return app.exec()
+
+
+def replay_main(recording, at: float | None, path: str | None) -> int:
+    """`postcopy-emu replay FILE`: the window on a recording, at emulated time *at* (None:
+    the end); with *path*, a PNG of that instant instead."""
+    from gui.replay import ReplaySession
+
+    problem = display.choose_platform(bool(path))
+    if problem:
+        print(f"postcopy-emu: {problem}", file=sys.stderr)
+        return 2
+    app = application()
+    display.release()
+    replay = ReplaySession(recording)
+    if at is not None and not replay.start_time <= at <= replay.end_time:
+        print(f"postcopy-emu: --at {at:g}s is outside the recording "
+              f"({replay.start_time:.3f} s to {replay.end_time:.3f} s): showing the nearest "
+              "frame", file=sys.stderr)
+    replay.seek(replay.end_time if at is None else at)
+    window = QtMainWindow(recording.cfg)
+    window.resize(*WINDOW_SIZE)
+    window.show_replay(replay, recording.path.name)
+    window.show()
+    signal.signal(signal.SIGINT, lambda *_: window.close())
+    if path:
+        return capture(window, path)
+    return app.exec()
+
+
+def capture(window: QtMainWindow, path: str) -> int:
+    """Save the window as it shows now, every panel brought up to date, as PNG."""
+    window.refresh()
+    window.select_telling_page()
+    saved = window.grab().save(os.fspath(path), "PNG")
+    window.close()
+    if not saved:
+        print(f"postcopy-emu: could not save {path}", file=sys.stderr)
+        return 1
+    print(f"postcopy-emu: saved {path}", file=sys.stderr)
+    return 0
 
 
 def application() -> QtWidgets.QApplication:
