@@ -14,20 +14,9 @@ import pytest
 from emu.migration import ram as R
 from gui.record import VERSION, Recording, RecordingError
 from gui.replay import ReplaySession
-from gui.session import FINAL, RUNNING, Session
+from gui.session import RUNNING
 from tests.conftest import BASE, PATIENCE, config
-
-TICK_S = 0.04  # the window's timer
-
-
-def _copy(snap, session) -> dict:
-    """What a live snapshot shows, kept past the next tick; faults and events as the window
-    has them by then (all so far, not only the new ones)."""
-    return {"phase": snap.phase, "now": snap.now, "status": dict(snap.status),
-            "dst": snap.dst.copy(), "src": snap.src.copy(), "arrival": snap.arrival.copy(),
-            "waiting": snap.waiting.copy(), "urgent": vars(snap.urgent).copy(),
-            "boards": {role: dict(b) for role, b in snap.boards.items()},
-            "faults": session.faults.records.copy(), "summary": session.faults.summary()}
+from tests.recording import record
 
 
 def _same(live: dict, snap, session, events_so_far: list[str], live_events: list[str]):
@@ -46,20 +35,7 @@ def _same(live: dict, snap, session, events_so_far: list[str], live_events: list
 def recorded(tmp_path_factory):
     """One small vanilla run, recorded, with a copy of every live snapshot of it."""
     path = tmp_path_factory.mktemp("rec") / "run.pcr"
-    session = Session(config(), record=path)
-    session.start()
-    live, events = [], []
-    deadline = time.monotonic() + PATIENCE
-    try:
-        while session.phase not in FINAL and time.monotonic() < deadline:
-            snap = session.tick()
-            events += snap.events
-            if snap.dst is not None:
-                live.append((_copy(snap, session), list(events)))
-            time.sleep(TICK_S)
-    finally:
-        session.stop()
-    assert session.phase == "completed", events
+    session, live = record(path, config())
     return path, live, session
 
 
