@@ -108,11 +108,14 @@ def _record_argument(cmd: argparse.ArgumentParser) -> None:
 
 
 def _replay_command(sub) -> None:
-    replay = sub.add_parser("replay", help="open the window on a recorded run",
+    replay = sub.add_parser("replay", help="open the window on a recorded run, or several",
                             description="open the window on a run recorded with --record, "
                                         "without any engine process: play, pause, step, "
-                                        "scrub the timeline")
-    replay.add_argument("file", metavar="FILE", help="a recording (run/gui --record FILE)")
+                                        "scrub the timeline; several runs side by side, with "
+                                        "the difference against a baseline in words")
+    replay.add_argument("files", nargs="+", metavar="FILE",
+                        help="a recording (run/gui --record FILE); two or more: side by side "
+                             "on one timeline, each against a baseline")
     replay.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
     replay.add_argument("--at", default="end", metavar="TIME",
                         help="the emulated instant to show first (and to capture with "
@@ -284,7 +287,7 @@ def cmd_replay(args, cfg: Config) -> int:
 
     try:
         at = None if args.at == "end" else parse_duration(args.at)
-        recording = Recording.open(args.file)
+        recordings = [Recording.open(file) for file in args.files]
     except ValueError as err:  # RecordingError is one
         what = "" if isinstance(err, RecordingError) else "--at: "
         print(f"postcopy-emu: {what}{err}", file=sys.stderr)
@@ -299,7 +302,7 @@ def cmd_replay(args, cfg: Config) -> int:
         print(f"postcopy-emu: {missing_libraries(f'Qt does not load ({err})')}",
               file=sys.stderr)
         return 2
-    return replay_main(recording, at, args.screenshot)
+    return replay_main(recordings, at, args.screenshot)
 
 
 def cmd_side(args, cfg: Config) -> int:

@@ -115,6 +115,11 @@ class ReplaySession:
     def stop(self) -> None:
         self.playing = False
 
+    def where(self) -> str:
+        """Where the player is, in words, for the transport's label."""
+        return (f"{self.position:.4f} s of {self.end_time:.3f} s emulated · frame "
+                f"{self._i + 1}/{self.recording.frames} (taken at {self.now:.4f} s)")
+
     # ---- the player ----
 
     def play(self, on: bool = True) -> None:
@@ -139,7 +144,7 @@ class ReplaySession:
     def step_event(self, n: int) -> None:
         """To the next (n=1) or the previous (n=-1) frame where something happened: a line in
         the event log, or a mark on the timeline."""
-        frames = self._event_frames()
+        frames = self.event_frames()
         at = bisect.bisect_right(frames, self._i) if n > 0 else bisect.bisect_left(frames,
                                                                                   self._i) - 1
         if 0 <= at < len(frames):
@@ -153,7 +158,7 @@ class ReplaySession:
     def _frame_at(self, t: float) -> int:
         return max(bisect.bisect_right(self._times, t) - 1, 0)
 
-    def _event_frames(self) -> list[int]:
+    def event_frames(self) -> list[int]:
         events = self.recording.column("events")
         new_lines = np.flatnonzero(np.diff(events, prepend=0) > 0)
         at_marks = [self._frame_at_or_after(m["t"]) for m in self.marks]

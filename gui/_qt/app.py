@@ -47,9 +47,10 @@ def main(cfg: Config, args) -> int:
     return app.exec()
 
 
-def replay_main(recording, at: float | None, path: str | None) -> int:
-    """`postcopy-emu replay FILE`: the window on a recording, at emulated time *at* (None:
-    the end); with *path*, a PNG of that instant instead."""
+def replay_main(recordings, at: float | None, path: str | None) -> int:
+    """`postcopy-emu replay FILE...`: the window on one recording, or on several side by
+    side, at emulated time *at* (None: the end); with *path*, a PNG of that instant instead."""
+    from gui._qt.compare import QtCompareWindow
     from gui.replay import ReplaySession
 
     problem = display.choose_platform(bool(path))
@@ -58,15 +59,21 @@ def replay_main(recording, at: float | None, path: str | None) -> int:
         return 2
     app = application()
     display.release()
-    replay = ReplaySession(recording)
-    if at is not None and not replay.start_time <= at <= replay.end_time:
+    replays = [ReplaySession(recording) for recording in recordings]
+    start = min(r.start_time for r in replays)
+    end = max(r.end_time for r in replays)
+    if at is not None and not start <= at <= end:
         print(f"postcopy-emu: --at {at:g}s is outside the recording "
-              f"({replay.start_time:.3f} s to {replay.end_time:.3f} s): showing the nearest "
-              "frame", file=sys.stderr)
-    replay.seek(replay.end_time if at is None else at)
-    window = QtMainWindow(recording.cfg)
+              f"({start:.3f} s to {end:.3f} s): showing the nearest frame", file=sys.stderr)
+    at = end if at is None else at
+    if len(replays) == 1:
+        window = QtMainWindow(recordings[0].cfg)
+        window.show_replay(replays[0], recordings[0].path.name)
+        replays[0].seek(at)
+    else:
+        window = QtCompareWindow(replays, [r.path.name for r in recordings])
+        window.seek(at)
     window.resize(*WINDOW_SIZE)
-    window.show_replay(replay, recording.path.name)
     window.show()
     signal.signal(signal.SIGINT, lambda *_: window.close())
     if path:
@@ -74,10 +81,11 @@ def replay_main(recording, at: float | None, path: str | None) -> int:
     return app.exec()
 
 
-def capture(window: QtMainWindow, path: str) -> int:
+def capture(window: QtWidgets.QMainWindow, path: str) -> int:
     """Save the window as it shows now, every panel brought up to date, as PNG."""
     window.refresh()
-    window.select_telling_page()
+    if hasattr(window, "select_telling_page"):
+        window.select_telling_page()
     saved = window.grab().save(os.fspath(path), "PNG")
     window.close()
     if not saved:

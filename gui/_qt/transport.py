@@ -148,6 +148,7 @@ class QtTransport(QtWidgets.QWidget):
         column.addLayout(row)
 
     def bind(self, replay: ReplaySession) -> None:
+        """Drive *replay*: a ReplaySession, or a gui.compare.ReplayGroup (runs side by side)."""
         self.replay = replay
         self.timeline.set_recording(replay.start_time, replay.end_time, replay.marks)
         self.update_from(replay)
@@ -158,8 +159,7 @@ class QtTransport(QtWidgets.QWidget):
         text = "Pause" if replay.playing else "Play"
         if self.play.text() != text:
             self.play.setText(text)
-        where = (f"{replay.position:.4f} s of {replay.end_time:.3f} s emulated · frame "
-                 f"{replay.frame + 1}/{replay.recording.frames} (taken at {replay.now:.4f} s)")
+        where = replay.where()
         if self.where.text() != where:
             self.where.setText(where)
 
