@@ -197,3 +197,77 @@ def test_replay_of_a_bad_file_exits_2(tmp_path):
                          capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "not a postcopy-emu recording" in out.stderr
+
+
+# ---- runs side by side ----
+
+@pytest.fixture(scope="module")
+def preempt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "preempt.pcr"
+    record(path, config(migration__postcopy_preempt="true"))
+    return path
+
+
+def _behind(replay, behind: bool) -> None:
+    """Say in the recording's report whether the run kept up with its schedule."""
+    replay.recording.header["report"]["emulator"]["keeping-up"] = not behind
+
+
+def test_side_by_side_spells_out_the_difference_against_the_baseline(recorded, preempt):
+    from gui.compare import ReplayGroup
+
+    vanilla, pre = ReplaySession(Recording.open(recorded[0])), ReplaySession(
+        Recording.open(preempt))
+    for replay in (vanilla, pre):
+        _behind(replay, False)
+    group = ReplayGroup([vanilla, pre], ["vanilla", "preempt"])
+    group.seek(group.end_time)
+    group.tick()
+    assert group.baseline == 0
+    (line,) = group.differences()
+    ours, theirs = pre.faults.summary()["avg-us"], vanilla.faults.summary()["avg-us"]
+    assert theirs / ours > 2  # preempt's urgent pages skip the background stream
+    assert line.startswith(f"preempt against vanilla: {theirs / ours:.1f}x lower mean latency")
+    # pinned the other way round, the same difference reads the other way
+    group.pin(1)
+    (line,) = group.differences()
+    assert line.startswith(f"vanilla against preempt: {theirs / ours:.1f}x higher mean latency")
+    # both at the same instant, each showing its last frame by then
+    group.pin(None)
+    group.seek(0.15)
+    group.tick()
+    for replay in (vanilla, pre):
+        assert replay.position == 0.15 and replay.now <= 0.15
+
+
+def test_a_run_that_fell_behind_is_not_taken_as_baseline_silently(recorded, preempt):
+    from gui.compare import ReplayGroup
+
+    vanilla, pre = ReplaySession(Recording.open(recorded[0])), ReplaySession(
+        Recording.open(preempt))
+    _behind(vanilla, True)
+    _behind(pre, False)
+    group = ReplayGroup([vanilla, pre], ["vanilla", "preempt"])
+    group.seek(group.end_time)
+    group.tick()
+    assert group.baseline == 1  # the first run that kept up
+    assert "fell behind its schedule" in group.differences()[0]
+    group.pin(0)  # pinned by hand: taken, and said so
+    lines = group.differences()
+    assert lines[0].startswith("baseline vanilla fell behind its schedule (pinned)")
+
+
+def test_side_by_side_steps_through_every_runs_events(recorded, preempt):
+    from gui.compare import ReplayGroup
+
+    runs = [ReplaySession(Recording.open(p)) for p in (recorded[0], preempt)]
+    group = ReplayGroup(runs, ["a", "b"])
+    times = sorted({float(r.recording.times[i]) for r in runs for i in r.event_frames()})
+    group.seek(group.start_time)
+    group.step_event(1)
+    assert group.position == next(t for t in times if t > group.start_time)
+    group.step_event(1)
+    group.step_event(-1)
+    assert group.position == next(t for t in times if t > group.start_time)
+    assert [m["text"].split(":")[0] for m in group.marks] and all(
+        m["text"].startswith(("a: ", "b: ")) for m in group.marks)

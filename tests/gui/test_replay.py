@@ -131,3 +131,56 @@ def test_replay_screenshot_at_an_instant(recording, tmp_path):
                          capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0, out.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def preempt_recording(tmp_path_factory):
+    path = tmp_path_factory.mktemp("replay") / "preempt.pcr"
+    record(path, small_config(migration__postcopy_preempt="true"))
+    return Recording.open(path)
+
+
+def test_two_runs_side_by_side_with_a_baseline_to_pin(recording, preempt_recording, qtbot):
+    from gui._qt.app import application
+    from gui._qt.compare import QtCompareWindow
+
+    application()
+    recs = [recording[0], preempt_recording]
+    for rec in recs:
+        rec.header["report"]["emulator"]["keeping-up"] = True
+    window = QtCompareWindow([ReplaySession(r) for r in recs], ["vanilla.pcr", "preempt.pcr"])
+    qtbot.addWidget(window)
+    window.resize(1280, 720)
+    window.show()
+    try:
+        window.seek(window.group.end_time)
+        window.refresh()
+        vanilla, pre = window.columns
+        assert "baseline" in vanilla.title.text() and "baseline" not in pre.title.text()
+        assert window.difference.text().startswith(
+            "postcopy-preempt against vanilla postcopy: ")
+        assert "lower mean latency" in window.difference.text()
+        for column in window.columns:
+            assert column.bitmap.count(R.MISSING) == 0
+            assert column.latency.point_count() == len(column.replay.recording.arrays["faults"])
+        pre.pin.click()
+        assert window.group.baseline == 1 and "baseline" in pre.title.text()
+        assert window.difference.text().startswith("vanilla postcopy against postcopy-preempt")
+        assert "higher mean latency" in window.difference.text()
+        pre.pin.click()  # unpinned: back to the first run that kept up
+        assert window.group.baseline == 0
+        # the shared player: back to the start clears both columns
+        window.transport.buttons["|<"].click()
+        assert all(c.latency.point_count() == 0 for c in window.columns)
+    finally:
+        window.close()
+
+
+def test_replay_two_files_screenshot(recording, preempt_recording, tmp_path):
+    path = tmp_path / "both.png"
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    out = subprocess.run([sys.executable, "-m", "emu.cli", "replay", str(recording[0].path),
+                          str(preempt_recording.path), "--screenshot", str(path), "--at",
+                          "300ms"], env=env, capture_output=True, text=True, timeout=PATIENCE)
+    assert out.returncode == 0, out.stderr
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
