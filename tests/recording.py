@@ -19,10 +19,11 @@ def copy_snapshot(snap, session) -> dict:
             "faults": session.faults.records.copy(), "summary": session.faults.summary()}
 
 
-def record(path, cfg) -> tuple[Session, list[tuple[dict, list[str]]]]:
+def record(path, cfg, **session_args) -> tuple[Session, list[tuple[dict, list[str]]]]:
     """Run *cfg* in a Session that records in *path*, ticking as the window does; the session
-    and, per frame, the live snapshot and the event-log lines shown by then."""
-    session = Session(cfg, record=path)
+    and, per frame, the live snapshot and the event-log lines shown by then; session_args as
+    Session takes them (faults, recover_after, trace)."""
+    session = Session(cfg, record=path, **session_args)
     session.start()
     live, events = [], []
     deadline = time.monotonic() + PATIENCE

@@ -75,6 +75,25 @@ def test_the_final_frame_has_the_report_and_the_memory_check(recorded):
         session.switchover)
 
 
+def test_pauses_and_recoveries_are_marked(tmp_path):
+    from emu.faults import from_config
+
+    cfg = config()
+    path = tmp_path / "cut.pcr"
+    session, _ = record(path, cfg, faults=from_config(cfg, ["cut main at 20ms"]))
+    replay = ReplaySession(Recording.open(path))
+    kinds = [m["kind"] for m in replay.marks]
+    assert kinds == ["switchover", "fault", "pause", "recovery"], replay.marks
+    pause = replay.marks[2]["t"]
+    assert pause == next(t for s, t in session.run.states["source"] if s == "postcopy-paused")
+    # stepping by events stops at the pause: the first frame taken after it
+    replay.seek(pause - 0.01)
+    while replay.now < pause:
+        replay.step_event(1)
+    times = replay.recording.times
+    assert times[replay.frame - 1] < pause <= times[replay.frame]
+
+
 def test_step_and_scrub(recorded):
     path, live, _ = recorded
     replay = ReplaySession(Recording.open(path))

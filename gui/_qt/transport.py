@@ -14,7 +14,8 @@ from gui.replay import SPEEDS, ReplaySession
 MARK_STYLE = {"switchover": ((40, 40, 40), "S"), "pause": ((200, 30, 30), "P"),
               "recovery": ((20, 110, 200), "R"), "fault": ((150, 90, 0), "F")}
 TRACK_H = 8
-MARK_PICK_PX = 6  # how near the pointer must be to a mark for its tooltip
+MARK_PICK_PX = 6
+LETTER_W = 10  # pixels per mark letter  # how near the pointer must be to a mark for its tooltip
 
 
 class QtTimeline(QtWidgets.QWidget):
@@ -65,17 +66,31 @@ class QtTimeline(QtWidgets.QWidget):
         font.setPointSizeF(max(font.pointSizeF() * 0.8, 6))
         font.setBold(True)
         p.setFont(font)
-        for mark in self._marks:
-            rgb, letter = MARK_STYLE.get(mark["kind"], ((0, 0, 0), "?"))
-            x = self.x_of(mark["t"])
-            p.setPen(QtGui.QPen(QtGui.QColor(*rgb), 2))
-            p.drawLine(QtCore.QPointF(x, mid - TRACK_H), QtCore.QPointF(x, mid + TRACK_H))
-            p.drawText(QtCore.QRectF(x - 8, 0, 16, mid - TRACK_H),
-                       QtCore.Qt.AlignmentFlag.AlignCenter, letter)
+        for x, group in self._mark_groups():
+            for k, mark in enumerate(group):  # marks a few pixels apart: letters side by side
+                rgb, letter = MARK_STYLE.get(mark["kind"], ((0, 0, 0), "?"))
+                p.setPen(QtGui.QPen(QtGui.QColor(*rgb), 2))
+                line_x = self.x_of(mark["t"])
+                p.drawLine(QtCore.QPointF(line_x, mid - TRACK_H),
+                           QtCore.QPointF(line_x, mid + TRACK_H))
+                left_x = x + (k - (len(group) - 1) / 2) * LETTER_W
+                p.drawText(QtCore.QRectF(left_x - LETTER_W / 2, 0, LETTER_W, mid - TRACK_H),
+                           QtCore.Qt.AlignmentFlag.AlignCenter, letter)
         p.setPen(QtGui.QPen(QtGui.QColor(30, 30, 30), 1))
         p.setBrush(QtGui.QColor(255, 255, 255))
         p.drawEllipse(QtCore.QPointF(now, mid), 7, 7)
         p.end()
+
+    def _mark_groups(self) -> list[tuple[float, list[dict]]]:
+        """The marks, those closer than a letter's width to the one before grouped."""
+        groups: list[tuple[float, list[dict]]] = []
+        for mark in self._marks:
+            x = self.x_of(mark["t"])
+            if groups and x - self.x_of(groups[-1][1][-1]["t"]) < LETTER_W:
+                groups[-1][1].append(mark)
+            else:
+                groups.append((x, [mark]))
+        return groups
 
     def mousePressEvent(self, event: QtGui.QMouseEvent) -> None:  # noqa: N802
         self.seek.emit(self.t_of(event.position().x()))
