@@ -41,6 +41,7 @@ class QtRunColumn(QtWidgets.QWidget):
         self.title = QtWidgets.QLabel()
         self.title.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self.title.setWordWrap(True)
+        style.fix_lines(self.title, 2)  # the same height with or without the red line
         self.title.setToolTip(f"{file}: {describe_run(replay.cfg)}")
         self.pin = QtWidgets.QPushButton("Pin as baseline")
         self.pin.setCheckable(True)
