@@ -377,10 +377,20 @@ def _check(rec: Recording) -> None:
         if np.any(np.diff(ends) < 0) or ends[0] < 0 or (limit is not None and ends[-1] > limit):
             raise bad(f"{count} counts")
     n = rec.cfg.npages
-    runs_ok = (np.all(a["run-length"] > 0) and np.all(a["run-start"] >= 0)
-               and np.all(a["run-start"] + a["run-length"] <= n))
+    starts, lengths = a["run-start"], a["run-length"]
+    runs_ok = (np.all((lengths > 0) & (lengths <= n)) and np.all((starts >= 0) & (starts < n))
+               and np.all(starts + lengths <= n))
     if not runs_ok or np.any((a["arrival-page"] < 0) | (a["arrival-page"] >= n)):
         raise bad("page numbers")
+    # a frame changes each page once at most: its runs cover no more than the guest
+    covered = np.concatenate([[0], np.cumsum(lengths)])[a["frame-runs"]]
+    if np.any(np.diff(covered, prepend=0) > n):
+        raise bad("page runs")
+    faults = a["faults"]
+    if np.any(faults["channel"] >= len(metrics.CHANNELS)) or not np.all(
+            np.isfinite(faults["latency"]) & (faults["latency"] >= 0)
+            & np.isfinite(faults["time"])):
+        raise bad("faults")
     if np.any(a["run-dst"] >= len(R.DEST_STATE_NAMES)) or np.any(a["run-src"] > R.SENT_PREEMPT):
         raise bad("page states")
     if np.any(a["urgent-kind"] >= len(URGENT_KINDS)) or np.any(a["frame-phase"] >= len(PHASES)):
@@ -389,5 +399,41 @@ def _check(rec: Recording) -> None:
     if not isinstance(statuses, list) or any(
             np.any(a[f"frame-{side}"] >= len(statuses)) for side in ("source", "destination")):
         raise bad("statuses")
-    if np.any(np.diff(a["frame-t"]) < 0):
+    if not np.all(np.isfinite(a["frame-t"])) or np.any(np.diff(a["frame-t"]) < 0):
         raise bad("frame times")
+    _check_boards(rec, bad)
+    _check_texts(rec, bad)
+
+
+def _check_boards(rec: Recording, bad) -> None:
+    """Every counter the window reads is there (a recording from a version whose boards had
+    other counters is refused, not shown with made-up zeros), and every value is a number."""
+    from emu.migration import destination, source
+    from emu.net import link
+
+    fields = rec.header["boards"]
+    for role, names in (("source", source.FIELDS), ("destination", destination.FIELDS),
+                        ("network", link.FIELDS)):
+        missing = [name for name in names if name not in fields.get(role, [])]
+        if missing:
+            raise RecordingError(f"{rec.path}: recorded without the {role} counters "
+                                 f"{', '.join(missing)} this postcopy-emu shows (made by "
+                                 "another version)")
+        if not np.all(np.isfinite(rec.arrays[f"board-{role}"])):
+            raise bad(f"{role} counters")
+
+
+def _check_texts(rec: Recording, bad) -> None:
+    """Event lines, marks and the report have the shapes the window reads."""
+    if not all(isinstance(line, str) for line in rec.events):
+        raise bad("event log")
+    marks = rec.header.get("marks")
+    if not isinstance(marks, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("t"), int | float)
+            and isinstance(m.get("kind"), str) and isinstance(m.get("text"), str)
+            for m in marks):
+        raise bad("marks")
+    report = rec.header.get("report")
+    if report is not None and not (isinstance(report, dict) and isinstance(
+            report.get("query-migrate"), dict) and isinstance(report.get("integrity"), dict)):
+        raise bad("report")

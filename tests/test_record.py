@@ -194,19 +194,35 @@ def test_bad_files_say_so_in_one_line(recorded, tmp_path):
         assert words in str(err.value) and "\n" not in str(err.value), (bad, err.value)
 
 
-def test_a_lying_array_is_refused(recorded, tmp_path):
-    """An index out of range in the file would make the replay write past its arrays."""
+@pytest.mark.parametrize("member, index, value, words", [
+    ("run-start", 0, 10 ** 9, "page numbers"),  # would write past the page arrays
+    ("run-start", 0, 2 ** 62, "page numbers"),  # start + length overflows
+    ("run-length", 0, 2 ** 62, "page numbers"),
+    ("frame-t", 1, float("nan"), "frame times"),
+    ("frame-events", -1, 10 ** 6, "events counts"),
+])
+def test_a_lying_array_is_refused(recorded, tmp_path, member, index, value, words):
     path, _, _ = recorded
     src = zipfile.ZipFile(path)
     members = {name: src.read(name) for name in src.namelist()}
+    array = np.load(io.BytesIO(members[f"{member}.npy"])).copy()
+    array[index] = value
     buf = io.BytesIO()
-    starts = np.load(io.BytesIO(members["run-start.npy"]))
-    starts = starts.copy()
-    starts[0] = 10 ** 9
-    np.save(buf, starts)
-    members["run-start.npy"] = buf.getvalue()
-    with pytest.raises(RecordingError, match="page numbers"):
+    np.save(buf, array)
+    members[f"{member}.npy"] = buf.getvalue()
+    with pytest.raises(RecordingError, match=words):
         Recording.open(_zip(tmp_path / "lie.pcr", members))
+
+
+def test_a_recording_without_a_counter_the_window_shows_is_refused(recorded, tmp_path):
+    path, _, _ = recorded
+    src = zipfile.ZipFile(path)
+    members = {name: src.read(name) for name in src.namelist()}
+    header = json.loads(members["header.json"])
+    header["boards"]["source"][0] = "renamed"
+    members["header.json"] = json.dumps(header).encode()
+    with pytest.raises(RecordingError, match="recorded without the source counters"):
+        Recording.open(_zip(tmp_path / "old.pcr", members))
 
 
 def test_replay_of_a_bad_file_exits_2(tmp_path):
