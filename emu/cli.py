@@ -94,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
                      help="with --screenshot: real seconds to run before the capture")
     _record_argument(gui)
+    gui.add_argument("--compare", nargs="+", metavar="RECORDING",
+                     help="run the migration next to these recordings, side by side on one "
+                          "timeline (the run is recorded too: in --record FILE, or in a "
+                          "temporary file removed when the window closes)")
     gui.set_defaults(func=cmd_gui)
     _replay_command(sub)
     _standalone_commands(sub)
@@ -267,6 +271,14 @@ def cmd_bench(args, cfg: Config) -> int:
 
 
 def cmd_gui(args, cfg: Config) -> int:
+    if args.compare:
+        from gui.record import Recording, RecordingError
+
+        try:  # a bad file says so before any window or process
+            args.compare = [Recording.open(file) for file in args.compare]
+        except RecordingError as err:
+            print(f"postcopy-emu: {err}", file=sys.stderr)
+            return 2
     try:
         from gui._qt.app import main as gui_main
     except ImportError as err:

@@ -2,10 +2,12 @@
 words.
 
 A ReplayGroup moves every ReplaySession to the same emulated instant and offers the player
-(gui/_qt/transport.py) what a single ReplaySession offers it. The baseline is the first run
-that kept up with its schedule unless one is pinned; a run that fell behind its schedule
-(report "emulator": "keeping-up" false: its latencies include the emulator's own lag) is never
-taken as the baseline without saying so. Plain Python, no Qt.
+(gui/_qt/transport.py) what a single ReplaySession offers it. One member may be a live
+gui.session.Session: while it runs, the recordings follow its emulated time and the player
+waits; once it has ended, the window replaces it by the replay of its own recording. The
+baseline is the first run that kept up with its schedule unless one is pinned; a run that fell
+behind its schedule (report "emulator": "keeping-up" false: its latencies include the
+emulator's own lag) is never taken as the baseline without saying so. Plain Python, no Qt.
 """
 
 from __future__ import annotations
@@ -14,33 +16,61 @@ import bisect
 import time
 
 from gui.replay import STEP_S, ReplaySession
-from gui.session import Snapshot
+from gui.session import FINAL, Snapshot
 
 SAME = 1.05  # ratios closer to 1 than this are "about the same"
 
 
-def fell_behind(replay: ReplaySession) -> bool:
-    """Did the run fall behind its schedule (the report's emulator health)?"""
-    report = replay.recording.header.get("report") or {}
+def fell_behind(session) -> bool:
+    """Did the run fall behind its schedule (the report's emulator health)? A recording says
+    it from its first frame, a live run once its report exists."""
+    recording = getattr(session, "recording", None)
+    report = (recording.header.get("report") if recording else session.report) or {}
     return report.get("emulator", {}).get("keeping-up") is False
 
 
 class ReplayGroup:
     """Several recordings on one timeline, from the earliest first frame to the latest last."""
 
-    def __init__(self, replays: list[ReplaySession], names: list[str]) -> None:
-        self.replays = replays
+    def __init__(self, sessions: list, names: list[str]) -> None:
+        """sessions: ReplaySessions, and at most one live Session."""
+        self.sessions = sessions
         self.names = names
         self.playing = False
         self.speed = 1.0  # times the first run's time-scale
         self.pinned: int | None = None
-        self.start_time = min(r.start_time for r in replays)
-        self.end_time = max(r.end_time for r in replays)
-        self.marks = sorted(({**m, "text": f"{name}: {m['text']}"}
-                             for r, name in zip(replays, names, strict=True) for m in r.marks),
-                            key=lambda m: m["t"])
         self.position = self.start_time
         self._real = time.monotonic()
+
+    @property
+    def replays(self) -> list[ReplaySession]:
+        return [s for s in self.sessions if isinstance(s, ReplaySession)]
+
+    @property
+    def live(self):
+        """The live Session while it runs, else None."""
+        return next((s for s in self.sessions if not isinstance(s, ReplaySession)
+                     and s.phase not in FINAL), None)
+
+    def replace(self, i: int, replay: ReplaySession) -> None:
+        """Member *i* from now on: the replay of the live run that has ended."""
+        self.sessions[i] = replay
+        replay.seek(self.position)
+
+    @property
+    def start_time(self) -> float:
+        return min((r.start_time for r in self.replays), default=0.0)
+
+    @property
+    def end_time(self) -> float:
+        live = self.live
+        return max([r.end_time for r in self.replays] + ([self.position] if live else []))
+
+    @property
+    def marks(self) -> list[dict]:
+        return sorted(({**m, "text": f"{name}: {m['text']}"}
+                       for r, name in zip(self.sessions, self.names, strict=True)
+                       for m in getattr(r, "marks", [])), key=lambda m: m["t"])
 
     # ---- the baseline ----
 
@@ -49,7 +79,7 @@ class ReplayGroup:
         """The pinned run, else the first that kept up with its schedule, else the first."""
         if self.pinned is not None:
             return self.pinned
-        return next((i for i, r in enumerate(self.replays) if not fell_behind(r)), 0)
+        return next((i for i, r in enumerate(self.sessions) if not fell_behind(r)), 0)
 
     def pin(self, i: int | None) -> None:
         self.pinned = i
@@ -58,13 +88,13 @@ class ReplayGroup:
         """Each run against the baseline at the current instant, in words; first a line on
         the baseline itself if it fell behind its schedule."""
         b = self.baseline
-        base = self.replays[b]
+        base = self.sessions[b]
         lines = []
         if fell_behind(base):
             why = "pinned" if self.pinned is not None else "no run kept up"
             lines.append(f"baseline {self.names[b]} fell behind its schedule ({why}): its "
                          "latencies include the emulator's own lag")
-        for i, replay in enumerate(self.replays):
+        for i, replay in enumerate(self.sessions):
             if i != b:
                 lines.append(difference(self.names[i], replay, self.names[b], base))
         return lines
@@ -72,6 +102,14 @@ class ReplayGroup:
     # ---- the player, as ReplaySession's ----
 
     def tick(self) -> list[Snapshot]:
+        """Every member's snapshot at the shared instant: the live run's time while it runs
+        (it is ticked first), else the player's."""
+        live = self.live
+        if live is not None:
+            snap = live.tick()
+            self.position = snap.now
+            self._move()
+            return [snap if s is live else s.tick() for s in self.sessions]
         real = time.monotonic()
         if self.playing:
             scale = self.replays[0].cfg["emulator.time-scale"]
@@ -80,7 +118,7 @@ class ReplayGroup:
                 self.position, self.playing = self.end_time, False
             self._move()
         self._real = real
-        return [r.tick() for r in self.replays]
+        return [r.tick() for r in self.sessions]
 
     def play(self, on: bool = True) -> None:
         if on and self.position >= self.end_time:
@@ -115,8 +153,10 @@ class ReplayGroup:
             replay.seek(self.position)
 
     def where(self) -> str:
+        if self.live is not None:
+            return f"{self.position:.4f} s emulated · following the live run"
         return (f"{self.position:.4f} s of {self.end_time:.3f} s emulated · "
-                f"{len(self.replays)} runs")
+                f"{len(self.sessions)} runs")
 
 
 def ratio_words(ours: float, theirs: float, what: str, lower: str, higher: str) -> str:

@@ -70,6 +70,7 @@ class Recorder:
         self._counts = {"runs": 0, "arrivals": 0, "urgent": 0}
         self.integrity_frame: int | None = None
         self.closed = False
+        self.written: Path | None = None  # the file, once close() wrote it
 
     @property
     def frames(self) -> int:
@@ -162,6 +163,7 @@ class Recorder:
         except BaseException:
             part.unlink(missing_ok=True)  # only the part file this wrote
             raise
+        self.written = self.path
         return self.path
 
     def _header(self, session) -> dict:

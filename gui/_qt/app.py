@@ -36,6 +36,8 @@ def main(cfg: Config, args) -> int:
         return 2
     app = application()
     display.release()
+    if getattr(args, "compare", None):
+        return compare_live(app, cfg, args)
     window = QtMainWindow(cfg, preset, getattr(args, "record", None))
     window.resize(*WINDOW_SIZE)
     window.show()
@@ -79,6 +81,39 @@ def replay_main(recordings, at: float | None, path: str | None) -> int:
     if path:
         return capture(window, path)
     return app.exec()
+
+
+def compare_live(app: QtWidgets.QApplication, cfg: Config, args) -> int:
+    """`gui --compare A.pcr ...`: the migration of *cfg* starts at once next to the
+    recordings; it records in --record FILE, or in a temporary file removed afterwards."""
+    import shutil
+    import tempfile
+
+    from gui._qt.compare import QtCompareWindow
+    from gui.replay import ReplaySession
+    from gui.session import Session
+
+    tmpdir = None if args.record else tempfile.mkdtemp(prefix="postcopy-emu-live-")
+    path = args.record or os.path.join(tmpdir, "live.pcr")
+    live = Session(cfg, record=path)
+    replays = [ReplaySession(recording) for recording in args.compare]
+    try:
+        live.start()
+        window = QtCompareWindow([live, *replays],
+                                 ["live run", *(r.path.name for r in args.compare)])
+        window.resize(*WINDOW_SIZE)
+        window.show()
+        signal.signal(signal.SIGINT, lambda *_: window.close())
+        results = []
+        if args.screenshot:
+            QtCore.QTimer.singleShot(round(args.run_for * 1000),
+                                     lambda: results.append(capture(window, args.screenshot)))
+        code = app.exec()
+        return results[0] if results else code
+    finally:
+        live.stop()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)  # the directory this made, by its path
 
 
 def capture(window: QtWidgets.QMainWindow, path: str) -> int:

@@ -1,4 +1,5 @@
-"""QtCompareWindow: recorded runs side by side on one timeline (`postcopy-emu replay A B`).
+"""QtCompareWindow: recorded runs side by side on one timeline (`postcopy-emu replay A B`),
+or a live run next to recordings (`postcopy-emu gui --compare A`).
 
 One column per run: its page bitmap and counters, its latency scatter and histogram, under a
 title that says which run is the baseline and whether the run fell behind its schedule. Above
@@ -17,13 +18,14 @@ from gui._qt.latency import QtLatencyPlots
 from gui._qt.transport import QtTransport
 from gui._qt.window import TICK_MS, describe_run, mode_label
 from gui.compare import ReplayGroup, fell_behind
+from gui.record import Recording
 from gui.replay import ReplaySession
 from gui.session import FINAL
 
 BEHIND = "#b03000"
 
 
-def run_names(replays: list[ReplaySession], files: list[str]) -> list[str]:
+def run_names(replays: list, files: list[str]) -> list[str]:
     """Each run by its mode; by file and mode when two share a mode."""
     modes = [mode_label(r.cfg) for r in replays]
     return [f"{file}: {mode}" if modes.count(mode) > 1 else mode
@@ -35,7 +37,8 @@ class QtRunColumn(QtWidgets.QWidget):
 
     pin_clicked = QtCore.Signal(int)
 
-    def __init__(self, index: int, replay: ReplaySession, name: str, file: str) -> None:
+    def __init__(self, index: int, replay, name: str, file: str) -> None:
+        """replay: a ReplaySession, or the live Session."""
         super().__init__()
         self.index, self.replay, self.name = index, replay, name
         self.title = QtWidgets.QLabel()
@@ -90,10 +93,13 @@ class QtRunColumn(QtWidgets.QWidget):
 
 
 class QtCompareWindow(QtWidgets.QMainWindow):
-    def __init__(self, replays: list[ReplaySession], files: list[str]) -> None:
+    def __init__(self, replays: list, files: list[str]) -> None:
+        """replays: ReplaySessions, and at most one live Session (started by the caller,
+        recording: once it has ended, its column shows the replay of its recording)."""
         super().__init__()
         self.setWindowTitle("postcopy-emu: " + " · ".join(files) + " side by side")
-        names = run_names(replays, files)
+        names = [name if isinstance(r, ReplaySession) else f"{name} (live)"
+                 for r, name in zip(replays, run_names(replays, files), strict=True)]
         self.group = ReplayGroup(replays, names)
         self.transport = QtTransport()
         self.transport.bind(self.group)
@@ -133,11 +139,13 @@ class QtCompareWindow(QtWidgets.QMainWindow):
 
     def tick(self) -> None:
         for column in self.columns:
-            if column.replay.restart:  # moved back: start its panels over
+            if getattr(column.replay, "restart", False):  # moved back: start over
                 column.reset()
         snaps = self.group.tick()
         for column, snap in zip(self.columns, snaps, strict=True):
             column.update_from(snap)
+            self._replay_ended_live_run(column)
+        self.transport.setEnabled(self.group.live is None)
         baseline = self.group.baseline
         for column in self.columns:
             column.show_role(column.index == baseline, column.index == self.group.pinned)
@@ -145,6 +153,20 @@ class QtCompareWindow(QtWidgets.QMainWindow):
         text = "<br>".join(self.group.differences())
         if self.difference.text() != text:
             self.difference.setText(text)
+
+    def _replay_ended_live_run(self, column: QtRunColumn) -> None:
+        """A live run that has ended and written its recording: replay it from now on, so
+        that the player moves every run."""
+        session = column.replay
+        recorder = getattr(session, "recorder", None)
+        if recorder is None or session.phase not in FINAL or recorder.written is None:
+            return
+        session.stop()
+        replay = ReplaySession(Recording.open(recorder.written))
+        self.group.replace(column.index, replay)
+        column.replay = replay
+        column.reset()
+        column.update_from(replay.tick())
 
     def refresh(self) -> None:
         """Every panel up to date and painted (before a capture)."""
@@ -158,4 +180,6 @@ class QtCompareWindow(QtWidgets.QMainWindow):
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         self._timer.stop()
+        for session in self.group.sessions:
+            session.stop()  # a live run's processes and segments go
         event.accept()

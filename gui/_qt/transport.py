@@ -38,6 +38,14 @@ class QtTimeline(QtWidgets.QWidget):
         self._marks = marks
         self.update()
 
+    @property
+    def span(self) -> tuple[float, float]:
+        return self._span
+
+    @property
+    def marks(self) -> list[dict]:
+        return self._marks
+
     def set_position(self, t: float) -> None:
         if t != self._position:
             self._position = t
@@ -169,7 +177,11 @@ class QtTransport(QtWidgets.QWidget):
         self.update_from(replay)
 
     def update_from(self, replay: ReplaySession) -> None:
-        """After every tick: the handle, the play button, where the player is."""
+        """After every tick: the span (it grows with a live run), the handle, the play
+        button, where the player is."""
+        span = (replay.start_time, replay.end_time)
+        if span != self.timeline.span or len(replay.marks) != len(self.timeline.marks):
+            self.timeline.set_recording(*span, replay.marks)
         self.timeline.set_position(replay.position)
         text = "Pause" if replay.playing else "Play"
         if self.play.text() != text:

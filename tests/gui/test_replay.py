@@ -184,3 +184,38 @@ def test_replay_two_files_screenshot(recording, preempt_recording, tmp_path):
                           "300ms"], env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0, out.stderr
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_live_run_next_to_a_recording_becomes_a_replay_when_it_ends(recording, qtbot,
+                                                                      tmp_path):
+    from gui._qt.app import application
+    from gui._qt.compare import QtCompareWindow
+    from gui.session import Session
+
+    application()
+    rec = recording[0]
+    live = Session(small_config(migration__postcopy_preempt="true"), record=tmp_path / "l.pcr")
+    window = QtCompareWindow([live, ReplaySession(rec)], ["live", rec.path.name])
+    qtbot.addWidget(window)
+    window.show()
+    try:
+        live.start()
+        qtbot.waitUntil(lambda: window.group.live is not None and live.phase == "running",
+                        timeout=WAIT_MS)
+        assert not window.transport.isEnabled()  # the recording follows the live run
+        assert "following the live run" in window.transport.where.text()
+        qtbot.waitUntil(lambda: window.group.position > 0.05, timeout=WAIT_MS)
+        recorded = window.columns[1].replay
+        assert recorded.position == min(window.group.position, recorded.end_time)
+        assert recorded.now <= recorded.position
+        qtbot.waitUntil(lambda: isinstance(window.columns[0].replay, ReplaySession),
+                        timeout=WAIT_MS)
+        assert window.transport.isEnabled() and window.group.live is None
+        assert window.columns[0].name == "postcopy-preempt (live)"
+        window.transport.buttons[">|"].click()
+        window.refresh()
+        replayed = window.columns[0].replay
+        assert window.columns[0].latency.point_count() == len(replayed.recording.arrays["faults"])
+        assert multiprocessing.active_children() == []
+    finally:
+        window.close()
