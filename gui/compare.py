@@ -13,9 +13,8 @@ emulator's own lag) is never taken as the baseline without saying so. Plain Pyth
 from __future__ import annotations
 
 import bisect
-import time
 
-from gui.replay import STEP_S, ReplaySession
+from gui.replay import Player, ReplaySession
 from gui.session import FINAL, Snapshot
 
 SAME = 1.05  # ratios closer to 1 than this are "about the same"
@@ -29,18 +28,16 @@ def fell_behind(session) -> bool:
     return report.get("emulator", {}).get("keeping-up") is False
 
 
-class ReplayGroup:
+class ReplayGroup(Player):
     """Several recordings on one timeline, from the earliest first frame to the latest last."""
 
     def __init__(self, sessions: list, names: list[str]) -> None:
         """sessions: ReplaySessions, and at most one live Session."""
         self.sessions = sessions
         self.names = names
-        self.playing = False
-        self.speed = 1.0  # times the first run's time-scale
+        self.time_scale = sessions[0].cfg["emulator.time-scale"]  # what 1x plays at
         self.pinned: int | None = None
         self.position = self.start_time
-        self._real = time.monotonic()
 
     @property
     def replays(self) -> list[ReplaySession]:
@@ -108,30 +105,10 @@ class ReplayGroup:
         if live is not None:
             snap = live.tick()
             self.position = snap.now
-            self._move()
+            self._show_position()
             return [snap if s is live else s.tick() for s in self.sessions]
-        real = time.monotonic()
-        if self.playing:
-            scale = self.replays[0].cfg["emulator.time-scale"]
-            self.position += (real - self._real) * self.speed * scale
-            if self.position >= self.end_time:
-                self.position, self.playing = self.end_time, False
-            self._move()
-        self._real = real
+        self._advance()
         return [r.tick() for r in self.sessions]
-
-    def play(self, on: bool = True) -> None:
-        if on and self.position >= self.end_time:
-            self.seek(self.start_time)
-        self.playing = on
-        self._real = time.monotonic()
-
-    def seek(self, t: float) -> None:
-        self.position = min(max(t, self.start_time), self.end_time)
-        self._move()
-
-    def step_ms(self, n: int) -> None:
-        self.seek(self.position + n * STEP_S)
 
     def step_frame(self, n: int) -> None:
         """To the next (previous) instant at which any run took a frame."""
@@ -148,7 +125,7 @@ class ReplayGroup:
         if 0 <= at < len(times):
             self.seek(times[at])
 
-    def _move(self) -> None:
+    def _show_position(self) -> None:
         for replay in self.replays:
             replay.seek(self.position)
 

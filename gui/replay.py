@@ -24,13 +24,48 @@ SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)  # times the run's own time-scale
 STEP_S = 1e-3  # one emulated millisecond
 
 
-class ReplaySession:
+class Player:
+    """A position in emulated time that plays at a speed, jumps and steps: what the transport
+    drives, in a ReplaySession and in a gui.compare.ReplayGroup. Subclasses give start_time,
+    end_time, the time-scale played against, and _show_position() to follow the position."""
+
+    position = 0.0
+    playing = False
+    speed = 1.0  # times the recorded time-scale
+    _real = 0.0
+
+    def play(self, on: bool = True) -> None:
+        if on and self.position >= self.end_time:
+            self.seek(self.start_time)  # from the start again, as a player does
+        self.playing = on
+        self._real = time.monotonic()
+
+    def seek(self, t: float) -> None:
+        """Jump to emulated time *t*, clamped to the recording."""
+        self.position = min(max(t, self.start_time), self.end_time)
+        self._show_position()
+
+    def step_ms(self, n: int) -> None:
+        """One emulated millisecond forward (n=1) or back (n=-1), from the player's position."""
+        self.seek(self.position + n * STEP_S)
+
+    def _advance(self) -> None:
+        """While playing: on by the real time since the last call, at the speed."""
+        real = time.monotonic()
+        if self.playing:
+            self.position += (real - self._real) * self.speed * self.time_scale
+            if self.position >= self.end_time:
+                self.position, self.playing = self.end_time, False
+            self._show_position()
+        self._real = real
+
+
+class ReplaySession(Player):
     def __init__(self, recording: Recording) -> None:
         self.recording = rec = recording
         self.cfg = rec.cfg
         self.can_start_postcopy = False
-        self.playing = False
-        self.speed = 1.0  # times the recorded time-scale
+        self.time_scale = rec.cfg["emulator.time-scale"]
         self.restart = False  # the panels must be cleared before the next tick
         self.marks = rec.header.get("marks") or []
         self._times = rec.times.tolist()
@@ -90,13 +125,7 @@ class ReplaySession:
 
     def tick(self) -> Snapshot:
         """The frame at the player's position, with what is new since the last tick."""
-        real = time.monotonic()
-        if self.playing:
-            self.position += (real - self._real) * self.speed * self.cfg["emulator.time-scale"]
-            if self.position >= self.end_time:
-                self.position, self.playing = self.end_time, False
-            self._goto(self._frame_at(self.position))
-        self._real = real
+        self._advance()
         return self._snapshot()
 
     def describe(self, page: int, code: int, arrival: np.ndarray) -> str:
@@ -122,24 +151,13 @@ class ReplaySession:
 
     # ---- the player ----
 
-    def play(self, on: bool = True) -> None:
-        if on and self.position >= self.end_time:
-            self.seek(self.start_time)  # from the start again, as a player does
-        self.playing = on
-        self._real = time.monotonic()
-
-    def seek(self, t: float) -> None:
-        """Jump to emulated time *t* (clamped to the recording): the frame shown is the last
-        one taken at or before it, as the live window showed it then."""
-        self.position = min(max(t, self.start_time), self.end_time)
+    def _show_position(self) -> None:
+        """The frame shown is the last one taken at or before the position, as the live
+        window showed it then."""
         self._goto(self._frame_at(self.position))
 
     def step_frame(self, n: int) -> None:
         self._to_frame(self._i + n)
-
-    def step_ms(self, n: int) -> None:
-        """One emulated millisecond forward (n=1) or back (n=-1), from the player's position."""
-        self.seek(self.position + n * STEP_S)
 
     def step_event(self, n: int) -> None:
         """To the next (n=1) or the previous (n=-1) frame where something happened: a line in
