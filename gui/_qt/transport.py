@@ -125,7 +125,7 @@ class QtTransport(QtWidgets.QWidget):
         self.replay: ReplaySession | None = None
         self.timeline = QtTimeline()
         self.timeline.seek.connect(lambda t: self._do(lambda r: r.seek(t)))
-        self.play = QtWidgets.QPushButton("Play")
+        self.play = _button("Play")
         self.play.setToolTip("Play the recording from here at the chosen speed; again to pause")
         self.play.clicked.connect(self._play_clicked)
         self.buttons = {}
@@ -139,7 +139,7 @@ class QtTransport(QtWidgets.QWidget):
                 ("1 ms >", "One emulated millisecond forward", lambda r: r.step_ms(1)),
                 ("event >", "On to the next event or mark", lambda r: r.step_event(1)),
                 (">|", "To the end", lambda r: r.seek(r.end_time))):
-            button = QtWidgets.QPushButton(name)
+            button = _button(name)
             button.setToolTip(tip)
             button.clicked.connect(lambda _=False, a=act: self._do(a))
             self.buttons[name] = button
@@ -149,7 +149,8 @@ class QtTransport(QtWidgets.QWidget):
         self.speed.setToolTip("Playing speed, times the run's own emulator.time-scale")
         self.speed.currentIndexChanged.connect(self._speed_chosen)
         self.where = QtWidgets.QLabel()
-        self.where.setMinimumWidth(self.where.fontMetrics().horizontalAdvance("0" * 40))
+        self.where.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored,
+                                 QtWidgets.QSizePolicy.Policy.Preferred)
         self._layout()
 
     def _layout(self) -> None:
@@ -163,7 +164,7 @@ class QtTransport(QtWidgets.QWidget):
             row.addWidget(self.buttons[name])
         row.addWidget(QtWidgets.QLabel("speed"))
         row.addWidget(self.speed)
-        row.addWidget(self.where, 1)
+        row.addWidget(self.where, 1)  # takes the rest: its text never resizes the row
         column = QtWidgets.QVBoxLayout(self)
         column.setContentsMargins(0, 0, 0, 0)
         column.setSpacing(2)
@@ -201,3 +202,13 @@ class QtTransport(QtWidgets.QWidget):
     def _speed_chosen(self, index: int) -> None:
         if self.replay is not None:
             self.replay.speed = SPEEDS[index]
+
+
+def _button(text: str) -> QtWidgets.QToolButton:
+    """A button as wide as its text: push buttons are 75 pixels at least, and nine of them
+    would not leave the player room in a 1280-pixel window."""
+    button = QtWidgets.QToolButton()
+    button.setText(text)
+    button.setToolButtonStyle(QtCore.Qt.ToolButtonStyle.ToolButtonTextOnly)
+    button.setMinimumWidth(button.fontMetrics().horizontalAdvance("Pause") + 16)
+    return button
