@@ -306,3 +306,16 @@ def test_side_by_side_steps_through_every_runs_events(recorded, preempt):
     assert group.position == next(t for t in times if t > group.start_time)
     assert [m["text"].split(":")[0] for m in group.marks] and all(
         m["text"].startswith(("a: ", "b: ")) for m in group.marks)
+
+
+def test_trace_points_in_the_event_log_are_recorded(tmp_path):
+    from emu import trace
+
+    path = tmp_path / "trace.pcr"
+    session, live = record(path, config(), trace=trace.patterns(["migrate_set_state"]))
+    shown = live[-1][1]
+    traced = [line for line in shown if "migrate_set_state" in line]
+    assert traced  # the window's event log had them...
+    replay = ReplaySession(Recording.open(path))
+    replay.seek(replay.end_time)
+    assert [line for line in replay.tick().events if "migrate_set_state" in line] == traced
