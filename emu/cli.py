@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: 200ms)")
     _trace_argument(run, "print every state change, fault and recovery step on stderr, in "
                          "emulated-time order")
+    _record_argument(run)
     run.set_defaults(func=cmd_run)
     predict = _command(sub, "predict", "predict the mean page-fault latency with the "
                        "analytical model, term by term (no migration runs)")
@@ -93,9 +94,38 @@ def _parser() -> argparse.ArgumentParser:
     gui.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
     gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
                      help="with --screenshot: real seconds to run before the capture")
+    _record_argument(gui)
+    gui.add_argument("--compare", nargs="+", metavar="RECORDING",
+                     help="run the migration next to these recordings, side by side on one "
+                          "timeline (the run is recorded too: in --record FILE, or in a "
+                          "temporary file removed when the window closes)")
     gui.set_defaults(func=cmd_gui)
+    _replay_command(sub)
     _standalone_commands(sub)
     return parser
+
+
+def _record_argument(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--record", metavar="FILE",
+                     help="record everything the window shows of the run in FILE, for "
+                          "`postcopy-emu replay FILE` (the window numbers later runs FILE-2, "
+                          "FILE-3, ...; the format is in docs/record.md)")
+
+
+def _replay_command(sub) -> None:
+    replay = sub.add_parser("replay", help="open the window on a recorded run, or several",
+                            description="open the window on a run recorded with --record, "
+                                        "without any engine process: play, pause, step, "
+                                        "scrub the timeline; several runs side by side, with "
+                                        "the difference against a baseline in words")
+    replay.add_argument("files", nargs="+", metavar="FILE",
+                        help="a recording (run/gui --record FILE); two or more: side by side "
+                             "on one timeline, each against a baseline")
+    replay.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
+    replay.add_argument("--at", default="end", metavar="TIME",
+                        help="the emulated instant to show first (and to capture with "
+                             "--screenshot), e.g. 0.4s or 250ms; default: the end")
+    replay.set_defaults(func=cmd_replay, scenario=None, set=[])
 
 
 def _standalone_commands(sub) -> None:
@@ -161,13 +191,54 @@ def cmd_run(args, cfg: Config) -> int:
         progress = _tracer()
     elif args.json:
         progress = None
-    result = migrate(cfg, progress, faults, recover_after, args.trace or ())
+    if args.record:
+        result = _migrate_recorded(cfg, progress, faults, recover_after, args.trace or (),
+                                   args.record)
+    else:
+        result = migrate(cfg, progress, faults, recover_after, args.trace or ())
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(file=sys.stderr)
         print(summary(result, cfg))
     return 0 if result["status"] == "completed" and result["integrity"]["ok"] else 1
+
+
+RECORD_TICK_S = 0.04  # a recorded run's frames are the window's: 25 a second
+
+
+def _migrate_recorded(cfg: Config, progress, faults, recover_after, trace, path) -> dict:
+    """migrate(), read as the window reads it (gui.session, no Qt) and recorded in *path*:
+    the run polls its children as migrate() does, and a frame is taken every RECORD_TICK_S."""
+    import time
+
+    from emu.controller import RunError
+    from gui.session import FINAL, RUNNING, Session
+
+    session = Session(cfg, record=path, faults=faults, recover_after=recover_after,
+                      trace=trace)
+    session.start()
+    next_progress = time.monotonic()
+    said: list[str] = []  # the event log, for a run that ends without a report
+    try:
+        while session.phase not in FINAL:
+            due = time.monotonic() + RECORD_TICK_S
+            while session.phase == RUNNING and time.monotonic() < due:
+                session.run.poll(max(due - time.monotonic(), 0))
+            time.sleep(max(due - time.monotonic(), 0))
+            said += session.tick().events
+            if progress and session.phase == RUNNING and time.monotonic() >= next_progress:
+                progress(session.run)
+                next_progress += 0.5
+    finally:
+        session.stop()
+    if session.report is None:  # it did not get as far as a report: what it said instead
+        errors = [line.partition("error: ")[2] for line in said if "error: " in line]
+        raise RunError(errors[0] if errors else "the run ended without a report")
+    if progress:
+        progress(session.run)
+    _say(f"recorded {path}")
+    return session.report
 
 
 def cmd_predict(args, cfg: Config) -> int:
@@ -201,6 +272,14 @@ def cmd_bench(args, cfg: Config) -> int:
 
 
 def cmd_gui(args, cfg: Config) -> int:
+    if args.compare:
+        from gui.record import Recording, RecordingError
+
+        try:  # a bad file says so before any window or process
+            args.compare = [Recording.open(file) for file in args.compare]
+        except RecordingError as err:
+            print(f"postcopy-emu: {err}", file=sys.stderr)
+            return 2
     try:
         from gui._qt.app import main as gui_main
     except ImportError as err:
@@ -213,6 +292,30 @@ def cmd_gui(args, cfg: Config) -> int:
               file=sys.stderr)
         return 2
     return gui_main(cfg, args)
+
+
+def cmd_replay(args, cfg: Config) -> int:
+    from emu.units import parse_duration
+    from gui.record import Recording, RecordingError
+
+    try:
+        at = None if args.at == "end" else parse_duration(args.at)
+        recordings = [Recording.open(file) for file in args.files]
+    except ValueError as err:  # RecordingError is one
+        what = "" if isinstance(err, RecordingError) else "--at: "
+        print(f"postcopy-emu: {what}{err}", file=sys.stderr)
+        return 2
+    try:
+        from gui._qt.app import replay_main
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) or ".so" not in str(err):
+            raise
+        from gui.display import missing_libraries
+
+        print(f"postcopy-emu: {missing_libraries(f'Qt does not load ({err})')}",
+              file=sys.stderr)
+        return 2
+    return replay_main(recordings, at, args.screenshot)
 
 
 def cmd_side(args, cfg: Config) -> int:

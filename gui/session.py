@@ -8,6 +8,7 @@ a new one for the next run.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ import numpy as np
 
 from emu.config import Config
 from emu.controller import Pages, Run
+from emu.faults import Fault
 from emu.faults import from_config as scenario_faults
 from emu.figures import metrics, report
 from emu.figures import progress as guest_progress
 from emu.migration import ram as R
 from gui import pagemap
+from gui.record import Recorder
 
 # Phases of a session, in order; "completed" and "failed" are final.
 IDLE, STARTING, RUNNING, CHECKING, COMPLETED, FAILED = (
@@ -132,9 +135,15 @@ def snapshot_progress(cfg: Config, boards: dict, now: float, final: dict | None)
 
 
 class Session:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, record: str | os.PathLike[str] | None = None,
+                 faults: list[Fault] | None = None, recover_after: float | None = RECOVER_AFTER,
+                 trace: tuple[str, ...] = ()) -> None:
+        """record: a file to record the run in (gui/record.py); faults, recover_after and
+        trace as emu.controller.Run takes them (faults default to the scenario's)."""
         self.cfg = cfg
         self.run: Run | None = None
+        self.recorder = Recorder(record, cfg) if record is not None else None
+        self._run_args = (faults, recover_after, tuple(trace))
         self.phase = IDLE
         self.faults = FaultLog()
         self.report: dict | None = None  # emu.figures.report.build() once the run has ended
@@ -163,7 +172,9 @@ class Session:
         cfg = self.cfg.with_overrides([f"emulator.time-scale={self.scale}"])
         # a scenario's [[faults]] break channels during postcopy; the run recovers from them
         # as `postcopy-emu run` does by default
-        self.run = Run(cfg, scenario_faults(cfg), RECOVER_AFTER)
+        faults, recover_after, trace = self._run_args
+        faults = scenario_faults(cfg) if faults is None else faults
+        self.run = Run(cfg, faults, recover_after, trace)
         self.phase = STARTING
         self._started_real = time.monotonic()
         self._log("starting source, destination and network processes")
@@ -218,6 +229,8 @@ class Session:
         if self.phase == RUNNING:
             self.phase = FAILED
             self._log("stopped")
+        if self.recorder is not None:
+            self.recorder.close(self)  # what was recorded until now, if the run did not end
 
     # ---- the timer's side ----
 
@@ -230,7 +243,12 @@ class Session:
             new = self._poll()
         if self.phase == CHECKING and not self._worker_busy():
             self._checked()
-        return self._snapshot(new)
+        snap = self._snapshot(new)
+        if self.recorder is not None:
+            self.recorder.add(snap, self)
+            if snap.phase in FINAL:
+                self.recorder.close(self)
+        return snap
 
     def _worker_busy(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
@@ -304,6 +322,8 @@ class Session:
             dst, src, arrival = self._final
         elif self.phase in (RUNNING, CHECKING):
             dst, src, arrival = run.pages()
+            if self.recorder is not None:  # the frame drawn is the frame recorded
+                dst, src, arrival = self.recorder.copy_pages((dst, src, arrival))
             boards = run.boards()
         events, self._events = self._events, []
         status = dict(run.status) if run else {"source": "none", "destination": "none"}

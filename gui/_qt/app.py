@@ -36,7 +36,9 @@ def main(cfg: Config, args) -> int:
         return 2
     app = application()
     display.release()
-    window = QtMainWindow(cfg, preset)
+    if getattr(args, "compare", None):
+        return compare_live(app, cfg, args)
+    window = QtMainWindow(cfg, preset, getattr(args, "record", None))
     window.resize(*WINDOW_SIZE)
     window.show()
     # Ctrl-C in the terminal closes the window (and so stops the run) instead of being
@@ -45,6 +47,87 @@ def main(cfg: Config, args) -> int:
     if args.screenshot:
         return screenshot(app, window, args.screenshot, args.run_for)
     return app.exec()
+
+
+def replay_main(recordings, at: float | None, path: str | None) -> int:
+    """`postcopy-emu replay FILE...`: the window on one recording, or on several side by
+    side, at emulated time *at* (None: the end); with *path*, a PNG of that instant instead."""
+    from gui._qt.compare import QtCompareWindow
+    from gui.replay import ReplaySession
+
+    problem = display.choose_platform(bool(path))
+    if problem:
+        print(f"postcopy-emu: {problem}", file=sys.stderr)
+        return 2
+    app = application()
+    display.release()
+    replays = [ReplaySession(recording) for recording in recordings]
+    start = min(r.start_time for r in replays)
+    end = max(r.end_time for r in replays)
+    if at is not None and not start <= at <= end:
+        print(f"postcopy-emu: --at {at:g}s is outside the recording "
+              f"({start:.3f} s to {end:.3f} s): showing the nearest frame", file=sys.stderr)
+    at = end if at is None else at
+    if len(replays) == 1:
+        window = QtMainWindow(recordings[0].cfg)
+        window.show_replay(replays[0], recordings[0].path.name)
+        replays[0].seek(at)
+    else:
+        window = QtCompareWindow(replays, [r.path.name for r in recordings])
+        window.seek(at)
+    window.resize(*WINDOW_SIZE)
+    window.show()
+    signal.signal(signal.SIGINT, lambda *_: window.close())
+    if path:
+        return capture(window, path)
+    return app.exec()
+
+
+def compare_live(app: QtWidgets.QApplication, cfg: Config, args) -> int:
+    """`gui --compare A.pcr ...`: the migration of *cfg* starts at once next to the
+    recordings; it records in --record FILE, or in a temporary file removed afterwards."""
+    import shutil
+    import tempfile
+
+    from gui._qt.compare import QtCompareWindow
+    from gui.replay import ReplaySession
+    from gui.session import Session
+
+    tmpdir = None if args.record else tempfile.mkdtemp(prefix="postcopy-emu-live-")
+    path = args.record or os.path.join(tmpdir, "live.pcr")
+    live = Session(cfg, record=path)
+    replays = [ReplaySession(recording) for recording in args.compare]
+    try:
+        live.start()
+        window = QtCompareWindow([live, *replays],
+                                 ["live run", *(r.path.name for r in args.compare)])
+        window.resize(*WINDOW_SIZE)
+        window.show()
+        signal.signal(signal.SIGINT, lambda *_: window.close())
+        results = []
+        if args.screenshot:
+            QtCore.QTimer.singleShot(round(args.run_for * 1000),
+                                     lambda: results.append(capture(window, args.screenshot)))
+        code = app.exec()
+        return results[0] if results else code
+    finally:
+        live.stop()
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)  # the directory this made, by its path
+
+
+def capture(window: QtWidgets.QMainWindow, path: str) -> int:
+    """Save the window as it shows now, every panel brought up to date, as PNG."""
+    window.refresh()
+    if hasattr(window, "select_telling_page"):
+        window.select_telling_page()
+    saved = window.grab().save(os.fspath(path), "PNG")
+    window.close()
+    if not saved:
+        print(f"postcopy-emu: could not save {path}", file=sys.stderr)
+        return 1
+    print(f"postcopy-emu: saved {path}", file=sys.stderr)
+    return 0
 
 
 def application() -> QtWidgets.QApplication:

@@ -18,6 +18,8 @@ from gui._qt.controls import QtControls
 from gui._qt.counters import QtCounters
 from gui._qt.latency import QtLatencyPlots
 from gui._qt.queue import QtUrgentQueue
+from gui._qt.transport import QtTransport
+from gui.record import numbered
 from gui.session import COMPLETED, FINAL, IDLE, RUNNING, STARTING, Session
 
 TICK_MS = 40  # 25 Hz: smooth enough to watch, cheap enough for a 2-core machine
@@ -47,10 +49,13 @@ def describe_run(cfg: Config) -> str:
 
 
 class QtMainWindow(QtWidgets.QMainWindow):
-    def __init__(self, cfg: Config, preset: str | None = None) -> None:
+    def __init__(self, cfg: Config, preset: str | None = None, record: str | None = None) -> None:
+        """record: a file each run started here is recorded in (numbered after the first)."""
         super().__init__()
         self.setWindowTitle("postcopy-emu: watch a postcopy live migration")
         self._base = cfg  # the scenario the controls start from (file or preset, + --set)
+        self._record = record
+        self._recorded = 0  # runs recorded so far
         self.session = Session(cfg)
         self._last = None  # the last Snapshot
         self._banner_turn = style.Turn("banner")
@@ -70,6 +75,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         """Controls on the left; on the right the banner, the bitmap and the latency plots,
         and under them the urgent queue, the counters and the event log."""
         self.controls = QtControls()
+        self.transport = QtTransport()  # the player, shown for a replay only
+        self.transport.hide()
         self.bitmap = QtPageBitmap()
         self.latency = QtLatencyPlots()
         self.queue = QtUrgentQueue()
@@ -82,6 +89,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         main = QtWidgets.QWidget()
         column = QtWidgets.QVBoxLayout(main)
         column.addWidget(self.banner)
+        column.addWidget(self.transport)
         column.addWidget(_row((self.bitmap, 12), (self.latency, 8)), 7)
         column.addWidget(_row((self.queue, 9), (self.counters, 6),
                               (_titled("Event log (emulated time)", self.events), 5)), 3)
@@ -100,6 +108,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         c.scale_changed.connect(self.set_scale)
         c.preset_chosen.connect(self.load_preset)
         c.settings_changed.connect(self._settings_changed)
+        self.transport.changed.connect(self.tick)
 
     # ---- commands ----
 
@@ -118,9 +127,15 @@ class QtMainWindow(QtWidgets.QMainWindow):
         if cfg is None:
             return
         self._retire()
-        self.session = Session(cfg)
+        record = None
+        if self._record is not None:
+            self._recorded += 1
+            record = numbered(self._record, self._recorded)
+        self.session = Session(cfg, record=record)
         self._reset_views(cfg)
         self.session.start()
+        if record is not None:
+            self.events.appendPlainText(f"recording this run in {record}")
         self._settings_changed()
         self.tick()
 
@@ -162,6 +177,17 @@ class QtMainWindow(QtWidgets.QMainWindow):
         if not follow:
             self._timer.stop()
         self.tick()
+
+    def show_replay(self, replay, name: str) -> None:
+        """Show a recorded run (gui.replay.ReplaySession) with the player above the panels;
+        the controls show the recorded settings and stay disabled: nothing runs."""
+        self.setWindowTitle(f"postcopy-emu: replay of {name}")
+        self.controls.show_config(replay.cfg)
+        self.controls.setEnabled(False)
+        self.controls.note.setText(f"Replay of {name}: the settings it was recorded with.")
+        self.transport.bind(replay)
+        self.transport.show()
+        self.show_session(replay)
 
     def select_telling_page(self) -> int | None:
         """Pin the page with the most to tell: the one a vCPU has waited for longest, else
@@ -224,8 +250,12 @@ class QtMainWindow(QtWidgets.QMainWindow):
     def tick(self) -> None:
         """One frame: read the session, update every panel."""
         session = self.session
+        if getattr(session, "restart", False):  # a replay moved back: start the panels over
+            self._reset_views(session.cfg)
         snap = session.tick()
         self._last = snap
+        if self.transport.replay is session:
+            self.transport.update_from(session)
         self.bitmap.update_from(snap)
         self.latency.update_from(snap, session.faults, session.switchover)
         self.queue.update_from(snap)
