@@ -159,27 +159,25 @@ def pick(cfg: Config, cost: Cost) -> Choice:
 
 def describe(choice: Choice) -> str:
     """What auto chose and why, in a sentence for the person who started the run."""
-    c = choice.cost
-    cost = (f"the emulator's own cost ({_ms(c.per_fault)} of real time a fault, frames "
-            f"{_ms(c.per_frame)} late, on this machine "
+    c, ms = choice.cost, short_duration
+    cost = (f"the emulator's own cost ({ms(c.per_fault)} of real time a fault, frames "
+            f"{ms(c.per_frame)} late, on this machine "
             f"{'measured now' if c.measured else 'as measured on the dev VM'}; x the scale)")
-    share = choice.share
     if choice.limit == "no-faults":
         return f"{choice.scale:g} (precopy only: no page faults to measure)"
+    predicted = f"{choice.share:.2%} of the {ms(choice.latency)} the model predicts"
     if choice.limit == "frames":
         return (f"{choice.scale:g}, as fast as the relay keeps up with the link's frames "
-                f"({FRAMES_PER_S} a real second); {cost} is then {share:.1%} of the "
-                f"{_ms(choice.latency)} the model predicts")
+                f"({FRAMES_PER_S} a real second); {cost} is then {predicted}")
     if choice.limit == "slowest":
-        return (f"{choice.scale:g}, the slowest it takes: {cost} is still {share:.1%} of the "
-                f"{_ms(choice.latency)} the model predicts, more than the {AIM:.0%} it aims "
-                f"at: the figures are that much too high")
+        return (f"{choice.scale:g}, the slowest it takes: {cost} is still {predicted}, more "
+                f"than the {AIM:.0%} it aims at: the figures are that much too high")
     limit = " (real time)" if choice.limit == "real-time" else ""
-    return (f"{choice.scale:g}{limit}, so that {cost} stays under {AIM:.0%} of the "
-            f"{_ms(choice.latency)} the model predicts ({share:.2%})")
+    return f"{choice.scale:g}{limit}, so that {cost} stays under {AIM:.0%}: {predicted}"
 
 
-def _ms(seconds: float) -> str:
+def short_duration(seconds: float) -> str:
+    """Three significant figures: "50 ms", "1.22 ms", "850 us"."""
     return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
