@@ -101,10 +101,12 @@ class Distortion:
     def text(self) -> str:
         """In words a newcomer reads right."""
         ms = timescale.short_duration
+        speed = (f"at {self.faithful:g}x or slower they are faithful"
+                 if self.faithful > timescale.MIN_SCALE else
+                 f"{self.faithful:g}x, the slowest, comes closest to faithful")
         return (f"figures distorted: the emulator is {ms(self.lag)} behind the link's "
                 f"schedule, more than {timescale.FIDELITY:.0%} of the {ms(self.latency)} "
-                f"latencies shown, so each is that much too high; at {self.faithful:g}x or "
-                f"slower they are faithful")
+                f"latencies shown, so each is that much too high; {speed}")
 
 
 class Fidelity:
@@ -142,8 +144,9 @@ class Fidelity:
                           timescale.suggest(scale, lag, latency, self._frames_per_s))
 
     def final(self, health: dict, latency_us: float) -> None:
-        """The report's verdict on the whole run (emulator_health) counts too."""
-        if not health["keeping-up"] and self.worst is None:
+        """The report's verdict on the whole run (emulator_health): when it says the run fell
+        behind, its figures (the average lag, the final median) are the ones to show."""
+        if not health["keeping-up"]:
             self.worst = Distortion(health["lag-avg-us"] * 1e-6, latency_us * 1e-6,
                                     health["time-scale"], health["faithful-time-scale"])
 

@@ -32,12 +32,12 @@ def _frames(s, count: int, lag: float) -> None:
     dst["rx-lag-sum"] += count * lag
 
 
-def _run(window, s, lag: float) -> None:
-    """Postcopy with faults of 1 ms while the frames come *lag* late; then the run ends."""
+def _run(window, s, lag: float, latency: float = 1e-3) -> None:
+    """Postcopy with faults of *latency* while the frames come *lag* late."""
     s.status = {"source": "postcopy-active", "destination": "postcopy-active"}
     window.refresh()  # the first sample of the lag counters
     for page in range(20):
-        _fault(s, page, 1e-3)
+        _fault(s, page, latency)
         _frames(s, 50, lag)
         window.refresh()
 
@@ -48,12 +48,21 @@ def test_a_run_that_falls_behind_says_so_beside_the_figures_and_names_a_faithful
     _run(window, s, lag=50e-3)
     said = window.latency.warning()
     assert said.startswith("figures distorted: the emulator is 50 ms behind")
-    faithful = s.distorted.faithful
-    assert faithful < 10 and f"at {faithful:g}x or slower they are faithful" in said
+    assert s.distorted.faithful == 0.01  # 5 ms of real lag a frame against 1 ms latencies
+    assert said.endswith("0.01x, the slowest, comes closest to faithful")
     s.finish()
     window.refresh()
     assert "figures distorted" in window.banner.text()  # not just "run completed"
     assert window.latency.warning() == said  # the mark stays once the run has ended
+
+
+def test_the_faithful_speed_named_is_the_rule_s(make_window, monkeypatch):
+    monkeypatch.setattr(timescale, "known_cost", lambda: timescale.REFERENCE)  # 1 ms a fault
+    window, s = _show(make_window, small_config(emulator__time_scale="2"))
+    _run(window, s, lag=1e-3, latency=10e-3)  # 0.5 ms of real lag a frame, 10 ms latencies
+    faithful = s.distorted.faithful
+    assert faithful == timescale.suggest(2, 1e-3, 10e-3, 1e9 / 8 / (128 << 10)) == 0.1
+    assert window.latency.warning().endswith("at 0.1x or slower they are faithful")
 
 
 def test_a_distorted_run_stays_out_of_the_grey_comparison(make_window):
