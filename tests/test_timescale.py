@@ -19,7 +19,7 @@ def test_a_smaller_predicted_latency_gets_a_smaller_scale():
     fast, why_fast = choose(30e-3, FRAMES, COST)
     assert slow < fast and why_slow == why_fast == "cost"
     # the largest scale that keeps the cost under AIM of the latency, rounded down
-    assert slow == 0.02 and slow * COST.total <= timescale.AIM * 1e-3
+    assert slow == 0.025 and slow * COST.largest <= timescale.AIM * 1e-3
     assert choose(30e-3, FRAMES, Cost(800e-6, 200e-6))[0] < fast  # a slower machine, too
 
 
