@@ -100,3 +100,21 @@ def test_fidelity_judges_the_recent_lag_against_the_latencies_by_the_run_rule():
     board.update({"rx-frames": 300.0})  # the late frames have left the window
     fidelity.update(board, True, log, 1.0, 2.0)
     assert fidelity.now is None and fidelity.worst is not None  # the run keeps its mark
+
+
+def test_a_real_run_far_too_fast_is_marked_and_not_compared(make_window, qtbot):
+    """preempt's latencies are a fraction of a millisecond: at 5x no machine keeps its lag
+    under 2% of them (20 us of emulated time is 4 us of real time a frame)."""
+    from gui.session import COMPLETED
+
+    window = make_window(small_config(migration__postcopy_preempt="true",
+                                      emulator__time_scale="5"))
+    window.start_migration()
+    qtbot.waitUntil(lambda: window.session.phase == COMPLETED, timeout=30_000)
+    window.refresh()
+    assert window.session.distorted is not None
+    assert window.session.report["emulator"]["keeping-up"] is False
+    assert "figures distorted" in window.banner.text()
+    assert window.latency.warning().startswith("figures distorted: the emulator is ")
+    window.controls.reset.click()
+    assert window.latency.previous_label() is None  # a completed run, but not a faithful one
