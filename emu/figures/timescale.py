@@ -87,9 +87,9 @@ class Cost:
         return max(self.per_fault, self.per_frame)
 
 
-# calibrate() on the 2-core development VM, shared (load 3 to 8), 2026-12-01: 0.8 to 1.2 ms a
-# fault, 0.05 to 0.8 ms a frame. What the rule uses when it may not run a calibration (the
-# window, `predict`) and no fresh one is cached.
+# calibrate() on the 2-core development VM, shared (load 5), 2026-12-01: 0.8 to 1.7 ms a
+# fault, 0.2 to 0.7 ms a frame (docs/benchmarks.md). What the rule uses when it may not run a
+# calibration (the window, `predict`) and no fresh one is cached.
 REFERENCE = Cost(per_fault=1.0e-3, per_frame=0.5e-3)
 
 
