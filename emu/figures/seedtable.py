@@ -123,6 +123,10 @@ def main(quick: bool, as_json: bool) -> int:
     cells = []
     started = time.monotonic()
     cost = timescale.machine_cost()  # once: every cell's scale from the same measurement
+    if not as_json:
+        print(f"  the emulator's own cost here: {timescale.short_duration(cost.per_fault)} a "
+              f"fault, frames {timescale.short_duration(cost.per_frame)} late (real time)",
+              file=sys.stderr, flush=True)
     for page in PAGES:
         for mode in MODES:
             cells.append(run_cell(page, mode, quick, cost))
