@@ -162,9 +162,10 @@ def pick(cfg: Config, cost: Cost) -> Choice:
 def describe(choice: Choice) -> str:
     """What auto chose and why, in a sentence for the person who started the run."""
     c, ms = choice.cost, short_duration
+    where = ("measured on this machine now" if c.measured else
+             "as measured on the 2-core development VM")
     cost = (f"the emulator's own cost ({ms(c.per_fault)} of real time a fault, frames "
-            f"{ms(c.per_frame)} late, on this machine "
-            f"{'measured now' if c.measured else 'as measured on the dev VM'}; x the scale)")
+            f"{ms(c.per_frame)} late, {where}; x the scale)")
     if choice.limit == "no-faults":
         return f"{choice.scale:g} (precopy only: no page faults to measure)"
     predicted = f"{choice.share:.2%} of the {ms(choice.latency)} the model predicts"
@@ -179,7 +180,9 @@ def describe(choice: Choice) -> str:
 
 
 def short_duration(seconds: float) -> str:
-    """Three significant figures: "50 ms", "1.22 ms", "850 us"."""
+    """Three significant figures: "1.72 s", "50 ms", "1.22 ms", "850 us"."""
+    if seconds >= 1:
+        return f"{seconds:.3g} s"
     return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} us"
 
 
