@@ -106,3 +106,12 @@ def test_the_default_scenario_at_its_auto_scale_keeps_its_lag_small(capsys, monk
     assert "time-scale-auto" in health and latency["count"] > 0
     assert health["keeping-up"], health
     assert health["lag-avg-us"] <= timescale.FIDELITY * latency["p50-us"]
+
+
+def test_the_model_takes_an_auto_scenario_at_the_scale_auto_would_pick(monkeypatch):
+    from emu.figures import model
+
+    monkeypatch.setattr(timescale, "known_cost", lambda: COST)
+    cfg = load_config("default")
+    assert cfg["emulator.time-scale"] == "auto"
+    assert model.predict(cfg)["inputs"]["time-scale"] == timescale.pick(cfg, COST).scale
