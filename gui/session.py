@@ -188,6 +188,7 @@ class Snapshot:
 
 class Session:
     def __init__(self, cfg: Config) -> None:
+        cfg, _ = timescale.resolve(cfg, measure=False)  # auto: the slider's start, at once
         self.cfg = cfg
         self.run: Run | None = None
         self.phase = IDLE
