@@ -182,7 +182,8 @@ def cmd_run(args, cfg: Config) -> int:
         _say("--recover-after never: a paused run waits for a recovery that never comes; "
              "end it with Ctrl-C, or set emulator.duration-limit")
     engines.check_room(cfg, engines.ROLES)  # a guest that does not fit says only that
-    if (expected := _real_seconds(cfg, 0.0)) > LONG_RUN_S:
+    cfg, choice = _time_scale(cfg)
+    if choice is None and (expected := _real_seconds(cfg, 0.0)) > LONG_RUN_S:
         _say(f"this run takes about {_minutes(expected)} of real time "
              f"({format_size(cfg['guest.ram'])} over {format_rate(_stream_rate(cfg))} at "
              f"emulator.time-scale {cfg['emulator.time-scale']:g})")
@@ -196,6 +197,8 @@ def cmd_run(args, cfg: Config) -> int:
                                    args.record)
     else:
         result = migrate(cfg, progress, faults, recover_after, args.trace or ())
+    if choice is not None:
+        result["emulator"]["time-scale-auto"] = choice.to_json()
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -241,9 +244,24 @@ def _migrate_recorded(cfg: Config, progress, faults, recover_after, trace, path)
     return session.report
 
 
-def cmd_predict(args, cfg: Config) -> int:
-    from emu.figures import model
+def _time_scale(cfg: Config):
+    """emulator.time-scale=auto chosen (a short calibration at most every few minutes), and
+    said: the scale, why, and the real time the run takes."""
+    from emu.figures import timescale
 
+    if timescale.is_auto(cfg) and timescale.cached_cost() is None:
+        _say("emulator.time-scale auto: measuring this machine's own cost (a second or two)")
+    cfg, choice = timescale.resolve(cfg)
+    if choice is not None:
+        _say(f"emulator.time-scale auto: {timescale.describe(choice)}; this run takes about "
+             f"{_minutes(_real_seconds(cfg, 0.0))} of real time")
+    return cfg, choice
+
+
+def cmd_predict(args, cfg: Config) -> int:
+    from emu.figures import model, timescale
+
+    cfg, _ = timescale.resolve(cfg, measure=False)  # predict runs nothing
     try:
         pred = model.predict(cfg)
     except model.ModelError as err:
@@ -391,6 +409,8 @@ def _say(text: str) -> None:
 
 
 def _minutes(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
 
 
@@ -424,7 +444,8 @@ def _progress(run) -> None:
 
 def _headline(result: dict) -> str:
     emu = result["emulator"]
-    real = f"({emu['real-time-s']:.1f} s real at time-scale {emu['time-scale']})"
+    auto = " (auto)" if "time-scale-auto" in emu else ""
+    real = f"({emu['real-time-s']:.1f} s real at time-scale {emu['time-scale']:g}{auto})"
     if result["status"] == "completed":
         ms = result["query-migrate"]["total-time"]
         return f"postcopy-emu: completed in {ms} ms emulated {real}"

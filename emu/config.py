@@ -88,6 +88,16 @@ def _parse_float(value: object) -> float:
     return number
 
 
+AUTO = "auto"  # emulator.time-scale: chosen per run (emu/figures/timescale.py)
+
+
+def _parse_scale(value: object) -> float | str:
+    """A number, or auto."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    return _parse_float(value)
+
+
 def _parse_str(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string (got {_show_raw(value)})")
@@ -103,6 +113,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": _parse_int,
     "float": _parse_float,
     "str": _parse_str,
+    "scale": _parse_scale,
     "size": parse_size,
     "rate": parse_rate,
     "duration": parse_duration,
@@ -112,6 +123,7 @@ _FORMATTERS: dict[str, Callable[[Any], str]] = {
     "int": str,
     "float": _show_float,
     "str": str,
+    "scale": lambda v: v if v == AUTO else _show_float(v),
     "size": format_size,
     "rate": format_rate,
     "duration": format_duration,
@@ -128,7 +140,8 @@ _EXAMPLES = {
 class Key:
     """One configuration key: its kind, its default (parsed) and the values it allows.
 
-    kind is one of bool, int, float, str, size (bytes), rate (bytes/s), duration (seconds).
+    kind is one of bool, int, float, str, size (bytes), rate (bytes/s), duration (seconds),
+    scale (a float, or AUTO).
     low/high bound the value (low exclusive when low_open; high only with low), multiple is a
     required divisor.
     """
@@ -148,6 +161,12 @@ class Key:
             parsed = _PARSERS[self.kind](value)
         except TooLarge:
             raise ValueError(f"must be {self.allowed()} (got {_show_raw(value)})") from None
+        except ValueError:
+            if self.kind != "scale":
+                raise
+            raise ValueError(f"must be {self.allowed()} (got {_show_raw(value)})") from None
+        if parsed == AUTO:
+            return parsed
         if not self._allows(parsed):
             got = quote(parsed) if self.kind == "str" else clip(self.show(parsed))
             raise ValueError(f"must be {self.allowed()}{self._example(parsed)} (got {got})")
@@ -161,6 +180,8 @@ class Key:
         """The allowed values in words, e.g. "one of 4KiB, 2MiB, 1GiB" or "between 1 and 64"."""
         if self.kind == "bool":
             return "true or false"
+        if self.kind == "scale":
+            return f"a number in ({self.show(self.low)}, {self.show(self.high)}] or {AUTO}"
         parts = []
         if self.choices:
             parts.append("one of " + ", ".join(self.show(c) for c in self.choices))
@@ -285,7 +306,9 @@ KEYS: dict[str, Key] = {
         "float", 0.9, "share of touches that go to the hot set (hotset)", low=0, high=1
     ),
     "emulator.time-scale": _key(
-        "float", 1, "emulated seconds per real second", low=0, low_open=True, high=100
+        "scale", AUTO, "emulated seconds per real second, or auto: the largest at which the "
+        "emulator's own cost stays under 1% of the latencies measured", low=0, low_open=True,
+        high=100,
     ),
     "emulator.payload": _key("bool", True, "real page bytes travel (false: headers only)"),
     "emulator.seed": _key("int", 1, "seed of every random choice", low=0, high=str(2**64 - 1)),

@@ -104,8 +104,11 @@ class Run:
                  recover_after: float | None = 0.2, trace: tuple[str, ...] = ()) -> None:
         """faults: what to break during postcopy; recover_after: emulated seconds after a
         pause before recovering (migrate-recover + migrate resume), None = leave it paused;
-        trace: QEMU -trace patterns of the trace points the children log."""
-        self.cfg = cfg
+        trace: QEMU -trace patterns of the trace points the children log. A time-scale of
+        auto is chosen here (emu/figures/timescale.py), before any process starts."""
+        from emu.figures import timescale
+
+        self.cfg = timescale.resolve(cfg)[0]
         self.trace = tuple(trace)
         self.pending_faults = list(faults)
         self.injected: list[dict] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from emu.config import Config
 from emu.controller import Pages, Run
 from emu.faults import Fault
 from emu.faults import from_config as scenario_faults
-from emu.figures import metrics, report
+from emu.figures import metrics, report, timescale
 from emu.figures import progress as guest_progress
 from emu.migration import ram as R
 from gui import pagemap
@@ -87,6 +88,73 @@ def _quantile(ascending: np.ndarray, q: float) -> float:
     return float(ascending[lo] + (ascending[hi] - ascending[lo]) * (pos - lo))
 
 
+LAG_WINDOW_S = 1.0  # real seconds of frames the live lag is averaged over
+LAG_MIN_FRAMES = 10  # fewer frames than this in the window say nothing either way
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """The emulator fell behind the link's schedule by more than the figures allow
+    (timescale.lag_bound): each latency shown is too high by about `lag`."""
+
+    lag: float  # emulated s: how late the recent frames reached the destination, on average
+    latency: float  # the latencies it is compared with: the median so far, else the model's
+    scale: float  # the time scale it ran at
+    faithful: float  # the fastest scale at which they would be faithful (timescale.suggest)
+
+    def text(self) -> str:
+        """In words a newcomer reads right."""
+        ms = timescale.short_duration
+        speed = (f"at {self.faithful:g}x or slower they are faithful"
+                 if self.faithful > timescale.MIN_SCALE else
+                 f"{self.faithful:g}x, the slowest, comes closest to faithful")
+        return (f"figures distorted: the emulator is {ms(self.lag)} behind the link's "
+                f"schedule, more than {timescale.FIDELITY:.0%} of the {ms(self.latency)} "
+                f"latencies shown, so each is that much too high; {speed}")
+
+
+class Fidelity:
+    """Whether the figures of one run are faithful, from the destination's cumulative lag
+    counters: the recent lag (the last LAG_WINDOW_S of real time) against the latencies
+    shown. `now` is the distortion at the last update, `worst` the largest one seen while
+    faults were measured (postcopy): a run distorted once keeps the mark."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._frames_per_s = cfg["link.bandwidth"] / cfg["emulator.chunk"]
+        self._predicted = timescale.predicted_latency(cfg)
+        self._samples: deque[tuple[float, float, float]] = deque()  # (real s, frames, lag)
+        self.now: Distortion | None = None
+        self.worst: Distortion | None = None
+
+    def update(self, dst: dict[str, float], postcopy: bool, log: FaultLog, scale: float,
+               real_now: float) -> None:
+        if scale <= 0:  # paused: no frames are due, nothing changes
+            return
+        self._samples.append((real_now, dst["rx-frames"], dst["rx-lag-sum"]))
+        while len(self._samples) > 2 and self._samples[1][0] <= real_now - LAG_WINDOW_S:
+            self._samples.popleft()
+        (_, frames0, lag0), (_, frames1, lag1) = self._samples[0], self._samples[-1]
+        latency = log.summary()["p50-us"] * 1e-6 if log.count else self._predicted
+        if frames1 - frames0 < LAG_MIN_FRAMES or not latency:
+            return
+        self.now = self.judge((lag1 - lag0) / (frames1 - frames0), latency, scale)
+        if postcopy and self.now and (self.worst is None or self.now.lag > self.worst.lag):
+            self.worst = self.now
+
+    def judge(self, lag: float, latency: float, scale: float) -> Distortion | None:
+        if lag <= timescale.lag_bound(latency):
+            return None
+        return Distortion(lag, latency, scale,
+                          timescale.suggest(scale, lag, latency, self._frames_per_s))
+
+    def final(self, health: dict, latency_us: float) -> None:
+        """The report's verdict on the whole run (emulator_health): when it says the run fell
+        behind, its figures (the average lag, the final median) are the ones to show."""
+        if not health["keeping-up"]:
+            self.worst = Distortion(health["lag-avg-us"] * 1e-6, latency_us * 1e-6,
+                                    health["time-scale"], health["faithful-time-scale"])
+
+
 @dataclass
 class Urgent:
     """Pages a vCPU waits for, by where they are; each entry is (host page, age in s)."""
@@ -140,6 +208,7 @@ class Session:
                  trace: tuple[str, ...] = ()) -> None:
         """record: a file to record the run in (gui/record.py); faults, recover_after and
         trace as emu.controller.Run takes them (faults default to the scenario's)."""
+        cfg, _ = timescale.resolve(cfg, measure=False)  # auto: the slider's start, at once
         self.cfg = cfg
         self.run: Run | None = None
         self.recorder = Recorder(record, cfg) if record is not None else None
@@ -161,6 +230,12 @@ class Session:
         self._final: Pages | None = None  # the page states once the run has ended
         self._final_boards: dict[str, dict[str, float]] = {}
         self._now = self._prev_now = 0.0
+        self.fidelity = Fidelity(cfg)
+
+    @property
+    def distorted(self) -> Distortion | None:
+        """Why this run's figures are not faithful (the worst moment), or None."""
+        return self.fidelity.worst
 
     # ---- commands ----
 
@@ -269,6 +344,9 @@ class Session:
         self._log_run()
         new, _ = run.faults(self.faults.count)
         self.faults.extend(new)
+        self.fidelity.update(run.board("destination"),
+                             run.status["destination"].startswith("postcopy"), self.faults,
+                             0 if self.paused else self.scale, time.monotonic())
         if run.finished:
             self._log_run()
             self.phase = CHECKING
@@ -287,6 +365,7 @@ class Session:
         self._worker = None
         ok = self.report is not None and self.report["status"] == "completed"
         if self.report is not None:
+            self.fidelity.final(self.report["emulator"], self.report["latency"]["p50-us"])
             integrity = self.report["integrity"]
             self._log(f"memory check: {report.integrity_text(integrity)}")
         error = self._worker_error

@@ -10,6 +10,8 @@ sets `now`. Plain Python, no Qt, like gui.session.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from emu.config import Config
@@ -24,6 +26,7 @@ from gui.session import (
     FINAL,
     RUNNING,
     FaultLog,
+    Fidelity,
     Snapshot,
     Urgent,
     describe_page,
@@ -58,6 +61,11 @@ class SyntheticSession:
         self._queued: list[tuple[int, float]] = []  # the source's request queue
         self._new: list[np.ndarray] = []
         self._events: list[str] = []
+        self.fidelity = Fidelity(cfg)  # judged as a Session judges, from the boards' lag
+
+    @property
+    def distorted(self):
+        return self.fidelity.worst
 
     # ---- what happens to the pages ----
 
@@ -124,6 +132,11 @@ class SyntheticSession:
         self._new = []
         self.faults.extend(new)
         running = self.phase == RUNNING
+        if running:
+            self.fidelity.update(self.boards["destination"],
+                                 self.status["destination"].startswith("postcopy"),
+                                 self.faults, 0 if self.paused else self.scale,
+                                 time.monotonic())
         waiting = np.flatnonzero(self.dst == R.REQUESTED) if running else np.zeros(0, np.int64)
         urgent = (where_urgent(waiting, self.src, self._queued, self._asked, self.now)
                   if running else Urgent())

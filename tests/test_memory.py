@@ -118,13 +118,16 @@ def _can_mount_tmpfs() -> bool:
 
 
 # A /dev/shm of its own (a mount namespace with a small tmpfs), too small for two 32 MiB
-# guests; with the free-space probe fooled, the allocation itself finds it full.
+# guests; with the free-space probe fooled, the allocation itself finds it full. A fixed time
+# scale: auto's calibration run would need room of its own.
 IN_A_SMALL_SHM = """
 set -e
 mount -t tmpfs -o size=48m tmpfs /dev/shm
-python -m emu.cli run --set guest.ram=32MiB && echo "rc=0" || echo "rc=$?"
+python -m emu.cli run --set guest.ram=32MiB --set emulator.time-scale=1 \
+    && echo "rc=0" || echo "rc=$?"
 python -c 'import sys; import emu.shm as shm; shm.room = lambda: (1 << 40, 1 << 40)
-from emu.cli import main; sys.exit(main(["run", "--set", "guest.ram=32MiB"]))' \
+from emu.cli import main
+sys.exit(main(["run", "--set", "guest.ram=32MiB", "--set", "emulator.time-scale=1"]))' \
     && echo "rc=0" || echo "rc=$?"
 echo "left: $(ls /dev/shm | wc -l)"
 """

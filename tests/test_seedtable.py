@@ -1,13 +1,13 @@
 """The seed-table bench's rules (the bench itself runs for minutes: `postcopy-emu bench`)."""
 
-from emu.figures import seedtable
+from emu.figures import seedtable, timescale
 
 
 def test_every_cell_comes_from_the_one_preset_with_only_page_and_mode_changed():
     base = seedtable.load_config(seedtable.PRESET)
     for page in seedtable.PAGES:
         for mode in seedtable.MODES:
-            cfg = seedtable.cell_config(page, mode)
+            cfg = seedtable.cell_config(page, mode, timescale.REFERENCE)
             differ = {k for k in base.to_json()["link"] if cfg[f"link.{k}"] != base[f"link.{k}"]}
             assert not differ
             assert cfg["guest.ram"] == base["guest.ram"] == 20 << 30
@@ -16,10 +16,11 @@ def test_every_cell_comes_from_the_one_preset_with_only_page_and_mode_changed():
 
 
 def test_time_scale_keeps_the_emulator_cost_small_against_the_latency():
-    fast = seedtable.cell_config("4K", "preempt")
-    slow = seedtable.cell_config("1G", "vanilla")
-    assert seedtable.MIN_SCALE <= fast["emulator.time-scale"] < slow["emulator.time-scale"]
-    frames = seedtable.FRAMES_PER_S * slow["emulator.chunk"] / slow["link.bandwidth"]
+    cost = timescale.REFERENCE  # no calibration run in a unit test
+    fast = seedtable.cell_config("4K", "preempt", cost)
+    slow = seedtable.cell_config("1G", "vanilla", cost)
+    assert timescale.MIN_SCALE <= fast["emulator.time-scale"] < slow["emulator.time-scale"]
+    frames = timescale.FRAMES_PER_S * slow["emulator.chunk"] / slow["link.bandwidth"]
     assert slow["emulator.time-scale"] <= round(frames, 4)
 
 

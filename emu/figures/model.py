@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from emu.config import Config
+from emu.figures import timescale
 from emu.migration import wire
 from emu.migration.ram import TARGET_PAGE
 from emu.migration.ram_save import Pacer
@@ -217,8 +218,10 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     """The predicted mean page-fault latency of the scenario, in us, and its terms.
 
     {"mode", "latency-us", "terms-us": {term: us}, "inputs": {...}}; see TERMS. software_cost
-    is the emulator's real time per fault (seconds), charged x emulator.time-scale.
+    is the emulator's real time per fault (seconds), charged x emulator.time-scale (auto: the
+    scale the rule picks, emu/figures/timescale.py, without running a calibration).
     """
+    cfg, _ = timescale.resolve(cfg, measure=False)
     mode = mode_of(cfg)
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
                  software_cost * cfg["emulator.time-scale"])

@@ -6,12 +6,11 @@ import numpy as np
 
 from emu.config import Config
 from emu.events import Trace
-from emu.figures import integrity, metrics
+from emu.figures import integrity, metrics, timescale
 from emu.figures import progress as guest_progress
 from emu.migration.ram import PRESENT, TARGET_PAGE
 from emu.migration.workload import SLICED
 
-LAG_WARN_US = 20.0  # below this average lag the link schedule is as good as exact
 # ok is None, not False: nothing was compared, so nothing is known to be bad
 NOT_CHECKED = {"ok": None, "bad-pages": None, "checked": "not checked: the run did not complete"}
 
@@ -201,12 +200,14 @@ def destination_postcopy_info(cfg: Config, faults: np.ndarray) -> dict:
 def emulator_health(cfg: Config, dst: dict, latency: dict, real_time: float) -> dict:
     """How late the destination got to the frames the link delivered, against their scheduled
     arrival, in emulated time: the relay or the destination falling behind the scaled clock.
-    Lag is what this machine could not keep up with; it adds to every latency measured."""
+    Lag is what this machine could not keep up with; it adds to every latency measured, and
+    more than timescale.lag_bound() of the median distorts the figures."""
     frames = max(dst["rx-frames"], 1)
     lag_avg_us = dst["rx-lag-sum"] / frames * 1e6
-    bound = max(LAG_WARN_US, 0.02 * latency["p50-us"])
+    bound = timescale.lag_bound(latency["p50-us"] * 1e-6) * 1e6
+    scale = cfg["emulator.time-scale"]
     health = {
-        "time-scale": cfg["emulator.time-scale"],
+        "time-scale": scale,
         "real-time-s": round(real_time, 3),
         "lag-avg-us": round(lag_avg_us, 1),
         "lag-max-us": round(dst["rx-lag-max"] * 1e6, 1),
@@ -214,9 +215,13 @@ def emulator_health(cfg: Config, dst: dict, latency: dict, real_time: float) -> 
         "keeping-up": lag_avg_us <= bound,
     }
     if not health["keeping-up"]:
+        faithful = timescale.suggest(scale, lag_avg_us * 1e-6, latency["p50-us"] * 1e-6 or None,
+                                     cfg["link.bandwidth"] / cfg["emulator.chunk"])
+        health["faithful-time-scale"] = faithful
         health["warning"] = (
             f"the emulator fell behind the link's schedule by {lag_avg_us:.0f} us on average "
-            f"(max {health['lag-max-us']:.0f} us) in emulated time, more than {bound:.0f} us: "
-            f"latencies include that much distortion; lower emulator.time-scale "
-            f"(now {cfg['emulator.time-scale']}) for exact figures")
+            f"(max {health['lag-max-us']:.0f} us) in emulated time, more than {bound:.0f} us "
+            f"({timescale.FIDELITY:.0%} of the median latency): the figures are distorted by "
+            f"that much; for faithful ones run again with "
+            f"--set emulator.time-scale={faithful:g} (now {scale:g})")
     return health

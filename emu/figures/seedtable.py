@@ -3,9 +3,10 @@
 Nine cells: host page size (4K, 2M, 1G) x mode (vanilla, preempt with break-huge off,
 preempt), all from ONE preset, assets/scenarios/seed-10g.toml. Only the page size and the mode
 change from cell to cell; the time scale is the emulator's, not the scenario's, and is chosen
-by one rule for every cell (see time_scale()). Each cell runs a migration and measures the
-faults of a window of postcopy (a 20 GiB guest at 10 Gbit/s takes 17 s of emulated time to
-migrate; the latency is the same all along), next to the seed's figure and the model's.
+by one rule for every cell (emu/figures/timescale.py, as `time-scale = auto` is). Each cell
+runs a migration and measures the faults of a window of postcopy (a 20 GiB guest at 10
+Gbit/s takes 17 s of emulated time to migrate; the latency is the same all along), next to
+the seed's figure and the model's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from emu.config import Config, load_config
 from emu.controller import Run
-from emu.figures import metrics, model
+from emu.figures import metrics, model, timescale
 
 PRESET = "seed-10g"
 PAGES = {"4K": "4KiB", "2M": "2MiB", "1G": "1GiB"}
@@ -39,24 +40,14 @@ SEED_MS = {
 }
 # Real seconds of postcopy measured per cell (1G pages take ~1 s of emulated time per fault).
 WINDOW = {"quick": {"4K": 10, "2M": 10, "1G": 18}, "full": {"4K": 50, "2M": 50, "1G": 110}}
-FIDELITY = 0.02  # the emulator's own cost may be at most this share of the predicted latency
-FRAMES_PER_S = 8000  # frames a second the relay and the destination keep up with (measured)
-MIN_SCALE = 0.01
 
 
-def time_scale(cfg: Config) -> float:
-    """Slow enough that the emulator's own real time per fault (model.SOFTWARE_COST_S) is at
-    most FIDELITY of the predicted latency, and that the link's frames come no faster than the
-    relay keeps up with; no slower than needed, so that the cell gets samples."""
-    predicted = model.predict(cfg, software_cost=0.0)["latency-us"] * 1e-6
-    fidelity = FIDELITY * predicted / model.SOFTWARE_COST_S
-    frames = FRAMES_PER_S * cfg["emulator.chunk"] / cfg["link.bandwidth"]
-    return round(max(MIN_SCALE, min(1.0, fidelity, frames)), 4)
-
-
-def cell_config(page: str, mode: str):
+def cell_config(page: str, mode: str, cost: timescale.Cost | None = None) -> Config:
+    """The preset with the cell's page size and mode, at the time scale the one rule
+    (emu/figures/timescale.py) picks for it on a machine of *cost* (default: measured now)."""
     cfg = load_config(PRESET, [f"guest.page-size={PAGES[page]}", *MODES[mode]])
-    return cfg.with_overrides([f"emulator.time-scale={time_scale(cfg)}"])
+    choice = timescale.pick(cfg, cost or timescale.machine_cost())
+    return cfg.with_overrides([f"emulator.time-scale={choice.scale}"])
 
 
 def measure(cfg: Config, window_real: float) -> dict:
@@ -77,8 +68,8 @@ def measure(cfg: Config, window_real: float) -> dict:
             "real-time-s": round(time.monotonic() - started, 1)}
 
 
-def run_cell(page: str, mode: str, quick: bool) -> dict:
-    cfg = cell_config(page, mode)
+def run_cell(page: str, mode: str, quick: bool, cost: timescale.Cost | None = None) -> dict:
+    cfg = cell_config(page, mode, cost)
     got = measure(cfg, WINDOW["quick" if quick else "full"][page])
     lat = got["faults"]["latency"]
     summary = metrics.summarize(lat)
@@ -131,9 +122,14 @@ def table(cells: list[dict]) -> str:
 def main(quick: bool, as_json: bool) -> int:
     cells = []
     started = time.monotonic()
+    cost = timescale.machine_cost()  # once: every cell's scale from the same measurement
+    if not as_json:
+        print(f"  the emulator's own cost here: {timescale.short_duration(cost.per_fault)} a "
+              f"fault, frames {timescale.short_duration(cost.per_frame)} late (real time)",
+              file=sys.stderr, flush=True)
     for page in PAGES:
         for mode in MODES:
-            cells.append(run_cell(page, mode, quick))
+            cells.append(run_cell(page, mode, quick, cost))
             if not as_json:
                 c = cells[-1]
                 print(f"  {page} {mode}: {c['emulated-ms']} ms over {c['samples']} faults "
@@ -143,6 +139,8 @@ def main(quick: bool, as_json: bool) -> int:
         "quick": quick,
         "cells": cells,
         "ratios": ratios(cells),
+        "emulator-cost-us": {"per-fault": round(cost.per_fault * 1e6, 1),
+                             "per-frame": round(cost.per_frame * 1e6, 1)},
         "real-time-s": round(time.monotonic() - started, 1),
         "machine": f"{platform.machine()}, {platform.python_implementation()} "
                    f"{platform.python_version()}, numpy {np.__version__}",

@@ -39,6 +39,7 @@ from emu import engines, signals
 from emu.config import Config
 from emu.engines import Child, Shared
 from emu.events import Bound, Died, Error, Event, Link, Ready, Trace
+from emu.figures import timescale
 from emu.net import uri
 from emu.qmp.monitor import Monitor, serve_link
 from emu.qmp.protocol import QmpError, QmpServer
@@ -71,7 +72,8 @@ class Engine:
         else:
             roles = (role, "network") if role == "destination" else (role,)
             self.shared = Shared(cfg, roles)  # a guest that does not fit stops here
-            self.shared.clock.start(cfg["emulator.time-scale"])
+            # three programs can not calibrate in agreement: auto runs in real time, as QEMU
+            self.shared.clock.start(timescale.numeric_scale(cfg))
         self.clock = self.shared.clock
         self.board = self.shared.boards[role]
         self.front = Engine("network", cfg, self, trace) if role == "destination" else None

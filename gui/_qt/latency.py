@@ -64,6 +64,12 @@ class QtLatencyPlots(QtWidgets.QWidget):
         super().__init__(parent)
         self._title = QtWidgets.QLabel("Page-fault latency: how long a vCPU waited for a page")
         self._title.setObjectName("title")
+        # said where the figures are: the emulator fell behind, so they are too high
+        self._warning = QtWidgets.QLabel()
+        self._warning.setObjectName("distorted")
+        self._warning.setWordWrap(True)
+        self._warning.setStyleSheet("color: #b00000; font-weight: bold;")
+        self._warning.hide()
         self._stats = QtWidgets.QLabel()
         self._stats.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self._stats.setWordWrap(True)
@@ -77,7 +83,8 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._hist.scene().sigMouseMoved.connect(self._hist_hovered)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        for widget, stretch in ((self._title, 0), (self._stats, 0), (self._key, 0),
+        for widget, stretch in ((self._title, 0), (self._warning, 0), (self._stats, 0),
+                                (self._key, 0),
                                 (self._scatter, 3), (self._hist, 2)):
             layout.addWidget(widget, stretch)
         self._previous: tuple[str, FaultLog] | None = None
@@ -317,6 +324,16 @@ class QtLatencyPlots(QtWidgets.QWidget):
     def comparison_text(self) -> str:
         """The comparison line as shown, without its markup ("" when there is none)."""
         return QtGui.QTextDocumentFragment.fromHtml(self._comparison_html()).toPlainText()
+
+    def set_warning(self, text: str | None) -> None:
+        """Say (or stop saying) that the figures are distorted, and how to get faithful ones."""
+        if text != self.warning():
+            self._warning.setText(text or "")
+            self._warning.setHidden(text is None)
+
+    def warning(self) -> str | None:
+        """The distortion said beside the figures, if any."""
+        return None if self._warning.isHidden() else self._warning.text()
 
     def stats_text(self) -> str:
         return self._stats.text()

@@ -11,6 +11,7 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from emu.config import Config, ConfigError, load_config
 from emu.faults import from_config as scenario_faults
+from emu.figures import timescale
 from emu.migration.ram import TARGET_PAGE
 from gui._qt import style
 from gui._qt.bitmap import QtPageBitmap
@@ -41,6 +42,12 @@ def mode_label(cfg: Config) -> str:
     return label
 
 
+def watchable(cfg: Config) -> Config:
+    """The slider needs a number: a scenario's `auto` becomes the rule's choice, with the last
+    calibration if it is fresh (the window never waits for one)."""
+    return timescale.resolve(cfg, measure=False)[0]
+
+
 def describe_run(cfg: Config) -> str:
     return (f"{mode_label(cfg)} · guest {style.size(cfg['guest.ram'])}, "
             f"{cfg['guest.vcpus']} vCPU, {cfg['workload.pattern']} workload · link "
@@ -53,6 +60,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         """record: a file each run started here is recorded in (numbered after the first)."""
         super().__init__()
         self.setWindowTitle("postcopy-emu: watch a postcopy live migration")
+        cfg = watchable(cfg)
         self._base = cfg  # the scenario the controls start from (file or preset, + --set)
         self._record = record
         self._recorded = 0  # runs recorded so far
@@ -158,7 +166,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
 
     def load_preset(self, name: str) -> None:
         try:
-            self._base = load_config(name)
+            self._base = watchable(load_config(name))
         except ConfigError as err:
             self.controls.note.setText(str(err))
             return
@@ -214,10 +222,12 @@ class QtMainWindow(QtWidgets.QMainWindow):
         return len(urgent.queued) + len(urgent.main) + len(urgent.preempt)
 
     def _retire(self) -> None:
-        """End the current session; a completed run stays as the grey overlay."""
+        """End the current session; a completed run stays as the grey overlay, unless its
+        figures were distorted (the emulator fell behind): the comparison keeps the last
+        faithful one."""
         old = self.session
         old.stop()
-        if old.phase == COMPLETED:
+        if old.phase == COMPLETED and old.distorted is None:
             self.latency.set_previous(mode_label(old.cfg), old.faults,
                                       (old.report or {}).get("progress"))
 
@@ -228,6 +238,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.queue.reset(cfg)
         self.counters.reset()
         self.events.clear()
+        self.latency.set_warning(None)
+        self._fidelity_logged = False
 
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt's name)
         self._timer.stop()
@@ -264,6 +276,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
                                   session.integrity)
         for line in snap.events:
             self.events.appendPlainText(line)
+        self._show_fidelity(session, snap)
         self.controls.set_state(startable=snap.phase not in (STARTING, RUNNING),
                                 running=snap.phase == RUNNING,
                                 can_postcopy=session.can_start_postcopy)
@@ -282,10 +295,19 @@ class QtMainWindow(QtWidgets.QMainWindow):
                      f"<b>{snap.status['destination']}</b> at {snap.now:.3f} s emulated "
                      f"(time-scale {self.session.scale:g}){paused}")
             if snap.phase in FINAL:
-                state = f"run <b>{snap.phase}</b>: " + state
+                state = f"run <b>{snap.phase}</b>{_marked(self.session)}: " + state
         text = f"<span style='font-size:15px'><b>{describe_run(cfg)}</b></span><br>{state}"
         if self.banner.text() != text:
             self.banner.setText(text)
+
+    def _show_fidelity(self, session, snap) -> None:
+        """Beside the figures: distorted now (while running) or at its worst (once ended),
+        and the speed that is faithful; the event log says it once when the run ends."""
+        shown = session.distorted if snap.phase in FINAL else session.fidelity.now
+        self.latency.set_warning(shown.text() if shown else None)
+        if snap.phase in FINAL and shown and not self._fidelity_logged:
+            self._fidelity_logged = True
+            self.events.appendPlainText(f"{shown.text()}; not kept as the grey comparison")
 
     def _settings_changed(self) -> None:
         """Say so when the settings shown are not the ones of the run on screen."""
@@ -299,6 +321,13 @@ class QtMainWindow(QtWidgets.QMainWindow):
                    and cfg[k] != self.session.cfg[k]]
         self.controls.note.setText(
             "Changed settings apply to the next run: press Start migration." if differs else "")
+
+
+def _marked(session) -> str:
+    """The status line's word on a distorted run: it did complete, but not faithfully."""
+    if session.distorted is None:
+        return ""
+    return " · <b style='color:#b00000'>figures distorted</b> (the emulator fell behind)"
 
 
 def _titled(title: str, widget: QtWidgets.QWidget) -> QtWidgets.QWidget:
