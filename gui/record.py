@@ -66,6 +66,7 @@ class Recorder:
         self._boards: dict[str, list[list[float]]] = {}
         self._fields: dict[str, list[str]] = {}
         self._events: list[str] = []
+        self._fidelity: list[list[float]] = []  # per frame: the distortion now, the worst
         self._statuses: list[str] = []
         self._counts = {"runs": 0, "arrivals": 0, "urgent": 0}
         self.integrity_frame: int | None = None
@@ -91,6 +92,8 @@ class Recorder:
         self._pages(snap.dst, snap.src, snap.arrival)
         self._urgent_lists(snap.urgent)
         self._board_row(snap.boards)
+        self._fidelity.append(distortion_row(session.fidelity.now)
+                              + distortion_row(session.distorted))
         switchover = session.switchover
         for name, value in (("t", snap.now), ("phase", PHASES.index(snap.phase)),
                             ("paused", session.paused), ("scale", session.scale),
@@ -188,7 +191,15 @@ class Recorder:
         for role, rows in self._boards.items():
             out[f"board-{role}"] = np.array(rows, np.float64)
         out["faults"] = session.faults.records.copy()
+        out["fidelity"] = np.array(self._fidelity, np.float64).reshape(-1, 2 * DISTORTION)
         return out
+
+
+DISTORTION = 4  # a Distortion's fields in a row: lag, latency, scale, faithful (NaN: none)
+
+
+def distortion_row(d) -> list[float]:
+    return [math.nan] * DISTORTION if d is None else [d.lag, d.latency, d.scale, d.faithful]
 
 
 # Per-frame columns and their types; runs/arrivals/urgent/faults/events count what the frame
@@ -370,6 +381,7 @@ def _check(rec: Recording) -> None:
                    for role, fields in boards.items()})
     faults = int(a["frame-faults"][-1]) if "frame-faults" in a else -1
     expect["faults"] = (metrics.FAULT_DTYPE, (faults,))
+    expect["fidelity"] = (np.float64, (f, 2 * DISTORTION))
     for name, (dtype, shape) in expect.items():
         if name not in a or a[name].dtype != np.dtype(dtype) or a[name].shape != shape:
             raise bad(name)

@@ -13,12 +13,13 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from emu.migration import ram as R
-from gui.record import KEYFRAME_BYTES, PHASES, URGENT_KINDS, Recording
-from gui.session import FINAL, RUNNING, FaultLog, Snapshot, Urgent, describe_page
+from gui.record import DISTORTION, KEYFRAME_BYTES, PHASES, URGENT_KINDS, Recording
+from gui.session import FINAL, RUNNING, Distortion, FaultLog, Snapshot, Urgent, describe_page
 
 SPEEDS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0)  # times the run's own time-scale
 STEP_S = 1e-3  # one emulated millisecond
@@ -112,6 +113,16 @@ class ReplaySession(Player):
     def switchover(self) -> float | None:
         value = float(self.recording.column("switchover")[self._i])
         return None if math.isnan(value) else value
+
+    @property
+    def fidelity(self) -> RecordedFidelity:
+        """The figures' fidelity as the live window judged it at this frame."""
+        row = self.recording.arrays["fidelity"][self._i]
+        return RecordedFidelity(_distortion(row[:DISTORTION]), _distortion(row[DISTORTION:]))
+
+    @property
+    def distorted(self) -> Distortion | None:
+        return self.fidelity.worst
 
     @property
     def report(self) -> dict | None:
@@ -253,6 +264,20 @@ class ReplaySession(Player):
         urgent = self._urgent()
         return {page: self.now - age for name in URGENT_KINDS
                 for page, age in getattr(urgent, name)}
+
+
+@dataclass(frozen=True)
+class RecordedFidelity:
+    """gui.session.Fidelity's verdicts, read back: `now` and `worst`."""
+
+    now: Distortion | None
+    worst: Distortion | None
+
+
+def _distortion(row: np.ndarray) -> Distortion | None:
+    if np.isnan(row[0]):
+        return None
+    return Distortion(*(float(v) for v in row))
 
 
 def _blank(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
