@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QT = ("PySide6", "shiboken6", "pyqtgraph")
 # What the window keeps apart from its widgets (gui/*.py without Qt), as napari keeps its
 # models apart from _qt.
-GUI_QT_FREE = ("gui.session", "gui.pagemap", "gui.synthetic")
+GUI_QT_FREE = ("gui.session", "gui.pagemap", "gui.synthetic", "gui.colourblind")
 
 PROBE = """
 import importlib, json, pkgutil, sys
