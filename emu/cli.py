@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = _command(sub, "run", "run one migration to completion and report on it")
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--csv", metavar="FILE",
+                     help="write every page fault as CSV: time, vCPU, page, latency, channel, "
+                          "how the page came and what it waited behind (docs/gui.md)")
     run.add_argument("--fault", action="append", default=[], metavar="'ACTION CHANNEL at TIME'",
                      help="break something during postcopy (repeatable): 'cut main at 0.3s', "
                           "'corrupt preempt at 50ms', 'pause at 0.2s'; TIME counts from the start "
@@ -92,9 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     gui.add_argument("--screenshot", metavar="PATH", help="save a PNG of the window and exit")
     gui.add_argument("--run-for", type=float, default=5.0, metavar="SECONDS",
                      help="with --screenshot: real seconds to run before the capture")
+    gui.add_argument("--size", type=_window_size, metavar="WIDTHxHEIGHT",
+                     help="the window's size in pixels, e.g. 1280x720 (default: what fits "
+                          "the screen, up to 1600x1000; 1600x1000 for --screenshot)")
+    gui.add_argument("--presentation", action="store_true",
+                     help="open in presentation mode: large fonts, thick marks, no settings "
+                          "column (F5 switches it, F9 shows the settings)")
     gui.set_defaults(func=cmd_gui)
     _standalone_commands(sub)
     return parser
+
+
+def _window_size(text: str) -> tuple[int, int]:
+    """--size: "1280x720" -> (1280, 720)."""
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()) or not int(width) or not int(height):
+        raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT in pixels, e.g. 1280x720")
+    return int(width), int(height)
 
 
 def _standalone_commands(sub) -> None:
@@ -160,13 +177,24 @@ def cmd_run(args, cfg: Config) -> int:
         progress = _tracer()
     elif args.json:
         progress = None
-    result = migrate(cfg, progress, faults, recover_after, args.trace or ())
+    at_end = _csv_writer(args.csv, cfg) if args.csv else None
+    result = migrate(cfg, progress, faults, recover_after, args.trace or (), at_end)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         print(file=sys.stderr)
         print(summary(result, cfg))
     return 0 if result["status"] == "completed" and result["integrity"]["ok"] else 1
+
+
+def _csv_writer(path: str, cfg: Config):
+    """migrate()'s at_end: the faults as CSV, with the pages' final states (Qt-free)."""
+    def write(run) -> None:
+        from emu.figures import faultcsv, report
+
+        count = faultcsv.write(path, report.fault_records(run), cfg.page_size, run.pages())
+        _say(f"wrote {count} faults to {path}")
+    return write
 
 
 def cmd_predict(args, cfg: Config) -> int:
