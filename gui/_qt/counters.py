@@ -45,6 +45,7 @@ class QtCounters(QtWidgets.QWidget):
         self._values: dict[str, QtWidgets.QLabel] = {}
         for name, _ in (*ROWS, ("memory check", None)):
             self._values[name] = QtWidgets.QLabel("–")
+            self._values[name].setWordWrap(True)  # a narrow window: two lines, never cut
             form.addRow(name, self._values[name])
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)

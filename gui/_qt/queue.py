@@ -15,20 +15,24 @@ from gui._qt import style
 from gui.session import Snapshot
 
 SHOWN = 2  # pages listed per row; the rest are counted
+HEADERS = (("where", "the stops of an urgent page's round trip"),
+           ("queued on the link", "bytes the link connection holds, of its socket buffer"),
+           ("urgent pages (age)", "the pages a vCPU waits for there, and for how long"))
 BAR_STEPS = 1000
 
 
 class QtUrgentQueue(QtWidgets.QWidget):
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
-        title = QtWidgets.QLabel("Urgent pages: a vCPU is blocked on each one")
+        title = QtWidgets.QLabel("Urgent pages: a vCPU waits on each")
         title.setObjectName("title")
         grid = QtWidgets.QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
         grid.addWidget(title, 0, 0, 1, 3)
-        for col, text in enumerate(("where", "bytes queued on the link",
-                                    "urgent pages there (age)")):
-            grid.addWidget(QtWidgets.QLabel(_grey(text)), 1, col)
+        for col, (text, tip) in enumerate(HEADERS):
+            header = QtWidgets.QLabel(_grey(text))
+            header.setToolTip(tip)
+            grid.addWidget(header, 1, col)
         self._bars: dict[str, QtWidgets.QProgressBar] = {}
         self._lists: dict[str, QtWidgets.QLabel] = {}
         rows = (("return", "return path\ndest → source"),
