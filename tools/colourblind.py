@@ -20,12 +20,16 @@ from emu.migration import ram as R  # noqa: E402
 from gui import colourblind, pagemap  # noqa: E402
 
 
-def load(path: Path) -> np.ndarray:
-    from PySide6 import QtGui
+def load(path: Path, scale: float = 1.0) -> np.ndarray:
+    from PySide6 import QtCore, QtGui
 
-    image = QtGui.QImage(str(path)).convertToFormat(QtGui.QImage.Format.Format_RGB888)
+    image = QtGui.QImage(str(path))
     if image.isNull():
         raise SystemExit(f"{path}: not an image")
+    if scale != 1.0:
+        image = image.scaledToWidth(round(image.width() * scale),
+                                    QtCore.Qt.TransformationMode.SmoothTransformation)
+    image = image.convertToFormat(QtGui.QImage.Format.Format_RGB888)
     rows, cols, stride = image.height(), image.width(), image.bytesPerLine()
     data = np.frombuffer(image.constBits(), np.uint8, rows * stride).reshape(rows, stride)
     return data[:, :cols * 3].reshape(rows, cols, 3).copy()
@@ -62,10 +66,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("png", type=Path)
     parser.add_argument("--pairs", action="store_true", help="print the palette's distances")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink first (0.5: half)")
+    parser.add_argument("--out", type=Path, help="directory to write to (default: beside)")
     args = parser.parse_args()
-    rgb = load(args.png)
+    rgb = load(args.png, args.scale)
     for kind in colourblind.MACHADO:
-        out = args.png.with_name(f"{args.png.stem}-{kind}.png")
+        out = (args.out or args.png.parent) / f"{args.png.stem}-{kind}.png"
         save(colourblind.simulate(rgb, kind), out)
         print(f"wrote {out}")
     if args.pairs:

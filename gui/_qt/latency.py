@@ -23,6 +23,8 @@ from gui.session import BUCKETS, RUNNING, FaultLog, Snapshot
 
 DASH = QtCore.Qt.PenStyle.DashLine
 HATCH = QtCore.Qt.BrushStyle.BDiagPattern
+STATS_LINES = 2  # this run's figures, the previous run's
+STATS_PX, STATS_SCALE_MAX = 12, 1.35  # the figures' letters, and how much they grow at most
 WIDEST_LABEL = "1.02ms"  # the widest of the histogram's bucket labels (bucket_label)
 HIST_AXIS = "postcopy-latency-dist bucket (lower edge)"
 FLOOR_S = 1e-6  # latencies are drawn no lower than 1 us (a log scale has no zero)
@@ -41,9 +43,10 @@ def _key_html(previous: str | None) -> str:
     the previous run."""
     marks = list(zip(style.CHANNEL_COLOURS, style.CHANNEL_GLYPHS, metrics.CHANNELS,
                      strict=True))
+    # the previous run's mode without its details: the line must fit a 1280-pixel screen
     marks.append((PREVIOUS_POINTS, style.CHANNEL_GLYPHS[0],
-                  f"previous run: {previous}" if previous else "previous run"))
-    return "page came via " + " &nbsp; ".join(
+                  f"previous ({previous.partition(',')[0]})" if previous else "previous run"))
+    return "via " + " &nbsp; ".join(
         f"<span style='color:{style.css(rgb)}; font-size:{style.px(16)}px'>{glyph}</span> "
         f"{text}" for rgb, glyph, text in marks)
 
@@ -60,7 +63,7 @@ def stats_row(name: str, stats: dict, colour: str = "#000") -> str:
         cells += [f"{what} {style.duration(stats[key] * 1e-6)}" for what, key in
                   (("avg", "avg-us"), ("p50", "p50-us"), ("p99", "p99-us"))]
     return (f"<tr style='color:{colour}'>"
-            + "".join(f"<td nowrap style='padding-right:12px'>{cell}</td>" for cell in cells)
+            + "".join(f"<td nowrap style='padding-right:6px'>{cell}</td>" for cell in cells)
             + "</tr>")
 
 
@@ -72,8 +75,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._title.setToolTip("How long a vCPU waited for each missing page")
         self._stats = QtWidgets.QLabel()
         self._stats.setTextFormat(QtCore.Qt.TextFormat.RichText)
-        self._stats.setWordWrap(True)
-        style.fix_lines(self._stats, 2)
+        style.fix_lines(self._stats, STATS_LINES)
         self._key = QtWidgets.QLabel(_key_html(None))
         style.fix_lines(self._key, 1)
         self._scatter = pg.PlotWidget(background="w")
@@ -202,6 +204,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._switch.setPen(pg.mkPen((80, 80, 80), width=3 if on else 1, style=DASH))
         self._prev_bars.setPen(pg.mkPen(style.PREVIOUS, width=4 if on else 2, style=DASH))
         self._key.setText(_key_html(self.previous_label()))
+        self._stats.setText(self._stats_html())
         self._stride = 0
         self._label_buckets()
 
@@ -249,7 +252,8 @@ class QtLatencyPlots(QtWidgets.QWidget):
             if (lo, hi) == self._y:
                 return
             self._y = (lo, hi)
-        self._scatter.getPlotItem().setYRange(*self._y, padding=0.02)
+        # room above the top decade for its label, which is centred on it
+        self._scatter.getPlotItem().setYRange(*self._y, padding=0.06)
 
     def _fit_x(self, times: np.ndarray | None) -> None:
         """Time from 0, widened by half when a point falls off the right: the axes are
@@ -334,7 +338,10 @@ class QtLatencyPlots(QtWidgets.QWidget):
         if self._previous is not None:
             rows.append(stats_row("previous run", self._previous[1].summary(),
                                   style.css(style.PREVIOUS)))
-        return "<table cellspacing='0' cellpadding='0'>" + "".join(rows) + "</table>"
+        # the panel's widest line: its letters grow less than the rest in presentation mode
+        size = round(STATS_PX * min(style.scale, STATS_SCALE_MAX))
+        return (f"<table cellspacing='0' cellpadding='0' style='font-size:{size}px'>"
+                + "".join(rows) + "</table>")
 
     def stats_text(self) -> str:
         return self._stats.text()

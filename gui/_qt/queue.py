@@ -16,7 +16,7 @@ from gui.session import Snapshot
 
 SHOWN = 2  # pages listed per row; the rest are counted
 HEADERS = (("where", "the stops of an urgent page's round trip"),
-           ("queued on the link", "bytes the link connection holds, of its socket buffer"),
+           ("queued", "bytes the link connection holds, of its socket buffer"),
            ("urgent pages (age)", "the pages a vCPU waits for there, and for how long"))
 BAR_STEPS = 1000
 
@@ -29,10 +29,12 @@ class QtUrgentQueue(QtWidgets.QWidget):
         grid = QtWidgets.QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
         grid.addWidget(title, 0, 0, 1, 3)
+        self._headers = []
         for col, (text, tip) in enumerate(HEADERS):
             header = QtWidgets.QLabel(_grey(text))
             header.setToolTip(tip)
             grid.addWidget(header, 1, col)
+            self._headers.append(header)
         self._bars: dict[str, QtWidgets.QProgressBar] = {}
         self._lists: dict[str, QtWidgets.QLabel] = {}
         rows = (("return", "return path\ndest → source"),
@@ -65,6 +67,9 @@ class QtUrgentQueue(QtWidgets.QWidget):
         self._cfg = cfg
         self._window = cfg["link.socket-buffer"] if cfg else 1
         self._preempt = bool(cfg and cfg["migration.postcopy-preempt"])
+        # the buffer's size in the heading, so that a bar's text is short enough for a
+        # 1280-pixel screen
+        self._headers[1].setText(_grey(f"{HEADERS[1][0]} (of {style.size(self._window)})"))
         for bar in self._bars.values():
             bar.setValue(0)
             bar.setFormat("0 B")
@@ -82,12 +87,12 @@ class QtUrgentQueue(QtWidgets.QWidget):
         for key, bar in self._bars.items():
             queued = net.get(f"queued-{key}", 0.0)
             bar.setValue(min(BAR_STEPS, round(queued * BAR_STEPS / self._window)))
-            bar.setFormat(f"{style.size(queued)} of {style.size(self._window)}")
+            bar.setFormat(style.size(queued))
         urgent = snap.urgent
         self._set("queue", _pages(urgent.queued, "none waiting"))
         background = [(page, age, "(background)") for page, age in urgent.background]
         self._set("main", _pages(urgent.main + background, "none"))
-        off = "off: postcopy-preempt is not enabled"
+        off = "off (capability not set)"
         self._set("preempt", _pages(urgent.preempt, "none") if self._preempt else _grey(off))
         self._set("return", _pages(urgent.asking, "no request on its way"))
         self._set_hint(self._explain(net.get("queued-main", 0.0)))

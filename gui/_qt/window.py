@@ -114,7 +114,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         # that scroll when short, so that the window fits a 1280 x 720 projector.
         split = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
         split.setChildrenCollapsible(False)
-        split.addWidget(_row((self.bitmap, 12), (self.latency, 8)))
+        split.addWidget(_row((self.bitmap, 11), (self.latency, 9)))
         split.addWidget(_row((_ScrollColumn(self.queue), 9), (_ScrollColumn(self.counters), 6),
                              (_titled("Event log (emulated time)", self.events), 5)))
         split.setStretchFactor(0, 7)

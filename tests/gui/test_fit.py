@@ -22,6 +22,7 @@ def projected(make_window, qtbot):
     def make(presentation=False):
         cfg = small_config(migration__postcopy_preempt="true")
         window = make_window(cfg)
+        window.latency.set_previous("postcopy-preempt, break-huge off", _one_fault(cfg))
         session = SyntheticSession(cfg)
         window.show_session(session, follow=False)
         if presentation:
@@ -35,6 +36,16 @@ def projected(make_window, qtbot):
         window.refresh()
         return window, session
     return make
+
+
+def _one_fault(cfg):
+    """The fault log of a finished run with one slow fault."""
+    past = SyntheticSession(cfg)
+    past.block(5, at=0.0)
+    past.now = 0.03
+    past.arrive(5, R.URGENT_MAIN)
+    past.tick()
+    return past.faults
 
 
 def _needed_width(label: QtWidgets.QLabel) -> float:
