@@ -56,11 +56,18 @@ class QtUrgentQueue(QtWidgets.QWidget):
         self._hint.setWordWrap(True)
         style.fix_lines(self._hint, 2)
         grid.addWidget(self._hint, len(rows) + 2, 0, 1, 3)
-        grid.setColumnStretch(1, 2)
+        grid.setColumnStretch(1, 1)  # the pages need the room more than the bars
         grid.setColumnStretch(2, 3)
         grid.setRowStretch(len(rows) + 3, 1)
         self._texts: dict[str, str] = {}
         self.reset(None)
+
+    def set_presentation(self, on: bool) -> None:
+        """Large letters: a page's line may wrap (the panel scrolls), so room for two lines
+        a page."""
+        for label in self._lists.values():
+            label.setWordWrap(on)
+            style.fix_lines(label, (SHOWN + 1) * (2 if on else 1))
 
     def reset(self, cfg: Config | None) -> None:
         """A new run: the socket buffer sets the bars' scale; preempt may be off."""
@@ -125,11 +132,12 @@ class QtUrgentQueue(QtWidgets.QWidget):
 
 
 def _pages(entries: list[tuple], empty: str) -> str:
-    """Oldest first: (page, age) or (page, age, where)."""
+    """Oldest first: (page, age) or (page, age, where). The column's heading says that the
+    figure is an age: the line fits a 1280-pixel screen in presentation mode."""
     if not entries:
         return _grey(empty)
     oldest = sorted(entries, key=lambda e: -e[1])
-    lines = [f"page {entry[0]} · waiting <b>{style.duration(entry[1])}</b>"
+    lines = [f"page {entry[0]} · <b>{style.duration(entry[1])}</b>"
              + (f" {entry[2]}" if len(entry) > 2 else "") for entry in oldest[:SHOWN]]
     if len(oldest) > SHOWN:
         lines.append(f"+ {len(oldest) - SHOWN} more")

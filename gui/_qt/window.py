@@ -115,8 +115,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         split = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
         split.setChildrenCollapsible(False)
         split.addWidget(_row((self.bitmap, 11), (self.latency, 9)))
-        split.addWidget(_row((_ScrollColumn(self.queue), 9), (_ScrollColumn(self.counters), 6),
-                             (_titled("Event log (emulated time)", self.events), 5)))
+        split.addWidget(_row((_ScrollColumn(self.queue), 11), (_ScrollColumn(self.counters), 6),
+                             (_titled("Event log (emulated time)", self.events), 4)))
         split.setStretchFactor(0, 7)
         split.setStretchFactor(1, 3)
         self._split = split
@@ -328,6 +328,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self._split.setSizes(SPLIT[on])
         self.bitmap.set_presentation(on)
         self.latency.set_presentation(on)
+        self.queue.set_presentation(on)
         self.set_settings_shown(not on)
         _quietly(self._actions["set_presentation"], on)
         if self._last is not None:

@@ -33,6 +33,10 @@ def projected(make_window, qtbot):
         session.now = 0.3
         session.arrive(10, R.URGENT_MAIN)
         session.arrive(20, R.URGENT_PREEMPT)
+        session.block([4001, 4002, 4003], at=0.29)  # the queue panel's longest lines
+        session.queue(4001)
+        session.send(4002, R.SENT_PREEMPT)
+        session.send(4003, R.SENT_MAIN)  # on main already, in the background stream
         window.refresh()
         return window, session
     return make
