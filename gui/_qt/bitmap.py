@@ -23,6 +23,7 @@ from gui.session import RUNNING, Snapshot
 MARKED_MAX = 64  # waiting pages circled at once; more would hide the picture
 RING = (200, 0, 40)  # the circle around a page a vCPU waits for
 HOVER = "Hover over a page for its story; click to keep it."
+INFO_LINES = 2  # of a page's story
 
 
 class QtPageBitmap(QtWidgets.QWidget):
@@ -44,12 +45,11 @@ class QtPageBitmap(QtWidgets.QWidget):
         # Circles around pages a vCPU waits for: one page is a pixel or less on a big guest.
         self._waiting = pg.ScatterPlotItem(symbol="o", brush=None)
         self._pinned = pg.ScatterPlotItem(symbol="s", brush=None)
-        self.set_presentation(False)
         for item in (self._waiting, self._pinned):
             self._box.addItem(item)
         self._info = QtWidgets.QLabel(HOVER)
         self._info.setWordWrap(True)
-        style.fix_lines(self._info, 2)
+        self.set_presentation(False)
         self._legend, self._counts, self._names = _legend()
         self._layout()
         self._view.scene().sigMouseMoved.connect(self._hovered)
@@ -78,6 +78,7 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._waiting.setPen(pg.mkPen(RING, width=width))
         self._pinned.setSize(25 if on else 21)
         self._pinned.setPen(pg.mkPen("k", width=width))
+        style.fix_lines(self._info, INFO_LINES + on)  # a page's story at 1.5 times the size
 
     # ---- a new run ----
 
