@@ -48,6 +48,8 @@ STEPS = ("step_back", "step_forward")
 EXPORTS = {"scatter": "latency plot", "histogram": "histogram", "bitmap": "page bitmap"}
 SAME_RUN_KEYS_IGNORED = ("emulator.time-scale",)  # changes a running migration in place
 BANNER_LINES = 2  # the scenario, then the run's state
+BANNER_LINES_PRESENTING = 3.6  # in body-text lines: the scenario wraps, in larger letters
+BANNER_MIN_PX = 44  # the first line is in title-sized letters
 # Heights of the pictures and of the figures under them, as shares (presentation mode: more
 # room for the plots, whose letters grew); the splitter between them moves them by hand.
 SPLIT = {False: [650, 350], True: [780, 220]}
@@ -109,7 +111,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.banner = QtWidgets.QLabel()
         self.banner.setTextFormat(QtCore.Qt.TextFormat.RichText)
         self.banner.setWordWrap(True)  # a long scenario line wraps instead of being cut
-        style.fix_lines(self.banner, BANNER_LINES).setMinimumHeight(44)
+        style.fix_lines(self.banner, BANNER_LINES)
+        self._fit_banner(False)
         # Top the pictures, under them the figures: a splitter between the two, and panels
         # that scroll when short, so that the window fits a 1280 x 720 projector.
         split = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
@@ -323,8 +326,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         app.setFont(font)
         app.setStyleSheet(style.style_sheet())
         style.refit_lines()
-        if on:  # large letters: the scenario's line wraps, under a title-sized first line
-            self.banner.setFixedHeight(round(self.banner.fontMetrics().lineSpacing() * 3.7))
+        self._fit_banner(on)
         self._split.setSizes(SPLIT[on])
         self.bitmap.set_presentation(on)
         self.latency.set_presentation(on)
@@ -333,6 +335,13 @@ class QtMainWindow(QtWidgets.QMainWindow):
         _quietly(self._actions["set_presentation"], on)
         if self._last is not None:
             self._show_banner(self._last)
+
+    def _fit_banner(self, on: bool) -> None:
+        """Room for the banner's title-sized first line, and in presentation mode for that
+        line wrapping (the scenario is longer than 1280 pixels at 1.5 times the letters)."""
+        lines = BANNER_LINES_PRESENTING if on else BANNER_LINES
+        height = round(self.banner.fontMetrics().lineSpacing() * lines + 4)
+        self.banner.setFixedHeight(max(BANNER_MIN_PX, height))
 
     @property
     def presenting(self) -> bool:

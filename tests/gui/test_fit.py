@@ -97,6 +97,7 @@ def test_presentation_mode_fits_and_has_larger_letters_and_marks(projected):
     window, _ = projected()
     title = window.findChild(QtWidgets.QLabel, "title")
     small = title.fontMetrics().height(), window.events.fontMetrics().height()
+    banner = window.banner.height()
     window.set_presentation(True)
     window.refresh()
     assert window.presenting and style.scale == style.PRESENTATION_SCALE
@@ -109,6 +110,7 @@ def test_presentation_mode_fits_and_has_larger_letters_and_marks(projected):
     assert cut_texts(window) == []
     window.set_presentation(False)
     assert title.fontMetrics().height() == small[0] and window.settings.isVisible()
+    assert window.banner.height() == banner  # as it was, not shorter
 
 
 def test_open_in_presentation_mode_fits_too(projected):
@@ -190,3 +192,14 @@ def test_the_window_opens_at_a_size_that_fits_the_screen(projected):
     opens = fit_size((1280, 690), least)  # a projector's screen, less a panel
     assert opens == (1216, 655) and opens[0] >= least[0] and opens[1] >= least[1]
     assert fit_size((2560, 1440), least) == WINDOW_SIZE  # a large screen: as before
+
+
+def test_gui_size_takes_width_x_height():
+    import argparse
+
+    from emu import cli
+
+    assert cli._window_size("1280x720") == (1280, 720)
+    for bad in ("1280", "1280x", "0x720", "wide x tall"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cli._window_size(bad)
