@@ -203,3 +203,18 @@ def test_gui_size_takes_width_x_height():
     for bad in ("1280", "1280x", "0x720", "wide x tall"):
         with pytest.raises(argparse.ArgumentTypeError):
             cli._window_size(bad)
+
+
+def test_a_screenshot_at_1280x720_in_presentation_mode(tmp_path):
+    """`gui --screenshot --size 1280x720 --presentation`: the picture a lecturer checks."""
+    import struct
+
+    from tests.gui.test_display import bare_env, gui
+
+    shot = tmp_path / "shot.png"
+    proc, err = gui("--screenshot", str(shot), "--run-for", "0.5", "--size", "1280x720",
+                    "--presentation", env=bare_env())
+    assert proc.returncode == 0, err
+    header = shot.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", header[16:24]) == PROJECTOR  # IHDR: width, height
