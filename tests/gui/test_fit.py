@@ -116,6 +116,26 @@ def test_presentation_mode_fits_and_has_larger_letters_and_marks(projected):
 def test_open_in_presentation_mode_fits_too(projected):
     window, _ = projected(presentation=True)
     assert cut_texts(window) == []
+    assert _bucket_labels_apart(window)
+
+
+def _bucket_labels_apart(window) -> bool:
+    """The histogram's bucket labels leave room between them (they overlapped at 1280)."""
+    plot = window.latency.histogram.getPlotItem()
+    axis = plot.getAxis("bottom")
+    (x0, x1), _ = plot.getViewBox().viewRange()
+    shown = [(n, text) for n, text in axis._tickLevels[0] if text and x0 <= n <= x1]
+    labelled = [n for n, _ in shown]
+    per_bucket = plot.getViewBox().width() / (x1 - x0)
+    metrics = QtGui.QFontMetrics(axis.style["tickFont"] or window.font())
+    widest = max(metrics.horizontalAdvance(text) for _, text in shown)
+    return len(labelled) >= 3 and min(b - a for a, b in zip(labelled, labelled[1:],
+                                                             strict=False)) * per_bucket > widest
+
+
+def test_the_histogram_labels_do_not_overlap_at_1280x720(projected):
+    window, _ = projected()
+    assert _bucket_labels_apart(window)
 
 
 def test_space_pauses_and_resumes_f11_goes_full_screen(projected, qtbot):
