@@ -87,3 +87,10 @@ def test_the_plots_context_menus_are_on(window_with_faults):
     for widget in (window.latency.scatter, window.latency.histogram):
         assert widget.getPlotItem().getViewBox().menuEnabled()
     assert window.bitmap.view_box.menuEnabled()
+    # the menu's "Export..." offers the SVG exporter that works with Qt 6's paths
+    import pyqtgraph as pg
+
+    from gui._qt.export import QtSvgExporter
+
+    offered = pg.exporters.listExporters()
+    assert QtSvgExporter in offered and pg.exporters.SVGExporter not in offered
