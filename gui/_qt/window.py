@@ -304,7 +304,10 @@ class QtMainWindow(QtWidgets.QMainWindow):
             self.tick()
 
     def set_full_screen(self, on: bool) -> None:
-        self.showFullScreen() if on else self.showNormal()
+        if on:
+            self.showFullScreen()
+        else:
+            self.showNormal()
         _quietly(self._actions["set_full_screen"], on)
 
     def set_settings_shown(self, on: bool) -> None:
