@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = _command(sub, "run", "run one migration to completion and report on it")
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    run.add_argument("--csv", metavar="FILE",
+                     help="write every page fault as CSV: time, vCPU, page, latency, channel, "
+                          "how the page came and what it waited behind (docs/gui.md)")
     run.add_argument("--fault", action="append", default=[], metavar="'ACTION CHANNEL at TIME'",
                      help="break something during postcopy (repeatable): 'cut main at 0.3s', "
                           "'corrupt preempt at 50ms', 'pause at 0.2s'; TIME counts from the start "
@@ -99,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="run the migration next to these recordings, side by side on one "
                           "timeline (the run is recorded too: in --record FILE, or in a "
                           "temporary file removed when the window closes)")
+    gui.add_argument("--size", type=_window_size, metavar="WIDTHxHEIGHT",
+                     help="the window's size in pixels, e.g. 1280x720 (default: what fits "
+                          "the screen, up to 1600x1000; 1600x1000 for --screenshot)")
+    gui.add_argument("--presentation", action="store_true",
+                     help="open in presentation mode: large fonts, thick marks, no settings "
+                          "column (F5 switches it, F9 shows the settings)")
     gui.set_defaults(func=cmd_gui)
     _replay_command(sub)
     _standalone_commands(sub)
@@ -126,6 +135,14 @@ def _replay_command(sub) -> None:
                         help="the emulated instant to show first (and to capture with "
                              "--screenshot), e.g. 0.4s or 250ms; default: the end")
     replay.set_defaults(func=cmd_replay, scenario=None, set=[])
+
+
+def _window_size(text: str) -> tuple[int, int]:
+    """--size: "1280x720" -> (1280, 720)."""
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit()) or not int(width) or not int(height):
+        raise argparse.ArgumentTypeError(f"{text!r}: give WIDTHxHEIGHT in pixels, e.g. 1280x720")
+    return int(width), int(height)
 
 
 def _standalone_commands(sub) -> None:
@@ -192,11 +209,12 @@ def cmd_run(args, cfg: Config) -> int:
         progress = _tracer()
     elif args.json:
         progress = None
+    at_end = _csv_writer(args.csv, cfg) if args.csv else None
     if args.record:
         result = _migrate_recorded(cfg, progress, faults, recover_after, args.trace or (),
-                                   args.record)
+                                   args.record, at_end)
     else:
-        result = migrate(cfg, progress, faults, recover_after, args.trace or ())
+        result = migrate(cfg, progress, faults, recover_after, args.trace or (), at_end)
     if choice is not None:
         result["emulator"]["time-scale-auto"] = choice.to_json()
     if args.json:
@@ -207,12 +225,24 @@ def cmd_run(args, cfg: Config) -> int:
     return 0 if result["status"] == "completed" and result["integrity"]["ok"] else 1
 
 
+def _csv_writer(path: str, cfg: Config):
+    """migrate()'s at_end: the faults as CSV, with the pages' final states (Qt-free)."""
+    def write(run) -> None:
+        from emu.figures import faultcsv, report
+
+        count = faultcsv.write(path, report.fault_records(run), cfg.page_size, run.pages())
+        _say(f"wrote {count} faults to {path}")
+    return write
+
+
 RECORD_TICK_S = 0.04  # a recorded run's frames are the window's: 25 a second
 
 
-def _migrate_recorded(cfg: Config, progress, faults, recover_after, trace, path) -> dict:
+def _migrate_recorded(cfg: Config, progress, faults, recover_after, trace, path,
+                      at_end=None) -> dict:
     """migrate(), read as the window reads it (gui.session, no Qt) and recorded in *path*:
-    the run polls its children as migrate() does, and a frame is taken every RECORD_TICK_S."""
+    the run polls its children as migrate() does, and a frame is taken every RECORD_TICK_S;
+    at_end(run) as migrate() calls it, before the processes go."""
     import time
 
     from emu.controller import RunError
@@ -233,6 +263,8 @@ def _migrate_recorded(cfg: Config, progress, faults, recover_after, trace, path)
             if progress and session.phase == RUNNING and time.monotonic() >= next_progress:
                 progress(session.run)
                 next_progress += 0.5
+        if at_end is not None and session.run is not None:
+            at_end(session.run)
     finally:
         session.stop()
     if session.report is None:  # it did not get as far as a report: what it said instead

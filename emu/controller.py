@@ -458,8 +458,10 @@ class Run:
 
 
 def migrate(cfg: Config, progress=None, faults: list[Fault] = (),
-            recover_after: float | None = 0.2, trace: tuple[str, ...] = ()) -> dict:
-    """Run one migration to the end and return its report (see report.build)."""
+            recover_after: float | None = 0.2, trace: tuple[str, ...] = (),
+            at_end=None) -> dict:
+    """Run one migration to the end and return its report (see report.build). at_end(run),
+    if given, reads what else it needs (the page arrays, e.g.) before the processes go."""
     from emu.figures import report
 
     started = time.monotonic()
@@ -468,7 +470,10 @@ def migrate(cfg: Config, progress=None, faults: list[Fault] = (),
         run = Run(cfg, faults, recover_after, trace)
         run.start()
         run.wait(progress)
-        return report.build(run, run.check_memory(), time.monotonic() - started)
+        result = report.build(run, run.check_memory(), time.monotonic() - started)
+        if at_end is not None:
+            at_end(run)
+        return result
     finally:
         if run is not None:
             run.stop()

@@ -47,18 +47,22 @@ def legend(preempt: bool) -> dict[int, str]:
 LEGEND_ORDER = (R.MISSING, R.DISCARDED, R.REQUESTED, R.INFLIGHT_MAIN, R.INFLIGHT_PREEMPT,
                 R.PRECOPY, R.BACKGROUND, R.URGENT_MAIN, R.URGENT_PREEMPT)
 
-# Colours that separate the roles at a glance: greys for "not here", blues for the bulk
-# streams, warm colours for what a vCPU waited for, red for what it waits for now.
+# Colours that separate the roles at a glance, for every student: greys for "not here",
+# muted lavenders for the bulk streams, and for what a vCPU waited for the blue-orange pair
+# of Okabe and Ito's colour-blind-safe palette (orange: on demand via main, blue: via
+# preempt), crimson for what it waits for now. Orange against green, the old pair, is one
+# colour to a protanope; tools/colourblind.py shows a screenshot as one sees it, and
+# tests/gui/test_palette.py keeps every pair apart under both red-green deficiencies.
 COLOURS = {
-    R.MISSING: (222, 222, 222),
-    R.DISCARDED: (160, 160, 160),
-    R.REQUESTED: (220, 20, 60),
-    R.PRECOPY: (166, 199, 232),
-    R.BACKGROUND: (52, 110, 190),
-    R.URGENT_MAIN: (255, 140, 0),
-    R.URGENT_PREEMPT: (20, 160, 60),
-    R.INFLIGHT_MAIN: (250, 215, 70),
-    R.INFLIGHT_PREEMPT: (150, 225, 140),
+    R.MISSING: (238, 238, 238),
+    R.DISCARDED: (150, 150, 150),
+    R.REQUESTED: (204, 0, 60),
+    R.PRECOPY: (200, 195, 230),
+    R.BACKGROUND: (150, 140, 190),
+    R.URGENT_MAIN: (230, 159, 0),
+    R.URGENT_PREEMPT: (0, 90, 181),
+    R.INFLIGHT_MAIN: (245, 215, 110),
+    R.INFLIGHT_PREEMPT: (120, 200, 255),
     OUTSIDE: (255, 255, 255),
 }
 

@@ -11,7 +11,7 @@ QT = ("PySide6", "shiboken6", "pyqtgraph")
 # What the window keeps apart from its widgets (gui/*.py without Qt), as napari keeps its
 # models apart from _qt.
 GUI_QT_FREE = ("gui.session", "gui.pagemap", "gui.synthetic", "gui.record", "gui.replay",
-               "gui.compare")
+               "gui.compare", "gui.colourblind")
 
 PROBE = """
 import importlib, json, pkgutil, sys

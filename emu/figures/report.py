@@ -42,12 +42,17 @@ def check_memory(cfg: Config, src_ram: np.ndarray, dst_ram: np.ndarray, dst_stat
             "checked": f"{n} target pages, content"}
 
 
+def fault_records(run) -> np.ndarray:
+    """Every resolved fault of *run*: the destination's final report has them all; a run that
+    did not complete has none, and then the live record holds them."""
+    dst = run.reports.get("destination", {})
+    return dst["faults"] if "faults" in dst else run.faults(0)[0]
+
+
 def build(run, integrity_result: dict | None, real_time: float) -> dict:
     cfg = run.cfg
     src = run.reports.get("source", {}).get("board") or run.board("source")
-    dst = run.reports.get("destination", {})
-    # a run that did not complete has no final report: the live record holds its faults
-    faults = dst["faults"] if "faults" in dst else run.faults(0)[0]
+    faults = fault_records(run)
     latency = metrics.summarize(faults["latency"])
     latency["by-channel"] = {name: metrics.summarize(faults["latency"][faults["channel"] == i])
                              for i, name in enumerate(metrics.CHANNELS)}
@@ -70,7 +75,7 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
                      "break-huge": int(src["break-huge"])},
         "blocktime-ms": {"total": round(total_ms, 3),
                          "per-vcpu": [round(x, 3) for x in per_vcpu_ms]},
-        "progress": progress(run, dst, reached["time"]),
+        "progress": progress(run, run.reports.get("destination", {}), reached["time"]),
         "integrity": integrity_result or dict(NOT_CHECKED),
         "states": {side: [{"status": s, "time": round(t, 6)} for s, t in changes]
                    for side, changes in run.states.items()},

@@ -13,12 +13,13 @@ from PySide6 import QtCore, QtWidgets
 from emu.config import SCENARIO_DIR, Config, ConfigError, load_config, scenario_names
 from gui import display
 from gui._qt.qtfix import guard_singletons
-from gui._qt.style import STYLE_SHEET
+from gui._qt.style import style_sheet
 from gui._qt.window import QtMainWindow
 
 # The window opens on this preset when no scenario is given: slow enough to watch.
 WINDOW_PRESET = "classroom"
-WINDOW_SIZE = (1600, 1000)
+WINDOW_SIZE = (1600, 1000)  # at most, and a screenshot's unless --size says otherwise
+SCREEN_SHARE = 0.95  # of the screen's free area a window opens on
 CATCH_S = 1.0  # real seconds a screenshot may wait for a request to be on its way
 
 
@@ -39,7 +40,9 @@ def main(cfg: Config, args) -> int:
     if getattr(args, "compare", None):
         return compare_live(app, cfg, args)
     window = QtMainWindow(cfg, preset, getattr(args, "record", None))
-    window.resize(*WINDOW_SIZE)
+    if args.presentation:
+        window.set_presentation(True)
+    window.resize(*(args.size or (WINDOW_SIZE if args.screenshot else fitting(window))))
     window.show()
     # Ctrl-C in the terminal closes the window (and so stops the run) instead of being
     # swallowed by Qt's event loop; the window's timer gives Python a chance to see it.
@@ -130,12 +133,25 @@ def capture(window: QtWidgets.QMainWindow, path: str) -> int:
     return 0
 
 
+def fitting(window: QtWidgets.QWidget) -> tuple[int, int]:
+    """The size *window* opens at on its screen (fit_size)."""
+    free, least = window.screen().availableGeometry(), window.minimumSizeHint()
+    return fit_size((free.width(), free.height()), (least.width(), least.height()))
+
+
+def fit_size(free: tuple[int, int], least: tuple[int, int]) -> tuple[int, int]:
+    """WINDOW_SIZE, or less on a smaller screen of *free* pixels (a 1280 x 720 projector),
+    never under what the layout needs (*least*)."""
+    return tuple(max(need, min(most, int(room * SCREEN_SHARE)))
+                 for most, room, need in zip(WINDOW_SIZE, free, least, strict=True))
+
+
 def application() -> QtWidgets.QApplication:
     """The process's QApplication, made or found, with the window's look."""
     guard_singletons()
     app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([sys.argv[0]])
     app.setStyle("Fusion")  # the same look on every platform, offscreen included
-    app.setStyleSheet(STYLE_SHEET)
+    app.setStyleSheet(style_sheet())
     return app
 
 

@@ -21,6 +21,9 @@ from gui._qt.style import swatch
 from gui.session import RUNNING, Snapshot
 
 MARKED_MAX = 64  # waiting pages circled at once; more would hide the picture
+RING = (200, 0, 40)  # the circle around a page a vCPU waits for
+HOVER = "Hover over a page for its story; click to keep it."
+INFO_LINES = 2  # of a page's story
 
 
 class QtPageBitmap(QtWidgets.QWidget):
@@ -32,22 +35,21 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._title.setObjectName("title")
         self._view = pg.GraphicsLayoutWidget()
         self._view.setBackground("w")
-        self._box = self._view.addViewBox(lockAspect=True, invertY=True, enableMenu=False)
+        # the context menu offers pyqtgraph's exporters (PNG, SVG, ...)
+        self._box = self._view.addViewBox(lockAspect=True, invertY=True, enableMenu=True)
         self._box.setMouseEnabled(x=False, y=False)  # the whole guest, always: hover for detail
         self._image = pg.ImageItem(axisOrder="row-major", autoDownsample=False)
         self._image.setLookupTable(pagemap.lookup_table())
         self._image.setLevels((0, 255))
         self._box.addItem(self._image)
         # Circles around pages a vCPU waits for: one page is a pixel or less on a big guest.
-        ring = pg.mkPen((200, 0, 40), width=2)
-        self._waiting = pg.ScatterPlotItem(symbol="o", size=15, pen=ring, brush=None)
-        self._pinned = pg.ScatterPlotItem(symbol="s", size=21, pen=pg.mkPen("k", width=2),
-                                          brush=None)
+        self._waiting = pg.ScatterPlotItem(symbol="o", brush=None)
+        self._pinned = pg.ScatterPlotItem(symbol="s", brush=None)
         for item in (self._waiting, self._pinned):
             self._box.addItem(item)
-        self._info = QtWidgets.QLabel("Hover over a page for its story; click to keep it.")
+        self._info = QtWidgets.QLabel(HOVER)
         self._info.setWordWrap(True)
-        style.fix_lines(self._info, 2)
+        self.set_presentation(False)
         self._legend, self._counts, self._names = _legend()
         self._layout()
         self._view.scene().sigMouseMoved.connect(self._hovered)
@@ -68,6 +70,15 @@ class QtPageBitmap(QtWidgets.QWidget):
         grid.addWidget(self._info, 2, 0, 1, 2)
         grid.setColumnStretch(0, 1)
         grid.setRowStretch(1, 1)
+
+    def set_presentation(self, on: bool) -> None:
+        """Thicker rings around waiting and pinned pages in presentation mode."""
+        width = 3 if on else 2
+        self._waiting.setSize(19 if on else 15)
+        self._waiting.setPen(pg.mkPen(RING, width=width))
+        self._pinned.setSize(25 if on else 21)
+        self._pinned.setPen(pg.mkPen("k", width=width))
+        style.fix_lines(self._info, INFO_LINES + on)  # a page's story at 1.5 times the size
 
     # ---- a new run ----
 
@@ -94,10 +105,11 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._waiting.setData([], [])
         self._pinned.setData([], [])
         self._set_counts()
-        self._title.setText(
-            f"Guest RAM on the destination: {npages:,} host pages of {style.size(page_size)}, "
-            f"{cols} per row (page 0 top left)")
-        self._info.setText("Hover over a page for its story; click to keep it.")
+        # short enough for a 1280-pixel screen: the layout of the grid goes in the tooltip
+        self._title.setText(f"Guest RAM on the destination: {npages:,} pages of "
+                            f"{style.size(page_size)}")
+        self._title.setToolTip(f"One cell per host page, {cols} per row, page 0 top left")
+        self._info.setText(HOVER)
 
     # ---- every tick ----
 
@@ -178,7 +190,8 @@ class QtPageBitmap(QtWidgets.QWidget):
         self._show_info()
 
     def _clicked(self, event) -> None:
-        self.select(self._page_at(event.scenePos()))
+        if event.button() == QtCore.Qt.MouseButton.LeftButton:  # the right one: the menu
+            self.select(self._page_at(event.scenePos()))
 
     def select(self, page: int | None) -> None:
         """Keep telling the story of *page* (None: forget it), as a click does."""
@@ -196,6 +209,10 @@ class QtPageBitmap(QtWidgets.QWidget):
     @property
     def view(self) -> pg.GraphicsLayoutWidget:
         return self._view
+
+    @property
+    def view_box(self) -> pg.ViewBox:
+        return self._box
 
     def _show_info(self) -> None:
         page = self._hover if self._hover is not None else self._pin

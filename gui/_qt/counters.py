@@ -50,6 +50,7 @@ class QtCounters(QtWidgets.QWidget):
         self._values: dict[str, QtWidgets.QLabel] = {}
         for name, _ in (*ROWS, ("memory check", None)):
             self._values[name] = QtWidgets.QLabel("–")
+            self._values[name].setWordWrap(True)  # a narrow window: two lines, never cut
             form.addRow(name, self._values[name])
         self._values["guest progress"].setToolTip(PROGRESS_TIP)
         layout = QtWidgets.QVBoxLayout(self)

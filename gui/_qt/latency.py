@@ -23,6 +23,11 @@ from gui.labels import bucket_interval, bucket_label
 from gui.session import BUCKETS, RUNNING, FaultLog, Snapshot
 
 DASH = QtCore.Qt.PenStyle.DashLine
+HATCH = QtCore.Qt.BrushStyle.BDiagPattern
+STATS_LINES = 3  # this run's figures, the previous run's, how they compare
+STATS_PX, STATS_SCALE_MAX = 12, 1.35  # the figures' letters, and how much they grow at most
+WIDEST_LABEL = "1.02ms"  # the widest of the histogram's bucket labels (bucket_label)
+HIST_AXIS = "postcopy-latency-dist bucket (lower edge)"
 FLOOR_S = 1e-6  # latencies are drawn no lower than 1 us (a log scale has no zero)
 PREVIOUS_POINTS = (175, 175, 175)  # the previous run's points: light, under this run's
 X_END = 0.5  # emulated seconds shown at first
@@ -35,12 +40,21 @@ def _log_ms(latency_s: np.ndarray) -> np.ndarray:
 
 
 def _key_html(previous: str | None) -> str:
-    """What the dots' colours mean: the channel that brought the page, or the previous run."""
-    dots = list(zip(style.CHANNEL_COLOURS, metrics.CHANNELS, strict=True))
-    dots.append((PREVIOUS_POINTS, f"previous run: {previous}" if previous else "previous run"))
-    return "page came via " + " &nbsp; ".join(
-        f"<span style='color:{style.css(rgb)}; font-size:16px'>&#9679;</span> {text}"
-        for rgb, text in dots)
+    """What the marks mean: the channel that brought the page (by colour and by shape), or
+    the previous run."""
+    marks = list(zip(style.CHANNEL_COLOURS, style.CHANNEL_GLYPHS, metrics.CHANNELS,
+                     strict=True))
+    # the previous run's mode without its details: the line must fit a 1280-pixel screen
+    marks.append((PREVIOUS_POINTS, style.CHANNEL_GLYPHS[0],
+                  f"previous ({previous.partition(',')[0]})" if previous else "previous run"))
+    return "via " + " &nbsp; ".join(
+        f"<span style='color:{style.css(rgb)}; font-size:{style.px(16)}px'>{glyph}</span> "
+        f"{text}" for rgb, glyph, text in marks)
+
+
+def _label(plot: pg.PlotItem, side: str, text: str) -> None:
+    """An axis title in the font size in force."""
+    plot.setLabel(side, text, **{"font-size": f"{style.px(11)}px"})
 
 
 def _short(label: str) -> str:
@@ -55,14 +69,14 @@ def stats_row(name: str, stats: dict, colour: str = "#000") -> str:
         cells += [f"{what} {style.duration(stats[key] * 1e-6)}" for what, key in
                   (("avg", "avg-us"), ("p50", "p50-us"), ("p99", "p99-us"))]
     return (f"<tr style='color:{colour}'>"
-            + "".join(f"<td nowrap style='padding-right:12px'>{cell}</td>" for cell in cells)
+            + "".join(f"<td nowrap style='padding-right:6px'>{cell}</td>" for cell in cells)
             + "</tr>")
 
 
 class QtLatencyPlots(QtWidgets.QWidget):
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
-        self._title = QtWidgets.QLabel("Page-fault latency: how long a vCPU waited for a page")
+        self._title = QtWidgets.QLabel("Page-fault latency")
         self._title.setObjectName("title")
         # said where the figures are: the emulator fell behind, so they are too high
         self._warning = QtWidgets.QLabel()
@@ -72,20 +86,20 @@ class QtLatencyPlots(QtWidgets.QWidget):
         self._warning.hide()
         self._stats = QtWidgets.QLabel()
         self._stats.setTextFormat(QtCore.Qt.TextFormat.RichText)
-        self._stats.setWordWrap(True)
-        style.fix_lines(self._stats, 3)  # this run, the previous one, and how they compare
+        style.fix_lines(self._stats, STATS_LINES)
         self._key = QtWidgets.QLabel(_key_html(None))
         style.fix_lines(self._key, 1)
         self._scatter = pg.PlotWidget(background="w")
         self._hist = pg.PlotWidget(background="w")
+        self._stride = 0  # buckets between two labels on the histogram's axis
         self._raster, self._switch = self._build_scatter()
         self._bars, self._prev_bars = self._build_hist()
         self._hist.scene().sigMouseMoved.connect(self._hist_hovered)
+        self._hist.getPlotItem().getViewBox().sigResized.connect(self._label_buckets)
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for widget, stretch in ((self._title, 0), (self._warning, 0), (self._stats, 0),
-                                (self._key, 0),
-                                (self._scatter, 3), (self._hist, 2)):
+                                (self._key, 0), (self._scatter, 4), (self._hist, 3)):
             layout.addWidget(widget, stretch)
         self._previous: tuple[str, FaultLog] | None = None
         self._progress = ProgressTrack()  # this run's guest progress, for the comparison
@@ -100,8 +114,8 @@ class QtLatencyPlots(QtWidgets.QWidget):
 
     def _build_scatter(self) -> tuple[QtPointRaster, pg.InfiniteLine]:
         plot = self._scatter.getPlotItem()
-        plot.setLabel("left", "latency of each fault (ms, log)")
-        plot.setLabel("bottom", "emulated time (s)")
+        _label(plot, "left", "latency (ms)")  # the decades say that the scale is log
+        _label(plot, "bottom", "emulated time (s)")
         plot.getAxis("left").setLogMode(True)  # the points are log10(ms)
         plot.getAxis("bottom").enableAutoSIPrefix(False)
         # Decade lines instead of showGrid(): a grid is drawn by the axes across the whole
@@ -111,10 +125,10 @@ class QtLatencyPlots(QtWidgets.QWidget):
                          ignoreBounds=True)
         plot.setMouseEnabled(x=False, y=False)
         plot.disableAutoRange()
-        plot.setMenuEnabled(False)
         # layer 0: the previous run, under the current run's channels (1: main, 2: preempt)
         raster = QtPointRaster(plot.getViewBox(), [(*PREVIOUS_POINTS, 255)] + [
-            (*rgb, 255) for rgb in style.CHANNEL_COLOURS])
+            (*rgb, 255) for rgb in style.CHANNEL_COLOURS],
+            ["disc", *style.CHANNEL_SHAPES])
         switch = pg.InfiniteLine(angle=90, pen=pg.mkPen((80, 80, 80), style=DASH),
                                  label="switchover", labelOpts={"position": 0.95,
                                                                 "color": (60, 60, 60)})
@@ -123,29 +137,55 @@ class QtLatencyPlots(QtWidgets.QWidget):
 
     def _build_hist(self) -> tuple[list[pg.BarGraphItem], pg.PlotCurveItem]:
         plot = self._hist.getPlotItem()
-        plot.setTitle("postcopy-latency-dist: faults per log2 bucket", size="10pt",
-                      color="#333")
-        plot.setLabel("left", "% of faults")
-        plot.setLabel("bottom", "latency bucket [2^N us, 2^(N+1) us), by its lower edge")
-        plot.setMenuEnabled(False)
+        # no title: its line is the room the "% of faults" axis needs on a 720-pixel screen
+        _label(plot, "left", "% of faults")
+        _label(plot, "bottom", HIST_AXIS)
         plot.setMouseEnabled(x=False, y=False)
         plot.disableAutoRange()
         # A fixed scale, the 0 line clear of the axis below: the axes repaint only on resize.
         plot.setYRange(-8, 104, padding=0)
-        for share in range(20, 101, 20):  # grid lines as items: see _build_scatter
+        for share in range(25, 101, 25):  # grid lines as items: see _build_scatter
             plot.addItem(pg.InfiniteLine(share, angle=0, pen=pg.mkPen((225, 225, 225))),
                          ignoreBounds=True)
+        # three labels, room for them on a short plot with large letters
+        plot.getAxis("left").setTicks([[(v, f"{v}") for v in (0, 50, 100)],
+                                       [(v, "") for v in (25, 75)]])
         bars = []
         for rgb in style.CHANNEL_COLOURS:
             item = pg.BarGraphItem(x0=[], width=1, height=[], brush=rgb, pen=pg.mkPen("w"))
             plot.addItem(item)
             bars.append(item)
+        # preempt's bars are hatched as well as blue: the shape of the channel, not only
+        # its colour (the scatter's crosses)
+        self._hatch = pg.BarGraphItem(x0=[], width=1, height=[], pen=pg.mkPen(None),
+                                      brush=QtGui.QBrush(QtGui.QColor("white"), HATCH))
+        plot.addItem(self._hatch)
         pen = pg.mkPen(style.PREVIOUS, width=2, style=DASH)
         previous = pg.PlotCurveItem(x=[0.0], y=[], stepMode="center", pen=pen)
         plot.addItem(previous)
-        ticks = [(n, bucket_label(n)) for n in range(BUCKETS)]
-        plot.getAxis("bottom").setTicks([ticks[::2], ticks[1::2]])
         return bars, previous
+
+    def _label_buckets(self, *_) -> None:
+        """Name every bucket the axis has room for (1, 2, 4 ... buckets apart), the others
+        get a bare tick: labels that overlap are read by nobody."""
+        box = self._hist.getPlotItem().getViewBox()
+        (x0, x1), _ = box.viewRange()
+        axis = self._hist.getPlotItem().getAxis("bottom")
+        font = axis.style.get("tickFont") or self._hist.font()
+        room = QtGui.QFontMetrics(font).horizontalAdvance(WIDEST_LABEL) * 1.1
+        per_bucket = max(box.width(), 1) / max(x1 - x0, 1e-9)
+        stride = 1
+        while stride * per_bucket < room and stride < BUCKETS:
+            stride *= 2
+        if stride == self._stride:
+            return
+        self._stride = stride
+        axis.setTicks([[(n, bucket_label(n)) for n in range(0, BUCKETS, stride)],
+                       [(n, "") for n in range(BUCKETS) if n % stride]])
+
+    def bucket_labels(self) -> list[str]:
+        """The histogram's tick labels, as drawn (for tests)."""
+        return [text for n, text in self._hist.getPlotItem().getAxis("bottom")._tickLevels[0]]
 
     def _hist_hovered(self, scene_pos: QtCore.QPointF) -> None:
         """The tick labels give a bucket's lower edge, rounded: the tooltip the whole bucket."""
@@ -161,6 +201,29 @@ class QtLatencyPlots(QtWidgets.QWidget):
         """The tooltip over the histogram at bucket coordinate *x* (bucket n spans [n, n+1))."""
         n = math.floor(x)
         return f"bucket {n}: {bucket_interval(n)}" if 0 <= n < BUCKETS else ""
+
+    def set_presentation(self, on: bool) -> None:
+        """Fonts at the scale in force (gui._qt.style.scale), thicker marks and lines."""
+        font = QtGui.QFont(self.font())
+        font.setPointSizeF(style.BASE_POINT_SIZE * style.scale)
+        for widget in (self._scatter, self._hist):
+            plot = widget.getPlotItem()
+            for side in ("left", "bottom"):
+                axis = plot.getAxis(side)
+                axis.setStyle(tickFont=font)
+                _label(plot, side, axis.labelText)
+        self._raster.set_radius(3 if on else 2)
+        self._raster.redraw()
+        self._switch.setPen(pg.mkPen((80, 80, 80), width=3 if on else 1, style=DASH))
+        self._prev_bars.setPen(pg.mkPen(style.PREVIOUS, width=4 if on else 2, style=DASH))
+        self._key.setText(_key_html(self.previous_label()))
+        self._stats.setText(self._stats_html())
+        self._stride = 0
+        self._label_buckets()
+
+    @property
+    def scatter(self) -> pg.PlotWidget:
+        return self._scatter
 
     # ---- runs ----
 
@@ -210,7 +273,8 @@ class QtLatencyPlots(QtWidgets.QWidget):
             if (lo, hi) == self._y:
                 return
             self._y = (lo, hi)
-        self._scatter.getPlotItem().setYRange(*self._y, padding=0.02)
+        # room above the top decade for its label, which is centred on it
+        self._scatter.getPlotItem().setYRange(*self._y, padding=0.06)
 
     def _fit_x(self, times: np.ndarray | None) -> None:
         """Time from 0, widened by half when a point falls off the right: the axes are
@@ -273,6 +337,8 @@ class QtLatencyPlots(QtWidgets.QWidget):
         for channel, bars in enumerate(self._bars):
             share = dist[channel, lo:hi] * 100 / max(int(dist.sum()), 1)
             bars.setOpts(x0=shown, width=1, y0=base.copy(), height=share)
+            if channel == 1:
+                self._hatch.setOpts(x0=shown, width=1, y0=base.copy(), height=share)
             base += share
         if self._previous:
             share = prev[lo:hi] * 100 / max(int(prev.sum()), 1)
@@ -290,6 +356,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         if (lo, hi) != self._buckets_shown:
             self._buckets_shown = (lo, hi)
             self._hist.getPlotItem().setXRange(lo - 0.3, hi + 0.3, padding=0)  # clear of the axes
+            self._label_buckets()
         return lo, hi
 
     def _stats_html(self) -> str:
@@ -298,7 +365,10 @@ class QtLatencyPlots(QtWidgets.QWidget):
         if self._previous is not None:
             rows.append(stats_row("previous run", self._previous[1].summary(),
                                   style.css(style.PREVIOUS)))
-        html = "<table cellspacing='0' cellpadding='0'>" + "".join(rows) + "</table>"
+        # the panel's widest line: its letters grow less than the rest in presentation mode
+        size = round(STATS_PX * min(style.scale, STATS_SCALE_MAX))
+        html = (f"<table cellspacing='0' cellpadding='0' style='font-size:{size}px'>"
+                + "".join(rows) + "</table>")
         self._stats.setToolTip(self.comparison_tip())
         return html + self._comparison_html()
 

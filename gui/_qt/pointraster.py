@@ -12,16 +12,29 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6 import QtCore
 
-# A dot of radius RADIUS = 2 pixels: a 5 x 5 square without its corners.
-RADIUS = 2
-_SPAN = range(-RADIUS, RADIUS + 1)
-DOT = [(dy, dx) for dy in _SPAN for dx in _SPAN if abs(dy) + abs(dx) < 4]
+RADIUS = 2  # a mark's radius in pixels (3 in presentation mode)
+
+
+def mark(shape: str, radius: int = RADIUS) -> list[tuple[int, int]]:
+    """The pixels (dy, dx) of one mark: a "disc" (at radius 2, a 5 x 5 square without its
+    corners) or a diagonal "cross", two pixels thick from radius 3 on."""
+    span = range(-radius, radius + 1)
+    if shape == "disc":
+        return [(dy, dx) for dy in span for dx in span if abs(dy) + abs(dx) < 2 * radius]
+    thick = 1 if radius >= 3 else 0
+    return [(dy, dx) for dy in span for dx in span
+            if min(abs(dy - dx), abs(dy + dx)) <= thick]
+
+
+DOT = mark("disc")
 
 
 def stamp(image: np.ndarray, view: tuple[float, float, float, float], x: np.ndarray,
-          y: np.ndarray, rgba: tuple[int, int, int, int]) -> None:
-    """Draw dots at data points (x, y) into *image* (rows, columns, 4; C-contiguous), which
-    shows the data rectangle view = (x0, x1, y0, y1) with row 0 at y0.
+          y: np.ndarray, rgba: tuple[int, int, int, int],
+          shape: list[tuple[int, int]] = DOT) -> None:
+    """Draw marks of *shape* (pixel offsets) at data points (x, y)
+    into *image* (rows, columns, 4; C-contiguous), which shows the data rectangle
+    view = (x0, x1, y0, y1) with row 0 at y0.
 
     The points mark their pixels, and the marks grow into dots by shifting the whole mask
     once per pixel of a dot: the cost follows the image's size, not the number of points, of
@@ -29,24 +42,29 @@ def stamp(image: np.ndarray, view: tuple[float, float, float, float], x: np.ndar
     """
     rows, cols = image.shape[:2]
     x0, x1, y0, y1 = view
-    col = np.floor((x - x0) / (x1 - x0) * cols).astype(np.int64) + RADIUS
-    row = np.floor((y - y0) / (y1 - y0) * rows).astype(np.int64) + RADIUS
-    hit = np.zeros((rows + 2 * RADIUS, cols + 2 * RADIUS), bool)  # a margin for dots that spill in
-    near = (row >= 0) & (row < rows + 2 * RADIUS) & (col >= 0) & (col < cols + 2 * RADIUS)
+    r = max(max(abs(dy), abs(dx)) for dy, dx in shape)
+    col = np.floor((x - x0) / (x1 - x0) * cols).astype(np.int64) + r
+    row = np.floor((y - y0) / (y1 - y0) * rows).astype(np.int64) + r
+    hit = np.zeros((rows + 2 * r, cols + 2 * r), bool)  # a margin for marks that spill in
+    near = (row >= 0) & (row < rows + 2 * r) & (col >= 0) & (col < cols + 2 * r)
     hit[row[near], col[near]] = True
     dots = np.zeros((rows, cols), bool)
-    for dy, dx in DOT:
-        dots |= hit[RADIUS - dy:RADIUS - dy + rows, RADIUS - dx:RADIUS - dx + cols]
+    for dy, dx in shape:
+        dots |= hit[r - dy:r - dy + rows, r - dx:r - dx + cols]
     pixels = image.view(np.uint32).reshape(rows, cols)  # one store per pixel
     pixels[dots] = np.array(rgba, np.uint8).view(np.uint32)[0]
 
 
 class QtPointRaster:
-    """Layers of points (drawn in the order given) on one ImageItem in a ViewBox."""
+    """Layers of points (drawn in the order given) on one ImageItem in a ViewBox, each layer
+    in its colour and shape ("disc" unless told)."""
 
-    def __init__(self, box: pg.ViewBox, colours: list[tuple[int, int, int, int]]) -> None:
+    def __init__(self, box: pg.ViewBox, colours: list[tuple[int, int, int, int]],
+                 shapes: list[str] | None = None) -> None:
         self._box = box
         self._colours = colours
+        self._shape_names = shapes or ["disc"] * len(colours)
+        self.set_radius(RADIUS)
         self._points: list[list[np.ndarray]] = [[] for _ in colours]  # per layer: (2, n)
         self._image = pg.ImageItem(axisOrder="row-major")
         box.addItem(self._image)
@@ -55,6 +73,11 @@ class QtPointRaster:
         self._stale = True
         box.sigRangeChanged.connect(self._invalidate)
         box.sigResized.connect(self._invalidate)
+
+    def set_radius(self, radius: int) -> None:
+        """Marks of *radius* pixels from the next redraw on (presentation mode: thicker)."""
+        self._shapes = [mark(name, radius) for name in self._shape_names]
+        self._stale = True
 
     def count(self, layer: int) -> int:
         return sum(chunk.shape[1] for chunk in self._points[layer])
@@ -69,7 +92,8 @@ class QtPointRaster:
         chunk = np.vstack([np.asarray(x, float), np.asarray(y, float)])
         self._points[layer].append(chunk)
         if not self._stale:
-            stamp(self._picture, self._view, chunk[0], chunk[1], self._colours[layer])
+            stamp(self._picture, self._view, chunk[0], chunk[1], self._colours[layer],
+                  self._shapes[layer])
             self._image.setImage(self._picture, autoLevels=False, levels=(0, 255))
 
     def redraw(self) -> None:
@@ -85,7 +109,8 @@ class QtPointRaster:
             if chunks:
                 self._points[layer] = [np.hstack(chunks)]  # one stamp per layer
                 every = self._points[layer][0]
-                stamp(self._picture, self._view, every[0], every[1], self._colours[layer])
+                stamp(self._picture, self._view, every[0], every[1], self._colours[layer],
+                      self._shapes[layer])
         self._image.setImage(self._picture, autoLevels=False, levels=(0, 255))
         self._image.setRect(QtCore.QRectF(x0, y0, x1 - x0, y1 - y0))
 

@@ -15,20 +15,26 @@ from gui._qt import style
 from gui.session import Snapshot
 
 SHOWN = 2  # pages listed per row; the rest are counted
+HEADERS = (("where", "the stops of an urgent page's round trip"),
+           ("queued", "bytes the link connection holds, of its socket buffer"),
+           ("urgent pages (age)", "the pages a vCPU waits for there, and for how long"))
 BAR_STEPS = 1000
 
 
 class QtUrgentQueue(QtWidgets.QWidget):
     def __init__(self, parent: QtWidgets.QWidget | None = None) -> None:
         super().__init__(parent)
-        title = QtWidgets.QLabel("Urgent pages: a vCPU is blocked on each one")
+        title = QtWidgets.QLabel("Urgent pages: a vCPU waits on each")
         title.setObjectName("title")
         grid = QtWidgets.QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
         grid.addWidget(title, 0, 0, 1, 3)
-        for col, text in enumerate(("where", "bytes queued on the link",
-                                    "urgent pages there (age)")):
-            grid.addWidget(QtWidgets.QLabel(_grey(text)), 1, col)
+        self._headers = []
+        for col, (text, tip) in enumerate(HEADERS):
+            header = QtWidgets.QLabel(_grey(text))
+            header.setToolTip(tip)
+            grid.addWidget(header, 1, col)
+            self._headers.append(header)
         self._bars: dict[str, QtWidgets.QProgressBar] = {}
         self._lists: dict[str, QtWidgets.QLabel] = {}
         rows = (("return", "return path\ndest → source"),
@@ -50,17 +56,27 @@ class QtUrgentQueue(QtWidgets.QWidget):
         self._hint.setWordWrap(True)
         style.fix_lines(self._hint, 2)
         grid.addWidget(self._hint, len(rows) + 2, 0, 1, 3)
-        grid.setColumnStretch(1, 2)
+        grid.setColumnStretch(1, 1)  # the pages need the room more than the bars
         grid.setColumnStretch(2, 3)
         grid.setRowStretch(len(rows) + 3, 1)
         self._texts: dict[str, str] = {}
         self.reset(None)
+
+    def set_presentation(self, on: bool) -> None:
+        """Large letters: a page's line may wrap (the panel scrolls), so room for two lines
+        a page."""
+        for label in self._lists.values():
+            label.setWordWrap(on)
+            style.fix_lines(label, (SHOWN + 1) * (2 if on else 1))
 
     def reset(self, cfg: Config | None) -> None:
         """A new run: the socket buffer sets the bars' scale; preempt may be off."""
         self._cfg = cfg
         self._window = cfg["link.socket-buffer"] if cfg else 1
         self._preempt = bool(cfg and cfg["migration.postcopy-preempt"])
+        # the buffer's size in the heading, so that a bar's text is short enough for a
+        # 1280-pixel screen
+        self._headers[1].setText(_grey(f"{HEADERS[1][0]} (of {style.size(self._window)})"))
         for bar in self._bars.values():
             bar.setValue(0)
             bar.setFormat("0 B")
@@ -78,12 +94,12 @@ class QtUrgentQueue(QtWidgets.QWidget):
         for key, bar in self._bars.items():
             queued = net.get(f"queued-{key}", 0.0)
             bar.setValue(min(BAR_STEPS, round(queued * BAR_STEPS / self._window)))
-            bar.setFormat(f"{style.size(queued)} of {style.size(self._window)}")
+            bar.setFormat(style.size(queued))
         urgent = snap.urgent
         self._set("queue", _pages(urgent.queued, "none waiting"))
         background = [(page, age, "(background)") for page, age in urgent.background]
         self._set("main", _pages(urgent.main + background, "none"))
-        off = "off: postcopy-preempt is not enabled"
+        off = "off (capability not set)"
         self._set("preempt", _pages(urgent.preempt, "none") if self._preempt else _grey(off))
         self._set("return", _pages(urgent.asking, "no request on its way"))
         self._set_hint(self._explain(net.get("queued-main", 0.0)))
@@ -116,11 +132,12 @@ class QtUrgentQueue(QtWidgets.QWidget):
 
 
 def _pages(entries: list[tuple], empty: str) -> str:
-    """Oldest first: (page, age) or (page, age, where)."""
+    """Oldest first: (page, age) or (page, age, where). The column's heading says that the
+    figure is an age: the line fits a 1280-pixel screen in presentation mode."""
     if not entries:
         return _grey(empty)
     oldest = sorted(entries, key=lambda e: -e[1])
-    lines = [f"page {entry[0]} · waiting <b>{style.duration(entry[1])}</b>"
+    lines = [f"page {entry[0]} · <b>{style.duration(entry[1])}</b>"
              + (f" {entry[2]}" if len(entry) > 2 else "") for entry in oldest[:SHOWN]]
     if len(oldest) > SHOWN:
         lines.append(f"+ {len(oldest) - SHOWN} more")

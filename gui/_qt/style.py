@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 from PySide6 import QtWidgets
 
 from emu.migration import ram as R
@@ -10,12 +12,31 @@ from gui import pagemap
 # A channel's colour is the colour of the pages it delivered on demand, in every panel.
 CHANNEL_COLOURS = (pagemap.COLOURS[R.URGENT_MAIN], pagemap.COLOURS[R.URGENT_PREEMPT])
 PREVIOUS = (110, 110, 110)  # the previous run's overlay
+# Shapes go with the colours, so that a student who cannot tell the colours apart still reads
+# the channel: a disc for main, a cross for preempt, in the scatter and in its key.
+CHANNEL_SHAPES = ("disc", "cross")
+CHANNEL_GLYPHS = ("&#9679;", "&#10006;")
 
-STYLE_SHEET = """
-QLabel#title { font-weight: bold; font-size: 14px; }
-QGroupBox { font-weight: bold; }
-QLabel#note { color: #b03000; }
+PRESENTATION_SCALE = 1.5  # fonts in presentation mode, for a projector at the back of a hall
+BASE_POINT_SIZE = 9.0  # the application's font outside presentation mode (Qt's default)
+scale = 1.0  # the font scale in force: 1, or PRESENTATION_SCALE
+
+
+def px(pixels: float) -> int:
+    """A font size (or a mark's size) in pixels at the scale in force."""
+    return round(pixels * scale)
+
+
+def style_sheet() -> str:
+    """The window's style sheet at the scale in force."""
+    return f"""
+QLabel#title {{ font-weight: bold; font-size: {px(14)}px; }}
+QGroupBox {{ font-weight: bold; }}
+QLabel#note {{ color: #b03000; }}
 """
+
+
+STYLE_SHEET = style_sheet()
 
 
 # Heavy redraws are spread over the frames of an 8-frame cycle (the window ticks every panel
@@ -60,7 +81,17 @@ def fix_lines(label: QtWidgets.QLabel, lines: int) -> QtWidgets.QLabel:
     label.setFixedHeight(label.fontMetrics().lineSpacing() * lines + 4)
     label.setSizePolicy(QtWidgets.QSizePolicy.Policy.Ignored,
                         QtWidgets.QSizePolicy.Policy.Fixed)
+    _fixed[label] = lines
     return label
+
+
+_fixed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # label -> lines, of fix_lines
+
+
+def refit_lines() -> None:
+    """Fixed heights again, after the font changed (presentation mode)."""
+    for label, lines in list(_fixed.items()):
+        label.setFixedHeight(label.fontMetrics().lineSpacing() * lines + 4)
 
 
 def css(rgb: tuple[int, int, int]) -> str:

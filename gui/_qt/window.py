@@ -11,9 +11,9 @@ from PySide6 import QtCore, QtGui, QtWidgets
 
 from emu.config import Config, ConfigError, load_config
 from emu.faults import from_config as scenario_faults
-from emu.figures import timescale
+from emu.figures import faultcsv, timescale
 from emu.migration.ram import TARGET_PAGE
-from gui._qt import style
+from gui._qt import export, style
 from gui._qt.bitmap import QtPageBitmap
 from gui._qt.controls import QtControls
 from gui._qt.counters import QtCounters
@@ -24,7 +24,37 @@ from gui.record import numbered
 from gui.session import COMPLETED, FINAL, IDLE, RUNNING, STARTING, Session
 
 TICK_MS = 40  # 25 Hz: smooth enough to watch, cheap enough for a 2-core machine
+# (menu, text, shortcut, method): the menus, and the keys a lecturer presses with the window
+# full screen. A step exists only for a session that can step (a replay): the arrow keys do
+# nothing otherwise, and reach the focused widget instead.
+ACTIONS = (
+    ("&File", "Export faults as &CSV...", "Ctrl+E", "ask_export_csv"),
+    ("&File", "Export &latency plot (PNG, SVG)...", "", "ask_export_scatter"),
+    ("&File", "Export &histogram (PNG, SVG)...", "", "ask_export_histogram"),
+    ("&File", "Export page &bitmap (PNG, SVG)...", "", "ask_export_bitmap"),
+    ("&File", "Save &window as PNG...", "Ctrl+S", "ask_export_window"),
+    ("&File", "&Quit", "Ctrl+Q", "close"),
+    ("&Migration", "&Start migration", "Ctrl+Return", "press_start"),
+    ("&Migration", "Start &postcopy now", "Ctrl+P", "press_postcopy"),
+    ("&Migration", "Pause / &resume", "Space", "press_pause"),
+    ("&Migration", "Step &back", "Left", "step_back"),
+    ("&Migration", "Step &forward", "Right", "step_forward"),
+    ("&Migration", "R&eset", "Ctrl+R", "press_reset"),
+    ("&View", "&Presentation mode (large fonts, thick marks)", "F5", "set_presentation"),
+    ("&View", "&Full screen", "F11", "set_full_screen"),
+    ("&View", "&Settings panel", "F9", "set_settings_shown"),
+    ("&Help", "&Keyboard shortcuts", "F1", "show_shortcuts"),
+)
+CHECKABLE = ("set_presentation", "set_full_screen", "set_settings_shown")
+STEPS = ("step_back", "step_forward")
+EXPORTS = {"scatter": "latency plot", "histogram": "histogram", "bitmap": "page bitmap"}
 SAME_RUN_KEYS_IGNORED = ("emulator.time-scale",)  # changes a running migration in place
+BANNER_LINES = 2  # the scenario, then the run's state
+BANNER_LINES_PRESENTING = 3.6  # in body-text lines: the scenario wraps, in larger letters
+BANNER_MIN_PX = 44  # the first line is in title-sized letters
+# Heights of the pictures and of the figures under them, as shares (presentation mode: more
+# room for the plots, whose letters grew); the splitter between them moves them by hand.
+SPLIT = {False: [650, 350], True: [780, 220]}
 
 
 def mode_label(cfg: Config) -> str:
@@ -68,6 +98,7 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self._last = None  # the last Snapshot
         self._banner_turn = style.Turn("banner")
         self._build()
+        self._menus()
         self._connect()
         self.controls.show_config(cfg, preset)
         self._reset_views(cfg)
@@ -93,19 +124,53 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.events.setMaximumBlockCount(2000)
         self.banner = QtWidgets.QLabel()
         self.banner.setTextFormat(QtCore.Qt.TextFormat.RichText)
-        style.fix_lines(self.banner, 2).setMinimumHeight(44)
+        self.banner.setWordWrap(True)  # a long scenario line wraps instead of being cut
+        style.fix_lines(self.banner, BANNER_LINES)
+        self._fit_banner(False)
+        # Top the pictures, under them the figures: a splitter between the two, and panels
+        # that scroll when short, so that the window fits a 1280 x 720 projector.
+        split = QtWidgets.QSplitter(QtCore.Qt.Orientation.Vertical)
+        split.setChildrenCollapsible(False)
+        split.addWidget(_row((self.bitmap, 11), (self.latency, 9)))
+        split.addWidget(_row((_ScrollColumn(self.queue), 11), (_ScrollColumn(self.counters), 6),
+                             (_titled("Event log (emulated time)", self.events), 4)))
+        split.setStretchFactor(0, 7)
+        split.setStretchFactor(1, 3)
+        self._split = split
+        split.setSizes(SPLIT[False])
         main = QtWidgets.QWidget()
         column = QtWidgets.QVBoxLayout(main)
+        column.setContentsMargins(4, 4, 4, 4)
         column.addWidget(self.banner)
         column.addWidget(self.transport)
-        column.addWidget(_row((self.bitmap, 12), (self.latency, 8)), 7)
-        column.addWidget(_row((self.queue, 9), (self.counters, 6),
-                              (_titled("Event log (emulated time)", self.events), 5)), 3)
+        column.addWidget(split, 1)
         central = QtWidgets.QWidget()
         layout = QtWidgets.QHBoxLayout(central)
-        layout.addWidget(_scrolled(self.controls))
+        layout.setContentsMargins(4, 4, 4, 4)
+        self.settings = _ScrollColumn(self.controls, fixed=True)
+        layout.addWidget(self.settings)
         layout.addWidget(main, 1)
         self.setCentralWidget(central)
+
+    def _menus(self) -> None:
+        """The menu bar (ACTIONS), and a corner button that lists the shortcuts."""
+        menus: dict[str, QtWidgets.QMenu] = {}
+        actions = self._actions = {}
+        for menu, text, keys, method in ACTIONS:
+            if menu not in menus:
+                menus[menu] = self.menuBar().addMenu(menu)
+            action = menus[menu].addAction(text)
+            action.setShortcut(QtGui.QKeySequence(keys))
+            action.setCheckable(method in CHECKABLE)
+            signal = action.toggled if method in CHECKABLE else action.triggered
+            signal.connect(getattr(self, method))
+            actions[method] = action
+        actions["set_settings_shown"].setChecked(True)
+        keys = QtWidgets.QToolButton(text="Keyboard shortcuts")
+        keys.setAutoRaise(True)
+        keys.setToolTip(shortcuts_text())
+        keys.clicked.connect(self.show_shortcuts)
+        self.menuBar().setCornerWidget(keys)
 
     def _connect(self) -> None:
         c = self.controls
@@ -234,6 +299,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
     def _reset_views(self, cfg: Config) -> None:
         self.bitmap.reset(cfg.npages, cfg.page_size, self.session.describe,
                           preempt=cfg["migration.postcopy-preempt"])
+        for name in STEPS:  # the arrow keys only for a session that can step
+            self._actions[name].setEnabled(callable(getattr(self.session, "step", None)))
         self.latency.reset(mode_label(cfg))
         self.queue.reset(cfg)
         self.counters.reset()
@@ -241,7 +308,156 @@ class QtMainWindow(QtWidgets.QMainWindow):
         self.latency.set_warning(None)
         self._fidelity_logged = False
 
+    # ---- keys, presentation, full screen ----
+
+    def press_start(self) -> None:
+        self._press(self.controls.start)
+
+    def press_postcopy(self) -> None:
+        self._press(self.controls.postcopy)
+
+    def press_pause(self) -> None:
+        """Space: the Pause button, so that it shows Pause or Resume as a click would."""
+        self._press(self.controls.pause)
+
+    def press_reset(self) -> None:
+        self._press(self.controls.reset)
+
+    @staticmethod
+    def _press(button: QtWidgets.QAbstractButton) -> None:
+        if button.isEnabled():
+            button.click()
+
+    def step_back(self) -> None:
+        self._step(-1)
+
+    def step_forward(self) -> None:
+        self._step(1)
+
+    def _step(self, direction: int) -> None:
+        """One step back or forward, for a session that has steps (session.step)."""
+        step = getattr(self.session, "step", None)
+        if callable(step):
+            step(direction)
+            self.tick()
+
+    def set_full_screen(self, on: bool) -> None:
+        if on:
+            self.showFullScreen()
+        else:
+            self.showNormal()
+        _quietly(self._actions["set_full_screen"], on)
+
+    def set_settings_shown(self, on: bool) -> None:
+        self.settings.setVisible(on)
+        _quietly(self._actions["set_settings_shown"], on)
+
+    def set_presentation(self, on: bool) -> None:
+        """Presentation mode: fonts PRESENTATION_SCALE times larger, thicker marks and
+        lines, and the settings out of the way (F9 brings them back; the Migration menu and
+        its keys drive the run meanwhile)."""
+        if on == (style.scale != 1.0):
+            return
+        app = QtWidgets.QApplication.instance()
+        if on:
+            style.BASE_POINT_SIZE = app.font().pointSizeF()  # to go back to
+        style.scale = style.PRESENTATION_SCALE if on else 1.0
+        font = app.font()
+        font.setPointSizeF(style.BASE_POINT_SIZE * style.scale)
+        app.setFont(font)
+        app.setStyleSheet(style.style_sheet())
+        style.refit_lines()
+        self._fit_banner(on)
+        self._split.setSizes(SPLIT[on])
+        self.bitmap.set_presentation(on)
+        self.latency.set_presentation(on)
+        self.queue.set_presentation(on)
+        self.set_settings_shown(not on)
+        _quietly(self._actions["set_presentation"], on)
+        if self._last is not None:
+            self._show_banner(self._last)
+
+    def _fit_banner(self, on: bool) -> None:
+        """Room for the banner's title-sized first line, and in presentation mode for that
+        line wrapping (the scenario is longer than 1280 pixels at 1.5 times the letters)."""
+        lines = BANNER_LINES_PRESENTING if on else BANNER_LINES
+        height = round(self.banner.fontMetrics().lineSpacing() * lines + 4)
+        self.banner.setFixedHeight(max(BANNER_MIN_PX, height))
+
+    @property
+    def presenting(self) -> bool:
+        return style.scale != 1.0
+
+    def show_shortcuts(self) -> None:
+        box = QtWidgets.QMessageBox(QtWidgets.QMessageBox.Icon.Information, "Keyboard shortcuts",
+                                    shortcuts_text(), parent=self)
+        box.open()  # not modal: the run goes on behind it
+
+    # ---- export ----
+
+    def export_csv(self, path: str) -> int:
+        """The current run's faults as CSV (emu.figures.faultcsv); returns how many."""
+        snap = self._last
+        pages = None
+        if snap is not None and snap.dst is not None:
+            pages = (snap.dst, snap.src, snap.arrival)
+        return faultcsv.write(path, self.session.faults.records, self.session.cfg.page_size,
+                              pages)
+
+    def export_picture(self, what: str, path: str) -> None:
+        """One panel's picture, PNG or SVG by the suffix: scatter, histogram or bitmap."""
+        self.refresh()
+        item = {"scatter": self.latency.scatter.getPlotItem(),
+                "histogram": self.latency.histogram.getPlotItem(),
+                "bitmap": self.bitmap.view_box}[what]
+        export.save_item(item, path)
+
+    def export_window(self, path: str) -> None:
+        self.refresh()
+        export.save_widget(self, path)
+
+    def ask_export_csv(self) -> None:
+        path = self._ask_path("Export faults as CSV", "faults.csv", "CSV (*.csv)")
+        if path:
+            self._exported(path, lambda: f"{self.export_csv(path):,} faults")
+
+    def ask_export_scatter(self) -> None:
+        self._ask_picture("scatter")
+
+    def ask_export_histogram(self) -> None:
+        self._ask_picture("histogram")
+
+    def ask_export_bitmap(self) -> None:
+        self._ask_picture("bitmap")
+
+    def ask_export_window(self) -> None:
+        path = self._ask_path("Save the window", "window.png", "PNG (*.png)")
+        if path:
+            self._exported(path, lambda: self.export_window(path) or "the window")
+
+    def _ask_picture(self, what: str) -> None:
+        name = EXPORTS[what]
+        path = self._ask_path(f"Export the {name}", what + ".png", "PNG (*.png);;SVG (*.svg)")
+        if path:
+            self._exported(path, lambda: self.export_picture(what, path) or f"the {name}")
+
+    def _ask_path(self, title: str, name: str, filters: str) -> str:
+        path, chosen = QtWidgets.QFileDialog.getSaveFileName(self, title, name, filters)
+        if path and not path.lower().endswith(export.FORMATS + (".csv",)):
+            path += "." + chosen.split("*.")[-1].rstrip(")")  # the filter's suffix
+        return path
+
+    def _exported(self, path: str, write) -> None:
+        """Write, and say in the event log what went where (or why not)."""
+        try:
+            what = write()
+        except (OSError, ValueError) as err:
+            self.events.appendPlainText(f"export failed: {err}")
+            return
+        self.events.appendPlainText(f"exported {what} to {path}")
+
     def closeEvent(self, event: QtGui.QCloseEvent) -> None:  # noqa: N802 (Qt's name)
+        self.set_presentation(False)  # the application's fonts as they were
         self._timer.stop()
         self.session.stop()  # every process ends, every shared-memory segment goes
         event.accept()
@@ -296,7 +512,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
                      f"(time-scale {self.session.scale:g}){paused}")
             if snap.phase in FINAL:
                 state = f"run <b>{snap.phase}</b>{_marked(self.session)}: " + state
-        text = f"<span style='font-size:15px'><b>{describe_run(cfg)}</b></span><br>{state}"
+        text = (f"<span style='font-size:{style.px(15)}px'><b>{describe_run(cfg)}</b></span>"
+                f"<br>{state}")
         if self.banner.text() != text:
             self.banner.setText(text)
 
@@ -341,15 +558,47 @@ def _titled(title: str, widget: QtWidgets.QWidget) -> QtWidgets.QWidget:
     return box
 
 
-def _scrolled(widget: QtWidgets.QWidget) -> QtWidgets.QScrollArea:
-    """A column that scrolls up and down when the window is short, never sideways."""
-    scroll = QtWidgets.QScrollArea()
-    scroll.setWidget(widget)
-    scroll.setWidgetResizable(True)
-    scroll.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-    scroll.setFixedWidth(widget.sizeHint().width() + 16)
-    scroll.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
-    return scroll
+class _ScrollColumn(QtWidgets.QScrollArea):
+    """A panel that scrolls up and down when the window is short, never sideways: as wide as
+    its content needs (at the font in force), as short as a few lines. fixed: no wider
+    either (the settings column)."""
+
+    SHORTEST = 80
+
+    def __init__(self, widget: QtWidgets.QWidget, fixed: bool = False) -> None:
+        super().__init__()
+        self.setWidget(widget)
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(QtCore.Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setFrameShape(QtWidgets.QFrame.Shape.NoFrame)
+        if fixed:
+            self.setSizePolicy(QtWidgets.QSizePolicy.Policy.Fixed,
+                               QtWidgets.QSizePolicy.Policy.Preferred)
+        self._fixed = fixed
+
+    def _width(self) -> int:
+        content = self.widget()
+        need = content.sizeHint() if self._fixed else content.minimumSizeHint()
+        return need.width() + self.verticalScrollBar().sizeHint().width() + 2
+
+    def minimumSizeHint(self) -> QtCore.QSize:  # noqa: N802 (Qt's name)
+        return QtCore.QSize(self._width(), self.SHORTEST)
+
+    def sizeHint(self) -> QtCore.QSize:  # noqa: N802 (Qt's name)
+        return QtCore.QSize(self._width(), self.widget().sizeHint().height())
+
+
+def _quietly(action: QtGui.QAction, checked: bool) -> None:
+    """Tick a menu entry without triggering it again."""
+    with QtCore.QSignalBlocker(action):
+        action.setChecked(checked)
+
+
+def shortcuts_text() -> str:
+    """The shortcuts, one a line, for the tooltip and Help > Keyboard shortcuts."""
+    return "\n".join(f"{QtGui.QKeySequence(keys).toString(QtGui.QKeySequence.NativeText):<12}"
+                     f"{text.replace('&', '').removesuffix('...')}"
+                     for _, text, keys, _ in ACTIONS if keys)
 
 
 def _row(*widgets: tuple[QtWidgets.QWidget, int]) -> QtWidgets.QWidget:

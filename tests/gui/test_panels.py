@@ -70,10 +70,10 @@ def test_a_vanilla_request_waits_in_view_behind_the_background_stream(shown):
     s.send(30, R.SENT_MAIN)  # already in the background stream when touched
     window.refresh()  # 40: its request is still on the return path
     q = window.queue
-    assert q.text("queue") == f"page 10 · waiting <b>{style.duration(0.004)}</b>"
-    assert q.text("main") == (f"page 20 · waiting <b>{style.duration(0.003)}</b><br>"
-                              f"page 30 · waiting <b>{style.duration(0.002)}</b> (background)")
-    assert q.text("return") == f"page 40 · waiting <b>{style.duration(0.001)}</b>"
+    assert q.text("queue") == f"page 10 · <b>{style.duration(0.004)}</b>"
+    assert q.text("main") == (f"page 20 · <b>{style.duration(0.003)}</b><br>"
+                              f"page 30 · <b>{style.duration(0.002)}</b> (background)")
+    assert q.text("return") == f"page 40 · <b>{style.duration(0.001)}</b>"
     assert "off" in q.text("preempt")
     assert window.urgent_pages() == 2  # queued or sent urgently: not the background page
     assert window.select_telling_page() == 10  # the one waiting longest
@@ -87,8 +87,8 @@ def test_preempt_lists_the_pages_on_its_channel(shown):
     s.now = 0.001
     window.refresh()
     assert window.queue.text("preempt") == (
-        f"page 7 · waiting <b>{style.duration(0.001)}</b><br>"
-        f"page 8 · waiting <b>{style.duration(0.001)}</b><br>+ 1 more")
+        f"page 7 · <b>{style.duration(0.001)}</b><br>"
+        f"page 8 · <b>{style.duration(0.001)}</b><br>+ 1 more")
     assert "none" in window.queue.text("main")
 
 
