@@ -99,7 +99,7 @@ class QtLatencyPlots(QtWidgets.QWidget):
         layout = QtWidgets.QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for widget, stretch in ((self._title, 0), (self._warning, 0), (self._stats, 0),
-                                (self._key, 0), (self._scatter, 4), (self._hist, 3)):
+                                (self._key, 0), (self._scatter, 1), (self._hist, 1)):
             layout.addWidget(widget, stretch)
         self._previous: tuple[str, FaultLog] | None = None
         self._progress = ProgressTrack()  # this run's guest progress, for the comparison
