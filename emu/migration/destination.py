@@ -28,6 +28,8 @@ from emu import shm, trace
 from emu.board import LAG_FIELDS, Board, lag_meter
 from emu.clock import Clock
 from emu.config import Config
+from emu.cpu import Costs, CpuThread
+from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
 from emu.migration import loadvm, wire
@@ -41,6 +43,7 @@ from emu.net.channel import ChannelError
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS
+FIELDS += cpu_fields(("listen", "preempt", "fault"))  # their CPU time (emu/cpu.py)
 RING = 1 << 16
 PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
 
@@ -70,9 +73,14 @@ class Destination:
         if cfg["emulator.payload"]:
             shm.map_in(bufs[shm.DST_RAM])
             self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs[shm.DST_RAM])
-        self.placer = Placer(states, self.ram, cfg.page_size, self._placed)
+        self.costs = Costs.from_config(cfg)
+        # the listen thread (main) and the preempt thread, as serial servers in emulated time
+        self.cpu = [CpuThread(name, self.clock, self.board) for name in ("listen", "preempt")]
+        self.placer = Placer(states, self.ram, cfg.page_size, self._placed, self._placing)
         self.state = StateLog("destination", self.clock.now, control.emit)
         self.lag = lag_meter(self.board, self.clock.now)
+        # per channel: a frame read late because its thread was busy placing is not lag
+        self.lags = [lag_meter(self.board, self.clock.now, cpu.ready) for cpu in self.cpu]
         self.stop = threading.Event()
         self.vcpus: list[VCpu] = []
         self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
@@ -229,6 +237,13 @@ class Destination:
         except ChannelError as err:
             self.channel_failed(f"return path: {err}")
             return False
+
+    def _placing(self, count: int, which: int) -> None:
+        """The listen or preempt thread is about to place `count` host pages: its CPU time
+        for them (cpu.place-page, cpu.place-byte) passes before the vCPUs see them."""
+        cpu = self.cpu[which]
+        cpu.charge(self.costs.place(count, self.cfg.page_size))
+        cpu.settle()
 
     # ---- what the window and the report read ----
 

@@ -31,6 +31,7 @@ from emu import trace
 from emu.board import Board
 from emu.clock import Clock
 from emu.config import Config
+from emu.cpu import Costs, CpuThread
 from emu.migration import wire
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram import SENT_MAIN, SENT_PREEMPT, SENT_URGENT_MAIN, TARGET_PAGE, UNSENT
@@ -83,11 +84,15 @@ class PageSearchStatus:
 
 
 class RecordWriter:
-    """Page records on a channel, counted on the board (QEMU's save_normal_page())."""
+    """Page records on a channel, counted on the board (QEMU's save_normal_page()); the
+    migration thread's CPU time for them is charged to `cpu` (emu/cpu.py)."""
 
-    def __init__(self, raw: memoryview | None, board: Board) -> None:
+    def __init__(self, raw: memoryview | None, board: Board, cpu: CpuThread | None = None,
+                 costs: Costs | None = None) -> None:
         self.raw = raw  # guest RAM, None without payload (a record then costs the link its size)
         self.board = board
+        self.cpu = cpu
+        self.costs = costs or Costs()
 
     def save_normal_page(self, ep: Endpoint, offset: int, n: int, counter: str,
                          more: bool) -> None:
@@ -95,6 +100,7 @@ class RecordWriter:
         (precopy-bytes, ...). more: a background record, which may gather in the endpoint."""
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * TARGET_PAGE
+        self._spend(n, size + len(header))
         if self.raw is not None:
             # straight from guest RAM: a page the guest writes meanwhile is re-dirtied and
             # sent again, as in QEMU
@@ -106,6 +112,14 @@ class RecordWriter:
         b.add(counter, size + len(header))
         b.add("normal", n)
         b.add("normal-bytes", size)
+
+    def _spend(self, pages: int, nbytes: int) -> None:
+        """The migration thread's time on this record (cpu.save-page, cpu.write,
+        cpu.write-byte), waited out before its bytes go: a write the link sees. Charged as if
+        the page bytes were written without payload too (QEMU writes them)."""
+        if self.cpu is not None:
+            self.cpu.charge(self.costs.save(pages, nbytes))
+            self.cpu.settle()
 
 
 class RAMState:
@@ -125,7 +139,8 @@ class RAMState:
         self.pss = PageSearchStatus()
         # the request queue has a lock of its own: the return path puts without bitmap_mutex
         self.queue = queue  # QEMU's src_page_requests
-        self.writer = RecordWriter(raw, board)
+        self.writer = RecordWriter(raw, board, CpuThread("migration", clock, board),
+                                   Costs.from_config(cfg))
         self._remaining_at = 0.0
 
     # ---- the bitmap ----
