@@ -13,9 +13,9 @@ sent, a request queued. So work queued behind a busy thread waits for it, work o
 does not, and the emulator sleeps once per act, never once per tiny charge (a real sleep
 overshoots by 50-100 us; Clock.sleep_until spins below 200 us).
 
-The emulator's own work between a charge and its settle overlaps the charged time. When it takes
-longer, the act is late by the difference: settle counts that (`late`), and the run's report
-says so when it is not small next to what was charged.
+A charge starts when the thread charges it (or when its earlier work is done): the emulator's own
+work adds to it, x time-scale, as the model's software term says. The run's report compares the
+two per fault and says when the emulator's own cost is not small next to what was charged.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ from emu.migration.ram import TARGET_PAGE
 # each, so one writev per 32 target pages (qemu-file.c's add_to_iovec / qemu_fflush)
 PAGES_PER_WRITEV = 32
 THREADS = ("migration", "return-path", "listen", "preempt", "fault")
-STATS = ("busy", "late", "acts")
+STATS = ("busy", "acts")
 
 
 def fields(threads: tuple[str, ...]) -> tuple[str, ...]:
-    """The board fields the CpuThreads of `threads` publish: seconds charged, seconds late,
-    acts settled."""
+    """The board fields the CpuThreads of `threads` publish: seconds charged, acts settled."""
     return tuple(f"cpu-{t}-{s}" for t in threads for s in STATS)
 
 
@@ -82,7 +81,7 @@ class CpuThread:
         self.name = name
         self.clock = clock
         self.free_at = 0.0  # emulated time at which the work charged so far is done
-        self.busy = self.late = 0.0
+        self.busy = 0.0
         self.acts = 0
         self._pending = False  # charged since the last settle
         self._board = board if board is not None and f"cpu-{name}-busy" in board.fields \
@@ -103,17 +102,11 @@ class CpuThread:
         if not self._pending:  # nothing charged since the last act (every cpu.* key 0: as before)
             return
         self._pending = False
-        late = self.clock.now() - self.free_at
-        if late < 0:
-            while not self.clock.sleep_until(self.free_at):
-                pass
+        while not self.clock.sleep_until(self.free_at):
+            pass
         self.acts += 1
-        if late > 0:
-            self.late += late
         if self._board is not None:
             self._board.add(f"cpu-{self.name}-acts", 1)
-            if late > 0:
-                self._board.add(f"cpu-{self.name}-late", late)
 
     def ready(self) -> float:
         """When this thread can next take work in (for the lag meter: a frame read late

@@ -154,7 +154,9 @@ def test_a_back_to_back_request_back_within_two_cycles_waits_for_the_second_look
             "workload.touch-cost=1us")
     pred = predict(cfg(*sets, "workload.pattern=random"))
     assert pred["latency-us"] == pytest.approx(2 * GIB / TEN_GBIT * 1e6 - 1)
-    assert predict(cfg(*sets))["latency-us"] < 1.6 * GIB / TEN_GBIT * 1e6  # at random: 1.5
+    # at random: 1.5 pages, and the destination's CPU time to place the page (cpu.place-*)
+    at_random = predict(cfg(*sets))
+    assert at_random["latency-us"] - at_random["terms-us"]["cpu"] < 1.6 * GIB / TEN_GBIT * 1e6
 
 
 def test_back_to_back_faults_spanning_cycles_arrive_at_random_phases():

@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from emu.config import Config
+from emu.cpu import Costs
 from emu.migration import wire
 from emu.migration.ram import TARGET_PAGE
 from emu.migration.ram_save import Pacer
@@ -82,6 +83,7 @@ TERMS = {
     "rest": "r/B: until the migration thread next looks at the queue",
     "page": "P/B: the page itself",
     "shared": "min(P,S)/B: main's share of the link (preempt)",
+    "cpu": "t: QEMU's threads' CPU time on the way (cpu.*)",
 }
 # Measured: the emulator's real time per fault beyond the link's own delays, with 4 KiB pages,
 # preempt and an idle main, on an idle 2-core machine with the relay waking on time: 0.55 ms
@@ -213,6 +215,28 @@ def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float,
     return phases
 
 
+def cpu_time(cfg: Config, mode: str, backlog: float) -> float:
+    """t, the CPU time of QEMU's threads (the cpu.* keys, emu/cpu.py) one fault waits for, in
+    seconds, with S = `backlog` bytes ahead on main: the fault thread's per request, the
+    return-path thread's per message, the migration thread's on the urgent page's first record
+    (the rest of a huge page goes while the link carries the first: the link is slower), and the
+    placement of the page by the thread of its channel. In vanilla with a backlog, the listen
+    thread is still placing the background unit the urgent page arrived right behind (a record of
+    small pages, or a huge page) for what that takes beyond the urgent page's own P / B; the
+    preempt thread has nothing else to do. Not here: a request arriving while the migration
+    thread is busy with a background record waits for the rest of it (a few us a record at the
+    defaults: small next to r / B, which covers the record's way over the link)."""
+    costs = Costs.from_config(cfg)
+    page, b = cfg.page_size, cfg["link.bandwidth"]
+    record = _record(cfg)
+    save = costs.save_record(page, record)
+    t = costs.fault_request + costs.return_path_message + save + costs.place(1, page)
+    if backlog > 0 and mode == "vanilla":
+        ahead = costs.place(max(1, record // page), page)
+        t += max(0.0, ahead - page / b)
+    return t
+
+
 def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, Any]:
     """The predicted mean page-fault latency of the scenario, in us, and its terms.
 
@@ -222,8 +246,9 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     mode = mode_of(cfg)
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
                  software_cost * cfg["emulator.time-scale"])
-    phases = _phases(cfg, mode, one.software)
-    each = [latency_terms(mode, replace(one, backlog=s, rest=r)) for _, s, r in phases]
+    phases = _phases(cfg, mode, one.software + cpu_time(cfg, mode, 0.0))
+    each = [{**latency_terms(mode, replace(one, backlog=s, rest=r)),
+             "cpu": cpu_time(cfg, mode, s)} for _, s, r in phases]
     weights = [share for share, _, _ in phases]
     if _back_to_back(cfg):
         # a vCPU that is always faulting sees share / L faults in a phase of latency L
