@@ -13,9 +13,12 @@ sent, a request queued. So work queued behind a busy thread waits for it, work o
 does not, and the emulator sleeps once per act, never once per tiny charge (a real sleep
 overshoots by 50-100 us; Clock.sleep_until spins below 200 us).
 
-A charge starts when the thread charges it (or when its earlier work is done): the emulator's own
-work adds to it, x time-scale, as the model's software term says. The run's report compares the
-two per fault and says when the emulator's own cost is not small next to what was charged.
+A charge starts when the thread charges it, or when its earlier work is done, or, for a thread
+that reads a channel, when the frame it works on arrived (mark): the emulator's own work on the
+frame then overlaps the charged time, and shows only where it is longer. Elsewhere the
+emulator's own work adds to the charge, x time-scale, as the model's software term says. The
+run's report compares the two per fault and says when the emulator's own cost is not small next
+to what was charged.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class CpuThread:
         self.busy = 0.0
         self.acts = 0
         self._pending = False  # charged since the last settle
+        self._since: float | None = None  # the input of the next charge came then (mark)
         self._board = board if board is not None and f"cpu-{name}-busy" in board.fields \
             else None
 
@@ -91,11 +95,18 @@ class CpuThread:
         """Work of `seconds` starting now, or when the work before it is done."""
         if seconds <= 0:
             return
-        self.free_at = max(self.free_at, self.clock.now()) + seconds
+        start = self.clock.now() if self._since is None else self._since
+        self._since = None
+        self.free_at = max(self.free_at, start) + seconds
         self.busy += seconds
         self._pending = True
         if self._board is not None:
             self._board.add(f"cpu-{self.name}-busy", seconds)
+
+    def mark(self, t: float) -> None:
+        """The input of the next charge (a frame read off a channel) was there at emulated
+        time t: the work on it starts then, or when the thread is free."""
+        self._since = t
 
     def settle(self) -> None:
         """Before an act others see: wait until the work charged so far is done."""

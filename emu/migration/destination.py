@@ -79,8 +79,7 @@ class Destination:
         self.placer = Placer(states, self.ram, cfg.page_size, self._placed, self._placing)
         self.state = StateLog("destination", self.clock.now, control.emit)
         self.lag = lag_meter(self.board, self.clock.now)
-        # per channel: a frame read late because its thread was busy placing is not lag
-        self.lags = [lag_meter(self.board, self.clock.now, cpu.ready) for cpu in self.cpu]
+        self.lags = [self._reader_meter(cpu) for cpu in self.cpu]  # per channel
         self.stop = threading.Event()
         self.vcpus: list[VCpu] = []
         self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
@@ -237,6 +236,17 @@ class Destination:
         except ChannelError as err:
             self.channel_failed(f"return path: {err}")
             return False
+
+    def _reader_meter(self, cpu: CpuThread):
+        """on_arrival of a channel's endpoint: its lag (a frame read late because its thread
+        was busy placing is not the emulator's), and the time its thread's work on the frame
+        starts from (the arrival: the emulator's own work on it overlaps the charge)."""
+        lag = lag_meter(self.board, self.clock.now, cpu.ready)
+
+        def note(arrival: float) -> None:
+            lag(arrival)
+            cpu.mark(arrival)
+        return note
 
     def _placing(self, count: int, which: int) -> None:
         """The listen or preempt thread is about to place `count` host pages: its CPU time
