@@ -13,7 +13,7 @@ import pytest
 from emu import cli
 from emu.board import Board
 from emu.clock import Clock
-from emu.config import KEYS
+from emu.config import KEYS, load_config
 from emu.cpu import Costs, CpuThread, fields
 from emu.figures.model import cpu_time, predict
 from emu.migration.destination import Destination
@@ -142,3 +142,16 @@ def test_bad_cpu_settings_stop_with_one_line(setting, message, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1, err
     assert err.startswith(f"postcopy-emu: {message}"), err
+
+
+def test_the_model_lets_a_busy_migration_thread_look_at_the_queue_between_records():
+    # the seed's 4K preempt cell: the vCPU faults back to back, and its request reaches the
+    # source while the migration thread refills main after a wake-up, record by record
+    sets = ["guest.page-size=4KiB", "migration.postcopy-preempt=true"]
+    busy = predict(load_config("seed-10g", sets))
+    idle = predict(load_config("seed-10g", [*sets, *(f"{k}=0" for k in CPU_KEYS)]))
+    assert busy["inputs"]["rest"] < idle["inputs"]["rest"] / 2
+    # never asleep on main: a look after every record
+    never = load_config("seed-10g", [*sets, "cpu.write-byte=1ns"])
+    c = Costs.from_config(never).save(32, 128 * 1024 + 14)
+    assert predict(never)["inputs"]["rest"] == pytest.approx(never["link.bandwidth"] * c / 2)

@@ -183,13 +183,55 @@ def _rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
     LOCKED_CYCLES, half a cycle on average again."""
     cycle = max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg))
     if _back_to_back(cfg):
-        b, page = cfg["link.bandwidth"], cfg.page_size
-        ahead = backlog if mode == "vanilla" else min(page, backlog)
-        x = b * (cfg["link.rtt"] + software + cfg["workload.touch-cost"]) + page + ahead
+        x = _rest_x(cfg, mode, backlog, software)
         k = math.ceil(x / cycle)
         if k <= LOCKED_CYCLES:
             return k * cycle - x
     return cycle / 2
+
+
+def _rest_x(cfg: Config, mode: str, backlog: float, software: float) -> float:
+    """X in bytes at link speed: from the look that sent a back-to-back vCPU's page to its
+    next request at the source (the page's way over, a round trip, the software cost, one
+    touch)."""
+    b, page = cfg["link.bandwidth"], cfg.page_size
+    ahead = backlog if mode == "vanilla" else min(page, backlog)
+    return b * (cfg["link.rtt"] + software + cfg["workload.touch-cost"]) + page + ahead
+
+
+def _busy_rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
+    """r while main is full, with the migration thread's CPU time per record (cpu.save-page,
+    cpu.write, cpu.write-byte): c a record, a share rho = c B / record of the time. Woken on a
+    full main, the thread no longer refills it at once: it writes records for T_b while the
+    link drains, looking at the queue after each, then sleeps T_s, the wake-up cycle's drain
+    (_rest's cycle / B): the period is T = T_s / (1 - rho), T_b = T - T_s.
+
+    At random moments a request waits T_s / 2 if it lands in the sleep, c / 2 in the busy
+    part. A vCPU faulting back to back sends its next request X after the look that served
+    the last (_rest's x / B): within the busy part it is served at the next look, so one cycle
+    serves m = floor(T_b / (X + c / 2)) + 1 requests and the last waits for the next wake-up:
+    X + wait is T / m on average. Huge pages sent whole (unit > record) look only between host
+    pages, whatever the CPU time: _rest as it is. rho >= 1: never blocked, a look per record."""
+    costs = Costs.from_config(cfg)
+    record = _record(cfg)
+    c = costs.save(record // TARGET_PAGE, record + RECORD_HEADER)
+    b = cfg["link.bandwidth"]
+    rho = c * b / (record + RECORD_HEADER)
+    if rho <= 0 or _unit(cfg, mode) > record:
+        return _rest(cfg, mode, backlog, software)
+    if rho >= 1:
+        return b * c / 2
+    t_s = max(_unit(cfg, mode), cfg["link.write-wakeup"] + record) / b
+    period = t_s / (1 - rho)
+    t_b = period - t_s
+    if not _back_to_back(cfg):
+        return b * (t_s * t_s / 2 + t_b * c / 2) / period
+    x = _rest_x(cfg, mode, backlog, software) / b
+    if x >= period:  # spans cycles: _rest's locked or random cases, on the longer period
+        k = math.ceil(x / period)
+        return b * ((k * period - x) if k <= LOCKED_CYCLES else period / 2)
+    m = math.floor(t_b / (x + c / 2)) + 1
+    return b * max(0.0, period / m - x)
 
 
 def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float, float]]:
@@ -199,7 +241,7 @@ def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float,
     on_wire = bandwidth * cfg["link.rtt"] / 2
     held = _held(cfg, mode)
     backlog = max(0.0, held - on_wire)
-    full = (backlog, _rest(cfg, mode, backlog, software))
+    full = (backlog, _busy_rest(cfg, mode, backlog, software))
     cap = cfg["migration.max-postcopy-bandwidth"]
     if not 0 < cap < bandwidth:
         return [(1.0, *full)]
