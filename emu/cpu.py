@@ -60,16 +60,26 @@ class Costs:
     def from_config(cls, cfg: Config) -> Costs:
         return cls(**{name: cfg["cpu." + name.replace("_", "-")] for name in cls.__annotations__})
 
-    def save(self, pages: int, nbytes: int) -> float:
+    def save(self, pages: int, nbytes: int, zero_pages: int = 0) -> float:
         """The migration thread's time for one record of `pages` target pages, `nbytes` on the
-        wire: per page found and saved, one writev per PAGES_PER_WRITEV pages, per byte."""
+        wire: per page found and saved, one writev per PAGES_PER_WRITEV pages, per byte; and
+        the whole-page zero check of the `zero_pages` among them that are all zeros (a zero
+        page's record is its header: pass only those bytes in nbytes)."""
         writes = -(-pages // PAGES_PER_WRITEV)
-        return pages * self.save_page + writes * self.write + nbytes * self.write_byte
+        return (pages * self.save_page + writes * self.write + nbytes * self.write_byte
+                + zero_pages * self.zero_check)
 
     def place(self, count: int, page_size: int) -> float:
         """The listen or preempt thread's time to place `count` host pages of `page_size`:
         one UFFDIO_COPY each, its fixed part and its bytes (read off the socket, copied)."""
         return count * (self.place_page + page_size * self.place_byte)
+
+    def place_zero(self, count: int, page_size: int) -> float:
+        """The same threads' time to place `count` zero host pages: UFFDIO_ZEROPAGE for small
+        pages; a huge zero page is copied whole, as any other (postcopy_place_page_zero)."""
+        if page_size == TARGET_PAGE:
+            return count * self.place_zero_page
+        return self.place(count, page_size)
 
     def save_record(self, page_size: int, chunk: int) -> float:
         """save() of one record of a host page (the first of it for a huge page)."""

@@ -75,7 +75,7 @@ def test_all_costs_zero_is_the_emulator_without_them(run_migration):
     result = run_migration(migration__postcopy_preempt="true", guest__ram="8MiB", **ZERO)
     assert result["status"] == "completed", result["errors"]
     cpu = result["emulator"]["cpu"]
-    assert all(t == {"busy-ms": 0.0, "acts": 0} for t in cpu["threads"].values())
+    assert all(t["busy-ms"] == 0 and t["acts"] == 0 for t in cpu["threads"].values())
     assert cpu["charged-per-fault-us"] == 0
     pred = predict(config(**ZERO, migration__postcopy_preempt="true"))
     assert pred["terms-us"]["cpu"] == 0
@@ -155,3 +155,22 @@ def test_the_model_lets_a_busy_migration_thread_look_at_the_queue_between_record
     never = load_config("seed-10g", [*sets, "cpu.write-byte=1ns"])
     c = Costs.from_config(never).save(32, 128 * 1024 + 14)
     assert predict(never)["inputs"]["rest"] == pytest.approx(never["link.bandwidth"] * c / 2)
+
+
+def test_zero_pages_cost_their_check_and_a_zero_placement():
+    costs = Costs.from_config(config())
+    assert costs.save(32, 14, zero_pages=32) - costs.save(32, 14) \
+        == pytest.approx(32 * costs.zero_check)
+    assert costs.place_zero(3, 4096) == pytest.approx(3 * costs.place_zero_page)
+    assert costs.place_zero(1, 2 << 20) == costs.place(1, 2 << 20)  # a huge page is copied
+
+
+def test_a_listen_thread_slower_than_the_link_is_reported(run_migration):
+    # 1024 pages at 2 ms each: the listen thread is busy all along, while 4 MiB cross the
+    # link in 33 ms
+    result = run_migration(guest__ram="4MiB", migration__switchover_after="0",
+                           cpu__place_page="2ms", emulator__time_scale="1")
+    assert result["status"] == "completed", result["errors"]
+    health = result["emulator"]
+    assert health["cpu"]["threads"]["listen"]["busy-share"] > 0.9
+    assert "the listen thread was busy placing pages" in health["warning"]

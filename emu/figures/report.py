@@ -78,7 +78,7 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
         "events": [event_json(t, what) for t, what in run.events_in_order()],
         "emulator": with_cpu(emulator_health(cfg, run.board("destination"), latency, real_time),
                              cfg, {"source": src, "destination": run.board("destination")},
-                             latency),
+                             latency, reached["time"] - _source_start(run)),
         "config": cfg.to_json(),
     }
 
@@ -211,21 +211,35 @@ def emulator_health(cfg: Config, dst: dict, latency: dict, real_time: float) -> 
     return health
 
 
+SATURATED = 0.9  # busy share of a receiving thread above which it no longer keeps up
 CPU_THREADS = {"source": ("migration", "return-path"),
                "destination": ("listen", "preempt", "fault")}
 
 
-def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict) -> dict:
+def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict,
+             elapsed: float) -> dict:
     """The emulator's health with the CPU time charged to QEMU's threads (emu/cpu.py): per
     thread, the emulated time charged and the acts it delayed; per fault, what the model says
     the charges add (t) next to the emulator's own work, model.SOFTWARE_COST_S x time-scale,
     which comes on top. When the own work is larger by more than the lag's bound (2% of the
     median latency, at least LAG_WARN_US), the charged costs do not decide the figures: the
-    warning says so, with the time scale at which they would."""
-    threads = {name: {"busy-ms": round(boards[side].get(f"cpu-{name}-busy", 0.0) * 1e3, 3),
-                      "acts": int(boards[side].get(f"cpu-{name}-acts", 0))}
-               for side, names in CPU_THREADS.items() for name in names}
+    warning says so, with the time scale at which they would. A receiving thread busy nearly
+    all of the run (`elapsed` emulated seconds) is slower than the link, which credits a frame
+    when it delivers it: main's backlog then grows past link.socket-buffer, as it would not in
+    TCP, and the warning says that too."""
+    threads = {}
+    for side, names in CPU_THREADS.items():
+        for name in names:
+            busy = boards[side].get(f"cpu-{name}-busy", 0.0)
+            threads[name] = {"busy-ms": round(busy * 1e3, 3),
+                             "acts": int(boards[side].get(f"cpu-{name}-acts", 0)),
+                             "busy-share": round(busy / elapsed, 3) if elapsed > 0 else 0.0}
     cpu = {"threads": threads}
+    for name in ("listen", "preempt"):
+        if threads[name]["busy-share"] > SATURATED:
+            _warn(health, f"the {name} thread was busy placing pages "
+                          f"{threads[name]['busy-share']:.0%} of the run (cpu.place-*): slower "
+                          f"than the link, its backlog is not held to link.socket-buffer")
     if cfg["migration.postcopy-ram"]:
         charged = model.cpu_time(cfg, model.mode_of(cfg), 0.0)
         scale = cfg["emulator.time-scale"]
@@ -239,6 +253,10 @@ def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict) 
                     f"{scale:g}) exceeds the CPU time charged to QEMU's threads per fault "
                     f"({charged * 1e6:.1f} us, cpu.*): the thread costs are hidden under it; "
                     f"--set emulator.time-scale={faithful:.2g} resolves them")
-            health["warning"] = f"{health['warning']}; {text}" if "warning" in health else text
+            _warn(health, text)
     health["cpu"] = cpu
     return health
+
+
+def _warn(health: dict, text: str) -> None:
+    health["warning"] = f"{health['warning']}; {text}" if "warning" in health else text
