@@ -33,7 +33,6 @@ from emu.migration.ram import TARGET_PAGE
 # QEMUFile writes its iovecs with one writev per MAX_IOV_SIZE = 64 of them: a header and a page
 # each, so one writev per 32 target pages (qemu-file.c's add_to_iovec / qemu_fflush)
 PAGES_PER_WRITEV = 32
-THREADS = ("migration", "return-path", "listen", "preempt", "fault")
 STATS = ("busy", "acts")
 
 
