@@ -82,30 +82,55 @@ static void bench_zero(void){
    iovecs per writev (QEMUFile MAX_IOV_SIZE), over loopback TCP to a reader that consumes
    32 KiB reads (QEMUFile IO_BUF_SIZE) */
 static int port;
+static double reader_cpu;
+static double cpu(void){struct timespec t;clock_gettime(CLOCK_THREAD_CPUTIME_ID,&t);return t.tv_sec+t.tv_nsec*1e-9;}
 static void*reader(void*a){int ls=*(int*)a; int s=accept(ls,0,0); char*buf=malloc(32768); long tot=0; ssize_t r;
-  while((r=read(s,buf,32768))>0)tot+=r; close(s); return (void*)tot;}
-static void bench_writev(size_t npages){
-  int ls=socket(AF_INET,SOCK_STREAM,0); struct sockaddr_in a={.sin_family=AF_INET,.sin_addr.s_addr=htonl(0x7f000001)};
-  bind(ls,(void*)&a,sizeof a); socklen_t al=sizeof a; getsockname(ls,(void*)&a,&al); listen(ls,1);
-  pthread_t th; pthread_create(&th,0,reader,&ls); int s=socket(AF_INET,SOCK_STREAM,0); connect(s,(void*)&a,sizeof a);
+  double c0=cpu(); while((r=read(s,buf,32768))>0)tot+=r; reader_cpu=cpu()-c0; close(s); return (void*)tot;}
+static int connected(int*ls,pthread_t*th,void*(*fn)(void*)){
+  *ls=socket(AF_INET,SOCK_STREAM,0); struct sockaddr_in a={.sin_family=AF_INET,.sin_addr.s_addr=htonl(0x7f000001)};
+  bind(*ls,(void*)&a,sizeof a); socklen_t al=sizeof a; getsockname(*ls,(void*)&a,&al); listen(*ls,1);
+  pthread_create(th,0,fn,ls); int s=socket(AF_INET,SOCK_STREAM,0); connect(s,(void*)&a,sizeof a); return s;}
+/* per: pages per writev (32: QEMUFile's 64 iovecs; 1: the fixed cost of a writev shows). Wall
+   time includes waiting for the reader; the sender thread's CPU time is what the migration
+   thread spends (cpu.write + bytes x cpu.write-byte). */
+static void bench_writev(size_t npages,int per){
+  int ls; pthread_t th; int s=connected(&ls,&th,reader);
   char*ram=aligned_alloc(PG,PG*npages); for(size_t i=0;i<PG*npages;i+=64)ram[i]=i; uint64_t hdr[32];
-  struct iovec iov[64]; double t0=now(); size_t i=0;
-  while(i<npages){int k=0; for(int j=0;j<32&&i<npages;j++,i++){hdr[j]=(i*PG)|0x28; iov[k].iov_base=&hdr[j];iov[k++].iov_len=8;
+  struct iovec iov[64]; double t0=now(),c0=cpu(); size_t i=0,calls=0;
+  while(i<npages){int k=0; for(int j=0;j<per&&i<npages;j++,i++){hdr[j]=(i*PG)|0x28; iov[k].iov_base=&hdr[j];iov[k++].iov_len=8;
       iov[k].iov_base=ram+i*PG; iov[k++].iov_len=PG;}
+    calls++;
     size_t want=0; for(int j=0;j<k;j++)want+=iov[j].iov_len; ssize_t w=writev(s,iov,k); if(w!=(ssize_t)want){/* short write: finish */
       size_t done=w>0?w:0; char*tmp=malloc(want),*q=tmp; for(int j=0;j<k;j++){memcpy(q,iov[j].iov_base,iov[j].iov_len);q+=iov[j].iov_len;}
       while(done<want){ssize_t x=write(s,tmp+done,want-done); if(x<=0)break; done+=x;} free(tmp);} }
-  double dt=now()-t0; shutdown(s,SHUT_WR); void*tot; pthread_join(th,&tot); close(s); close(ls);
-  printf("%-34s %8zu pages  %9.3f us/page  %6.2f GB/s (sender thread, incl. waiting for the reader)\n","writev 32x(8B hdr+4K) loopback TCP",npages,dt/npages*1e6,npages*(PG+8)/dt/1e9);
+  double dt=now()-t0,dc=cpu()-c0; shutdown(s,SHUT_WR); void*tot; pthread_join(th,&tot); close(s); close(ls);
+  printf("writev %2dx(8B hdr+4K) loopback TCP %8zu pages  %9.3f us/page wall %6.2f GB/s; sender CPU %7.3f us/page, %7.3f us/writev; reader CPU (32 KiB reads) %7.3f us/page\n",
+         per,npages,dt/npages*1e6,npages*(PG+8)/dt/1e9,dc/npages*1e6,dc/calls*1e6,reader_cpu/npages*1e6);
+}
+/* a 20-byte message and its reply (REQ_PAGES on the return path: one sendmsg by the fault
+   thread, one read by the return-path thread), CPU time per message on each side */
+static double echo_cpu;
+static void*echo(void*a){int ls=*(int*)a; int s=accept(ls,0,0); int one=1; setsockopt(s,IPPROTO_TCP,TCP_NODELAY,&one,sizeof one);
+  char buf[20]; double c0=cpu(); long n=0; while(read(s,buf,20)==20){n++; if(write(s,buf,20)!=20)break;} echo_cpu=(cpu()-c0)/(n?n:1); close(s); return 0;}
+static void bench_message(size_t n){
+  int ls; pthread_t th; int s=connected(&ls,&th,echo); int one=1; setsockopt(s,IPPROTO_TCP,TCP_NODELAY,&one,sizeof one);
+  char buf[20]={0}; double t0=now(),c0=cpu();
+  for(size_t i=0;i<n;i++){if(write(s,buf,20)!=20||read(s,buf,20)!=20)break;}
+  double dt=now()-t0,dc=cpu()-c0; shutdown(s,SHUT_WR); pthread_join(th,0); close(s); close(ls);
+  printf("20 B message + reply, loopback TCP %8zu round trips %7.2f us wall; CPU per message: sender %6.2f us, receiver %6.2f us\n",
+         n,dt/n*1e6,dc/n*1e6,echo_cpu*1e6);
 }
 
 int main(int c,char**v){
+  if(c>2&&!strcmp(v[2],"cpu")){bench_writev(1<<16,32);bench_writev(1<<16,1);bench_message(20000);return 0;}
   bench_zero();
   bench_copy("UFFDIO_COPY 4K (anon)",0,PG,1<<16,0);
   bench_copy("UFFDIO_ZEROPAGE 4K (anon)",0,PG,1<<16,1);
   bench_copy("UFFDIO_COPY 2M len on anon (512x4K)",0,2UL<<20,128,0);
   for(int k=0;k<3;k++)bench_copy("UFFDIO_COPY 2M (hugetlb)",1,2UL<<20,atoi(c>1?v[1]:"0"),0);
   bench_fault(20000);
-  bench_writev(1<<16);
+  bench_writev(1<<16,32);
+  bench_writev(1<<16,1);
+  bench_message(20000);
   return 0;
 }

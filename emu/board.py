@@ -36,12 +36,14 @@ class Board:
 LAG_FIELDS = ("rx-lag-sum", "rx-lag-max", "rx-frames")
 
 
-def lag_meter(board: Board, now):
+def lag_meter(board: Board, now, ready=lambda: 0.0):
     """Callback for Endpoint(on_arrival=...): how late this process reads each frame, against
-    the time the link scheduled its arrival. Lateness here is the emulator not keeping up:
-    the relay, or this process, fell behind the scaled clock."""
+    the time the link scheduled its arrival, or the time the reading thread was free to read
+    it (ready(): a thread busy with its charged CPU time, emu/cpu.py, reads late on purpose).
+    Lateness here is the emulator not keeping up: the relay, or this process, fell behind the
+    scaled clock."""
     def note(arrival: float) -> None:
-        lag = now() - arrival
+        lag = now() - max(arrival, ready())
         board.add("rx-lag-sum", lag)
         board.add("rx-frames", 1)
         if lag > board["rx-lag-max"]:

@@ -236,6 +236,8 @@ RAM_MAX = "16TiB"
 SOCKET_BUFFER_MAX = "1GiB"  # Linux keeps a socket's buffer sizes in an int, doubled
 RATE_MAX = "10Tbit/s"
 TIME_MAX = "3600s"  # emulated
+CPU_MAX = "100ms"  # a thread's time per unit of work (emulated)
+CPU_BYTE_MAX = "100ns"  # and per byte: 100 s per GiB
 
 KEYS: dict[str, Key] = {
     "migration.postcopy-ram": _key(
@@ -304,6 +306,40 @@ KEYS: dict[str, Key] = {
     ),
     "workload.hot-probability": _key(
         "float", 0.9, "share of touches that go to the hot set (hotset)", low=0, high=1
+    ),
+    # The CPU time of QEMU's threads, charged in emulated time (emu/cpu.py; the defaults'
+    # sources are in docs/config.md). All 0: the emulator's own time only, as before.
+    "cpu.save-page": _key(
+        "duration", "100ns", "migration thread, per 4KiB page found and saved", low=0,
+        high=CPU_MAX,
+    ),
+    "cpu.write": _key(
+        "duration", "1us", "migration thread, per writev (one per 32 pages)", low=0, high=CPU_MAX,
+    ),
+    "cpu.write-byte": _key(
+        "duration", "150ps", "migration thread, per byte written", low=0, high=CPU_BYTE_MAX,
+    ),
+    "cpu.zero-check": _key(
+        "duration", "450ns", "migration thread, more per 4KiB zero page (checked whole)", low=0,
+        high=CPU_MAX,
+    ),
+    "cpu.place-page": _key(
+        "duration", "500ns", "listen/preempt thread, per host page placed (UFFDIO_COPY)", low=0,
+        high=CPU_MAX,
+    ),
+    "cpu.place-byte": _key(
+        "duration", "400ps", "listen/preempt thread, per byte of a host page read and placed",
+        low=0, high=CPU_BYTE_MAX,
+    ),
+    "cpu.place-zero-page": _key(
+        "duration", "250ns", "listen/preempt thread, per 4KiB zero page (UFFDIO_ZEROPAGE)",
+        low=0, high=CPU_MAX,
+    ),
+    "cpu.fault-request": _key(
+        "duration", "2us", "fault thread, per fault read and requested", low=0, high=CPU_MAX,
+    ),
+    "cpu.return-path-message": _key(
+        "duration", "1500ns", "return-path thread, per message", low=0, high=CPU_MAX,
     ),
     "emulator.time-scale": _key(
         "scale", AUTO, "emulated seconds per real second, or auto: the largest at which the "

@@ -2,7 +2,8 @@
 
 Sizes follow QEMU: a bare K, M, G or T is binary (1024-based) like KiB, MiB, GiB, TiB, while
 KB, MB, GB and TB are SI. Rates take any size per second, or network units in bits (bit, Kbit,
-Mbit, Gbit, Tbit: SI, 8 bits to the byte). Durations take ns, us (or µs), ms and s.
+Mbit, Gbit, Tbit: SI, 8 bits to the byte). Durations take ps, ns, us (or µs), ms and s (ps
+for the CPU costs per byte, cpu.*-byte).
 Plain numbers are bytes, bytes/s and seconds. Every format_* result parses back to exactly
 the value it was given.
 """
@@ -76,6 +77,7 @@ _DURATION_UNITS = {
     "\u00b5s": Decimal("1e-6"),  # MICRO SIGN
     "\u03bcs": Decimal("1e-6"),  # GREEK SMALL LETTER MU, what many keyboards type
     "ns": Decimal("1e-9"),
+    "ps": Decimal("1e-12"),
 }
 
 _SIZE_EXPECTED = "a size like 4KiB, 2MiB, 64MiB or 1.25GB"
@@ -142,7 +144,7 @@ _SIZE_FORMATS = [
 ]
 _BIT_FORMATS = [(p + "bit/s", _SI[p] / 8) for p in reversed(_PREFIXES)]
 _BYTE_RATE_FORMATS = [(name + "/s", mult) for name, mult in _SIZE_FORMATS]
-_DURATION_FORMATS = [(name, _DURATION_UNITS[name]) for name in ("s", "ms", "us", "ns")]
+_DURATION_FORMATS = [(name, _DURATION_UNITS[name]) for name in ("s", "ms", "us", "ns", "ps")]
 
 
 def _reads_back(parse: Callable[[str], float], text: str, value: float) -> bool:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from emu import cli
-from emu.config import load_config
+from emu.config import KEYS, load_config
 from emu.figures import model
 from emu.figures.model import MODES, Inputs, latency_terms, predict, predict_all
 
@@ -25,10 +25,16 @@ def total(mode: str, **changes) -> float:
     return sum(latency_terms(mode, inputs(**changes)).values())
 
 
+# The network's terms alone: QEMU's threads' CPU time (the model's t, and the migration
+# thread's busy share in r) has its own tests, tests/test_cpu_cost.py
+NO_CPU = [f"{key}=0" for key in KEYS if key.startswith("cpu.")]
+
+
 def cfg(*sets: str):
     """A scenario whose requests arrive at random moments (a hot set: a fault now and then);
     tests of back-to-back faults set workload.pattern=random."""
-    return load_config(None, ["emulator.time-scale=1", "workload.pattern=hotset", *sets])
+    return load_config(None, ["emulator.time-scale=1", "workload.pattern=hotset", *NO_CPU,
+                              *sets])
 
 
 # ---- the formula ----

@@ -63,6 +63,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from emu.config import Config
+from emu.cpu import Costs
 from emu.figures import timescale
 from emu.migration import wire
 from emu.migration.ram import TARGET_PAGE
@@ -83,6 +84,7 @@ TERMS = {
     "rest": "r/B: until the migration thread next looks at the queue",
     "page": "P/B: the page itself",
     "shared": "min(P,S)/B: main's share of the link (preempt)",
+    "cpu": "t: QEMU's threads' CPU time on the way (cpu.*)",
 }
 # Measured: the emulator's real time per fault beyond the link's own delays, with 4 KiB pages,
 # preempt and an idle main, on an idle 2-core machine with the relay waking on time: 0.55 ms
@@ -182,13 +184,55 @@ def _rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
     LOCKED_CYCLES, half a cycle on average again."""
     cycle = max(_unit(cfg, mode), cfg["link.write-wakeup"] + _record(cfg))
     if _back_to_back(cfg):
-        b, page = cfg["link.bandwidth"], cfg.page_size
-        ahead = backlog if mode == "vanilla" else min(page, backlog)
-        x = b * (cfg["link.rtt"] + software + cfg["workload.touch-cost"]) + page + ahead
+        x = _rest_x(cfg, mode, backlog, software)
         k = math.ceil(x / cycle)
         if k <= LOCKED_CYCLES:
             return k * cycle - x
     return cycle / 2
+
+
+def _rest_x(cfg: Config, mode: str, backlog: float, software: float) -> float:
+    """X in bytes at link speed: from the look that sent a back-to-back vCPU's page to its
+    next request at the source (the page's way over, a round trip, the software cost, one
+    touch)."""
+    b, page = cfg["link.bandwidth"], cfg.page_size
+    ahead = backlog if mode == "vanilla" else min(page, backlog)
+    return b * (cfg["link.rtt"] + software + cfg["workload.touch-cost"]) + page + ahead
+
+
+def _busy_rest(cfg: Config, mode: str, backlog: float, software: float) -> float:
+    """r while main is full, with the migration thread's CPU time per record (cpu.save-page,
+    cpu.write, cpu.write-byte): c a record, a share rho = c B / record of the time. Woken on a
+    full main, the thread no longer refills it at once: it writes records for T_b while the
+    link drains, looking at the queue after each, then sleeps T_s, the wake-up cycle's drain
+    (_rest's cycle / B): the period is T = T_s / (1 - rho), T_b = T - T_s.
+
+    At random moments a request waits T_s / 2 if it lands in the sleep, c / 2 in the busy
+    part. A vCPU faulting back to back sends its next request X after the look that served
+    the last (_rest's x / B): within the busy part it is served at the next look, so one cycle
+    serves m = floor(T_b / (X + c / 2)) + 1 requests and the last waits for the next wake-up:
+    X + wait is T / m on average. Huge pages sent whole (unit > record) look only between host
+    pages, whatever the CPU time: _rest as it is. rho >= 1: never blocked, a look per record."""
+    costs = Costs.from_config(cfg)
+    record = _record(cfg)
+    c = costs.save(record // TARGET_PAGE, record + RECORD_HEADER)
+    b = cfg["link.bandwidth"]
+    rho = c * b / (record + RECORD_HEADER)
+    if rho <= 0 or _unit(cfg, mode) > record:
+        return _rest(cfg, mode, backlog, software)
+    if rho >= 1:
+        return b * c / 2
+    t_s = max(_unit(cfg, mode), cfg["link.write-wakeup"] + record) / b
+    period = t_s / (1 - rho)
+    t_b = period - t_s
+    if not _back_to_back(cfg):
+        return b * (t_s * t_s / 2 + t_b * c / 2) / period
+    x = _rest_x(cfg, mode, backlog, software) / b
+    if x >= period:  # spans cycles: _rest's locked or random cases, on the longer period
+        k = math.ceil(x / period)
+        return b * ((k * period - x) if k <= LOCKED_CYCLES else period / 2)
+    m = math.floor(t_b / (x + c / 2)) + 1
+    return b * max(0.0, period / m - x)
 
 
 def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float, float]]:
@@ -198,7 +242,7 @@ def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float,
     on_wire = bandwidth * cfg["link.rtt"] / 2
     held = _held(cfg, mode)
     backlog = max(0.0, held - on_wire)
-    full = (backlog, _rest(cfg, mode, backlog, software))
+    full = (backlog, _busy_rest(cfg, mode, backlog, software))
     cap = cfg["migration.max-postcopy-bandwidth"]
     if not 0 < cap < bandwidth:
         return [(1.0, *full)]
@@ -214,6 +258,28 @@ def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float,
     return phases
 
 
+def cpu_time(cfg: Config, mode: str, backlog: float) -> float:
+    """t, the CPU time of QEMU's threads (the cpu.* keys, emu/cpu.py) one fault waits for, in
+    seconds, with S = `backlog` bytes ahead on main: the fault thread's per request, the
+    return-path thread's per message, the migration thread's on the urgent page's first record
+    (the rest of a huge page goes while the link carries the first: the link is slower), and the
+    placement of the page by the thread of its channel. In vanilla with a backlog, the listen
+    thread is still placing the background unit the urgent page arrived right behind (a record of
+    small pages, or a huge page) for what that takes beyond the urgent page's own P / B; the
+    preempt thread has nothing else to do. Not here: a request arriving while the migration
+    thread is busy with a background record waits for the rest of it (a few us a record at the
+    defaults: small next to r / B, which covers the record's way over the link)."""
+    costs = Costs.from_config(cfg)
+    page, b = cfg.page_size, cfg["link.bandwidth"]
+    record = _record(cfg)
+    save = costs.save_record(page, record)
+    t = costs.fault_request + costs.return_path_message + save + costs.place(1, page)
+    if backlog > 0 and mode == "vanilla":
+        ahead = costs.place(max(1, record // page), page)
+        t += max(0.0, ahead - page / b)
+    return t
+
+
 def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, Any]:
     """The predicted mean page-fault latency of the scenario, in us, and its terms.
 
@@ -225,8 +291,9 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     mode = mode_of(cfg)
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
                  software_cost * cfg["emulator.time-scale"])
-    phases = _phases(cfg, mode, one.software)
-    each = [latency_terms(mode, replace(one, backlog=s, rest=r)) for _, s, r in phases]
+    phases = _phases(cfg, mode, one.software + cpu_time(cfg, mode, 0.0))
+    each = [{**latency_terms(mode, replace(one, backlog=s, rest=r)),
+             "cpu": cpu_time(cfg, mode, s)} for _, s, r in phases]
     weights = [share for share, _, _ in phases]
     if _back_to_back(cfg):
         # a vCPU that is always faulting sees share / L faults in a phase of latency L

@@ -6,7 +6,7 @@ import numpy as np
 
 from emu.config import Config
 from emu.events import Trace
-from emu.figures import integrity, metrics, timescale
+from emu.figures import integrity, metrics, model, timescale
 from emu.figures import progress as guest_progress
 from emu.migration.ram import PRESENT, TARGET_PAGE
 from emu.migration.workload import SLICED
@@ -82,7 +82,9 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
         "faults": run.injected,
         "recoveries": run.recoveries,
         "events": [event_json(t, what) for t, what in run.events_in_order()],
-        "emulator": emulator_health(cfg, run.board("destination"), latency, real_time),
+        "emulator": with_cpu(emulator_health(cfg, run.board("destination"), latency, real_time),
+                             cfg, {"source": src, "destination": run.board("destination")},
+                             latency, reached["time"] - _source_start(run)),
         "config": cfg.to_json(),
     }
 
@@ -230,3 +232,54 @@ def emulator_health(cfg: Config, dst: dict, latency: dict, real_time: float) -> 
             f"that much; for faithful ones run again with "
             f"--set emulator.time-scale={faithful:g} (now {scale:g})")
     return health
+
+
+SATURATED = 0.9  # busy share of a receiving thread above which it no longer keeps up
+CPU_THREADS = {"source": ("migration", "return-path"),
+               "destination": ("listen", "preempt", "fault")}
+
+
+def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict,
+             elapsed: float) -> dict:
+    """The emulator's health with the CPU time charged to QEMU's threads (emu/cpu.py): per
+    thread, the emulated time charged and the acts it delayed; per fault, what the model says
+    the charges add (t) next to the emulator's own work, model.SOFTWARE_COST_S x time-scale,
+    which comes on top. When the own work is larger by more than the lag's bound (timescale.lag_bound of the
+    median latency), the charged costs do not decide the figures: the
+    warning says so, with the time scale at which they would. A receiving thread busy nearly
+    all of the run (`elapsed` emulated seconds) is slower than the link, which credits a frame
+    when it delivers it: main's backlog then grows past link.socket-buffer, as it would not in
+    TCP, and the warning says that too."""
+    threads = {}
+    for side, names in CPU_THREADS.items():
+        for name in names:
+            busy = boards[side].get(f"cpu-{name}-busy", 0.0)
+            threads[name] = {"busy-ms": round(busy * 1e3, 3),
+                             "acts": int(boards[side].get(f"cpu-{name}-acts", 0)),
+                             "busy-share": round(busy / elapsed, 3) if elapsed > 0 else 0.0}
+    cpu = {"threads": threads}
+    for name in ("listen", "preempt"):
+        if threads[name]["busy-share"] > SATURATED:
+            _warn(health, f"the {name} thread was busy placing pages "
+                          f"{threads[name]['busy-share']:.0%} of the run (cpu.place-*): slower "
+                          f"than the link, its backlog is not held to link.socket-buffer")
+    if cfg["migration.postcopy-ram"]:
+        charged = model.cpu_time(cfg, model.mode_of(cfg), 0.0)
+        scale = cfg["emulator.time-scale"]
+        own = model.SOFTWARE_COST_S * scale
+        cpu.update({"charged-per-fault-us": round(charged * 1e6, 1),
+                    "own-per-fault-us": round(own * 1e6, 1)})
+        bound = timescale.lag_bound(latency["p50-us"] * 1e-6)
+        if own - charged > bound and charged > 0:
+            faithful = (charged + bound) / model.SOFTWARE_COST_S
+            text = (f"the emulator's own work per fault (~{own * 1e6:.0f} us at time-scale "
+                    f"{scale:g}) exceeds the CPU time charged to QEMU's threads per fault "
+                    f"({charged * 1e6:.1f} us, cpu.*): the thread costs are hidden under it; "
+                    f"--set emulator.time-scale={faithful:.2g} resolves them")
+            _warn(health, text)
+    health["cpu"] = cpu
+    return health
+
+
+def _warn(health: dict, text: str) -> None:
+    health["warning"] = f"{health['warning']}; {text}" if "warning" in health else text

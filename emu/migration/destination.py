@@ -28,6 +28,8 @@ from emu import shm, trace
 from emu.board import LAG_FIELDS, Board, lag_meter
 from emu.clock import Clock
 from emu.config import Config
+from emu.cpu import Costs, CpuThread
+from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.figures import progress
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
@@ -42,6 +44,7 @@ from emu.net.channel import ChannelError
 
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
           "placed-main", "placed-preempt") + LAG_FIELDS + progress.BOARD_FIELDS
+FIELDS += cpu_fields(("listen", "preempt", "fault"))  # their CPU time (emu/cpu.py)
 RING = 1 << 16
 PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
 
@@ -71,9 +74,13 @@ class Destination:
         if cfg["emulator.payload"]:
             shm.map_in(bufs[shm.DST_RAM])
             self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs[shm.DST_RAM])
-        self.placer = Placer(states, self.ram, cfg.page_size, self._placed)
+        self.costs = Costs.from_config(cfg)
+        # the listen thread (main) and the preempt thread, as serial servers in emulated time
+        self.cpu = [CpuThread(name, self.clock, self.board) for name in ("listen", "preempt")]
+        self.placer = Placer(states, self.ram, cfg.page_size, self._placed, self._placing)
         self.state = StateLog("destination", self.clock.now, control.emit)
         self.lag = lag_meter(self.board, self.clock.now)
+        self.lags = [self._reader_meter(cpu) for cpu in self.cpu]  # per channel
         self.stop = threading.Event()
         self.vcpus: list[VCpu] = []
         self.ended: float | None = None  # when the vCPUs were stopped at completion
@@ -241,6 +248,26 @@ class Destination:
         except ChannelError as err:
             self.channel_failed(f"return path: {err}")
             return False
+
+    def _reader_meter(self, cpu: CpuThread):
+        """on_arrival of a channel's endpoint: its lag (a frame read late because its thread
+        was busy placing is not the emulator's), and the time its thread's work on the frame
+        starts from (the arrival: the emulator's own work on it overlaps the charge)."""
+        lag = lag_meter(self.board, self.clock.now, cpu.ready)
+
+        def note(arrival: float) -> None:
+            lag(arrival)
+            cpu.mark(arrival)
+        return note
+
+    def _placing(self, count: int, which: int, zero: bool) -> None:
+        """The listen or preempt thread is about to place `count` host pages (zero: of zeros):
+        its CPU time for them (cpu.place-page, cpu.place-byte, cpu.place-zero-page) passes
+        before the vCPUs see them."""
+        cpu = self.cpu[which]
+        place = self.costs.place_zero if zero else self.costs.place
+        cpu.charge(place(count, self.cfg.page_size))
+        cpu.settle()
 
     # ---- what the window and the report read ----
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from emu import trace
 from emu.child import start_thread
+from emu.cpu import CpuThread
 from emu.figures.metrics import FaultRing
 from emu.migration import ram as R
 from emu.migration import wire
@@ -74,6 +75,9 @@ class FaultThread:
         self.records: list[tuple] = []  # and kept for the report
         self.faults: queue.SimpleQueue = queue.SimpleQueue()  # (vCPU, host page); None: quit
         self.block_named = False  # REQ_PAGES_ID names the block once per connection
+        # this thread's CPU time per fault read (cpu.fault-request), in emulated time
+        self.cpu = CpuThread("fault", dst.clock, dst.board)
+        self.cost = dst.costs.fault_request
 
     def start(self) -> None:
         start_thread("fault", self._run)
@@ -85,6 +89,7 @@ class FaultThread:
         placer, size = self.dst.placer, self.dst.cfg.page_size
         while (fault := self.faults.get()) is not None:
             vcpu, page = fault
+            self.cpu.charge(self.cost)  # poll, read the uffd_msg, look it up, send
             if TRACE_REQUEST.enabled:
                 TRACE_REQUEST(page=page, offset=page * size, vcpu=vcpu)
             if placer.request(page):
@@ -102,6 +107,7 @@ class FaultThread:
         if dst.state.status != "postcopy-active":
             return
         size = dst.cfg.page_size
+        self.cpu.settle()
         if dst.send_rp(wire.req_pages(page * size, size, not self.block_named)):
             self.block_named = True
             dst.board.add("postcopy-requests", 1)

@@ -200,7 +200,7 @@ class Connections:
                 which = None  # the migration stream is in: a second one is a stranger
             if which is not None:
                 ep = Endpoint(sock, dst.cfg["link.socket-buffer"], ("main", "preempt")[which],
-                              dst.lag)
+                              dst.lags[which])
                 old, self.channels[which] = self.channels[which], ep
                 if which == MAIN:
                     self._unconfirmed = (ep, time.monotonic() + MAIN_SETUP_TIMEOUT)

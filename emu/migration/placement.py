@@ -42,7 +42,8 @@ class TmpPage:
 
 class Placer:
     def __init__(self, states: np.ndarray, ram: np.ndarray | None, page_size: int,
-                 on_place=lambda first, count, channel: None) -> None:
+                 on_place=lambda first, count, channel: None,
+                 before_place=lambda count, channel, zero: None) -> None:
         self.states = states  # destination page states, one byte per host page
         self.ram = ram  # (target pages, 4096) uint8, or None without payload
         self._bytes = memoryview(ram).cast("B", (ram.size,)) if ram is not None else None
@@ -55,6 +56,8 @@ class Placer:
         self.placed = [0, 0]  # host pages placed per channel
         self.requested = 0  # host pages REQUESTED, not placed yet (page_requested_count)
         self.on_place = on_place  # (first host page, count, channel), under the lock
+        # (count, channel), not under the lock: the placing thread's CPU time (emu/cpu.py)
+        self.before_place = before_place
 
     # ---- from the vCPUs and the fault thread ----
 
@@ -144,6 +147,7 @@ class Placer:
 
     def _place(self, first: int, count: int, data, channel: int, zero: bool = False) -> None:
         """data: the pages' bytes (None without payload); zero: they are zeros."""
+        self.before_place(count, channel, zero)
         with self.cond:
             if self.postcopy:
                 self._place_postcopy(first, count, data, channel, zero)

@@ -31,6 +31,7 @@ from emu import trace
 from emu.board import Board
 from emu.clock import Clock
 from emu.config import Config
+from emu.cpu import Costs, CpuThread
 from emu.migration import wire
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram import SENT_MAIN, SENT_PREEMPT, SENT_URGENT_MAIN, TARGET_PAGE, UNSENT
@@ -84,11 +85,15 @@ class PageSearchStatus:
 
 class RecordWriter:
     """Page records on a channel, counted on the board (QEMU's ram_save_target_page(): each
-    target page is checked for zeros first, save_zero_page(), else save_normal_page())."""
+    target page is checked for zeros first, save_zero_page(), else save_normal_page()); the
+    migration thread's CPU time for them is charged to `cpu` (emu/cpu.py)."""
 
-    def __init__(self, raw: memoryview | None, board: Board) -> None:
+    def __init__(self, raw: memoryview | None, board: Board, cpu: CpuThread | None = None,
+                 costs: Costs | None = None) -> None:
         self.raw = raw  # guest RAM, None without payload (a record then costs the link its size)
         self.board = board
+        self.cpu = cpu
+        self.costs = costs or Costs()
         # guest RAM as 64-bit words, a row per target page: the zero check reads these
         self.words = None if raw is None else np.frombuffer(raw, np.uint64).reshape(
             -1, TARGET_PAGE // 8)
@@ -118,6 +123,7 @@ class RecordWriter:
         The bytes written."""
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * TARGET_PAGE
+        self._spend(n, size + len(header))
         if self.raw is not None:
             # straight from guest RAM: a page the guest writes meanwhile is re-dirtied and
             # sent again, as in QEMU
@@ -139,12 +145,22 @@ class RecordWriter:
         record's own size); counted in duplicate, not in normal. The bytes written."""
         record = wire.zero_record(offset, n)
         cost = max(len(record), n * wire.ZERO_PAGE_BYTES)
+        self._spend(n, cost, zero=n)
         ep.send([record], virt=cost - len(record), more=more)
         b = self.board
         b.add("transferred", cost)
         b.add(counter, cost)
         b.add("duplicate", n)
         return cost
+
+    def _spend(self, pages: int, nbytes: int, zero: int = 0) -> None:
+        """The migration thread's time on this record (cpu.save-page, cpu.write,
+        cpu.write-byte; cpu.zero-check for the `zero` pages read whole and found all zeros),
+        waited out before its bytes go: a write the link sees. Charged as if the page bytes
+        were written without payload too (QEMU writes them)."""
+        if self.cpu is not None:
+            self.cpu.charge(self.costs.save(pages, nbytes, zero))
+            self.cpu.settle()
 
 
 def zero_pages(words: np.ndarray) -> np.ndarray:
@@ -184,7 +200,8 @@ class RAMState:
         self.pss = PageSearchStatus()
         # the request queue has a lock of its own: the return path puts without bitmap_mutex
         self.queue = queue  # QEMU's src_page_requests
-        self.writer = RecordWriter(raw, board)
+        self.writer = RecordWriter(raw, board, CpuThread("migration", clock, board),
+                                   Costs.from_config(cfg))
         self._remaining_at = 0.0
 
     # ---- the bitmap ----

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from emu import trace
 from emu.board import Board
 from emu.child import start_thread
+from emu.cpu import CpuThread
 from emu.migration import wire
 from emu.migration.ram_save import RBNAME, RAMState
 from emu.net.channel import ChannelError, Endpoint
@@ -36,6 +37,9 @@ class ReturnPath:
         self.board = board
         self.npages = npages
         self.on_error = on_error  # (reason, the connection that broke)
+        # this thread's CPU time per message (cpu.return-path-message), in emulated time
+        self.cpu = CpuThread("return-path", rs.clock, board)
+        self.cost = rs.writer.costs.return_path_message
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()
@@ -66,6 +70,8 @@ class ReturnPath:
 
     def handle(self, kind: int, data: bytes) -> None:
         """One message; wire.ProtocolError if it makes no sense."""
+        self.cpu.charge(self.cost)  # read, parse, queue, wake: before the request is seen
+        self.cpu.settle()
         if handler := self._handlers.get(kind):
             handler(kind, data)
 

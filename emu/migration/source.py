@@ -23,6 +23,7 @@ from emu.board import Board
 from emu.child import start_thread
 from emu.clock import Clock
 from emu.config import Config
+from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.migration import ram as R
 from emu.migration import wire
@@ -38,6 +39,7 @@ FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "n
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
           "break-huge", "pongs", "duplicate")
+FIELDS += cpu_fields(("migration", "return-path"))  # their CPU time (emu/cpu.py)
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
 
