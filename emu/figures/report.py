@@ -244,9 +244,9 @@ def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict,
     """The emulator's health with the CPU time charged to QEMU's threads (emu/cpu.py): per
     thread, the emulated time charged and the acts it delayed; per fault, what the model says
     the charges add (t) next to the emulator's own work, model.SOFTWARE_COST_S x time-scale,
-    which comes on top. When the own work is larger by more than the lag's bound (timescale.lag_bound of the
-    median latency), the charged costs do not decide the figures: the
-    warning says so, with the time scale at which they would. A receiving thread busy nearly
+    which comes on top. When the own work is larger by more than the lag's bound
+    (timescale.lag_bound of the median latency), the charged costs do not decide the figures:
+    the warning says so, with the time scale at which they would. A receiving thread busy nearly
     all of the run (`elapsed` emulated seconds) is slower than the link, which credits a frame
     when it delivers it: main's backlog then grows past link.socket-buffer, as it would not in
     TCP, and the warning says that too."""
