@@ -286,8 +286,7 @@ class Source:
         while not self.quit.is_set():
             main = self.main  # a failure noticed late must not break a recovery's new channels
             try:
-                self._postcopy_stream()
-                if self._wait_for(self.rp.shut):
+                if self._postcopy_stream() and self._wait_for(self.rp.shut):
                     return
             except ChannelError as err:
                 self._channel_failed(str(err), main)
@@ -307,9 +306,10 @@ class Source:
             self.parked.clear()
         return True
 
-    def _postcopy_stream(self) -> None:
-        """migration_thread() in postcopy until nothing is dirty: QEMU 7.1/7.2's structure,
-        where the migration thread sends the urgent pages too. Issue 13's 8.0 design (the
+    def _postcopy_stream(self) -> bool:
+        """migration_thread() in postcopy until nothing is dirty (True: EOF sent) or the
+        migration pauses (False): QEMU 7.1/7.2's structure, where the migration thread sends
+        the urgent pages too. Issue 13's 8.0 design (the
         return-path thread sends them, past the gate and the budget) would replace this loop
         and serve_queued_page()'s caller, not the rate limit under them."""
         pacer = self.pacer[1]
@@ -320,8 +320,9 @@ class Source:
                     self._spin(pacer)
                 elif not self._ram_save_iterate(pacer, "postcopy-bytes"):
                     self._send_eofs()
-                    return
+                    return True
             urgent = self._rate_limit(pacer)
+        return False
 
     def _ram_save_iterate(self, pacer: Pacer, counter: str) -> bool:
         """ram_save_iterate(): pages while main is under budget or a request waits, at most
