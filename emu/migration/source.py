@@ -309,9 +309,10 @@ class Source:
     def _postcopy_stream(self) -> bool:
         """migration_thread() in postcopy until nothing is dirty (True: EOF sent) or the
         migration pauses (False): QEMU 7.1/7.2's structure, where the migration thread sends
-        the urgent pages too. Issue 13's 8.0 design (the
-        return-path thread sends them, past the gate and the budget) would replace this loop
-        and serve_queued_page()'s caller, not the rate limit under them."""
+        the urgent pages too. The seam for issue 13's 8.0 design, where the return-path
+        thread sends preempt urgent pages itself, past the gate and the budget: this loop and
+        the serve_queued_page() call in _find_and_save_block(), not the rate limit under them
+        (vanilla keeps this path in 8.0)."""
         pacer = self.pacer[1]
         urgent = False
         while not self._phase_over():
@@ -347,7 +348,7 @@ class Source:
             self.cfg["migration.x-postcopy-preempt-break-huge"] else None
 
         def rate_limit() -> bool:  # ram_save_host_page()'s call, inside a huge page
-            return self._rate_limit(pacer, in_page=True)
+            return self._rate_limit(pacer)
 
         if postcopy and (rs.serve_queued_page(self.main, self.preempt, pacer)
                          or rs.resume_preempted(self.main, counter, pacer, preempt, rate_limit)):
@@ -419,11 +420,11 @@ class Source:
             return self.switchover.is_set()
         return self.quit.is_set() or status != "postcopy-active"
 
-    def _rate_limit(self, pacer: Pacer, in_page: bool = False) -> bool:
+    def _rate_limit(self, pacer: Pacer) -> bool:
         """migration_rate_limit(): start a new window once 100 ms have passed; over budget,
         sleep until the window ends or a request is queued (rate_limit_sem). True if woken
-        for a request (urgent). in_page: the call inside a huge page, whose caller goes on
-        with the page whatever this says."""
+        for a request (urgent); the call inside a huge page goes on with it whatever this
+        says, so there a waiting request lets the rest of the page through unthrottled."""
         pacer.update(self.clock.now())
         if not pacer.exceeded():
             return False
