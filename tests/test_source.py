@@ -209,6 +209,7 @@ def test_a_received_bitmap_makes_what_did_not_arrive_dirty_again(traced):
         rs.save_host_page(FakeEndpoint("main"), page, "postcopy-bytes")
     received = np.ones(len(rs.dirty), bool)
     received[[3, 9]] = False
+    rs.pss.preempted = (3, 128)  # break-huge left page 3 when the channel broke
     failures = []
     rp = ReturnPath(rs, rs.board, len(rs.dirty), lambda reason, ep: failures.append(reason))
     ep = FakeEndpoint("main", incoming=[wire.recv_bitmap(received)])
@@ -216,6 +217,7 @@ def test_a_received_bitmap_makes_what_did_not_arrive_dirty_again(traced):
     assert traced == [("migrate_handle_rp_recv_bitmap", {"rbname": "pc.ram"})]
     assert rp.bitmap_received.is_set()
     assert np.flatnonzero(rs.dirty).tolist() == [3, 9]
+    assert rs.pss.preempted is None  # a huge page left half sent goes again whole
     assert rs.states[3] == R.UNSENT and rs.states[4] == R.SENT_MAIN
     assert failures == ["return path: main: connection closed"]  # no SHUT came
 

@@ -187,8 +187,10 @@ class RAMState:
 
     def reload_bitmap(self, received: np.ndarray) -> None:
         """ram_dirty_bitmap_reload(): after a recovery every page the destination did not
-        receive is dirty again (what was in flight is lost)."""
+        receive is dirty again (what was in flight is lost), a huge page break-huge left
+        half sent included: it goes again whole (postcopy_preempt_reset())."""
         with self.bitmap_mutex:
+            self.pss.preempted = None
             self.dirty |= ~received
             self.states[~received] = UNSENT
 
