@@ -170,12 +170,17 @@ def test_back_to_back_faults_spanning_cycles_arrive_at_random_phases():
         predict(cfg(*sets))["inputs"]["rest"] == (MIB + 128 * KIB) / 2
 
 
-def test_back_to_back_faults_weigh_the_phases_of_a_cap_by_how_many_faults_fit_in_them():
-    sets = ("migration.max-postcopy-bandwidth=50MB/s", "link.bandwidth=1Gbit")
-    at_random, back_to_back = predict(cfg(*sets)), predict(cfg(*sets, "workload.pattern=random"))
-    floor = sum(predict(cfg(*sets, "migration.max-postcopy-bandwidth=1B/s"))["terms-us"].values())
-    # a phase of share s and latency L holds s / L of the faults: most are in the idle phase
-    assert floor < back_to_back["latency-us"] < 2 * floor < at_random["latency-us"] / 4
+def test_back_to_back_faults_under_a_cap_get_about_one_page_a_window():
+    # QEMU 7.1/7.2 with 4 KiB pages: the fault made while the migration thread sleeps waits
+    # for the next window (the gate in qemu_savevm_state_iterate()); with a window that fits
+    # the socket there is no other: each fault lasts the window, less one touch
+    sets = ("link.bandwidth=1Gbit", "workload.pattern=random")
+    fits = predict(cfg(*sets, "migration.max-postcopy-bandwidth=5MB/s"))
+    assert fits["latency-us"] == pytest.approx(1e5 - 2, abs=0.1)
+    # 50 MB/s: the thread is blocked a while on a full main, where faults are quicker
+    blocked = predict(cfg(*sets, "migration.max-postcopy-bandwidth=50MB/s"))
+    at_random = predict(cfg("link.bandwidth=1Gbit", "migration.max-postcopy-bandwidth=50MB/s"))
+    assert at_random["latency-us"] < blocked["latency-us"] < fits["latency-us"]
 
 
 def test_write_wakeup_hides_inside_a_huge_page_sent_whole():
@@ -224,13 +229,23 @@ def test_a_cap_at_or_above_the_link_changes_nothing():
 
 
 def test_a_cap_whose_window_fits_the_socket_never_blocks_the_thread():
-    # 8 MB/s lets 800 KB through per 100 ms window: less than the 4 MiB socket holds
+    # 8 MB/s lets 800 KB through per 100 ms window: less than the 4 MiB socket holds. The
+    # thread sleeps all the window; a 4 KiB request waits for its end, half of it on average,
+    # and goes first, main drained by then
     pred = predict(cfg("migration.max-postcopy-bandwidth=8MB/s", "migration.postcopy-preempt=on"))
-    assert pred["inputs"]["main-full"] == 0 and pred["inputs"]["rest"] == 0
-    # the link drains 800 KB in 6.4 ms of each 100 ms; 12.5 KB of it are on the wire
-    on_wire = 125e6 * 100e-6
-    assert pred["inputs"]["backlog"] == pytest.approx(
-        0.064 * (800e3 - on_wire) ** 2 / (2 * 800e3), rel=1e-3)
+    assert pred["inputs"]["main-full"] == 0 and pred["inputs"]["backlog"] == 0
+    assert pred["inputs"]["rest"] == pytest.approx(125e6 * 0.05)
+
+
+def test_with_huge_pages_a_request_during_the_sleep_waits_at_most_for_the_page():
+    # the thread sleeps inside a host page: break-huge serves a request at once, otherwise
+    # the rest of the page goes first (half a page on average)
+    sets = ("guest.page-size=2MiB", "guest.ram=1GiB", "migration.max-postcopy-bandwidth=8MB/s")
+    preds = predict_all(cfg(*sets))
+    assert preds["preempt"]["inputs"]["rest"] == 0
+    assert preds["preempt-no-break-huge"]["inputs"]["rest"] == pytest.approx(MIB)
+    assert preds["vanilla"]["latency-us"] - preds["preempt"]["latency-us"] == pytest.approx(
+        MIB / 125e6 * 1e6, rel=0.05)
 
 
 def test_a_larger_cap_keeps_main_full_longer():
@@ -240,7 +255,8 @@ def test_a_larger_cap_keeps_main_full_longer():
     full = [p["inputs"]["main-full"] for p in preds]
     lat = [p["latency-us"] for p in preds]
     assert full == sorted(full) and full[0] == 0 and full[-1] == 1
-    assert lat == sorted(lat)
+    # and with 4 KiB pages less time asleep, where requests wait for the next window
+    assert lat[:4] == sorted(lat[:4], reverse=True) and lat[0] > 5 * lat[-1]
     # 40 MB/s: 4 MB per window, of which the socket holds 1 MiB; the rest blocks the thread
     assert full[1] == pytest.approx((4e6 - 7 * RECORD) / 125e6 / 0.1)
 

@@ -131,7 +131,9 @@ def test_a_request_beyond_ram_is_a_protocol_error():
         rs.queue_pages(32 * MIB, 4096)
 
 
-def test_break_huge_serves_the_queue_between_two_records_of_a_huge_page(traced):
+def test_break_huge_leaves_a_huge_page_for_the_queue_and_comes_back_to_it(traced):
+    # QEMU's postcopy_do_preempt() breaks out of ram_save_host_page(); the migration thread
+    # serves the queue, then postcopy_preempt_restore() goes on with the page
     trace.enable(["postcopy_preempt_*", "get_queued_page"])
     rs = ram_state()
     preempt = FakeEndpoint("preempt")
@@ -141,7 +143,11 @@ def test_break_huge_serves_the_queue_between_two_records_of_a_huge_page(traced):
             rs.queue_pages(5 * 2 * MIB, 2 * MIB)
 
     main = FakeEndpoint("main", on_send=request_once)
-    assert rs.save_host_page(main, 0, "postcopy-bytes", Pacer(0), preempt) == 1
+    assert rs.save_host_page(main, 0, "postcopy-bytes", None, preempt) == 1
+    assert len(main.records) == 1 and rs.pss.preempted == (0, 128)
+    assert rs.serve_queued_page(main, preempt)
+    assert rs.resume_preempted(main, "postcopy-bytes", None, preempt, None)
+    assert rs.find_dirty_block() == 1  # the scan goes on after the interrupted page
     where = {"rbname": "pc.ram", "page": 0, "offset": 512 * 1024}
     assert names(traced) == ["postcopy_preempt_triggered", "get_queued_page",
                              "postcopy_preempt_restored"]
@@ -203,6 +209,7 @@ def test_a_received_bitmap_makes_what_did_not_arrive_dirty_again(traced):
         rs.save_host_page(FakeEndpoint("main"), page, "postcopy-bytes")
     received = np.ones(len(rs.dirty), bool)
     received[[3, 9]] = False
+    rs.pss.preempted = (3, 128)  # break-huge left page 3 when the channel broke
     failures = []
     rp = ReturnPath(rs, rs.board, len(rs.dirty), lambda reason, ep: failures.append(reason))
     ep = FakeEndpoint("main", incoming=[wire.recv_bitmap(received)])
@@ -210,6 +217,7 @@ def test_a_received_bitmap_makes_what_did_not_arrive_dirty_again(traced):
     assert traced == [("migrate_handle_rp_recv_bitmap", {"rbname": "pc.ram"})]
     assert rp.bitmap_received.is_set()
     assert np.flatnonzero(rs.dirty).tolist() == [3, 9]
+    assert rs.pss.preempted is None  # a huge page left half sent goes again whole
     assert rs.states[3] == R.UNSENT and rs.states[4] == R.SENT_MAIN
     assert failures == ["return path: main: connection closed"]  # no SHUT came
 
@@ -233,16 +241,25 @@ def source() -> Source:
     return src
 
 
+def over_budget(src: Source) -> Pacer:
+    src.rates["max-bandwidth"] = 10 * MIB  # 1 MiB a window
+    pacer = src._pacer("max-bandwidth")
+    pacer.charge(2 * MIB)
+    return pacer
+
+
 def test_the_rate_limiter_waits_for_the_next_window(traced):
     trace.enable(["migration_rate_limit_*"])
     src = source()
-    pacer = Pacer(10 * MIB)  # 1 MiB a window
-    pacer.charge(src.clock.now(), 2 * MIB)
-    src._rate_limit(pacer)
+    go_to(src, "setup", "active")
+    pacer = over_budget(src)
+    assert not src._rate_limit(pacer)
     assert names(traced) == ["migration_rate_limit_pre", "migration_rate_limit_post"]
     assert 0 < traced[0][1]["ms"] <= 100
     assert traced[1][1] == {"urgent": 0}
-    assert src.clock.now() >= pacer.t
+    assert src.clock.now() >= pacer.end
+    assert not src._rate_limit(pacer) and pacer.used == 0  # the next window, from now
+    assert len(traced) == 2
 
 
 def go_to(src: Source, *statuses: str) -> None:
@@ -253,17 +270,16 @@ def go_to(src: Source, *statuses: str) -> None:
 POSTCOPY = ("setup", "active", "device", "postcopy-active")
 
 
-def test_an_urgent_request_does_not_wait_for_the_rate_limiter(traced):
+def test_a_queued_request_wakes_the_rate_limiter_but_is_not_sent_by_it(traced):
+    # rate_limit_sem: the wait returns at once, the page goes only from ram_save_iterate()
     trace.enable(["migration_rate_limit_post", "get_queued_page"])
     src = source()
     go_to(src, *POSTCOPY)
-    pacer = Pacer(10 * MIB)
-    pacer.charge(src.clock.now(), 2 * MIB)
+    pacer = over_budget(src)
     src.rs.queue_pages(4 * MIB, 2 * MIB)
-    src._rate_limit(pacer)
-    assert names(traced) == ["get_queued_page", "migration_rate_limit_post"]
-    assert traced[1][1] == {"urgent": 1}
-    assert src.preempt.records[0] == (4 * MIB, 128)
+    assert src._rate_limit(pacer)
+    assert traced == [("migration_rate_limit_post", {"urgent": 1})]
+    assert src.preempt.records == [] and len(src.rs.queue) == 1
 
 
 def test_the_bitmap_lock_is_taken_by_the_scan():

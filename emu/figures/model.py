@@ -38,13 +38,16 @@ migration thread, relay, placement, waking the vCPU) takes about SOFTWARE_COST_S
 which is SOFTWARE_COST_S * emulator.time-scale of emulated time. Pass software_cost to model
 another machine, or 0 for the network alone.
 
-max-postcopy-bandwidth: like QEMU, the source lets rate x 100 ms through at full speed at the
-start of each 100 ms window, then waits (ram_save.Pacer). So main is full while the migration
-thread is blocked in that burst (the formula above), then drains what the socket holds (S falls
-from the window's content to 0, and the thread, waiting on its pacer, serves a request at once:
-r = 0), then is idle. A cap small enough that one window's bytes fit in the socket never blocks
-the thread. The model averages the formula over these phases, weighted by their duration: the
-latency of a request that arrives at a random time (back-to-back faults: see Arrivals).
+max-postcopy-bandwidth: like QEMU 7.1/7.2, the source lets rate x 100 ms through at full speed
+at the start of each 100 ms window, then sleeps (ram_save.Pacer, source._rate_limit). So main
+is full while the migration thread is blocked in that burst (the formula above), then drains
+what the socket holds while the thread sleeps. A request made while it sleeps waits, with 4 KiB
+pages, until the window ends (QEMU's gate in qemu_savevm_state_iterate(): r = B x the rest of
+the window, half of the sleep on average) and then goes first; with huge pages the thread sleeps
+inside a host page, and break-huge serves it at once (r = 0), vanilla or break-huge off after
+the rest of the page (r = P/2). A cap small enough that one window's bytes fit in the socket
+never blocks the thread. The model averages the formula over these phases, weighted by their
+duration: the latency of a request that arrives at a random time (back-to-back: see Arrivals).
 
 Arrivals: r = U / 2 and the phases assume requests arriving at random points of the main
 stream, which is what a workload with gaps between its faults gives. A vCPU faulting back to
@@ -53,7 +56,9 @@ a fixed time X after the look that sent its previous page, and waits for the fir
 that (see _rest): with X within one period between looks, the latency is that period. When X
 spans more than three periods, its jitter spreads the phase and U / 2 holds again.
 A vCPU faulting back to back also fits more faults into the quick phases of a capped stream:
-a phase of share s and latency L holds s / L of its faults, and the model weighs phases so.
+a phase of share s and latency L holds s / L of its faults, and the model weighs phases so;
+with 4 KiB pages its one fault per window made while the thread sleeps waits for the next
+window, from a time X after the last page left (_window_waits).
 """
 
 from __future__ import annotations
@@ -243,19 +248,64 @@ def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float,
     held = _held(cfg, mode)
     backlog = max(0.0, held - on_wire)
     full = (backlog, _busy_rest(cfg, mode, backlog, software))
-    cap = cfg["migration.max-postcopy-bandwidth"]
-    if not 0 < cap < bandwidth:
+    if not _capped(cfg):
         return [(1.0, *full)]
-    burst = cap * Pacer.WINDOW  # bytes let through at the start of each window
-    blocked = max(0.0, burst - held) / bandwidth / Pacer.WINDOW
-    drained = min(burst, held)
+    blocked, drained = _window(cfg, mode)
+    return [(blocked / Pacer.WINDOW, *full), *_asleep(cfg, mode, blocked, drained, on_wire)]
+
+
+def _capped(cfg: Config) -> bool:
+    return 0 < cfg["migration.max-postcopy-bandwidth"] < cfg["link.bandwidth"]
+
+
+def _window(cfg: Config, mode: str) -> tuple[float, float]:
+    """A capped window: how long the migration thread is blocked on a full main while it
+    writes the window's budget (seconds), and the bytes main holds when it stops."""
+    burst = cfg["migration.max-postcopy-bandwidth"] * Pacer.WINDOW
+    held = _held(cfg, mode)
+    return max(0.0, burst - held) / cfg["link.bandwidth"], min(burst, held)
+
+
+def _asleep(cfg: Config, mode: str, blocked: float, drained: float,
+            on_wire: float) -> list[tuple[float, float, float]]:
+    """(share, S, r) while the migration thread sleeps over budget, from `blocked` to the
+    window's end, main draining meanwhile. With 4 KiB pages it sleeps in migration_thread():
+    woken by a request, it meets qemu_savevm_state_iterate()'s gate, so the request waits
+    until the window ends (r = B x that wait) and its page then goes first, behind what main
+    still holds then. With huge pages it sleeps inside a host page: break-huge serves the
+    request at once; otherwise the rest of the page goes first, half a page on average."""
+    bandwidth = cfg["link.bandwidth"]
+    sleep = Pacer.WINDOW - blocked
+    if cfg.page_size == TARGET_PAGE:
+        at_start = max(0.0, drained - bandwidth * sleep - on_wire)
+        return [(sleep / Pacer.WINDOW / DRAIN_STEPS, at_start,
+                 bandwidth * sleep * (1 - (k + 0.5) / DRAIN_STEPS)) for k in range(DRAIN_STEPS)]
+    rest = 0.0 if mode == "preempt" else _unit(cfg, mode) / 2
     step = drained / bandwidth / Pacer.WINDOW / DRAIN_STEPS
-    phases = [(blocked, *full)]
-    for k in range(DRAIN_STEPS):
-        in_link = (k + 0.5) / DRAIN_STEPS * drained
-        phases.append((step, max(0.0, in_link - on_wire), 0.0))
-    phases.append((1.0 - blocked - step * DRAIN_STEPS, 0.0, 0.0))
-    return phases
+    phases = [(step, max(0.0, (k + 0.5) / DRAIN_STEPS * drained - on_wire), rest)
+              for k in range(DRAIN_STEPS)]
+    return [*phases, (sleep / Pacer.WINDOW - step * DRAIN_STEPS, 0.0, rest)]
+
+
+def _window_waits(cfg: Config, mode: str, one: Inputs,
+                  full: tuple[float, float]) -> list[tuple[float, float, float]] | None:
+    """(faults per window, S, r) for a vCPU faulting back to back under a cap, 4 KiB pages;
+    None elsewhere. It faults n = blocked / L times while main is full, then once more
+    while the thread sleeps: that request waits for the next window, a time X after the look
+    that sent the last page (the page's way, a round trip, the software cost, the threads'
+    CPU time, one touch), and its page goes first. So about one page per window once the
+    burst fits the socket."""
+    if not (_back_to_back(cfg) and _capped(cfg) and cfg.page_size == TARGET_PAGE):
+        return None
+    blocked, drained = _window(cfg, mode)
+    b = one.bandwidth
+    cpu = cpu_time(cfg, mode, full[0])
+    latency_full = cpu + sum(latency_terms(mode, replace(one, backlog=full[0],
+                                                         rest=full[1])).values())
+    x = one.page_size / b + one.rtt + one.software + cpu + cfg["workload.touch-cost"]
+    wait = max(0.0, Pacer.WINDOW - blocked - x)
+    at_start = max(0.0, drained - b * (Pacer.WINDOW - blocked) - b * one.rtt / 2)
+    return [(blocked / latency_full, *full), (1.0, at_start, b * wait)]
 
 
 def cpu_time(cfg: Config, mode: str, backlog: float) -> float:
@@ -291,11 +341,13 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     mode = mode_of(cfg)
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
                  software_cost * cfg["emulator.time-scale"])
-    phases = _phases(cfg, mode, one.software + cpu_time(cfg, mode, 0.0))
+    in_time = _phases(cfg, mode, one.software + cpu_time(cfg, mode, 0.0))
+    per_window = _window_waits(cfg, mode, one, in_time[0][1:])
+    phases = per_window or in_time
     each = [{**latency_terms(mode, replace(one, backlog=s, rest=r)),
              "cpu": cpu_time(cfg, mode, s)} for _, s, r in phases]
     weights = [share for share, _, _ in phases]
-    if _back_to_back(cfg):
+    if _back_to_back(cfg) and not per_window:
         # a vCPU that is always faulting sees share / L faults in a phase of latency L
         weights = [w / sum(t.values()) for w, t in zip(weights, each, strict=True)]
     weights = [w / sum(weights) for w in weights]
@@ -316,7 +368,7 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
             "page-size": one.page_size,
             "backlog": backlog,  # mean S
             "rest": rest,  # mean r
-            "main-full": phases[0][0],  # share of the time the migration thread is blocked on main
+            "main-full": in_time[0][0],  # share of the time the migration thread is blocked on main
             "software-cost": one.software,
             "socket-buffer": cfg["link.socket-buffer"],
             "chunk": cfg["emulator.chunk"],

@@ -51,27 +51,35 @@ TRACE_PREEMPT_RESTORED = trace.point("postcopy_preempt_restored")
 
 
 class Pacer:
-    """A rate cap in emulated time (max-bandwidth, max-postcopy-bandwidth; 0 = none), the way
-    QEMU applies it: at most rate x 100 ms of bytes in each 100 ms window (BUFFER_DELAY), then
-    wait for the next window."""
+    """The main channel's rate limit as QEMU 7.1/7.2 keeps it (max-bandwidth, then
+    max-postcopy-bandwidth from postcopy_start(); 0 = none): the QEMUFile's rate_limit_max and
+    rate_limit_used, and the window migration_update_counters() restarts. The budget is
+    rate x 100 ms (BUFFER_DELAY) per window; bytes count when they are put on main, whatever
+    the link does with them; the preempt channel has no limit and counts nothing here."""
 
-    WINDOW = 0.1
+    WINDOW = 0.1  # BUFFER_DELAY
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, now: float = 0.0) -> None:
         self.rate = rate
-        self.start = -self.WINDOW
-        self.sent = 0
+        self.start = now  # iteration_start_time
+        self.used = 0  # rate_limit_used
 
-    def charge(self, now: float, nbytes: int) -> None:
+    def charge(self, nbytes: int) -> None:
+        """qemu_put_buffer() and friends: bytes queued on main."""
+        self.used += nbytes
+
+    def exceeded(self) -> bool:
+        """qemu_file_rate_limit(): over this window's budget."""
+        return bool(self.rate) and self.used > self.rate * self.WINDOW
+
+    def update(self, now: float) -> None:
+        """migration_update_counters(): a new window once 100 ms have passed since the last
+        one started, from now (not on a fixed grid: the thread restarts it when it looks)."""
         if now >= self.start + self.WINDOW:
-            self.start, self.sent = now, 0
-        self.sent += nbytes
+            self.start, self.used = now, 0
 
     @property
-    def t(self) -> float:
-        """When the stream may go on."""
-        if not self.rate or self.sent < self.rate * self.WINDOW:
-            return self.start
+    def end(self) -> float:
         return self.start + self.WINDOW
 
 
@@ -81,6 +89,8 @@ class PageSearchStatus:
 
     page: int = 0  # host page
     complete_round: bool = False  # the scan reached the end of RAM since the last sync
+    # break-huge interrupted this huge page at this target page of it (postcopy_preempt_state)
+    preempted: tuple[int, int] | None = None
 
 
 class RecordWriter:
@@ -120,7 +130,7 @@ class RecordWriter:
                          more: bool) -> int:
         """n target pages from byte `offset`, in one record; `counter` is the phase's bytes
         (precopy-bytes, ...). more: a background record, which may gather in the endpoint.
-        The bytes written."""
+        The bytes put on `ep` (what a rate limit counts)."""
         header = wire.ram_header(offset, n, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE)
         size = n * TARGET_PAGE
         self._spend(n, size + len(header))
@@ -237,9 +247,11 @@ class RAMState:
 
     def send_discard_bitmap(self, ep: Endpoint) -> None:
         """ram_postcopy_send_discard_bitmap(): at switchover the pages sent once and dirtied
-        since are stale on the destination, which drops them. QEMU's last sync is here."""
+        since are stale on the destination, which drops them. QEMU's last sync is here, and
+        the scan starts again at the start of RAM (rs->last_page = 0)."""
         self.migration_bitmap_sync()
         with self.bitmap_mutex:
+            self.pss.page = 0
             stale = np.flatnonzero(self.dirty & self.sent_once)
             self.states[stale] = UNSENT  # dropped on the other side: not in flight any more
         runs = _runs(stale)
@@ -249,8 +261,10 @@ class RAMState:
 
     def reload_bitmap(self, received: np.ndarray) -> None:
         """ram_dirty_bitmap_reload(): after a recovery every page the destination did not
-        receive is dirty again (what was in flight is lost)."""
+        receive is dirty again (what was in flight is lost), a huge page break-huge left
+        half sent included: it goes again whole (postcopy_preempt_reset())."""
         with self.bitmap_mutex:
+            self.pss.preempted = None
             self.dirty |= ~received
             self.states[~received] = UNSENT
 
@@ -274,22 +288,37 @@ class RAMState:
     # ---- the background stream ----
 
     def save_host_page(self, ep: Endpoint, page: int, counter: str, pacer: Pacer | None = None,
-                       preempt: Endpoint | None = None) -> int:
+                       preempt: Endpoint | None = None,
+                       rate_limit: Callable[[], object] | None = None) -> int:
         """ram_save_host_page(): host page `page` on `ep` (main), or with small pages the run
         of dirty pages it starts, as much as one record holds. pacer: charge the bytes to it.
-        preempt: break-huge, serve the queue on that channel between two records of a huge
-        page. The host pages sent (0 if another sender took the page meanwhile)."""
+        A huge page goes record by record, with QEMU's two checks between them: rate_limit
+        (migration_rate_limit()) after each, and with preempt (break-huge) a request waiting
+        before each interrupts the page (postcopy_do_preempt()), which the next
+        resume_preempted() finishes. The host pages claimed (0 if another sender took it)."""
         count = self._claim_run(page)
         if not count:
             return 0
-        between = None
-        if preempt:
-            def between(offset: int) -> None:
-                self._postcopy_preempt(ep, preempt, page, offset)
-        sent = self._write_pages(ep, page, count, counter, more=True, between=between)
-        if pacer:  # the bytes written: a zero page costs its header only (ZERO_PAGE_BYTES)
-            pacer.charge(self.clock.now(), sent)
+        if self.tpp == 1:  # QEMU rate-limits inside a host page only if it is huge
+            self._write_pages(ep, page, count, counter, more=True, pacer=pacer)
+        else:
+            self._save_huge_page(ep, page, 0, counter, pacer, preempt, rate_limit)
         return count
+
+    def resume_preempted(self, ep: Endpoint, counter: str, pacer: Pacer | None,
+                         preempt: Endpoint | None,
+                         rate_limit: Callable[[], object] | None) -> bool:
+        """postcopy_preempt_restore(): go on with the huge page break-huge interrupted, and
+        the scan after it. False if there is none."""
+        if self.pss.preempted is None:
+            return False
+        page, start = self.pss.preempted
+        self.pss.preempted = None
+        if TRACE_PREEMPT_RESTORED.enabled:
+            TRACE_PREEMPT_RESTORED(rbname=RBNAME, page=page, offset=_offset(page, start, self.tpp))
+        self.pss.page = page + 1
+        self._save_huge_page(ep, page, start, counter, pacer, preempt, rate_limit)
+        return True
 
     def _claim_run(self, page: int) -> int:
         with self.bitmap_mutex:
@@ -302,36 +331,47 @@ class RAMState:
             self.pss.page = page + max(count, 1)
         return count
 
+    def _write_record(self, ep: Endpoint, offset: int, n: int, counter: str, more: bool,
+                      pacer: Pacer | None) -> None:
+        nbytes = self.writer.save_pages(ep, offset, n, counter, more)
+        if pacer:  # counted as it is queued on main (qemu_put_buffer_async()); a zero page
+            # costs its header only (ZERO_PAGE_BYTES)
+            pacer.charge(nbytes)
+
     def _write_pages(self, ep: Endpoint, page: int, count: int, counter: str, more: bool = False,
-                     between: Callable[[int], None] | None = None) -> int:
+                     pacer: Pacer | None = None) -> None:
         """Host pages [page, page + count), claimed, on `ep` in records of at most
-        emulator.chunk; between(offset) runs before every record but the first. The bytes
-        written."""
+        emulator.chunk, with no rate-limit step between them."""
         first = page * self.tpp
         total = count * self.tpp
-        sent = 0
         for start in range(0, total, self.piece):
-            offset = (first + start) * TARGET_PAGE
-            if start and between:
-                between(offset)
-            sent += self.writer.save_pages(ep, offset, min(self.piece, total - start), counter,
-                                           more)
+            self._write_record(ep, (first + start) * TARGET_PAGE, min(self.piece, total - start),
+                               counter, more, pacer)
         self.publish_remaining()
-        return sent
 
-    def _postcopy_preempt(self, main: Endpoint, preempt: Endpoint, page: int,
-                          offset: int) -> None:
-        """Break-huge (x-postcopy-preempt-break-huge): between two records of huge page
-        `page` on main, serve what waits, then go back to the page at byte `offset`."""
-        if not self.queue.nonempty.is_set():
-            return
+    def _save_huge_page(self, ep: Endpoint, page: int, start: int, counter: str,
+                        pacer: Pacer | None, preempt: Endpoint | None,
+                        rate_limit: Callable[[], object] | None) -> None:
+        """The do-while loop of ram_save_host_page() over huge page `page`, from its target
+        page `start`, one record (QEMU: one 4 KiB piece) a turn."""
+        for piece in range(start, self.tpp, self.piece):
+            if preempt is not None and self.queue.nonempty.is_set():  # postcopy_needs_preempt()
+                self._postcopy_do_preempt(page, piece)
+                return
+            self._write_record(ep, _offset(page, piece, self.tpp),
+                               min(self.piece, self.tpp - piece), counter, True, pacer)
+            if rate_limit:
+                rate_limit()  # its answer ignored: an urgent wake-up goes on with the page
+        self.publish_remaining()
+
+    def _postcopy_do_preempt(self, page: int, piece: int) -> None:
+        """Break-huge (x-postcopy-preempt-break-huge): a request waits, so leave huge page
+        `page` at target page `piece`; the migration thread serves the queue, then comes back
+        to it (resume_preempted())."""
         self.board.add("break-huge", 1)
+        self.pss.preempted = (page, piece)
         if TRACE_PREEMPT_TRIGGERED.enabled:
-            TRACE_PREEMPT_TRIGGERED(rbname=RBNAME, page=page, offset=offset)
-        while self.serve_queued_page(main, preempt):
-            pass
-        if TRACE_PREEMPT_RESTORED.enabled:
-            TRACE_PREEMPT_RESTORED(rbname=RBNAME, page=page, offset=offset)
+            TRACE_PREEMPT_TRIGGERED(rbname=RBNAME, page=page, offset=_offset(page, piece, self.tpp))
 
     # ---- urgent pages ----
 
@@ -345,9 +385,14 @@ class RAMState:
             TRACE_QUEUE_PAGES(rbname=RBNAME, start=offset, len=length, page=page)
         self.queue.put(page, self.clock.now())
 
-    def serve_queued_page(self, main: Endpoint, preempt: Endpoint | None) -> bool:
+    def serve_queued_page(self, main: Endpoint, preempt: Endpoint | None,
+                          pacer: Pacer | None = None) -> bool:
         """get_queued_page() and send it: one request off the queue, its page on preempt
-        (else on main), unless it was sent already. False if the queue is empty."""
+        (else on main, charged to `pacer`), unless it was sent already. The background scan
+        goes on right after it, in both modes, as 7.1/7.2's ram_find_and_save_block() keeps
+        the page get_queued_page() chose (a break-huge page is resumed first). False if the
+        queue is empty. Taking the request off the queue is migration_consume_urgent_request():
+        the migration thread's rate limit sees no urgent request once the queue is empty."""
         item = self.queue.pop()
         if item is None:
             return False
@@ -358,8 +403,7 @@ class RAMState:
             dirty = bool(self.dirty[page])
             if dirty:
                 self._clear_dirty(page, 1, code)
-                if not preempt:  # the guest will likely touch the neighbours next
-                    self.pss.page = page + 1
+                self.pss.page = page + 1  # the guest will likely touch the neighbours next
         if not dirty:
             # already sent (maybe still in flight, maybe the host page being sent on main):
             # QEMU drops such requests too
@@ -369,9 +413,16 @@ class RAMState:
             return True
         if TRACE_QUEUED_PAGE.enabled:
             TRACE_QUEUED_PAGE(rbname=RBNAME, offset=page * self.P, page=page, channel=ep.name)
-        self._write_pages(ep, page, 1, "postcopy-bytes")
+        # whole, at once: its request stays queued (rate_limit_sem posted) while it goes, so
+        # any rate-limit step inside it returns at once; only main's bytes count
+        self._write_pages(ep, page, 1, "postcopy-bytes", pacer=None if preempt else pacer)
         self.board.add("urgent-preempt" if preempt else "urgent-main", 1)
         return True
+
+
+def _offset(page: int, piece: int, tpp: int) -> int:
+    """Byte offset of target page `piece` of host page `page`."""
+    return (page * tpp + piece) * TARGET_PAGE
 
 
 def _runs(pages: np.ndarray) -> list[tuple[int, int]]:

@@ -9,7 +9,9 @@ Threads, as QEMU names them: the migration thread (precopy, switchover, then pos
 the request queue first, else the next dirty page), the return-path thread (parses the
 destination's messages and queues page requests) and the vCPU threads. As in QEMU 7.1 the
 migration thread also sends the urgent pages on the preempt channel, so while it is blocked
-writing the main channel, urgent pages wait too.
+writing the main channel, urgent pages wait too; and under a rate cap a request made while it
+sleeps waits for the next 100 ms window (docs/concepts.md, "The rate limiter and urgent
+pages").
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "n
 FIELDS += cpu_fields(("migration", "return-path"))  # their CPU time (emu/cpu.py)
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
+
+MAX_WAIT = 0.05  # ram.c: the longest a ram_save_iterate() call goes on, in seconds
 
 TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
 TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
@@ -246,17 +250,15 @@ class Source:
         self.state.set(last, "completed")  # migration_completion_end()
 
     def _precopy(self) -> None:
+        """migration_thread() in precopy: the gate, ram_save_iterate(), the rate-limit step."""
         pacer = self._pacer("max-bandwidth")
-        while not self.switchover.is_set() and self.state.status != "cancelling":
-            page = self.rs.find_dirty_block()
-            if self.rs.pss.complete_round:  # ram_save_pending()
-                self.rs.migration_bitmap_sync()
-            if page is None:
-                self.main.flush()
-                self.switchover.wait(0.01)  # all clean: wait for the guest to dirty something
-                continue
+        while not self._phase_over():
+            if not pacer.exceeded():  # qemu_savevm_state_iterate()'s gate
+                if not self._ram_save_iterate(pacer, "precopy-bytes"):
+                    self.main.flush()
+                    self.switchover.wait(0.01)  # all clean: wait for the guest to dirty some
+                    continue
             self._rate_limit(pacer)
-            self.rs.save_host_page(self.main, page, "precopy-bytes", pacer)
         self.main.flush()
 
     def _start_postcopy(self) -> bool:
@@ -268,6 +270,9 @@ class Source:
         with self.vcpu_lock:
             self._stop_vcpus()
         self.rs.send_discard_bitmap(self.main)
+        # postcopy_start() applies max-postcopy-bandwidth here, to the window under way: the
+        # bytes precopy counted in it stay counted (rate_limit_used is not reset)
+        self._pacer("max-postcopy-bandwidth")
         # postcopy_start(): pings 2 and 3 around the device state "help line traces up"
         self.main.send([wire.ping(2)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
@@ -283,8 +288,7 @@ class Source:
         while not self.quit.is_set():
             main = self.main  # a failure noticed late must not break a recovery's new channels
             try:
-                self._postcopy_stream()
-                if self._wait_for(self.rp.shut):
+                if self._postcopy_stream() and self._wait_for(self.rp.shut):
                     return
             except ChannelError as err:
                 self._channel_failed(str(err), main)
@@ -304,21 +308,60 @@ class Source:
             self.parked.clear()
         return True
 
-    def _postcopy_stream(self) -> None:
-        """ram_find_and_save_block() until nothing is dirty: the queue first, else the scan."""
-        pacer = self._pacer("max-postcopy-bandwidth")
-        main, preempt = self.main, self.preempt
-        break_huge = self.tpp > 1 and self.cfg["migration.x-postcopy-preempt-break-huge"]
-        while True:
-            if self.rs.serve_queued_page(main, preempt):
-                continue
-            page = self.rs.find_dirty_block()
-            if page is None:
+    def _postcopy_stream(self) -> bool:
+        """migration_thread() in postcopy until nothing is dirty (True: EOF sent) or the
+        migration pauses (False): QEMU 7.1/7.2's structure, where the migration thread sends
+        the urgent pages too. The seam for issue 13's 8.0 design, where the return-path
+        thread sends preempt urgent pages itself, past the gate and the budget: this loop and
+        the serve_queued_page() call in _find_and_save_block(), not the rate limit under them
+        (vanilla keeps this path in 8.0)."""
+        pacer = self.pacer[1]
+        urgent = False
+        while not self._phase_over():
+            if urgent or not pacer.exceeded():
+                if pacer.exceeded():  # woken for a request, but the gate lets nothing through
+                    self._spin(pacer)
+                elif not self._ram_save_iterate(pacer, "postcopy-bytes"):
+                    self._send_eofs()
+                    return True
+            urgent = self._rate_limit(pacer)
+        return False
+
+    def _ram_save_iterate(self, pacer: Pacer, counter: str) -> bool:
+        """ram_save_iterate(): pages while main is under budget or a request waits, at most
+        MAX_WAIT (QEMU looks at the clock every 64 host pages, we at every record), then EOS
+        and a flush of main. False if nothing was left to send."""
+        t0 = self.clock.now()
+        queued = self.rs.queue.nonempty
+        while not pacer.exceeded() or queued.is_set():
+            if not self._find_and_save_block(pacer, counter):
+                return False
+            if self.clock.now() - t0 > MAX_WAIT or self._phase_over():
                 break
-            self.rs.save_host_page(main, page, "postcopy-bytes", pacer,
-                                   preempt if break_huge else None)
-            self._rate_limit(pacer)
-        self._send_eofs()
+        self.main.flush()
+        return True
+
+    def _find_and_save_block(self, pacer: Pacer, counter: str) -> bool:
+        """ram_find_and_save_block(): the queue first, then the huge page break-huge
+        interrupted, then the next dirty page. False if there is nothing to send."""
+        rs = self.rs
+        postcopy = counter == "postcopy-bytes"
+        preempt = self.preempt if postcopy and self.tpp > 1 and \
+            self.cfg["migration.x-postcopy-preempt-break-huge"] else None
+
+        def rate_limit() -> bool:  # ram_save_host_page()'s call, inside a huge page
+            return self._rate_limit(pacer)
+
+        if postcopy and (rs.serve_queued_page(self.main, self.preempt, pacer)
+                         or rs.resume_preempted(self.main, counter, pacer, preempt, rate_limit)):
+            return True
+        page = rs.find_dirty_block()
+        if not postcopy and rs.pss.complete_round:  # ram_save_pending()
+            rs.migration_bitmap_sync()
+        if page is None:
+            return False
+        rs.save_host_page(self.main, page, counter, pacer, preempt, rate_limit)
+        return True
 
     def _send_eofs(self) -> None:
         for ep in (self.main, self.preempt):
@@ -362,34 +405,65 @@ class Source:
         self.vcpus = []
 
     def _pacer(self, parameter: str) -> Pacer:
-        pacer = Pacer(self.rates[parameter])
+        """Main's rate limit, from `parameter` on: one for the whole migration, as QEMU keeps
+        it in the main QEMUFile, so a new rate applies to the window under way."""
+        if self.pacer is None:
+            self.pacer = (parameter, Pacer(self.rates[parameter], self.clock.now()))
+        pacer = self.pacer[1]
+        pacer.rate = self.rates[parameter]
         self.pacer = (parameter, pacer)
         return pacer
 
-    def _rate_limit(self, pacer: Pacer) -> None:
-        """migration_rate_limit(): hold the background stream to its rate cap."""
-        if not pacer.rate or self.clock.real_wait(pacer.t) <= 0:
-            return
+    def _phase_over(self) -> bool:
+        """The migration thread has something else to do than stream: the switchover was
+        asked for in precopy, or the migration ended, paused or is quitting."""
+        status = self.state.status
+        if status == "active":
+            return self.switchover.is_set()
+        return self.quit.is_set() or status != "postcopy-active"
+
+    def _rate_limit(self, pacer: Pacer) -> bool:
+        """migration_rate_limit(): start a new window once 100 ms have passed; over budget,
+        sleep until the window ends or a request is queued (rate_limit_sem). True if woken
+        for a request (urgent); the call inside a huge page goes on with it whatever this
+        says, so there a waiting request lets the rest of the page through unthrottled."""
+        pacer.update(self.clock.now())
+        if not pacer.exceeded():
+            return False
         if TRACE_RATE_LIMIT_PRE.enabled:  # in emulated ms, as the figures are
-            TRACE_RATE_LIMIT_PRE(ms=round((pacer.t - self.clock.now()) * 1000))
-        urgent = self._wait_pacer(pacer)
+            TRACE_RATE_LIMIT_PRE(ms=round((pacer.end - self.clock.now()) * 1000))
+        self.main.flush()
+        urgent = self._sem_timedwait(pacer.end)
         if TRACE_RATE_LIMIT_POST.enabled:
             TRACE_RATE_LIMIT_POST(urgent=int(urgent))
-
-    def _wait_pacer(self, pacer: Pacer) -> bool:
-        """Wait out the pacer. Urgent requests do not wait: QEMU wakes the rate-limited
-        migration thread for them (migration_make_urgent_request). True if some were sent."""
-        urgent = False
-        while (wait := self.clock.real_wait(pacer.t)) > 0:
-            if self.state.status == "postcopy-active":
-                if self.rs.serve_queued_page(self.main, self.preempt):
-                    urgent = True
-                    continue
-            elif self.switchover.is_set():
-                break
-            self.main.flush()
-            self.rs.queue.nonempty.wait(min(wait, 0.01))
         return urgent
+
+    def _sem_timedwait(self, until: float) -> bool:
+        """qemu_sem_timedwait(&rate_limit_sem, ms) == 0, then qemu_sem_post() again: the
+        semaphore counts the requests queued and not yet taken (ram_save_queue_pages() posts,
+        unqueue_page() consumes), so it is the queue's being non-empty, which this wait
+        leaves as it found it. True at once while a request waits."""
+        queued = self.rs.queue.nonempty
+        while not queued.is_set():
+            wait = self.clock.real_wait(until)
+            if wait <= 0 or self._phase_over():
+                return False
+            queued.wait(min(wait, 0.01))
+        return True
+
+    def _spin(self, pacer: Pacer) -> None:
+        """Woken for a request while over budget: QEMU's migration thread loops through the
+        gate (qemu_savevm_state_iterate() returns at once) and migration_rate_limit(), whose
+        wait returns at once while the request stays queued, sending nothing until the
+        window ends. It burns a core meanwhile; here it sleeps until then, traced as one
+        more rate-limit step."""
+        if TRACE_RATE_LIMIT_PRE.enabled:
+            TRACE_RATE_LIMIT_PRE(ms=round((pacer.end - self.clock.now()) * 1000))
+        while not self.clock.sleep_until(pacer.end, 0.01):
+            if self._phase_over():
+                break
+        if TRACE_RATE_LIMIT_POST.enabled:
+            TRACE_RATE_LIMIT_POST(urgent=1)
 
     # ---- recovery ----
 
@@ -409,7 +483,10 @@ class Source:
             return
         try:
             self._connect(address)
-            # migrate_fd_connect()
+            # migrate_fd_connect(): a new main QEMUFile, its rate limit max-postcopy-bandwidth
+            # and nothing counted yet (the migration thread is parked: the pacer is ours)
+            if self.pacer:
+                self.pacer[1].used = 0
             if not self.state.set("postcopy-recover-setup", "postcopy-recover"):
                 return
             self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
