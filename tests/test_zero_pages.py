@@ -117,9 +117,9 @@ def test_a_zero_page_costs_the_rate_limit_its_header_only():
     rs.clock.start(1.0)
     pacer = Pacer(10 << 20)
     rs.save_host_page(Recorder(), 0, "precopy-bytes", pacer)
-    data = pacer.sent
+    data = pacer.used
     rs.save_host_page(Recorder(), 32, "precopy-bytes", pacer)
-    assert data > 32 * PAGE and pacer.sent - data == 32 * wire.ZERO_PAGE_BYTES
+    assert data > 32 * PAGE and pacer.used - data == 32 * wire.ZERO_PAGE_BYTES
 
 
 def test_an_urgent_zero_page_goes_on_preempt():
