@@ -1,7 +1,7 @@
 """The emulator's own cost per page fault, next to the floor of its path, and how it shrinks
 with emulator.time-scale.
 
-    python bench/overhead.py [--scales 1,0.5,0.2,0.1,0.05] [--rounds 500]
+    python bench/overhead.py [--scales 1,0.5,0.2,0.1,0.05] [--rounds 500] [--set KEY=VALUE]
 
 4 KiB pages, postcopy-preempt, a background stream capped low enough that main never fills
 (so the model's floor is only RTT + the page itself on the link), a hot set that makes the
@@ -43,20 +43,22 @@ SETS = [
 WINDOW = 0.3  # emulated seconds of postcopy measured
 
 
-def floor(rounds: int) -> float:
+def floor(sets: list[str], rounds: int) -> float:
     """The ping-pong's real us per round trip above the link's own time, at time-scale 1."""
-    return pingpong.measure(load_config(None, SETS), rounds)["floor-us"]
+    return pingpong.measure(load_config(None, SETS + sets), rounds)["floor-us"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scales", default="1,0.5,0.2,0.1,0.05")
     parser.add_argument("--rounds", type=int, default=500, help="ping-pong round trips per row")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting on top of the scenario's (e.g. link.rtt=1ms)")
     args = parser.parse_args()
     print("time-scale  faults  mean us  model us  overhead us  real us  floor us  ratio")
     for scale in (float(x) for x in args.scales.split(",")):
-        cfg = load_config(None, SETS + [f"emulator.time-scale={scale}"])
-        bare = floor(args.rounds)
+        cfg = load_config(None, SETS + args.set + [f"emulator.time-scale={scale}"])
+        bare = floor(args.set, args.rounds)
         link = model.predict(cfg, software_cost=0.0)["latency-us"]
         lat = measure(cfg)
         over = lat["avg-us"] - link
