@@ -9,7 +9,7 @@ faults independent of each other. Overhead = emulated mean latency - the model's
 (model.predict with no software cost): what Python, the scheduler and the GIL add, in
 emulated time; divided by the time scale, in real time.
 
-The floor (emu/net/pingpong.py), measured before each row at time-scale 1: a 4 KiB
+The floor (emu/net/pingpong.py), measured after each row's run at time-scale 1: a 4 KiB
 request/response ping-pong over the same link, processes and channels (destination -> link ->
 source -> link -> destination), one thread per side; its real time per round trip less the
 link's own (RTT and both frames). ratio = real overhead per fault / floor: what the fault
@@ -58,9 +58,9 @@ def main() -> None:
     print("time-scale  faults  mean us  model us  overhead us  real us  floor us  ratio")
     for scale in (float(x) for x in args.scales.split(",")):
         cfg = load_config(None, SETS + args.set + [f"emulator.time-scale={scale}"])
-        bare = floor(args.set, args.rounds)
         link = model.predict(cfg, software_cost=0.0)["latency-us"]
         lat = measure(cfg)
+        bare = floor(args.set, args.rounds)  # after: its processes must not disturb the run
         over = lat["avg-us"] - link
         print(f"{scale:10g}  {lat['count']:6d}  {lat['avg-us']:7.1f}  {link:8.1f}  "
               f"{over:11.1f}  {over / scale:7.1f}  {bare:8.1f}  {over / scale / bare:5.2f}",
