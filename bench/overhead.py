@@ -45,7 +45,8 @@ WINDOW = 0.3  # emulated seconds of postcopy measured
 
 def floor(sets: list[str], rounds: int) -> float:
     """The ping-pong's real us per round trip above the link's own time, at time-scale 1."""
-    return pingpong.measure(load_config(None, SETS + sets), rounds)["floor-us"]
+    cfg = load_config(None, SETS + sets + ["emulator.time-scale=1"])  # never "auto"
+    return pingpong.measure(cfg, rounds)["floor-us"]
 
 
 def main() -> None:
