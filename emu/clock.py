@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import time
 
-# Below this real wait, sleep() overshoots by more than the wait itself: spin instead.
-SPIN_S = 200e-6
+# A sleep ends up to this late (real seconds), so the last SPIN_S before a deadline are spun.
+# Measured on the 2-core dev VM with the engines' 1 us timer slack (child.precise_timers): a
+# sleep ends 18-22 us late (median), 24-29 us (90th percentile); with Linux's default 50 us
+# slack it was 72-91 us, and this was 200 us.
+SPIN_S = 60e-6
 
 
 class Clock:

@@ -64,6 +64,12 @@ def _conn_from(port: str) -> str | None:
     return "return" if conn == "main" else None  # nothing flows back on preempt
 
 
+def _sleep_for(wait: float) -> float:
+    """How long the loop may sleep when its next event is `wait` real seconds away: until
+    SPIN_S before it, then it spins (select(0)), since a sleep may end that late."""
+    return 0.0 if wait < SPIN_S else wait - SPIN_S
+
+
 def _frame(buf: bytearray, pos: int, end: int) -> bytearray:
     """One frame out of a port's input, with the checksum of its payload as it was sent."""
     with memoryview(buf) as view:
@@ -207,9 +213,7 @@ class Relay:
         self._advance_all(now)
         self._deliver(now)
         self._return_credits()
-        wait = min(max_wait, self.clock.real_wait(self._next_event()))
-        if wait < SPIN_S:
-            wait = 0
+        wait = _sleep_for(min(max_wait, self.clock.real_wait(self._next_event())))
         self._expire(time.monotonic())
         for key, mask in self.sel.select(wait):
             if key.fileobj is self.listener:
