@@ -462,10 +462,13 @@ def test_the_same_qmp_script_with_or_without_a_link(where, via_link):
     into = d.cmd("query-migrate")
     dist = into["postcopy-latency-dist"]
     # a page the source is asked for crosses the link twice (request, then page): most faults
-    # take one rtt and a little more, none two (a link emulated twice); the others found
+    # take one rtt and a little more; a link emulated twice would put every one at two rtts
+    # (a busy machine may stall one now and then: a tenth is allowed there); the others found
     # their page already on its way
-    assert rtt_bucket(2 * RTT_MS) == rtt_bucket(RTT_MS) + 1
-    assert len(dist) - 1 == rtt_bucket(RTT_MS) and dist[-1] > sum(dist) / 2, dist
+    one = rtt_bucket(RTT_MS)
+    assert rtt_bucket(2 * RTT_MS) == one + 1
+    assert len(dist) > one and dist[one] > sum(dist) / 2, dist
+    assert sum(dist[one + 1:]) <= sum(dist) / 10, dist
     assert s.cmd("query-migrate")["ram"]["postcopy-requests"] > 0
     finish(where, where[1])
 
