@@ -1,0 +1,162 @@
+"""postcopy-emu sweep: the points (the cartesian product of the --vary values, checked before
+anything runs), a tiny sweep's table, CSV, JSON and PNG, resuming from the state file, and a
+sweep stopped by SIGTERM that leaves nothing behind but the points it finished."""
+
+import csv
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from emu import cli
+from emu.config import ConfigError
+from emu.figures import sweep
+from tests.test_cleanup import segments, wait_for
+from tests.test_signals import Program
+
+# Tiny, fast points: an explicit scale, so that no calibration runs.
+TINY = ["--set", "guest.ram=16MiB", "--set", "migration.switchover-after=50ms",
+        "--set", "emulator.time-scale=0.5", "--set", "emulator.duration-limit=20s"]
+PNG_SIZE = (1200, 480)  # gui/_qt/sweep_plot.SIZE
+
+
+def test_two_varies_give_every_combination_first_key_outermost():
+    plan = sweep.plan(None, ["guest.ram=64MiB"],
+                      ["guest.vcpus=1,4,16", "migration.postcopy-preempt=false,true"])
+    assert plan.keys == ["guest.vcpus", "migration.postcopy-preempt"]
+    assert [tuple(p.values.values()) for p in plan.points] == [
+        ("1", "false"), ("1", "true"), ("4", "false"), ("4", "true"),
+        ("16", "false"), ("16", "true")]
+    last = plan.points[-1].cfg
+    assert last["guest.vcpus"] == 16 and last["migration.postcopy-preempt"] is True
+    assert last["guest.ram"] == 64 << 20  # the base's --set holds under the point's values
+
+
+def test_values_are_written_as_config_writes_them():
+    vary = sweep.parse_vary("guest.ram=16777216, 32MiB")
+    assert vary.values == ("16MiB", "32MiB")  # the same point however it is spelled
+    with pytest.raises(ConfigError, match="16MiB given twice"):
+        sweep.parse_vary("guest.ram=16MiB,16777216")
+
+
+def test_the_base_decides_whether_a_state_line_is_this_sweeps():
+    one = sweep.plan(None, ["link.rtt=1ms"], ["guest.vcpus=1,2"])
+    same = sweep.plan(None, ["link.rtt=1000us"], ["guest.vcpus=2,4"])
+    other = sweep.plan(None, ["link.rtt=2ms"], ["guest.vcpus=1,2"])
+    assert one.signature == same.signature != other.signature
+
+
+@pytest.mark.parametrize("vary, message", [
+    (["guest.vcpu=1,2"], "unknown key 'guest.vcpu' (did you mean guest.vcpus?)"),
+    (["guest.vcpus=1,lots"], "--vary guest.vcpus: guest.vcpus:"),
+    (["guest.vcpus=1,99"], "--vary guest.vcpus: guest.vcpus: must be between 1 and 64"),
+    # each value fits on its own; the point does not (32 vCPUs need 32 target pages)
+    (["guest.vcpus=1,32", "guest.ram=4MiB,64KiB"],
+     "--vary at guest.vcpus=32, guest.ram=64KiB: guest.vcpus: must be at most"),
+    (["guest.vcpus"], "expected section.key=VALUE,VALUE,..."),
+    (["guest.vcpus=1,,2"], "expected section.key=VALUE,VALUE,..."),
+    (["guest.vcpus=1", "guest.vcpus=2"], "given twice"),
+    (["guest.vcpus=1", "link.rtt=1ms", "link.bandwidth=1Gbit"], "at most 2 --vary"),
+    ([], "give one or two --vary"),
+])
+def test_a_bad_vary_is_one_line_and_exit_2_before_anything_runs(vary, message):
+    out = tempfile.mkdtemp(prefix="psweep")
+    os.rmdir(out)  # the sweep must not even make its directory
+    args = [a for v in vary for a in ("--vary", v)]
+    done = subprocess.run([sys.executable, "-m", "emu.cli", "sweep", "--set", "guest.ram=4MiB",
+                           *args, "--out", out], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert done.stderr.startswith("postcopy-emu: ")
+    assert done.stdout == "" and not os.path.exists(out)
+
+
+def png_size(path) -> tuple[int, int]:
+    with open(path, "rb") as png:
+        head = png.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_a_tiny_sweep_writes_table_csv_json_png_and_resumes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    args = ["sweep", *TINY, "--vary", "migration.postcopy-preempt=false,true",
+            "--out", str(tmp_path / "out")]
+    assert cli.main([*args, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["skipped"] == 0
+    points = got["points"]
+    assert [p["point"] for p in points] == [{"migration.postcopy-preempt": "false"},
+                                            {"migration.postcopy-preempt": "true"}]
+    for p in points:
+        assert p["status"] == "completed" and p["faults"] > 0
+        assert 0 < p["p50-us"] <= p["p99-us"] <= p["max-us"]
+        assert p["progress-per-s"] > 0 and p["model-us"] > 0
+        assert p["time-scale"] == 0.5 and p["time-scale-auto"] is False
+    # preempt's urgent pages overtake the stream: the model says so, and so does the run
+    assert points[1]["model-us"] < points[0]["model-us"]
+    assert points[1]["mean-us"] < points[0]["mean-us"]
+
+    with open(got["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["migration.postcopy-preempt"] for r in table] == ["false", "true"]
+    assert [float(r["mean-us"]) for r in table] == [p["mean-us"] for p in points]
+    assert got["png"] == str(tmp_path / "out" / "sweep.png")
+    assert png_size(got["png"]) == PNG_SIZE and os.path.getsize(got["png"]) > 10_000
+    state = tmp_path / "out" / sweep.STATE_NAME
+    lines = state.read_text().splitlines()
+    assert len(lines) == 2
+
+    def never(*a, **k):
+        raise AssertionError("a point already measured ran again")
+    monkeypatch.setattr(sweep, "measure", never)
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "2 of 2 points already measured" in err and "skipped" in err
+    head, rule, *rows = out.splitlines()
+    assert head.split()[:3] == ["migration.postcopy-preempt", "faults", "mean"]
+    assert [r.split()[0] for r in rows] == ["false", "true"]
+    assert f"{points[0]['mean-us'] / 1e3:.3f}" in rows[0]
+    assert state.read_text().splitlines() == lines  # nothing measured, nothing appended
+
+
+def test_a_point_cut_short_in_the_state_file_is_measured_again(tmp_path):
+    plan = sweep.plan(None, [], ["guest.vcpus=1,2"])
+    path = tmp_path / sweep.STATE_NAME
+    state = sweep.load_state(path, plan.signature)
+    sweep.append_state(state, plan.signature, plan.points[0], {"status": "completed"})
+    with path.open("a") as f:
+        f.write('{"version": 1, "base": "')  # a crash in the middle of a line
+    again = sweep.load_state(path, plan.signature)
+    assert list(again.done) == [plan.points[0].ident] and again.broken == 1
+    other = sweep.load_state(path, sweep.plan(None, ["link.rtt=3ms"], ["guest.vcpus=1"])
+                             .signature)
+    assert not other.done and other.foreign == 1
+
+
+def test_sigterm_stops_the_running_point_and_keeps_the_finished_ones(tmp_path):
+    out = tmp_path / "out"
+    state = out / sweep.STATE_NAME
+    # the first point fast, the second slow enough to be stopped while it runs
+    program = Program(tempfile.mkdtemp(prefix="psweep"), "sweep", *TINY,
+                      "--vary", "emulator.time-scale=0.5,0.01", "--out", str(out))
+    try:
+        assert wait_for(lambda: state.exists() and state.read_text().count("\n") == 1), \
+            "the first point did not finish"
+        program.wait_started(3)  # the second point's processes and segments
+        program.signal(signal.SIGTERM)
+        assert program.finish() == 128 + signal.SIGTERM, program.err
+        program.assert_nothing_left()
+    finally:
+        program.kill()
+    assert "sweep stopped during emulator.time-scale=0.01" in program.err
+    assert "the same command resumes" in program.err
+    lines = state.read_text().splitlines()
+    assert [json.loads(line)["point"] for line in lines] == [{"emulator.time-scale": "0.5"}]
+    assert not segments(program.proc.pid)
+    assert sorted(os.listdir(out)) == [sweep.STATE_NAME]  # no CSV or PNG of half a sweep
