@@ -160,3 +160,12 @@ def test_sigterm_stops_the_running_point_and_keeps_the_finished_ones(tmp_path):
     assert [json.loads(line)["point"] for line in lines] == [{"emulator.time-scale": "0.5"}]
     assert not segments(program.proc.pid)
     assert sorted(os.listdir(out)) == [sweep.STATE_NAME]  # no CSV or PNG of half a sweep
+
+
+def test_a_failed_calibration_falls_back_to_the_reference_cost(monkeypatch):
+    def broken():
+        raise RuntimeError("the time-scale calibration measured nothing: []")
+    monkeypatch.setattr(sweep.timescale, "machine_cost", broken)
+    said = []
+    assert sweep.machine_cost(said.append) == sweep.timescale.REFERENCE
+    assert "measured nothing" in said[0] and "REFERENCE" in said[0]

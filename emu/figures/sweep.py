@@ -289,7 +289,7 @@ def run(sweep: Plan, state: State, estimate: Callable[[Config, float], float],
     for every point, in the plan's order. A stop signal (KeyboardInterrupt) stops the running
     point (migrate() stops its processes) and goes on up: what finished is in the state."""
     signature = sweep.signature
-    cost = _once(timescale.machine_cost)
+    cost = _once(lambda: machine_cost(say))
     todo = [p for p in sweep.points if p.ident not in state.done]
     bar = None if quiet else ProgressBar(len(todo), estimate)
     known = timescale.known_cost()  # the later points' scales, for the estimate only
@@ -311,6 +311,17 @@ def run(sweep: Plan, state: State, estimate: Callable[[Config, float], float],
             bar.done()
         append_state(state, signature, point, result)
     return rows(sweep, state)
+
+
+def machine_cost(say: Callable[[str], None]) -> timescale.Cost:
+    """The calibration (cached), or, when it fails, the reference cost, said: one failed
+    calibration must not throw away a sweep of many points."""
+    try:
+        return timescale.machine_cost()
+    except RuntimeError as err:
+        say(f"emulator.time-scale auto: {err}; using the cost measured on the 2-core "
+            f"development VM instead (timescale.REFERENCE)")
+        return timescale.REFERENCE
 
 
 def _once(get: Callable[[], timescale.Cost]) -> Callable[[], timescale.Cost]:

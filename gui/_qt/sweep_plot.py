@@ -45,6 +45,7 @@ def save(path: str | os.PathLike, data: dict, size: tuple[int, int] = SIZE) -> N
         for side in ("left", "bottom"):
             plot.getAxis(side).setTextPen("k")
             plot.getAxis(side).setPen((90, 90, 90))
+        plot.getAxis("left").setWidth(LEFT_AXIS)
         plot.showGrid(x=True, y=True, alpha=0.25)
         plot.getAxis("bottom").setTicks(ticks)
         plot.setLabel("bottom", data["x-key"])
@@ -80,6 +81,7 @@ def _from_zero(plot, lines: list[list[float]]) -> None:
 STYLES = (("mean-ms", "mean", "SolidLine", "o"), ("p99-ms", "p99", "DotLine", "t"),
           ("model-ms", "model's mean", "DashLine", None))
 LEGEND_GREY = (90, 90, 90)
+LEFT_AXIS = 72  # pixels: room for "100,000" and the unit beside it, which overlap otherwise
 
 
 def _pen(colour, style: str):
