@@ -169,3 +169,46 @@ def test_a_failed_calibration_falls_back_to_the_reference_cost(monkeypatch):
     said = []
     assert sweep.machine_cost(said.append) == sweep.timescale.REFERENCE
     assert "measured nothing" in said[0] and "REFERENCE" in said[0]
+
+
+class Terminal:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+class FakeRun:
+    def __init__(self, cfg) -> None:
+        self.cfg, self.present = cfg, 0
+
+    def board(self, role: str) -> dict:
+        return {"present": self.present}
+
+
+def test_the_bar_never_goes_back_and_the_estimate_learns_from_the_points_done(monkeypatch):
+    plan = sweep.plan(None, ["guest.ram=4MiB"], ["guest.vcpus=1,2"])
+    screen = Terminal()
+    bar = sweep.ProgressBar(2, lambda cfg, present: 10.0 * (1 - present), screen)
+    clock = iter([0.0, 0.0, 1.0, 2.0, 20.0, 20.0, 20.0])
+    monkeypatch.setattr(sweep.time, "monotonic", lambda: next(clock))
+    run = FakeRun(plan.points[0].cfg)
+    bar.start(1, plan.points[0], run.cfg, [plan.points[1].cfg])
+    assert "1/2 guest.vcpus=1: 0 s, ~10 s to go, ~20 s left in all" in screen.text
+    run.present = run.cfg.npages // 2
+    bar.update(run)
+    run.present = run.cfg.npages // 4  # postcopy discarded the pages dirtied since
+    bar.update(run)
+    first, second = screen.text.split("\r")[2:4]
+    assert first.startswith("sweep [" + "#" * 6 + "-" * 18 + "]")
+    assert second.startswith("sweep [" + "#" * 6 + "-" * 18 + "]")
+    bar.done()  # took 20 s for an estimated 10: the next point's estimate doubles
+    bar.start(2, plan.points[1], plan.points[1].cfg, [])
+    assert "2/2 guest.vcpus=2: 0 s, ~20 s to go, ~20 s left in all" in screen.text

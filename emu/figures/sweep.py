@@ -235,7 +235,7 @@ class ProgressBar:
         self.total, self.estimate = total, estimate
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
-        self.index, self.started = 0, 0.0
+        self.index, self.started, self.reached = 0, 0.0, 0.0
         self.expected: list[float] = []  # the points still to run, this one first
         self.took = self.guessed = 0.0  # of the points measured in this sweep
 
@@ -246,13 +246,16 @@ class ProgressBar:
     def start(self, index: int, point: Point, cfg: Config, later: list[Config]) -> None:
         self.index, self.point, self.cfg = index, point, cfg
         self.expected = [self.estimate(c, 0.0) for c in (cfg, *later)]
-        self.started = time.monotonic()
+        self.started, self.reached = time.monotonic(), 0.0
         self._show(0.0, final=not self.live)
 
     def update(self, run) -> None:
         """migrate()'s progress callback, every half second of the run."""
         if self.live:
             present = run.board("destination")["present"] / run.cfg.npages
+            # postcopy's start discards the pages dirtied since they were sent: the bar
+            # does not go back for that
+            self.reached = max(self.reached, min(present, 1.0))
             self._show(present)
 
     def done(self) -> None:
@@ -266,7 +269,7 @@ class ProgressBar:
         elapsed = time.monotonic() - self.started
         this = max(self.estimate(self.cfg, present) * self.factor, 0.0)
         left = this + sum(self.expected[1:]) * self.factor
-        filled = round(BAR * (self.index - 1 + min(present, 1.0)) / self.total)
+        filled = round(BAR * (self.index - 1 + self.reached) / self.total)
         head = f"sweep [{'#' * filled}{'-' * (BAR - filled)}] {self.index}/{self.total} "
         if final:  # a line per point, in a log: what it is about to take
             line = f"{head}{self.point.label()}: ~{_minutes(this)}, ~{_minutes(left)} in all\n"
