@@ -342,16 +342,13 @@ def cmd_bench(args, cfg: Config) -> int:
 
 
 def cmd_sweep(args, cfg: Config) -> int:
-    from pathlib import Path
-
     from emu.figures import sweep, timescale
 
     plan = sweep.plan(args.scenario, args.set, args.vary)  # every point checked: exit 2 here
     for point in plan.points:
         engines.check_room(point.cfg, engines.ROLES)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = sweep.load_state(out / sweep.STATE_NAME, plan.signature)
+    paths = sweep.outputs(args.out, args.csv, args.png)
+    state = sweep.load_state(paths["state"], plan.signature)
     skipped = sum(p.ident in state.done for p in plan.points)
     if skipped:
         _say(f"{skipped} of {len(plan.points)} points already measured in {state.path}: "
@@ -362,14 +359,13 @@ def cmd_sweep(args, cfg: Config) -> int:
     if any(timescale.is_auto(p.cfg) for p in todo) and timescale.cached_cost() is None:
         _say("emulator.time-scale auto: measuring this machine's own cost (a second or two)")
     measured = sweep.run(plan, state, _real_seconds, _say)
-    files = {"csv": args.csv or str(out / sweep.CSV_NAME),
-             "png": args.png or str(out / sweep.PNG_NAME)}
-    sweep.write_csv(Path(files["csv"]), plan.keys, measured)
-    values = [v.values for v in plan.varies]
+    sweep.write_csv(paths["csv"], plan.keys, measured)
+    files = {"csv": str(paths["csv"]), "png": str(paths["png"])}
     try:
         from gui._qt import sweep_plot
 
-        sweep_plot.save(files["png"], sweep.plot_series(plan.keys, values, measured))
+        values = [v.values for v in plan.varies]
+        sweep_plot.save(paths["png"], sweep.plot_series(plan.keys, values, measured))
     except ImportError as err:  # Qt's libraries missing: the table and CSV still stand
         if args.png:
             raise ConfigError(f"--png: Qt does not load ({err})") from None

@@ -51,25 +51,32 @@ def test_the_base_decides_whether_a_state_line_is_this_sweeps():
     assert one.signature == same.signature != other.signature
 
 
-@pytest.mark.parametrize("vary, message", [
-    (["guest.vcpu=1,2"], "unknown key 'guest.vcpu' (did you mean guest.vcpus?)"),
-    (["guest.vcpus=1,lots"], "--vary guest.vcpus: guest.vcpus:"),
-    (["guest.vcpus=1,99"], "--vary guest.vcpus: guest.vcpus: must be between 1 and 64"),
+def vary(*texts: str) -> list[str]:
+    return [a for text in texts for a in ("--vary", text)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (vary("guest.vcpu=1,2"), "unknown key 'guest.vcpu' (did you mean guest.vcpus?)"),
+    (vary("guest.vcpus=1,lots"), "--vary guest.vcpus: guest.vcpus:"),
+    (vary("guest.vcpus=1,99"), "--vary guest.vcpus: guest.vcpus: must be between 1 and 64"),
     # each value fits on its own; the point does not (32 vCPUs need 32 target pages)
-    (["guest.vcpus=1,32", "guest.ram=4MiB,64KiB"],
+    (vary("guest.vcpus=1,32", "guest.ram=4MiB,64KiB"),
      "--vary at guest.vcpus=32, guest.ram=64KiB: guest.vcpus: must be at most"),
-    (["guest.vcpus"], "expected section.key=VALUE,VALUE,..."),
-    (["guest.vcpus=1,,2"], "expected section.key=VALUE,VALUE,..."),
-    (["guest.vcpus=1", "guest.vcpus=2"], "given twice"),
-    (["guest.vcpus=1", "link.rtt=1ms", "link.bandwidth=1Gbit"], "at most 2 --vary"),
+    (vary("guest.vcpus"), "expected section.key=VALUE,VALUE,..."),
+    (vary("guest.vcpus=1,,2"), "expected section.key=VALUE,VALUE,..."),
+    (vary("guest.vcpus=1", "guest.vcpus=2"), "given twice"),
+    (vary("guest.vcpus=1", "link.rtt=1ms", "link.bandwidth=1Gbit"), "at most 2 --vary"),
     ([], "give one or two --vary"),
+    ([*vary("guest.vcpus=1,2"), "--csv", "/nonexistent-dir/s.csv"],
+     "--csv /nonexistent-dir/s.csv: no such directory"),
+    ([*vary("guest.vcpus=1,2"), "--out", "/dev/null/sweep"],
+     "--out /dev/null/sweep: Not a directory"),
 ])
-def test_a_bad_vary_is_one_line_and_exit_2_before_anything_runs(vary, message):
+def test_a_bad_vary_is_one_line_and_exit_2_before_anything_runs(args, message):
     out = tempfile.mkdtemp(prefix="psweep")
     os.rmdir(out)  # the sweep must not even make its directory
-    args = [a for v in vary for a in ("--vary", v)]
     done = subprocess.run([sys.executable, "-m", "emu.cli", "sweep", "--set", "guest.ram=4MiB",
-                           *args, "--out", out], capture_output=True, text=True, timeout=60)
+                           "--out", out, *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
     assert done.stderr.startswith("postcopy-emu: ")

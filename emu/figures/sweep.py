@@ -129,6 +129,21 @@ def plan(scenario: str | None, sets: Sequence[str], vary_texts: Sequence[str]) -
     return Plan(varies, base, points)
 
 
+def outputs(out: str, csv_path: str | None, png: str | None) -> dict[str, Path]:
+    """Where the state, the CSV and the plot go, checked before anything runs: a sweep of
+    many minutes must not end on a directory that is not there. Makes *out*."""
+    files = {"state": Path(out) / STATE_NAME, "csv": Path(csv_path or Path(out) / CSV_NAME),
+             "png": Path(png or Path(out) / PNG_NAME)}
+    for option, given in (("--csv", csv_path), ("--png", png)):
+        if given and not Path(given).resolve().parent.is_dir():
+            raise ConfigError(f"{option} {given}: no such directory")
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: {err.strerror}") from None
+    return files
+
+
 # ---- the state file ----
 
 @dataclass
