@@ -219,3 +219,21 @@ def test_the_bar_never_goes_back_and_the_estimate_learns_from_the_points_done(mo
     bar.done()  # took 20 s for an estimated 10: the next point's estimate doubles
     bar.start(2, plan.points[1], plan.points[1].cfg, [])
     assert "2/2 guest.vcpus=2: 0 s, ~20 s to go, ~20 s left in all" in screen.text
+
+
+def test_auto_points_take_the_rule_s_scale_from_one_calibration(monkeypatch):
+    calls = []
+
+    def calibrate():
+        calls.append(1)
+        return sweep.timescale.Cost(per_fault=1e-3, per_frame=0.5e-3)
+    monkeypatch.setattr(sweep.timescale, "machine_cost", calibrate)
+    plan = sweep.plan(None, ["guest.ram=32MiB"], ["migration.postcopy-preempt=false,true"])
+    cost = sweep._once(lambda: sweep.machine_cost(print))
+    got = [sweep.resolve(p.cfg, cost) for p in plan.points]
+    assert calls == [1]  # one calibration for every point
+    rule = [sweep.timescale.pick(p.cfg, calibrate()).scale for p in plan.points]
+    assert [(cfg["emulator.time-scale"], auto) for cfg, auto in got] == [(s, True) for s in rule]
+    assert rule[1] < rule[0]  # preempt's lower latency needs a slower scale
+    fixed = plan.points[0].cfg.with_overrides(["emulator.time-scale=0.3"])
+    assert sweep.resolve(fixed, cost) == (fixed, False)

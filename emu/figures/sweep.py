@@ -302,31 +302,27 @@ def _minutes(seconds: float) -> str:
 # ---- the sweep ----
 
 def run(sweep: Plan, state: State, estimate: Callable[[Config, float], float],
-        say: Callable[[str], None], quiet: bool = False) -> list[dict]:
+        say: Callable[[str], None]) -> list[dict]:
     """Run the points not in *state*, appending each to it when it finishes; the table's rows
     for every point, in the plan's order. A stop signal (KeyboardInterrupt) stops the running
     point (migrate() stops its processes) and goes on up: what finished is in the state."""
     signature = sweep.signature
-    cost = _once(lambda: machine_cost(say))
+    cost = _once(lambda: machine_cost(say))  # the first auto point calibrates, for them all
     todo = [p for p in sweep.points if p.ident not in state.done]
-    bar = None if quiet else ProgressBar(len(todo), estimate)
-    known = timescale.known_cost()  # the later points' scales, for the estimate only
-    resolved = [resolve(p.cfg, lambda: known) for p in todo]
-    for n, point in enumerate(todo, 1):
-        cfg, auto = resolve(point.cfg, cost)
-        if bar:
-            bar.start(n, point, cfg, [c for c, _ in resolved[n:]])
+    resolved = [resolve(p.cfg, cost) for p in todo]  # every scale known: the time left
+    bar = ProgressBar(len(todo), estimate)
+    for n, (point, (cfg, auto)) in enumerate(zip(todo, resolved, strict=True), 1):
+        bar.start(n, point, cfg, [c for c, _ in resolved[n:]])
         try:
-            result = measure(cfg, auto, bar.update if bar else None)
+            result = measure(cfg, auto, bar.update)
         except KeyboardInterrupt:
-            if bar and bar.live:
+            if bar.live:
                 print(file=bar.stream)
             say(f"sweep stopped during {point.label()}; {len(state.done)} of "
                 f"{len(sweep.points)} points measured are kept in {state.path}: the same "
                 f"command resumes")
             raise
-        if bar:
-            bar.done()
+        bar.done()
         append_state(state, signature, point, result)
     return rows(sweep, state)
 
