@@ -5,6 +5,7 @@ sweep stopped by SIGTERM that leaves nothing behind but the points it finished."
 import csv
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -150,8 +151,9 @@ def test_sigterm_stops_the_running_point_and_keeps_the_finished_ones(tmp_path):
     out = tmp_path / "out"
     state = out / sweep.STATE_NAME
     # the first point fast, the second slow enough to be stopped while it runs
-    program = Program(tempfile.mkdtemp(prefix="psweep"), "sweep", *TINY,
-                      "--vary", "emulator.time-scale=0.5,0.01", "--out", str(out))
+    tmp = tempfile.mkdtemp(prefix="psweep")  # the program's TMPDIR: its sockets
+    program = Program(tmp, "sweep", *TINY, "--vary", "emulator.time-scale=0.5,0.01",
+                      "--out", str(out))
     try:
         assert wait_for(lambda: state.exists() and state.read_text().count("\n") == 1), \
             "the first point did not finish"
@@ -161,6 +163,7 @@ def test_sigterm_stops_the_running_point_and_keeps_the_finished_ones(tmp_path):
         program.assert_nothing_left()
     finally:
         program.kill()
+        shutil.rmtree(tmp)
     assert "sweep stopped during emulator.time-scale=0.01" in program.err
     assert "the same command resumes" in program.err
     lines = state.read_text().splitlines()
