@@ -110,8 +110,28 @@ def _parser() -> argparse.ArgumentParser:
                           "column (F5 switches it, F9 shows the settings)")
     gui.set_defaults(func=cmd_gui)
     _replay_command(sub)
+    _sweep_command(sub)
     _standalone_commands(sub)
     return parser
+
+
+def _sweep_command(sub) -> None:
+    sweep = _command(sub, "sweep", "run the scenario once per value of one or two keys and "
+                     "tabulate and plot latency and guest progress, next to the model's")
+    sweep.add_argument("--vary", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                       help="a key and the values it takes, e.g. guest.vcpus=1,4,16 (once or "
+                            "twice: every combination runs; the plot has the first along x, "
+                            "a line per value of the second)")
+    sweep.add_argument("--out", default="sweep", metavar="DIR",
+                       help="where the state file (sweep-state.jsonl, a line per point "
+                            "measured: the same command resumes a stopped sweep), the CSV "
+                            "and the PNG go (default: ./sweep)")
+    sweep.add_argument("--csv", metavar="FILE", help="the table as CSV (default: DIR/sweep.csv)")
+    sweep.add_argument("--png", metavar="FILE",
+                       help="the plot: latency mean and p99 and guest progress against the "
+                            "first key, the model's mean dashed (default: DIR/sweep.png)")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object")
+    sweep.set_defaults(func=cmd_sweep)
 
 
 def _record_argument(cmd: argparse.ArgumentParser) -> None:
@@ -319,6 +339,44 @@ def cmd_bench(args, cfg: Config) -> int:
     from emu.figures import seedtable
 
     return seedtable.main(args.quick, args.json)
+
+
+def cmd_sweep(args, cfg: Config) -> int:
+    from emu.figures import sweep, timescale
+
+    plan = sweep.plan(args.scenario, args.set, args.vary)  # every point checked: exit 2 here
+    for point in plan.points:
+        engines.check_room(point.cfg, engines.ROLES)
+    paths = sweep.outputs(args.out, args.csv, args.png)
+    state = sweep.load_state(paths["state"], plan.signature)
+    skipped = sum(p.ident in state.done for p in plan.points)
+    if skipped:
+        _say(f"{skipped} of {len(plan.points)} points already measured in {state.path}: "
+             f"skipped")
+    if state.foreign:
+        _say(f"{state.foreign} points in {state.path} are of another base scenario: not used")
+    todo = [p for p in plan.points if p.ident not in state.done]
+    if any(timescale.is_auto(p.cfg) for p in todo) and timescale.cached_cost() is None:
+        _say("emulator.time-scale auto: measuring this machine's own cost (a second or two)")
+    measured = sweep.run(plan, state, _real_seconds, _say)
+    sweep.write_csv(paths["csv"], plan.keys, measured)
+    files = {"csv": str(paths["csv"]), "png": str(paths["png"])}
+    try:
+        from gui._qt import sweep_plot
+
+        values = [v.values for v in plan.varies]
+        sweep_plot.save(paths["png"], sweep.plot_series(plan.keys, values, measured))
+    except ImportError as err:  # Qt's libraries missing: the table and CSV still stand
+        if args.png:
+            raise ConfigError(f"--png: Qt does not load ({err})") from None
+        _say(f"no plot: Qt does not load ({err})")
+        files["png"] = None
+    if args.json:
+        print(json.dumps(sweep.to_json(plan, state, measured, skipped, files), indent=1))
+    else:
+        print(sweep.table(plan.keys, measured))
+        _say("wrote " + ", ".join(f for f in files.values() if f))
+    return 0 if all(r["status"] == "completed" for r in measured) else 1
 
 
 def cmd_gui(args, cfg: Config) -> int:
