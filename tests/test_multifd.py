@@ -19,6 +19,7 @@ from emu.net import channel
 from tests.conftest import config
 from tests.test_destination_trace import Traced
 from tests.test_migration import assert_completed, assert_postcopy
+from tests.test_recovery import assert_recovered, run_with
 from tests.wire_peer import closed, destination, frame, peer
 
 PAGE = R.TARGET_PAGE
@@ -45,6 +46,15 @@ def test_multifd_and_postcopy_together_with_design_10_1(run_migration):
     assert ram["multifd-bytes"] > 0 and ram["postcopy-bytes"] > 0
     # precopy went on multifd; nothing did in postcopy
     assert ram["multifd-bytes"] <= ram["precopy-bytes"]
+
+
+def test_a_recovery_in_postcopy_needs_no_multifd_channel():
+    """A pause breaks main; the recovery reconnects main (multifd stays idle in postcopy, as
+    QEMU 10.1 does not reconnect it either) and the memory arrives whole."""
+    result = run_with(["cut main at 30ms"], workload__pattern="ab", migration__multifd="true",
+                      migration__design="10.1")
+    assert_recovered(result)
+    assert result["query-migrate"]["ram"]["multifd-bytes"] > 0
 
 
 def test_multifd_precopy_only_with_every_channel(run_migration):

@@ -139,10 +139,10 @@ class MultiFDSend:
 
     def shutdown(self) -> None:
         """multifd_send_shutdown(): the sender threads end, their connections close."""
+        self.broken = True  # first: a sender's write that fails now is no failure
         for ch in self.channels:
             ch.jobs.put(None)
             ch.ep.close()
-        self.broken = True  # nobody waits on a channel any more
 
     def _send(self) -> None:
         """multifd_send(): the packet to the next idle channel, round robin."""
