@@ -15,9 +15,11 @@ from emu.config import ConfigError
 from emu.migration import ram as R
 from emu.migration import wire
 from emu.migration.placement import Placer
-from emu.net import channel
+from emu.net import channel, uri
+from emu.net.channel import Endpoint
 from tests.conftest import config
 from tests.test_destination_trace import Traced
+from tests.test_link import RelayThread
 from tests.test_migration import assert_completed, assert_postcopy
 from tests.test_recovery import assert_recovered, run_with
 from tests.wire_peer import closed, destination, frame, peer
@@ -175,3 +177,36 @@ def test_a_multifd_packet_of_part_of_a_huge_page_is_refused():
     placer = Placer(np.zeros(2, np.uint8), None, 2 << 20)
     with pytest.raises(wire.ProtocolError, match="partial host pages"):
         placer.place_multifd(np.arange(10), None, np.array([], int), write_zero=True)
+
+
+# ---- the link ----
+
+def test_the_link_relays_each_multifd_channel_as_a_connection_of_its_own(tmp_path):
+    """Named by their hellos, multifd0 and multifd1 are two connections at the bottleneck
+    (each with its own window and credits), published together as "multifd"."""
+    target = uri.listen(f"unix:{tmp_path}/dst.sock")
+    link = RelayThread(f"unix:{tmp_path}/link.sock", f"unix:{tmp_path}/dst.sock")
+    try:
+        srcs, dsts = [], []
+        for i in range(2):
+            src = Endpoint(uri.connect(f"unix:{tmp_path}/link.sock"), 1 << 20, f"multifd{i}")
+            src.read_credits_in_background()
+            src.send([wire.multifd_hello(i)])
+            sock, _ = target.accept()
+            assert channel.read_header(sock, 5) == channel.relayed_frame()
+            dsts.append(Endpoint(sock, 1 << 20, f"multifd{i}"))
+            assert wire.multifd_channel_id(dsts[-1].recv()) == i
+            srcs.append(src)
+        for src, dst in zip(srcs, dsts, strict=True):
+            src.send([bytes(PAGE)])
+            assert dst.recv() == bytes(PAGE)
+        assert {"src-multifd0", "src-multifd1"} <= set(link.relay.ports)
+        deadline = time.monotonic() + 5
+        while link.relay.board["delivered-multifd"] < 2 * PAGE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link.relay.board["delivered-multifd"] >= 2 * PAGE
+        for ep in srcs + dsts:
+            ep.close()
+    finally:
+        link.close()
+        target.close()
