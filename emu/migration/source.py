@@ -11,7 +11,8 @@ destination's messages and queues page requests) and the vCPU threads. As in QEM
 migration thread also sends the urgent pages on the preempt channel, so while it is blocked
 writing the main channel, urgent pages wait too; and under a rate cap a request made while it
 sleeps waits for the next 100 ms window (docs/concepts.md, "The rate limiter and urgent
-pages").
+pages"). With migration.multifd the precopy pages go on the multifd channels instead of main
+(multifd.py), synced at each round and before postcopy starts, and none in postcopy.
 """
 
 from __future__ import annotations
@@ -287,13 +288,13 @@ class Source:
     def _start_postcopy(self) -> bool:
         """migrate-start-postcopy: stop the guest, discard, device state, run on the other side.
         False if the migration failed or was cancelled meanwhile."""
-        t_stop = self.clock.now()
         if not self.state.set("active", "device"):  # migration_switchover_prepare()
             return False
         # ram_save_postcopy_prepare() (10.1), before the VM stops: every page queued on
         # multifd is placed before the destination takes the discards and listens
         if not self._multifd_sync():
             return False
+        t_stop = self.clock.now()  # the guest ran on through the sync: downtime starts here
         with self.vcpu_lock:
             self._stop_vcpus()
         self.rs.send_discard_bitmap(self.main)
