@@ -50,6 +50,15 @@ def test_multifd_and_postcopy_together_with_design_10_1(run_migration):
     assert ram["multifd-bytes"] <= ram["precopy-bytes"]
 
 
+def test_multifd_and_postcopy_preempt_with_2M_pages(run_migration):
+    """A packet carries whole huge pages; postcopy then goes on main and preempt."""
+    result = run_migration(guest__page_size="2MiB", guest__ram="64MiB",
+                           migration__postcopy_preempt="true", migration__multifd="true",
+                           migration__design="10.1")
+    assert_postcopy(result)
+    assert result["query-migrate"]["ram"]["multifd-bytes"] >= 2 << 20
+
+
 def test_a_recovery_in_postcopy_needs_no_multifd_channel():
     """A pause breaks main; the recovery reconnects main (multifd stays idle in postcopy, as
     QEMU 10.1 does not reconnect it either) and the memory arrives whole."""
