@@ -555,8 +555,11 @@ def _how_far(reached: dict) -> str:
 
 
 def _zero_pages(ram: dict) -> str:
-    """The pages that went as zero pages (ram.duplicate), when there were any."""
-    return f", {ram['duplicate']} zero pages (header only)" if ram["duplicate"] else ""
+    """The pages that went as zero pages (ram.duplicate), when there were any; and the bytes
+    of them all on the multifd channels (ram.multifd-bytes), with multifd."""
+    multifd = f", multifd {ram['multifd-bytes'] / 1e6:.1f} MB" if ram["multifd-bytes"] else ""
+    return multifd + (f", {ram['duplicate']} zero pages (header only)" if ram["duplicate"]
+                      else "")
 
 
 def summary(result: dict, cfg: Config) -> str:
@@ -567,6 +570,8 @@ def summary(result: dict, cfg: Config) -> str:
             "on" if cfg["migration.x-postcopy-preempt-break-huge"] else "off")
     elif not cfg["migration.postcopy-ram"]:
         mode = "precopy only"
+    if cfg["migration.multifd"]:
+        mode += f"; multifd, {cfg['migration.multifd-channels']} channel(s)"
     switch = next((s["time"] for s in result["states"]["source"]
                    if s["status"] == "device"), 0.0)
     emu = result["emulator"]

@@ -239,6 +239,9 @@ TIME_MAX = "3600s"  # emulated
 CPU_MAX = "100ms"  # a thread's time per unit of work (emulated)
 CPU_BYTE_MAX = "100ns"  # and per byte: 100 s per GiB
 
+# designs whose migrate_caps_check() refuses multifd together with postcopy-ram
+MULTIFD_NO_POSTCOPY = ("7.1", "8.0")
+
 KEYS: dict[str, Key] = {
     "migration.postcopy-ram": _key(
         "bool", True, "capability postcopy-ram: switch over early, then fetch pages on demand"
@@ -248,6 +251,17 @@ KEYS: dict[str, Key] = {
     ),
     "migration.x-postcopy-preempt-break-huge": _key(
         "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
+    ),
+    "migration.design": _key(
+        "str", "7.1", "the generation of QEMU's postcopy code to behave as",
+        choices=("7.1", "8.0", "10.1"),
+    ),
+    "migration.multifd": _key(
+        "bool", False, "capability multifd: precopy pages on multifd-channels connections"
+    ),
+    "migration.multifd-channels": _key(
+        "int", 2, "parameter multifd-channels: multifd connections and sender threads", low=1,
+        high=16,
     ),
     "migration.postcopy-blocktime": _key(
         "bool", True, "capability postcopy-blocktime: report postcopy-blocktime"
@@ -418,6 +432,13 @@ def _check_together(values: Mapping[str, Any]) -> None:
     """Checks that involve more than one key."""
     if values["migration.postcopy-preempt"] and not values["migration.postcopy-ram"]:
         raise ConfigError("migration.postcopy-preempt: requires migration.postcopy-ram=true")
+    if values["migration.multifd"] and values["migration.postcopy-ram"] \
+            and values["migration.design"] in MULTIFD_NO_POSTCOPY:
+        # migrate_caps_check() before QEMU 10.1 (commit "migration: enable multifd and
+        # postcopy together" removed it)
+        raise ConfigError("migration.multifd: Postcopy is not yet compatible with multifd "
+                          f"(migration.design {values['migration.design']}; 10.1 allows both)",
+                          "migration.multifd")
     ram, page = values["guest.ram"], values["guest.page-size"]
     if ram < page:
         raise ConfigError(

@@ -183,6 +183,7 @@ def populate_ram_info(cfg: Config, b: dict) -> dict:
         "precopy-bytes": int(b["precopy-bytes"]),
         "downtime-bytes": int(b["downtime-bytes"]),
         "postcopy-bytes": int(b["postcopy-bytes"]),
+        "multifd-bytes": int(b.get("multifd-bytes", 0)),  # on the multifd channels
     }
 
 

@@ -37,13 +37,15 @@ from emu.migration import loadvm, wire
 from emu.migration import ram as R
 from emu.migration.fault_thread import DestMemory, FaultThread
 from emu.migration.incoming import Connections
+from emu.migration.multifd import MultiFDRecv
 from emu.migration.placement import MAIN, Placer
 from emu.migration.states import FINAL, StateLog, after_failure
 from emu.migration.workload import VCpu, Workload
 from emu.net.channel import ChannelError
 
+PLACED = ("placed-main", "placed-preempt", "placed-multifd")  # by channel (placement.py)
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
-          "placed-main", "placed-preempt") + LAG_FIELDS + progress.BOARD_FIELDS
+          *PLACED) + LAG_FIELDS + progress.BOARD_FIELDS
 FIELDS += cpu_fields(("listen", "preempt", "fault"))  # their CPU time (emu/cpu.py)
 RING = 1 << 16
 PAUSES = ("postcopy-active", "postcopy-recover")  # postcopy_pause_incoming() from these
@@ -86,6 +88,7 @@ class Destination:
         self.ended: float | None = None  # when the vCPUs were stopped at completion
         self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
         self._eof_lock = threading.Lock()
+        self.multifd = MultiFDRecv(self) if cfg["migration.multifd"] else None
         self.conns = Connections(self)
         self.loadvm = loadvm.LoadVM(self)
         self.fault_thread = FaultThread(self, FaultRing(bufs[shm.FAULTS], RING))
@@ -274,7 +277,7 @@ class Destination:
     def _placed(self, first: int, count: int, which: int) -> None:
         self.arrival[first:first + count] = self.clock.now()
         self.board["present"] = self.placer.present
-        self.board[("placed-main", "placed-preempt")[which]] = self.placer.placed[which]
+        self.board[PLACED[which]] = self.placer.placed[which]
 
     def _report(self) -> dict:
         device = self.loadvm.device

@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 
 from emu import trace
 from emu.child import start_thread
+from emu.cpu import CpuThread
 from emu.events import Bound, Listening, Refused
-from emu.migration.placement import MAIN, PREEMPT
+from emu.migration import wire
+from emu.migration.placement import MAIN, MULTIFD, PREEMPT
 from emu.net import channel, link, uri
 from emu.net.channel import ChannelError, Endpoint
 
@@ -187,6 +189,8 @@ class Connections:
             return MAIN
         if hello == channel.PREEMPT_HELLO and self.dst.cfg["migration.postcopy-preempt"]:
             return PREEMPT
+        if self.dst.multifd and (channel_id := wire.multifd_channel_id(hello)) is not None:
+            return MULTIFD + channel_id  # QEMU 10.1 tells every channel by its magic
         return None
 
     def _hello(self, sock, which: int | None, arrival: float) -> None:
@@ -195,6 +199,9 @@ class Connections:
         that, a newer main takes its place, as one that is a stranger's hello must not keep
         the real source out."""
         dst = self.dst
+        if which is not None and which >= MULTIFD:
+            self._multifd_hello(sock, which - MULTIFD, arrival)
+            return
         with self.lock:
             if which == MAIN and self.channels[MAIN] and not self._unconfirmed:
                 which = None  # the migration stream is in: a second one is a stranger
@@ -220,6 +227,21 @@ class Connections:
                 TRACE_PREEMPT_CHANNEL()
             self._stop_listening_if_complete()
 
+    def _multifd_hello(self, sock, channel_id: int, arrival: float) -> None:
+        """multifd_recv_new_channel(): multifd channel `channel_id` and its receiver thread,
+        with a CPU time of its own; a second hello for one that is in is a stranger's."""
+        dst = self.dst
+        cpu = CpuThread(f"multifd_recv_{channel_id}", dst.clock, dst.board)
+        ep = Endpoint(sock, dst.cfg["link.socket-buffer"], f"multifd{channel_id}",
+                      dst._reader_meter(cpu))
+        ch = dst.multifd.new_channel(channel_id, ep, cpu)
+        if ch is None:
+            channel.refuse(sock)
+            return
+        dst.lag(arrival)
+        start_thread(f"multifd_recv_{channel_id}", dst.multifd.recv_thread, ch)
+        self._stop_listening_if_complete()
+
     # ---- the main channel's trial ----
 
     def confirm(self, ep: Endpoint) -> bool:
@@ -238,7 +260,8 @@ class Connections:
         anew)."""
         with self.lock:
             complete = self.channels[MAIN] and not self._unconfirmed and (
-                self.channels[PREEMPT] or not self.dst.cfg["migration.postcopy-preempt"])
+                self.channels[PREEMPT] or not self.dst.cfg["migration.postcopy-preempt"]) and (
+                not self.dst.multifd or self.dst.multifd.complete)
         if complete:
             self.stop_listening()
 
@@ -267,6 +290,8 @@ class Connections:
         with self.lock:
             eps, self.channels = self.channels, [None, None]
             self._unconfirmed = None
+        if self.dst.multifd:
+            eps += [ch.ep for ch in self.dst.multifd.channels if ch]
         for ep in eps:
             if ep:
                 ep.close()

@@ -79,6 +79,9 @@ class LoadVM:
                     return
                 elif which != MAIN:
                     raise wire.ProtocolError("the preempt channel carries RAM only")
+                elif isinstance(msg, wire.MultifdFlush):
+                    if dst.multifd:  # multifd_recv_sync_main(): nothing to wait for without
+                        dst.multifd.recv_sync_main()
                 elif isinstance(msg, wire.DeviceState):
                     self.device = check_device_state(msg.state, dst.cfg)
                 else:

@@ -19,8 +19,8 @@ from emu import trace
 from emu.migration import ram as R
 from emu.migration.wire import ProtocolError, RamRecord
 
-MAIN, PREEMPT = 0, 1
-CHANNEL_NAMES = ("main", "preempt")
+MAIN, PREEMPT, MULTIFD = 0, 1, 2  # MULTIFD: any multifd channel (precopy only)
+CHANNEL_NAMES = ("main", "preempt", "multifd")
 
 # QEMU's requested tree (mis->page_requested) and its count: a faulted page joins it
 # (migrate_send_rp_req_pages) and leaves it when placed (qemu_ufd_copy_ioctl)
@@ -53,7 +53,7 @@ class Placer:
         self.postcopy = False
         self.present = 0
         self.tmp = [TmpPage(page_size, ram is not None) for _ in (MAIN, PREEMPT)]
-        self.placed = [0, 0]  # host pages placed per channel
+        self.placed = [0, 0, 0]  # host pages placed per channel (MAIN, PREEMPT, MULTIFD)
         self.requested = 0  # host pages REQUESTED, not placed yet (page_requested_count)
         self.on_place = on_place  # (first host page, count, channel), under the lock
         # (count, channel), not under the lock: the placing thread's CPU time (emu/cpu.py)
@@ -137,6 +137,39 @@ class Placer:
                 self.place_zero_page(page, 1, channel)
             else:
                 self._place(page, 1, tmp.buf, channel)
+
+    def place_multifd(self, normal: np.ndarray, data, zero: np.ndarray,
+                      write_zero: bool) -> int:
+        """A multifd packet's pages, whole host pages, as precopy places them: each straight
+        into guest RAM (no temporary page: the guest here is not running). Its normal pages
+        (target page numbers) from `data`; its zero pages written as zeros where the page was
+        received before, or everywhere with write_zero (postcopy-ram enabled: QEMU 10.1's
+        multifd_recv_zero_page_process(), so that no page the received bitmap counts is one
+        memory never had). The zero pages written. A packet once postcopy has started is a
+        protocol error: two writers to one page corrupt the guest."""
+        pages = np.concatenate((normal, zero)) // self.tpp
+        first = np.unique(pages)
+        if len(pages) != len(first) * self.tpp or len(first) and first[-1] >= len(self.states):
+            raise ProtocolError("multifd packet of partial host pages, or beyond RAM")
+        with self.cond:
+            if self.postcopy:
+                raise ProtocolError("multifd data in postcopy: the page may have a writer on "
+                                    "main or preempt already")
+            received = self.states[zero // self.tpp] >= R.PRESENT
+            written = zero if write_zero else zero[received]
+            if self.ram is not None:
+                if len(normal):
+                    self.ram[normal] = np.frombuffer(data, np.uint8).reshape(-1, R.TARGET_PAGE)
+                self.ram[written] = 0
+            span = self.states[first]
+            self.present += len(first) - int(np.count_nonzero(span))  # MISSING (0) or PRECOPY
+            self.states[first] = R.PRECOPY
+            self.placed[MULTIFD] += len(first)
+            starts = np.flatnonzero(np.diff(first, prepend=-2) != 1)
+            for start, end in zip(starts, [*starts[1:], len(first)], strict=True):
+                self.on_place(int(first[start]), int(end - start), MULTIFD)
+            self.cond.notify_all()
+        return len(written)
 
     def place_zero_page(self, first: int, count: int, channel: int) -> None:
         """Host pages [first, first + count) of zeros: postcopy_place_page_zero() in postcopy

@@ -296,7 +296,7 @@ class RAMState:
         (migration_rate_limit()) after each, and with preempt (break-huge) a request waiting
         before each interrupts the page (postcopy_do_preempt()), which the next
         resume_preempted() finishes. The host pages claimed (0 if another sender took it)."""
-        count = self._claim_run(page)
+        count = self.claim_run(page)
         if not count:
             return 0
         if self.tpp == 1:  # QEMU rate-limits inside a host page only if it is huge
@@ -320,7 +320,9 @@ class RAMState:
         self._save_huge_page(ep, page, start, counter, pacer, preempt, rate_limit)
         return True
 
-    def _claim_run(self, page: int) -> int:
+    def claim_run(self, page: int) -> int:
+        """Host pages from `page` on are this sender's (one huge page, or a run of dirty small
+        pages as much as a record holds); the scan goes on after them. How many."""
         with self.bitmap_mutex:
             if self.tpp == 1:  # small pages: one record carries a run of dirty pages
                 run = self.dirty[page:page + self.piece]

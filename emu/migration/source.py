@@ -11,7 +11,8 @@ destination's messages and queues page requests) and the vCPU threads. As in QEM
 migration thread also sends the urgent pages on the preempt channel, so while it is blocked
 writing the main channel, urgent pages wait too; and under a rate cap a request made while it
 sleeps waits for the next 100 ms window (docs/concepts.md, "The rate limiter and urgent
-pages").
+pages"). With migration.multifd the precopy pages go on the multifd channels instead of main
+(multifd.py), synced at each round and before postcopy starts, and none in postcopy.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.migration import ram as R
 from emu.migration import wire
+from emu.migration.multifd import MultiFDSend
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.return_path import ReturnPath
@@ -40,7 +42,7 @@ from emu.net.channel import ChannelError, Endpoint
 FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "normal",
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
-          "break-huge", "pongs", "duplicate")
+          "break-huge", "pongs", "duplicate", "multifd-bytes")
 FIELDS += cpu_fields(("migration", "return-path"))  # their CPU time (emu/cpu.py)
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
@@ -84,6 +86,7 @@ class Source:
         self.state = StateLog("source", self.clock.now, control.emit)
         self.main: Endpoint | None = None
         self.preempt: Endpoint | None = None
+        self.multifd: MultiFDSend | None = None  # its channels, with migration.multifd
         self.lock = threading.Lock()  # the channels, and the state changes that go with them
         self.switchover = threading.Event()
         self.quit = threading.Event()
@@ -179,10 +182,27 @@ class Source:
             preempt.send([channel.PREEMPT_HELLO])
         with self.lock:
             self.main, self.preempt = main, preempt
+        if self.cfg["migration.multifd"] and self.multifd is None:  # not again on a recovery
+            self.multifd = self._connect_multifd(address)
         self.rp.start(main)
         if preempt:
             preempt.read_credits_in_background(
                 lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
+
+    def _connect_multifd(self, address: str) -> MultiFDSend:
+        """multifd_send_setup(): migration.multifd-channels connections, each saying its id
+        first (multifd_send_initial_packet()), and their sender threads."""
+        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
+        eps = []
+        for channel_id in range(self.cfg["migration.multifd-channels"]):
+            ep = Endpoint(uri.connect(address), window, f"multifd{channel_id}", wakeup=wakeup)
+            ep.send([wire.multifd_hello(channel_id)])
+            ep.read_credits_in_background()  # a broken one fails the sender writing to it
+            eps.append(ep)
+        raw = None if self.guest_ram is None else memoryview(self.guest_ram).cast("B")
+        packet = max(self.rs.piece, self.tpp)  # target pages: whole host pages
+        return MultiFDSend(eps, self.board, self.clock, self.rs.writer.costs, raw, packet,
+                           lambda why: self._channel_failed(why))
 
     def _close_channels(self) -> None:
         with self.lock:
@@ -190,6 +210,8 @@ class Source:
         for ep in eps:
             if ep:
                 ep.close()
+        if self.multifd:
+            self.multifd.shutdown()
 
     def _channel_failed(self, reason: str, ep: Endpoint | None = None) -> None:
         """A channel broke. In postcopy the guest's memory is split between the hosts, so
@@ -243,6 +265,8 @@ class Source:
             if not self._wait_for(self.rp.shut):
                 return
             last = "device"
+        if self.multifd:  # multifd_send_shutdown(): nothing more goes on them
+            self.multifd.shutdown()
         if self.state.status in FINAL or self.quit.is_set():
             return
         self.board["remaining"] = 0
@@ -264,9 +288,13 @@ class Source:
     def _start_postcopy(self) -> bool:
         """migrate-start-postcopy: stop the guest, discard, device state, run on the other side.
         False if the migration failed or was cancelled meanwhile."""
-        t_stop = self.clock.now()
         if not self.state.set("active", "device"):  # migration_switchover_prepare()
             return False
+        # ram_save_postcopy_prepare() (10.1), before the VM stops: every page queued on
+        # multifd is placed before the destination takes the discards and listens
+        if not self._multifd_sync():
+            return False
+        t_stop = self.clock.now()  # the guest ran on through the sync: downtime starts here
         with self.vcpu_lock:
             self._stop_vcpus()
         self.rs.send_discard_bitmap(self.main)
@@ -357,10 +385,41 @@ class Source:
             return True
         page = rs.find_dirty_block()
         if not postcopy and rs.pss.complete_round:  # ram_save_pending()
+            # find_dirty_block(): a round complete, the pages of the next may be sent again
+            if not self._multifd_sync():
+                return False
             rs.migration_bitmap_sync()
         if page is None:
             return False
-        rs.save_host_page(self.main, page, counter, pacer, preempt, rate_limit)
+        if self.multifd and not postcopy:  # ram_save_target_page(): not in postcopy (10.1)
+            self._save_multifd_page(page, pacer)
+        else:
+            rs.save_host_page(self.main, page, counter, pacer, preempt, rate_limit)
+        return True
+
+    def _save_multifd_page(self, page: int, pacer: Pacer | None) -> None:
+        """ram_save_multifd_page(): claim the run of dirty pages `page` starts and queue it
+        on multifd; the bytes the senders wrote count against main's rate limit."""
+        count = self.rs.claim_run(page)
+        if count:
+            # finding the pages is this thread's work (cpu.save-page), writing them the sender's
+            writer = self.rs.writer
+            writer.cpu.charge(count * self.tpp * writer.costs.save_page)
+            writer.cpu.settle()
+            self.multifd.queue_pages(page * self.tpp, count * self.tpp)
+            self.rs.publish_remaining()
+        if pacer:
+            pacer.charge(self.multifd.take_bytes())
+
+    def _multifd_sync(self) -> bool:
+        """multifd_ram_flush_and_sync(): a SYNC on every multifd channel, then
+        RAM_SAVE_FLAG_MULTIFD_FLUSH on main. True at once without multifd; False if a
+        channel broke."""
+        if not self.multifd:
+            return True
+        if not self.multifd.sync_main():
+            return False
+        self.main.send([wire.multifd_flush()])
         return True
 
     def _send_eofs(self) -> None:
@@ -383,8 +442,15 @@ class Source:
         with self.vcpu_lock:
             self._stop_vcpus()
         self.rs.migration_bitmap_sync()  # ram_save_complete()
+        if self.multifd:
+            self.multifd.counter = "downtime-bytes"
         while (page := self.rs.find_dirty_block()) is not None:
-            self.rs.save_host_page(self.main, page, "downtime-bytes")
+            if self.multifd:
+                self._save_multifd_page(page, None)
+            else:
+                self.rs.save_host_page(self.main, page, "downtime-bytes")
+        if not self._multifd_sync():
+            return False
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.board["downtime"] = self.clock.now() - t_stop
         return True

@@ -48,6 +48,9 @@ RAM_SAVE_FLAG_ZERO = 0x02
 RAM_SAVE_FLAG_PAGE = 0x08
 RAM_SAVE_FLAG_EOS = 0x10
 RAM_SAVE_FLAG_CONTINUE = 0x20
+# main: every multifd channel has sent a SYNC before this. QEMU's value is 0x200, which our
+# one-byte flags cannot hold; 0x80 is free here (QEMU's retired RAM_SAVE_FLAG_HOOK).
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x80
 RAM_FLAGS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_EOS | RAM_SAVE_FLAG_CONTINUE
 RAM_KINDS = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE  # a record is exactly one of these
 # What QEMU writes for one zero page: an 8-byte page header (offset | flags, the block
@@ -90,6 +93,12 @@ class RamRecord:
 
 
 @dataclass
+class MultifdFlush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH on main: the destination waits for every multifd channel's
+    sync (multifd_recv_sync_main()) before it reads on."""
+
+
+@dataclass
 class Command:
     cmd: int
     data: bytes
@@ -128,6 +137,11 @@ def zero_record(offset: int, npages: int) -> bytes:
         + bytes(npages)
 
 
+def multifd_flush() -> bytes:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: a RAM section header with no page."""
+    return ram_header(0, 0, RAM_SAVE_FLAG_MULTIFD_FLUSH)
+
+
 def device_state(state: dict) -> bytes:
     return bytes([QEMU_VM_SECTION_FULL]) + json.dumps(state).encode()
 
@@ -145,7 +159,8 @@ def discard_ranges(ranges: list[tuple[int, int]]) -> bytes:
 
 # ---- main stream: decode ----
 
-def decode_main(msg: bytes, payload: bool) -> RamRecord | Command | DeviceState | Eof:
+def decode_main(msg: bytes,
+                payload: bool) -> RamRecord | MultifdFlush | Command | DeviceState | Eof:
     if not msg:
         raise ProtocolError("empty message on the main stream")
     kind = msg[0]
@@ -160,10 +175,13 @@ def decode_main(msg: bytes, payload: bool) -> RamRecord | Command | DeviceState 
     raise ProtocolError(f"unknown section type 0x{kind:02x}")
 
 
-def _decode_ram(msg: bytes, payload: bool) -> RamRecord:
+def _decode_ram(msg: bytes, payload: bool) -> RamRecord | MultifdFlush:
     if len(msg) < _RAM.size:
         raise ProtocolError("short RAM record")
     _, offset, npages, flags = _RAM.unpack_from(msg)
+    if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH and npages == 0 and offset == 0 \
+            and len(msg) == _RAM.size:
+        return MultifdFlush()
     if flags & ~RAM_FLAGS or (flags & RAM_KINDS) not in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO) \
             or npages == 0:
         raise ProtocolError(f"bad RAM record flags 0x{flags:x} / pages {npages}")
@@ -214,6 +232,71 @@ def parse_discard(data: bytes) -> list[tuple[int, int]]:
     if len(body) % _RANGE.size:
         raise ProtocolError("bad POSTCOPY_RAM_DISCARD length")
     return [r for r in _RANGE.iter_unpack(body)]
+
+
+# ---- multifd channels ----
+
+# multifd.c: the first message of a multifd channel (multifd_send_initial_packet(): magic,
+# version, the channel's id), and the packets after it (MultiFDPacket_t: magic, flags, the
+# numbers of normal and zero pages, packet_num, then each page's offset and the normal pages'
+# bytes). Offsets are in bytes into the RAM block, as QEMU's.
+MULTIFD_MAGIC = 0x11223344
+MULTIFD_VERSION = 1
+MULTIFD_FLAG_SYNC = 1 << 0
+_MULTIFD_HELLO = struct.Struct(">IBBH")  # magic, version, id, padding: 8 bytes (HELLO_MAX)
+_MULTIFD = struct.Struct("<IIIIQ")  # magic, flags, normal pages, zero pages, packet_num
+
+
+@dataclass
+class MultifdPacket:
+    flags: int
+    packet_num: int
+    normal: np.ndarray  # byte offsets of the normal pages, in the order of their bytes
+    zero: np.ndarray  # byte offsets of the zero pages
+    data: memoryview | None  # the normal pages' bytes; None when the payload does not travel
+
+    @property
+    def sync(self) -> bool:
+        return bool(self.flags & MULTIFD_FLAG_SYNC)
+
+
+def multifd_hello(channel_id: int) -> bytes:
+    return _MULTIFD_HELLO.pack(MULTIFD_MAGIC, MULTIFD_VERSION, channel_id, 0)
+
+
+def multifd_channel_id(hello: bytes) -> int | None:
+    """The id a multifd channel's first message names, or None if it is not one."""
+    if len(hello) != _MULTIFD_HELLO.size:
+        return None
+    magic, version, channel_id, pad = _MULTIFD_HELLO.unpack(hello)
+    if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or pad:
+        return None
+    return channel_id
+
+
+def multifd_header(flags: int, packet_num: int, normal: np.ndarray, zero: np.ndarray) -> bytes:
+    """A packet's header and page offsets (its normal pages' bytes follow, or are charged)."""
+    return (_MULTIFD.pack(MULTIFD_MAGIC, flags, len(normal), len(zero), packet_num)
+            + normal.astype("<u8").tobytes() + zero.astype("<u8").tobytes())
+
+
+def decode_multifd(msg: bytes, payload: bool) -> MultifdPacket:
+    """multifd_recv_unfill_packet(): a packet, its offsets page aligned."""
+    if len(msg) < _MULTIFD.size:
+        raise ProtocolError("short multifd packet")
+    magic, flags, nnormal, nzero, packet_num = _MULTIFD.unpack_from(msg)
+    if magic != MULTIFD_MAGIC or flags & ~MULTIFD_FLAG_SYNC:
+        raise ProtocolError(f"bad multifd packet magic 0x{magic:x} / flags 0x{flags:x}")
+    end = _MULTIFD.size + 8 * (nnormal + nzero)
+    want = end + (nnormal * TARGET_PAGE if payload else 0)
+    if len(msg) != want:
+        raise ProtocolError(f"multifd packet of {nnormal} normal pages carries "
+                            f"{len(msg) - _MULTIFD.size} bytes")
+    offsets = np.frombuffer(msg, "<u8", nnormal + nzero, _MULTIFD.size).astype(np.int64)
+    if np.any(offsets % TARGET_PAGE):
+        raise ProtocolError("multifd page offset not page aligned")
+    data = memoryview(msg)[end:] if payload else None
+    return MultifdPacket(flags, packet_num, offsets[:nnormal], offsets[nnormal:], data)
 
 
 # ---- return path ----

@@ -38,6 +38,7 @@ from emu.board import Board
 from emu.clock import SPIN_S, Clock
 from emu.config import Config
 from emu.events import Bound, Link, Ready
+from emu.migration.wire import multifd_channel_id
 from emu.net import channel, uri
 
 CONNECTIONS = ("main", "preempt", "return")
@@ -47,13 +48,26 @@ ROUTES = {
     "preempt": ("src-preempt", "dst-preempt", "forward"),
     "return": ("dst-main", "src-main", "reverse"),
 }
-FIELDS = tuple(f"{k}-{c}" for c in CONNECTIONS for k in ("queued", "delivered")) + (
+MULTIFD = "multifd"  # multifd channel N is connection "multifdN", source to destination
+# the multifd connections are published together, as "multifd"
+FIELDS = tuple(f"{k}-{c}" for c in (*CONNECTIONS, MULTIFD) for k in ("queued", "delivered")) + (
     "lag-max", "lag-sum", "frames", "late-frames")
 INBUF = 4 << 20  # bytes a migration connection's port reads ahead; grows for a larger frame
 HELLO_BUF = channel.HEADER.size + channel.HELLO_MAX  # what a new connection's port reads ahead
 IOV_MAX = 1024  # buffers one sendmsg() takes (Linux's UIO_MAXIOV)
 LATE = 10e-6  # emulated seconds past its arrival time after which a delivery counts as late
 HANDOVER_TIMEOUT = 1.0  # real seconds for a hand-over's message (sent right after connecting)
+
+
+def _route(conn: str) -> tuple[str, str, str]:
+    """(sender port, receiver port, direction) of a connection: a multifd one goes forward
+    on its own ports, like preempt."""
+    return ROUTES.get(conn) or (f"src-{conn}", f"dst-{conn}", "forward")
+
+
+def _field(conn: str) -> str:
+    """The board fields' name of a connection: the multifd ones share theirs."""
+    return MULTIFD if conn.startswith(MULTIFD) else conn
 
 
 def _conn_from(port: str) -> str | None:
@@ -152,6 +166,7 @@ class Relay:
         self.delay = rtt / 2
         self.ports: dict[str, Port] = {}  # "src-main", "dst-main", "src-preempt", "dst-preempt"
         self.bottleneck = {"forward": Bottleneck(bandwidth), "reverse": Bottleneck(bandwidth)}
+        # per connection, multifd ones added as they come (attach)
         self.arrivals = {c: collections.deque() for c in CONNECTIONS}  # (t, frame, charge)
         self.queued = dict.fromkeys(CONNECTIONS, 0)
         self.credit_due = dict.fromkeys(CONNECTIONS, 0)  # delivered, not yet credited back
@@ -175,6 +190,9 @@ class Relay:
 
     def attach(self, conn: str, src: socket.socket, dst: socket.socket) -> None:
         """Put a ready connection on the link (tests, and connections accepted earlier)."""
+        self.arrivals.setdefault(conn, collections.deque())
+        self.queued.setdefault(conn, 0)
+        self.credit_due.setdefault(conn, 0)
         for side, sock in (("src", src), ("dst", dst)):
             sock.setblocking(False)
             port = Port(sock, conn)
@@ -197,10 +215,10 @@ class Relay:
             self._close_port(f"{side}-{conn}")
         lost = [conn, "return"] if conn == "main" else [conn]
         for c in lost:
-            self.bottleneck[ROUTES[c][2]].drop(c)
+            self.bottleneck[_route(c)[2]].drop(c)
             self.arrivals[c].clear()
             self.queued[c] = self.credit_due[c] = 0
-            self.board[f"queued-{c}"] = 0
+            self._publish_queued(c)
         self.events.append(("broken", conn))
 
     def corrupt(self, conn: str) -> None:
@@ -279,6 +297,8 @@ class Relay:
             conn = "main"
         elif hello == channel.PREEMPT_HELLO:
             conn = "preempt"
+        elif (multifd_id := multifd_channel_id(hello)) is not None:
+            conn = f"{MULTIFD}{multifd_id}"
         else:
             return None
         port = self.ports[f"src-{key}"]
@@ -384,7 +404,7 @@ class Relay:
                 self._enqueue(conn, _frame(buf, pos, end), size + virt)
             pos = end
         if now is not None and conn is not None:
-            self.board[f"queued-{conn}"] = self.queued[conn]
+            self._publish_queued(conn)
         # keep the start of a frame not complete yet at the front
         buf[:port.fill - pos] = buf[pos:port.fill]
         port.fill -= pos
@@ -396,12 +416,12 @@ class Relay:
 
     def _enqueue(self, conn: str, frame: bytes, charge: int) -> None:
         self.queued[conn] += charge  # published once per read (_parse), not per frame
-        self.bottleneck[ROUTES[conn][2]].push(conn, (frame, charge), charge)
+        self.bottleneck[_route(conn)[2]].push(conn, (frame, charge), charge)
 
     def _deliver(self, now: float) -> None:
         lags = []
         for conn, queue in self.arrivals.items():
-            receiver = ROUTES[conn][1]
+            receiver = _route(conn)[1]
             while queue and queue[0][0] <= now:
                 t, frame, charge = queue.popleft()
                 if receiver not in self.ports:
@@ -455,17 +475,22 @@ class Relay:
     def _return_credits(self) -> None:
         """Free the senders' windows by what was delivered, one credit per connection and
         turn of the loop (the deliveries all happened at this same emulated instant)."""
-        for conn in CONNECTIONS:
-            charge, sender = self.credit_due[conn], ROUTES[conn][0]
+        for conn in list(self.credit_due):
+            charge, sender = self.credit_due[conn], _route(conn)[0]
             if not charge:
                 continue
             # zeroed first: flushing a credit may deliver frames, and credits, of another
             self.credit_due[conn] = 0
-            self.board[f"queued-{conn}"] = self.queued[conn]
-            self.board.add(f"delivered-{conn}", charge)
+            self._publish_queued(conn)
+            self.board.add(f"delivered-{_field(conn)}", charge)
             if sender in self.ports:
                 self.ports[sender].out.append([memoryview(channel.credit_frame(charge)), None, 0])
                 self._flush(sender)
+
+    def _publish_queued(self, conn: str) -> None:
+        field = _field(conn)
+        self.board[f"queued-{field}"] = sum(n for c, n in self.queued.items()
+                                            if _field(c) == field)
 
     def _want_write(self, name: str, want: bool) -> None:
         port = self.ports.get(name)
