@@ -1,0 +1,127 @@
+"""migration.design: QEMU 8.0's preempt-full (the return-path thread sends requested pages on
+preempt itself) and 10.1's locality hint, against 7.1 (docs/concepts.md, "Designs: 7.1, 8.0,
+10.1").
+
+The source's threads run in-process on endpoints that take every record at once and note its
+emulated time (tests/test_rate_limit.py's Stream): requests come through the return-path
+thread's own handler, as the destination's messages do.
+"""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from emu import trace
+from emu.migration import wire
+from tests.conftest import PATIENCE
+from tests.test_rate_limit import KIB, SMALL, Stream
+
+PAGE = 4 * KIB
+ASKED = 900 * PAGE  # far from where the background scan is during the first window
+
+
+def ask(s: Stream, offset: int) -> float:
+    """The destination asks for the page at `offset`: the return-path thread reads the
+    message (on this thread); the emulated time it was read."""
+    t = s.src.clock.now()
+    s.src.rp.handle(*wire.decode_rp(wire.req_pages(offset, PAGE, True)))
+    return t
+
+
+def stream(design: str, cap: str = "10MiB/s", on_send=None, **sets) -> Stream:
+    s = Stream("preempt", cap, on_send=on_send, migration__design=design, **SMALL, **sets)
+    s.src.rp.preempt = s.src.preempt  # what Source._connect() hands the return path
+    trace.enable(["migration_rate_limit_*", "postcopy_preempt_*", "ram_page_hint_*"])
+    return s
+
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_a_request_during_the_rate_limit_sleep(design):
+    # 7.1: the migration thread sends it, after the gate lets it through at the window's end;
+    # 8.0: the return-path thread sends it as it reads it, and the migration thread sleeps on
+    # (its rate_limit_sem is never posted)
+    with stream(design) as s:
+        assert s.slept.wait(PATIENCE)
+        time.sleep(0.02)
+        t_req = ask(s, ASKED)
+        _, t_sent, channel = s.sent(ASKED)
+    assert channel == "preempt"
+    names = [name for _, name, _ in s.steps]
+    if design == "7.1":
+        assert t_sent - t_req > 0.05
+        assert "postcopy_preempt_send_host_page" not in names
+    else:  # at once: well before the window ends, 80 ms later (the rest is Python's time)
+        assert t_sent - t_req < 0.02
+        assert ("postcopy_preempt_send_host_page", {"rbname": wire.BLOCK.decode(),
+                                                    "page": ASKED // PAGE}) in \
+            [(name, fields) for _, name, fields in s.steps]
+        assert ("migration_rate_limit_post", {"urgent": 1}) not in \
+            [(name, fields) for _, name, fields in s.steps]
+    assert s.src.board["urgent-preempt"] == 1
+
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_a_request_while_the_migration_thread_is_blocked_on_a_full_main(design):
+    # main "full": the migration thread's 20th write blocks until released. 7.1: the urgent
+    # page waits for it; 8.0: the return-path thread sends it meanwhile
+    blocked, release = threading.Event(), threading.Event()
+
+    def full(s, ep) -> None:
+        if ep.name == "main" and len(s.log) == 20 and not release.is_set():
+            blocked.set()
+            release.wait(PATIENCE)
+
+    with stream(design, cap="0", on_send=full) as s:
+        assert blocked.wait(PATIENCE)
+        asker = threading.Thread(target=ask, args=(s, ASKED))
+        asker.start()
+        time.sleep(0.1)
+        sent_while_blocked = any(off == ASKED for _, _, off, _ in list(s.log))
+        release.set()
+        asker.join(PATIENCE)
+        s.sent(ASKED)
+    assert sent_while_blocked == (design == "8.0")
+
+
+@pytest.mark.parametrize("design", ["8.0", "10.1"])
+def test_the_10_1_hint_moves_the_background_scan(design):
+    # after the page the return-path thread sent, 10.1's scan goes on just past it; 8.0's
+    # goes on where it was
+    with stream(design) as s:
+        assert s.slept.wait(PATIENCE)
+        ask(s, ASKED)
+        i, _, _ = s.sent(ASKED)
+        deadline = time.monotonic() + PATIENCE
+        while len(s.log) <= i + 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    _, _, offset, _ = s.log[i + 1]  # the first background record after it
+    names = [name for _, name, _ in s.steps]
+    if design == "10.1":
+        assert offset == ASKED + PAGE
+        assert "ram_page_hint_update" in names and "ram_page_hint_collect" in names
+    else:
+        assert offset < ASKED
+        assert "ram_page_hint_update" not in names
+
+
+def test_8_0_serves_no_request_from_the_queue_in_preempt_mode():
+    with stream("8.0") as s:
+        ask(s, ASKED)
+        s.sent(ASKED)
+    assert not s.src.rs.queue.nonempty.is_set()
+    assert s.src.board["postcopy-requests"] == 1
+
+
+def test_break_huge_is_refused_with_8_0():
+    proc = subprocess.run(
+        [sys.executable, "-m", "emu.cli", "run", "--set", "migration.design=8.0",
+         "--set", "migration.x-postcopy-preempt-break-huge=false"],
+        capture_output=True, text=True, timeout=PATIENCE)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "Property 'migration.x-postcopy-preempt-break-huge' not found" in lines[0]
