@@ -125,3 +125,26 @@ def test_break_huge_is_refused_with_8_0():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "Property 'migration.x-postcopy-preempt-break-huge' not found" in lines[0]
+
+
+def test_bench_preempt_full_table_json_shape(monkeypatch, capsys):
+    # the six cells' shape, from a tiny guest at a fixed scale (what --quick runs, smaller)
+    import json
+
+    from emu.figures import preempttable, seedtable, timescale
+
+    monkeypatch.setattr(timescale, "machine_cost", lambda: timescale.REFERENCE)
+    monkeypatch.setattr(seedtable, "scaled",
+                        lambda cfg, cost=None: cfg.with_overrides(["emulator.time-scale=0.25"]))
+    tiny = ("guest.ram=32MiB", "link.bandwidth=1Gbit", "link.socket-buffer=1MiB",
+            "link.write-wakeup=256KiB")
+    assert preempttable.main(True, True, window=0.3, sets=tiny) == 0
+    out = json.loads(capsys.readouterr().out)
+    cells = out["cells"]
+    assert [(c["pattern"], c["mode"]) for c in cells] == [
+        (p, m) for p in ("random", "sequential") for m in ("vanilla", "preempt", "preempt-full")]
+    for c in cells:
+        assert {"pattern", "mode", "published-us", "emulated-us", "model-us", "samples"} <= set(c)
+        assert c["published-us"] == preempttable.PUBLISHED_US[(c["pattern"], c["mode"])]
+        assert c["model-us"] > 0 and c["samples"] >= 0
+    assert set(out["checks"]) == {"random", "sequential"}
