@@ -511,7 +511,9 @@ def _zero_pages(ram: dict) -> str:
 def summary(result: dict, cfg: Config) -> str:
     qm, lat = result["query-migrate"], result["latency"]
     mode = "vanilla postcopy"
-    if cfg["migration.postcopy-preempt"]:
+    if cfg["migration.postcopy-preempt"] and cfg["migration.design"] != "7.1":
+        mode = f"postcopy-preempt, {cfg['migration.design']} preempt-full"
+    elif cfg["migration.postcopy-preempt"]:
         mode = "postcopy-preempt, break-huge " + (
             "on" if cfg["migration.x-postcopy-preempt-break-huge"] else "off")
     elif not cfg["migration.postcopy-ram"]:
