@@ -148,3 +148,37 @@ def test_bench_preempt_full_table_json_shape(monkeypatch, capsys):
         assert c["published-us"] == preempttable.PUBLISHED_US[(c["pattern"], c["mode"])]
         assert c["model-us"] > 0 and c["samples"] >= 0
     assert set(out["checks"]) == {"random", "sequential"}
+
+
+@pytest.mark.parametrize("design", ["8.0", "10.1"])
+def test_whole_migration_with_preempt_full(run_migration, design):
+    # real processes: the return-path thread's pages arrive on preempt, memory intact, and
+    # their save costs are its CPU time
+    from tests.test_migration import assert_postcopy
+
+    result = run_migration(migration__design=design, migration__postcopy_preempt="true",
+                           workload__pattern="random", guest__vcpus=2)
+    assert_postcopy(result)
+    assert result["latency"]["by-channel"]["preempt"]["count"] > 0
+
+
+def test_2m_pages_with_preempt_full(run_migration):
+    from tests.test_migration import assert_postcopy
+
+    result = run_migration(migration__design="8.0", migration__postcopy_preempt="true",
+                           guest__page_size="2MiB", guest__ram="64MiB")
+    assert_postcopy(result)
+    assert result["latency"]["by-channel"]["preempt"]["count"] > 0
+
+
+@pytest.mark.parametrize("channel", ["main", "preempt"])
+def test_preempt_full_recovers_from_a_cut(channel):
+    # the return-path thread owns the preempt channel: a cut anywhere pauses, the recovery's
+    # new preempt channel is handed to it
+    from tests.test_recovery import assert_recovered, run_with
+
+    result = run_with([f"cut {channel} at 20ms"], migration__design="8.0",
+                      migration__postcopy_preempt="true", guest__vcpus=2,
+                      workload__pattern="random")
+    assert_recovered(result)
+    assert result["latency"]["by-channel"]["preempt"]["count"] > 0
