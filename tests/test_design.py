@@ -182,3 +182,18 @@ def test_preempt_full_recovers_from_a_cut(channel):
                       workload__pattern="random")
     assert_recovered(result)
     assert result["latency"]["by-channel"]["preempt"]["count"] > 0
+
+
+@pytest.mark.parametrize("cap", ["0", "10MB/s"])
+def test_the_model_s_preempt_full_has_no_wait_for_the_migration_thread(cap):
+    from emu.config import load_config
+    from emu.figures import model
+
+    sets = ["migration.postcopy-preempt=true", f"migration.max-postcopy-bandwidth={cap}"]
+    full = model.predict(load_config("preempt-full-10g", [*sets, "migration.design=8.0"]))
+    old = model.predict(load_config("preempt-full-10g", [*sets, "migration.design=7.1"]))
+    assert full["mode"] == "preempt-full" and old["mode"] == "preempt"
+    assert full["terms-us"]["rest"] == 0 and old["terms-us"]["rest"] > 0
+    assert full["latency-us"] < old["latency-us"]
+    same = {"rtt", "page", "software"}
+    assert {k: full["terms-us"][k] for k in same} == {k: old["terms-us"][k] for k in same}
