@@ -197,3 +197,14 @@ def test_the_model_s_preempt_full_has_no_wait_for_the_migration_thread(cap):
     assert full["latency-us"] < old["latency-us"]
     same = {"rtt", "page", "software"}
     assert {k: full["terms-us"][k] for k in same} == {k: old["terms-us"][k] for k in same}
+
+
+def test_8_0_vanilla_keeps_the_queue_and_the_wait_for_the_window():
+    # without preempt, 8.0's return path queues as 7.1's does: the page waits for the gate
+    s = Stream("vanilla", "10MiB/s", migration__design="8.0", **SMALL)
+    with s:
+        assert s.slept.wait(PATIENCE)
+        time.sleep(0.02)
+        t_req = ask(s, ASKED)
+        _, t_sent, channel = s.sent(ASKED)
+    assert channel == "main" and t_sent - t_req > 0.05
