@@ -6,11 +6,12 @@ copy of theirs dirtied since is stale on the destination at switchover), the pag
 window shows, the scan position (PageSearchStatus) and the queue of page requests. One lock,
 QEMU's bitmap_mutex, covers the bitmap side. The migration thread takes it to find and claim
 pages; the return-path thread takes it to reload the bitmap after a recovery, and from QEMU 8.0
-on (migration.design 8.0, 10.1) it sends preempt urgent pages itself
-(save_host_page_urgent()). So every sending function here
-claims its pages under the lock and may run on either thread, and none holds the lock while it
-writes: a writer blocked on a full connection must not stop the other sender (QEMU 8.0 drops
-bitmap_mutex around each page in preempt mode for that reason).
+on (migration.design 8.0, 10.1) it sends preempt urgent pages itself (save_host_page_urgent()).
+So every sending function here claims its pages under the lock. The migration thread never
+holds it while it writes or sleeps: blocked on a full main, it must not stop the urgent sender
+(QEMU 8.0 drops bitmap_mutex around each page in preempt mode for that reason). The urgent
+sender holds it across its one page, as ram_save_host_page_urgent() is called with it held: a
+background claim may wait for an urgent page, never the reverse.
 
 Claiming a page clears its dirty bits before its bytes are written, so two senders never send
 one page twice: the second finds it clean and drops the request (get_queued_page_not_dirty),
