@@ -11,7 +11,7 @@ So every sending function here claims its pages under the lock. The migration th
 holds it while it writes or sleeps: blocked on a full main, it must not stop the urgent sender
 (QEMU 8.0 drops bitmap_mutex around each page in preempt mode for that reason). The urgent
 sender holds it across its one page, as ram_save_host_page_urgent() is called with it held: a
-background claim may wait for an urgent page, never the reverse.
+background claim may wait for an urgent page's send, an urgent page only for a claim.
 
 Claiming a page clears its dirty bits before its bytes are written, so two senders never send
 one page twice: the second finds it clean and drops the request (get_queued_page_not_dirty),
