@@ -1,15 +1,10 @@
 """Named numbers in shared memory: the counters each process publishes for the others to read.
 
-One writer process per block (the process that owns it); readers may see a value a moment old,
-never a torn one (float64 stores are atomic on the machines we run on). Within the process
-several threads may add to one field (the migration and return-path threads both send pages
-from QEMU 8.0 on): add() is atomic, as QEMU 8.0 made its page counters ("migration: Use atomic
-ops properly for page accountings").
+One writer per field (the process that owns the block); readers may see a value a moment old,
+never a torn one (float64 stores are atomic on the machines we run on).
 """
 
 from __future__ import annotations
-
-import threading
 
 
 class Board:
@@ -20,7 +15,6 @@ class Board:
         # microseconds, and numpy's scalar access costs ten times as much
         size = self.nbytes(fields)
         self._v = memoryview(buf if buf is not None else bytearray(size))[:size].cast("d")
-        self._lock = threading.Lock()  # a += is a read and a write: another thread between
 
     @staticmethod
     def nbytes(fields: tuple[str, ...]) -> int:
@@ -33,8 +27,7 @@ class Board:
         self._v[self._index[name]] = value
 
     def add(self, name: str, value: float) -> None:
-        with self._lock:
-            self._v[self._index[name]] += value
+        self._v[self._index[name]] += value
 
     def snapshot(self) -> dict[str, float]:
         return dict(zip(self.fields, self._v.tolist(), strict=True))
