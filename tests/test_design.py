@@ -208,3 +208,12 @@ def test_8_0_vanilla_keeps_the_queue_and_the_wait_for_the_window():
         t_req = ask(s, ASKED)
         _, t_sent, channel = s.sent(ASKED)
     assert channel == "main" and t_sent - t_req > 0.05
+
+
+def test_the_time_scale_calibration_measures_faults():
+    # its capped preempt faults run on design 8.0: under 7.1's rate limiter each waited for
+    # the next 100 ms window and the calibration measured nothing (RuntimeError)
+    from emu.figures import timescale
+
+    cost = timescale.calibrate()
+    assert cost.per_fault > 0 and cost.per_frame >= 0
