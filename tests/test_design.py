@@ -31,6 +31,19 @@ def ask(s: Stream, offset: int) -> float:
     return t
 
 
+def ask_while_asleep(s: Stream) -> tuple[float, float]:
+    """Ask 20 ms into the first rate-limit sleep: (when it was asked, when the sleep's window
+    ends), both emulated."""
+    assert s.slept.wait(PATIENCE)
+    t_pre, _, fields = next(st for st in s.steps if st[1] == "migration_rate_limit_pre")
+    time.sleep(0.02)
+    t_req = ask(s, ASKED)
+    window_end = t_pre + fields["ms"] / 1000
+    if t_req > window_end - 0.02:  # this thread ran too late to ask during the sleep
+        pytest.skip("the machine is too loaded to ask while the migration thread sleeps")
+    return t_req, window_end
+
+
 def stream(design: str, cap: str = "10MiB/s", on_send=None, **sets) -> Stream:
     s = Stream("preempt", cap, on_send=on_send, migration__design=design, **SMALL, **sets)
     s.src.rp.preempt = s.src.preempt  # what Source._connect() hands the return path
@@ -44,17 +57,15 @@ def test_a_request_during_the_rate_limit_sleep(design):
     # 8.0: the return-path thread sends it as it reads it, and the migration thread sleeps on
     # (its rate_limit_sem is never posted)
     with stream(design) as s:
-        assert s.slept.wait(PATIENCE)
-        time.sleep(0.02)
-        t_req = ask(s, ASKED)
+        t_req, window_end = ask_while_asleep(s)
         _, t_sent, channel = s.sent(ASKED)
     assert channel == "preempt"
     names = [name for _, name, _ in s.steps]
     if design == "7.1":
-        assert t_sent - t_req > 0.05
+        assert t_sent >= window_end - 1e-3
         assert "postcopy_preempt_send_host_page" not in names
-    else:  # at once: well before the window ends, 80 ms later (the rest is Python's time)
-        assert t_sent - t_req < 0.02
+    else:  # at once, before the window ends (the time it takes is Python's)
+        assert t_sent < window_end - 5e-3 and t_sent - t_req < 0.02
         assert ("postcopy_preempt_send_host_page", {"rbname": wire.BLOCK.decode(),
                                                     "page": ASKED // PAGE}) in \
             [(name, fields) for _, name, fields in s.steps]
@@ -91,8 +102,7 @@ def test_the_10_1_hint_moves_the_background_scan(design):
     # after the page the return-path thread sent, 10.1's scan goes on just past it; 8.0's
     # goes on where it was
     with stream(design) as s:
-        assert s.slept.wait(PATIENCE)
-        ask(s, ASKED)
+        ask_while_asleep(s)
         i, _, _ = s.sent(ASKED)
         deadline = time.monotonic() + PATIENCE
         while len(s.log) <= i + 1:
@@ -203,11 +213,9 @@ def test_8_0_vanilla_keeps_the_queue_and_the_wait_for_the_window():
     # without preempt, 8.0's return path queues as 7.1's does: the page waits for the gate
     s = Stream("vanilla", "10MiB/s", migration__design="8.0", **SMALL)
     with s:
-        assert s.slept.wait(PATIENCE)
-        time.sleep(0.02)
-        t_req = ask(s, ASKED)
+        _, window_end = ask_while_asleep(s)
         _, t_sent, channel = s.sent(ASKED)
-    assert channel == "main" and t_sent - t_req > 0.05
+    assert channel == "main" and t_sent >= window_end - 1e-3
 
 
 def test_the_time_scale_calibration_measures_faults():
