@@ -85,12 +85,15 @@ def _parser() -> argparse.ArgumentParser:
                                        "preset, next to the seed's figures and the model's; "
                                        "qemu: the same migrations on real QEMU "
                                        "(qemu-system-x86_64) and on the emulator, side by "
-                                       "side")
-    bench.add_argument("name", choices=["seed-table", "qemu"])
+                                       "side; preempt-full-table: the preempt-full series' "
+                                       "figures (2 write patterns x vanilla, 7.1 preempt, 8.0 "
+                                       "preempt-full) under the preempt-full-10g preset")
+    bench.add_argument("name", choices=["seed-table", "qemu", "preempt-full-table"])
     bench.add_argument("--quick", action="store_true",
                        help="seed-table: fewer samples (about a fifth), about 2 minutes "
                             "instead of about 6; qemu: a 64 MiB guest and one cap, about 2.5 "
-                            "minutes")
+                            "minutes; preempt-full-table: 6 s of postcopy a cell instead of "
+                            "30, about 2 minutes")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench, scenario=None, set=[])
     gui = _command(sub, "gui", "open the window")
@@ -336,6 +339,10 @@ def cmd_bench(args, cfg: Config) -> int:
         from emu.figures import qemu_bench
 
         return qemu_bench.main(args.quick, args.json)
+    if args.name == "preempt-full-table":
+        from emu.figures import preempttable
+
+        return preempttable.main(args.quick, args.json)
     from emu.figures import seedtable
 
     return seedtable.main(args.quick, args.json)
@@ -565,7 +572,9 @@ def _zero_pages(ram: dict) -> str:
 def summary(result: dict, cfg: Config) -> str:
     qm, lat = result["query-migrate"], result["latency"]
     mode = "vanilla postcopy"
-    if cfg["migration.postcopy-preempt"]:
+    if cfg["migration.postcopy-preempt"] and cfg["migration.design"] != "7.1":
+        mode = f"postcopy-preempt, {cfg['migration.design']} preempt-full"
+    elif cfg["migration.postcopy-preempt"]:
         mode = "postcopy-preempt, break-huge " + (
             "on" if cfg["migration.x-postcopy-preempt-break-huge"] else "off")
     elif not cfg["migration.postcopy-ram"]:

@@ -104,6 +104,13 @@ def _parse_str(value: object) -> str:
     return value.strip()
 
 
+def _parse_version(value: object) -> str:
+    """A release number such as "8.0": a string, or the number TOML reads from design = 8.0."""
+    if isinstance(value, float):
+        return repr(value)
+    return _parse_str(value)
+
+
 def _show_float(value: float) -> str:
     return repr(value).removesuffix(".0")  # "1", "0.1", "1e-06": all valid TOML
 
@@ -113,6 +120,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": _parse_int,
     "float": _parse_float,
     "str": _parse_str,
+    "version": _parse_version,
     "scale": _parse_scale,
     "size": parse_size,
     "rate": parse_rate,
@@ -123,6 +131,7 @@ _FORMATTERS: dict[str, Callable[[Any], str]] = {
     "int": str,
     "float": _show_float,
     "str": str,
+    "version": str,
     "scale": lambda v: v if v == AUTO else _show_float(v),
     "size": format_size,
     "rate": format_rate,
@@ -168,7 +177,7 @@ class Key:
         if parsed == AUTO:
             return parsed
         if not self._allows(parsed):
-            got = quote(parsed) if self.kind == "str" else clip(self.show(parsed))
+            got = quote(parsed) if self.kind in ("str", "version") else clip(self.show(parsed))
             raise ValueError(f"must be {self.allowed()}{self._example(parsed)} (got {got})")
         return parsed
 
@@ -239,6 +248,8 @@ TIME_MAX = "3600s"  # emulated
 CPU_MAX = "100ms"  # a thread's time per unit of work (emulated)
 CPU_BYTE_MAX = "100ns"  # and per byte: 100 s per GiB
 
+# migration.design: the QEMU releases whose postcopy source the emulator can behave as
+DESIGNS = ("7.1", "8.0", "10.1")
 # designs whose migrate_caps_check() refuses multifd together with postcopy-ram
 MULTIFD_NO_POSTCOPY = ("7.1", "8.0")
 
@@ -249,12 +260,13 @@ KEYS: dict[str, Key] = {
     "migration.postcopy-preempt": _key(
         "bool", False, "capability postcopy-preempt: urgent pages on their own channel"
     ),
+    "migration.design": _key(
+        "version", "7.1", "the generation of QEMU's postcopy code: 7.1 (urgent pages from the "
+        "migration thread), 8.0 (preempt-full: from the return-path thread), 10.1 (8.0 and "
+        "the locality hint)", choices=DESIGNS,
+    ),
     "migration.x-postcopy-preempt-break-huge": _key(
         "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
-    ),
-    "migration.design": _key(
-        "str", "7.1", "the generation of QEMU's postcopy code to behave as",
-        choices=("7.1", "8.0", "10.1"),
     ),
     "migration.multifd": _key(
         "bool", False, "capability multifd: precopy pages on multifd-channels connections"
@@ -458,13 +470,29 @@ def _check_together(values: Mapping[str, Any]) -> None:
         )
 
 
+# Keys that are properties QEMU removed, by migration.design: setting one is refused with QEMU's
+# error for an unknown property (object_property_find_err(), as -global reports it)
+BREAK_HUGE = "migration.x-postcopy-preempt-break-huge"
+REMOVED = {"8.0": (BREAK_HUGE,), "10.1": (BREAK_HUGE,)}
+
+
+def _check_design(values: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """A key the chosen design no longer has, set anyway: QEMU 8.0 dropped break-huge with the
+    old preempt code ("migration: Remove old preempt code around state maintainance")."""
+    design = values["migration.design"]
+    for name in REMOVED.get(design, ()):
+        if name in given:
+            raise ConfigError(f"{name}: Property '{name}' not found (QEMU {design} has no "
+                              f"such property: migration.design={design})", name)
+
+
 class Config(Mapping[str, Any]):
     """An immutable, checked scenario: "section.key" -> parsed value, and "faults".
 
     Sizes are bytes, rates bytes/s, durations seconds.
     """
 
-    __slots__ = ("_values",)
+    __slots__ = ("_values", "_given")
 
     def __init__(self, values: Mapping[str, Any] | None = None) -> None:
         """Parse and check *values* (TOML values or --set text) on top of the defaults."""
@@ -473,7 +501,9 @@ class Config(Mapping[str, Any]):
         for name, value in (values or {}).items():
             parsed[name] = _parse_value(name, value)
         _check_together(parsed)
+        _check_design(parsed, values or {})
         self._values = parsed
+        self._given = frozenset(values or ())  # what was set, not defaulted: kept by overrides
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._values:
@@ -493,12 +523,15 @@ class Config(Mapping[str, Any]):
 
     def with_overrides(self, sets: Sequence[str]) -> Config:
         """A new Config with `section.key=value` overrides applied (later ones win)."""
-        return Config({**self._values, **_parse_sets(sets)})
+        given = {name: self._values[name] for name in self._given}
+        return Config({**given, **_parse_sets(sets)})
 
     def to_json(self) -> dict[str, Any]:
         """Nested {"section": {"key": value}} with plain numbers, for json.dumps."""
         out: dict[str, Any] = {section: {} for section in SECTIONS}
         for name in KEYS:
+            if name in REMOVED.get(self._values["migration.design"], ()):
+                continue  # not a property of that QEMU: a dump read back must not set it
             section, _, key = name.partition(".")
             out[section][key] = self._values[name]
         out[FAULTS] = self[FAULTS]

@@ -347,9 +347,12 @@ def test_missing_file_names_the_path(tmp_path):
 def test_default_preset_lists_every_key():
     import tomllib
 
-    data = tomllib.loads((REPO / "assets" / "scenarios" / "default.toml").read_text())
+    text = (REPO / "assets" / "scenarios" / "default.toml").read_text()
+    data = tomllib.loads(text)
     names = {f"{s}.{k}" for s, table in data.items() for k in table}
-    assert names == set(KEYS)
+    # a property some designs do not have is listed commented out (setting it there is refused)
+    assert "# x-postcopy-preempt-break-huge = true" in text
+    assert names | {"migration.x-postcopy-preempt-break-huge"} == set(KEYS)
 
 
 def docs_rows() -> dict[str, list[str]]:

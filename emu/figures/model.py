@@ -6,6 +6,7 @@ One fault costs L = rtt + software + queued + rest + page + shared, each a time:
 - vanilla:                  L = RTT + c + (S + r + P) / B
 - preempt, break-huge off:  L = RTT + c + r / B + (P + min(P, S)) / B
 - preempt (break-huge on):  L = RTT + c + r / B + (P + min(P, S)) / B, with a smaller r
+- preempt-full (8.0):       L = RTT + c + (P + min(P, S)) / B
 
 B is link.bandwidth, RTT link.rtt, P guest.page-size. What the other letters are here:
 
@@ -49,6 +50,13 @@ the rest of the page (r = P/2). A cap small enough that one window's bytes fit i
 never blocks the thread. The model averages the formula over these phases, weighted by their
 duration: the latency of a request that arrives at a random time (back-to-back: see Arrivals).
 
+preempt-full (migration.design 8.0 or 10.1 with preempt): the return-path thread sends the page
+as soon as it reads the request, so there is no wait for the migration thread's next look (r = 0,
+in every phase of a capped stream too: the gate and the sleep are the migration thread's). What
+is left is the bitmap_mutex it shares with the migration thread, which holds it only to claim
+pages (microseconds, not modelled), and main's share of the link (min(P, S) / B). The save costs
+move from the migration thread to the return-path thread: the same sum in cpu_time().
+
 Arrivals: r = U / 2 and the phases assume requests arriving at random points of the main
 stream, which is what a workload with gaps between its faults gives. A vCPU faulting back to
 back (workload.pattern=random: in postcopy nearly every touch misses) instead sends each request
@@ -75,11 +83,13 @@ from emu.migration.ram import TARGET_PAGE
 from emu.migration.ram_save import Pacer
 from emu.units import format_duration, format_rate, format_size
 
-MODES = ("vanilla", "preempt-no-break-huge", "preempt")
+MODES = ("vanilla", "preempt-no-break-huge", "preempt")  # QEMU 7.1's, as predict_all() gives
+FULL = "preempt-full"  # QEMU 8.0's preempt (migration.design 8.0 or 10.1)
 MODE_TITLES = {
     "vanilla": "vanilla postcopy",
     "preempt-no-break-huge": "postcopy-preempt, break-huge off",
     "preempt": "postcopy-preempt, break-huge on",
+    FULL: "postcopy-preempt, 8.0 preempt-full",
 }
 # term -> what it is, in the order of the sum
 TERMS = {
@@ -123,8 +133,8 @@ class Inputs:
 
 def latency_terms(mode: str, x: Inputs) -> dict[str, float]:
     """Section 8's formula: each term of the sum in seconds, for one of MODES."""
-    if mode not in MODES:
-        raise ModelError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    if mode not in MODE_TITLES:
+        raise ModelError(f"unknown mode {mode!r} (modes: {', '.join(MODE_TITLES)})")
     b = x.bandwidth
     vanilla = mode == "vanilla"
     return {
@@ -143,6 +153,8 @@ def mode_of(cfg: Config) -> str:
         raise ModelError("migration.postcopy-ram is false: precopy only has no page faults")
     if not cfg["migration.postcopy-preempt"]:
         return "vanilla"
+    if cfg["migration.design"] != "7.1":
+        return FULL
     if cfg["migration.x-postcopy-preempt-break-huge"]:
         return "preempt"
     return "preempt-no-break-huge"
@@ -249,9 +261,13 @@ def _phases(cfg: Config, mode: str, software: float) -> list[tuple[float, float,
     backlog = max(0.0, held - on_wire)
     full = (backlog, _busy_rest(cfg, mode, backlog, software))
     if not _capped(cfg):
-        return [(1.0, *full)]
-    blocked, drained = _window(cfg, mode)
-    return [(blocked / Pacer.WINDOW, *full), *_asleep(cfg, mode, blocked, drained, on_wire)]
+        phases = [(1.0, *full)]
+    else:
+        blocked, drained = _window(cfg, mode)
+        phases = [(blocked / Pacer.WINDOW, *full), *_asleep(cfg, mode, blocked, drained, on_wire)]
+    if mode == FULL:  # no look to wait for: the return-path thread sends it at once
+        return [(share, s, 0.0) for share, s, _ in phases]
+    return phases
 
 
 def _capped(cfg: Config) -> bool:
@@ -295,8 +311,8 @@ def _window_waits(cfg: Config, mode: str, one: Inputs,
     that sent the last page (the page's way, a round trip, the software cost, the threads'
     CPU time, one touch), and its page goes first. So about one page per window once the
     burst fits the socket."""
-    if not (_back_to_back(cfg) and _capped(cfg) and cfg.page_size == TARGET_PAGE):
-        return None
+    if mode == FULL or not (_back_to_back(cfg) and _capped(cfg) and cfg.page_size == TARGET_PAGE):
+        return None  # (preempt-full: no window to wait for)
     blocked, drained = _window(cfg, mode)
     b = one.bandwidth
     cpu = cpu_time(cfg, mode, full[0])
@@ -383,6 +399,7 @@ def predict_all(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str
     out = {}
     for mode in MODES:
         sets = [
+            "migration.design=7.1",  # the modes of 7.1 (break-huge is a 7.1 property)
             "migration.postcopy-ram=true",
             f"migration.postcopy-preempt={mode != 'vanilla'}",
             f"migration.x-postcopy-preempt-break-huge={mode == 'preempt'}",

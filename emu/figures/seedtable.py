@@ -45,7 +45,12 @@ WINDOW = {"quick": {"4K": 10, "2M": 10, "1G": 18}, "full": {"4K": 50, "2M": 50, 
 def cell_config(page: str, mode: str, cost: timescale.Cost | None = None) -> Config:
     """The preset with the cell's page size and mode, at the time scale the one rule
     (emu/figures/timescale.py) picks for it on a machine of *cost* (default: measured now)."""
-    cfg = load_config(PRESET, [f"guest.page-size={PAGES[page]}", *MODES[mode]])
+    return scaled(load_config(PRESET, [f"guest.page-size={PAGES[page]}", *MODES[mode]]), cost)
+
+
+def scaled(cfg: Config, cost: timescale.Cost | None = None) -> Config:
+    """*cfg* at the time scale the one rule picks for it on a machine of *cost* (default:
+    measured now): every cell of a table by the same rule."""
     choice = timescale.pick(cfg, cost or timescale.machine_cost())
     return cfg.with_overrides([f"emulator.time-scale={choice.scale}"])
 
@@ -70,18 +75,32 @@ def measure(cfg: Config, window_real: float) -> dict:
 
 def run_cell(page: str, mode: str, quick: bool, cost: timescale.Cost | None = None) -> dict:
     cfg = cell_config(page, mode, cost)
-    got = measure(cfg, WINDOW["quick" if quick else "full"][page])
-    lat = got["faults"]["latency"]
-    summary = metrics.summarize(lat)
-    predicted = model.predict(cfg)["latency-us"]
+    got = measured(cfg, WINDOW["quick" if quick else "full"][page])
+    ms = {key: (None if got[key] is None else round(got[key] / 1e3, 3))
+          for key in ("emulated-us", "model-us", "p50-us")}
     return {
         "page-size": page,
         "mode": mode,
         "seed-ms": SEED_MS[(page, mode)],
-        "emulated-ms": round(float(lat.mean()) * 1e3, 3) if len(lat) else None,
-        "model-ms": round(predicted / 1e3, 3),
+        "emulated-ms": ms["emulated-us"],
+        "model-ms": ms["model-us"],
+        "samples": got["samples"],
+        "p50-ms": ms["p50-us"],
+        **{key: got[key] for key in ("dist", "time-scale", "lag-avg-us", "real-time-s")},
+    }
+
+
+def measured(cfg: Config, window_real: float) -> dict:
+    """One cell: the mean latency of the faults of window_real real seconds of postcopy and
+    the model's for *cfg*, in us, with the samples, the median and the distribution."""
+    got = measure(cfg, window_real)
+    lat = got["faults"]["latency"]
+    summary = metrics.summarize(lat)
+    return {
+        "emulated-us": round(float(lat.mean()) * 1e6, 1) if len(lat) else None,
+        "model-us": round(model.predict(cfg)["latency-us"], 1),
         "samples": int(len(lat)),
-        "p50-ms": round(summary["p50-us"] / 1e3, 3),
+        "p50-us": summary["p50-us"],
         "dist": summary["dist"],
         "time-scale": cfg["emulator.time-scale"],
         "lag-avg-us": got["lag-avg-us"],

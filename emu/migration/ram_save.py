@@ -6,10 +6,12 @@ copy of theirs dirtied since is stale on the destination at switchover), the pag
 window shows, the scan position (PageSearchStatus) and the queue of page requests. One lock,
 QEMU's bitmap_mutex, covers the bitmap side. The migration thread takes it to find and claim
 pages; the return-path thread takes it to reload the bitmap after a recovery, and from QEMU 8.0
-on it sends urgent pages itself (ram_save_host_page_urgent()). So every sending function here
-claims its pages under the lock and may run on either thread, and none holds the lock while it
-writes: a writer blocked on a full connection must not stop the other sender (QEMU 8.0 drops
-bitmap_mutex around each page in preempt mode for that reason).
+on (migration.design 8.0, 10.1) it sends preempt urgent pages itself (save_host_page_urgent()).
+So every sending function here claims its pages under the lock. The migration thread never
+holds it while it writes or sleeps: blocked on a full main, it must not stop the urgent sender
+(QEMU 8.0 drops bitmap_mutex around each page in preempt mode for that reason). The urgent
+sender holds it across its one page, as ram_save_host_page_urgent() is called with it held: a
+background claim may wait for an urgent page's send, an urgent page only for a claim.
 
 Claiming a page clears its dirty bits before its bytes are written, so two senders never send
 one page twice: the second finds it clean and drops the request (get_queued_page_not_dirty),
@@ -48,6 +50,13 @@ TRACE_QUEUED_PAGE = trace.point("get_queued_page")
 TRACE_NOT_DIRTY = trace.point("get_queued_page_not_dirty")
 TRACE_PREEMPT_TRIGGERED = trace.point("postcopy_preempt_triggered")
 TRACE_PREEMPT_RESTORED = trace.point("postcopy_preempt_restored")
+# QEMU 8.0's return-path thread sending a requested page (ram_save_host_page_urgent()), and
+# finding the migration thread sending that very host page on main (pss_overlap())
+TRACE_SEND_HOST_PAGE = trace.point("postcopy_preempt_send_host_page")
+TRACE_PREEMPT_HIT = trace.point("postcopy_preempt_hit")
+# QEMU 10.1's locality hint (commit 20d82622 has no trace point: named after its functions)
+TRACE_HINT_UPDATE = trace.point("ram_page_hint_update")
+TRACE_HINT_COLLECT = trace.point("ram_page_hint_collect")
 
 
 class Pacer:
@@ -212,6 +221,12 @@ class RAMState:
         self.queue = queue  # QEMU's src_page_requests
         self.writer = RecordWriter(raw, board, CpuThread("migration", clock, board),
                                    Costs.from_config(cfg))
+        # migration.design: from 8.0 on the return-path thread sends preempt requests itself
+        self.rp_sends = cfg["migration.design"] != "7.1" and cfg["migration.postcopy-preempt"]
+        self.hints = cfg["migration.design"] == "10.1"  # the locality hint (10.1)
+        # under bitmap_mutex:
+        self.page_hint: int | None = None  # rs->page_hint: where the scan goes on, if valid
+        self.main_page: int | None = None  # the host page main is being written (pss_overlap)
         self._remaining_at = 0.0
 
     # ---- the bitmap ----
@@ -221,6 +236,7 @@ class RAMState:
         reaching the end of RAM sets pss.complete_round, as QEMU's find_dirty_block() does."""
         with self.bitmap_mutex:
             n = len(self.dirty)
+            self._collect_hint()
             if self.pss.page >= n:  # the last page sent was the last of RAM
                 self.pss.page = 0
                 self.pss.complete_round = True
@@ -234,6 +250,15 @@ class RAMState:
                             self.pss.complete_round = True
                         return w + i
         return None
+
+    def _collect_hint(self) -> None:
+        """ram_page_hint_collect(), under bitmap_mutex: the scan goes on just past the page
+        the return-path thread last sent (10.1), and the hint is consumed."""
+        if self.page_hint is None:
+            return
+        self.pss.page, self.page_hint = self.page_hint, None
+        if TRACE_HINT_COLLECT.enabled:
+            TRACE_HINT_COLLECT(rbname=RBNAME, page=self.pss.page)
 
     def migration_bitmap_sync(self) -> None:
         """QEMU's migration_bitmap_sync() copies the dirty log into the migration bitmap and
@@ -265,6 +290,7 @@ class RAMState:
         half sent included: it goes again whole (postcopy_preempt_reset())."""
         with self.bitmap_mutex:
             self.pss.preempted = None
+            self.page_hint = None  # ram_state_reset(): ram_page_hint_reset()
             self.dirty |= ~received
             self.states[~received] = UNSENT
 
@@ -299,10 +325,13 @@ class RAMState:
         count = self.claim_run(page)
         if not count:
             return 0
-        if self.tpp == 1:  # QEMU rate-limits inside a host page only if it is huge
-            self._write_pages(ep, page, count, counter, more=True, pacer=pacer)
-        else:
-            self._save_huge_page(ep, page, 0, counter, pacer, preempt, rate_limit)
+        try:
+            if self.tpp == 1:  # QEMU rate-limits inside a host page only if it is huge
+                self._write_pages(ep, page, count, counter, more=True, pacer=pacer)
+            else:
+                self._save_huge_page(ep, page, 0, counter, pacer, preempt, rate_limit)
+        finally:
+            self.main_page = None  # pss_host_page_finish()
         return count
 
     def resume_preempted(self, ep: Endpoint, counter: str, pacer: Pacer | None,
@@ -331,24 +360,26 @@ class RAMState:
                 count = int(self.dirty[page])
             self._clear_dirty(page, count, SENT_MAIN)
             self.pss.page = page + max(count, 1)
+            self.main_page = page if count else None  # pss_host_page_prepare()
         return count
 
     def _write_record(self, ep: Endpoint, offset: int, n: int, counter: str, more: bool,
-                      pacer: Pacer | None) -> None:
-        nbytes = self.writer.save_pages(ep, offset, n, counter, more)
+                      pacer: Pacer | None, writer: RecordWriter | None = None) -> None:
+        nbytes = (writer or self.writer).save_pages(ep, offset, n, counter, more)
         if pacer:  # counted as it is queued on main (qemu_put_buffer_async()); a zero page
             # costs its header only (ZERO_PAGE_BYTES)
             pacer.charge(nbytes)
 
     def _write_pages(self, ep: Endpoint, page: int, count: int, counter: str, more: bool = False,
-                     pacer: Pacer | None = None) -> None:
+                     pacer: Pacer | None = None, writer: RecordWriter | None = None) -> None:
         """Host pages [page, page + count), claimed, on `ep` in records of at most
-        emulator.chunk, with no rate-limit step between them."""
+        emulator.chunk, with no rate-limit step between them; the CPU time charged to
+        `writer`'s thread (default the migration thread's)."""
         first = page * self.tpp
         total = count * self.tpp
         for start in range(0, total, self.piece):
             self._write_record(ep, (first + start) * TARGET_PAGE, min(self.piece, total - start),
-                               counter, more, pacer)
+                               counter, more, pacer, writer)
         self.publish_remaining()
 
     def _save_huge_page(self, ep: Endpoint, page: int, start: int, counter: str,
@@ -420,6 +451,52 @@ class RAMState:
         self._write_pages(ep, page, 1, "postcopy-bytes", pacer=None if preempt else pacer)
         self.board.add("urgent-preempt" if preempt else "urgent-main", 1)
         return True
+
+
+    def save_host_page_urgent(self, preempt: Endpoint, offset: int, writer: RecordWriter) -> None:
+        """QEMU 8.0's ram_save_queue_pages() in preempt mode, on the return-path thread: the
+        requested host page at byte `offset` goes at once on preempt, never queued, so neither
+        the migration thread nor its rate limit stands in the way; its CPU time is the
+        return-path thread's (`writer`). bitmap_mutex is held across the send, as
+        ram_save_host_page_urgent() is called with it; the migration thread never holds it
+        while it writes or sleeps ("Yield bitmap_mutex properly when sending/sleeping"), so
+        the two contend only for the claims. A page main is sending is left to main
+        (pss_overlap()); one already sent is not sent again. 10.1: a page sent hints the
+        background scan to go on just past it (ram_page_hint_update())."""
+        if offset >= self.ram_size:
+            raise wire.ProtocolError(f"page request beyond RAM: offset {offset}")
+        self.board.add("postcopy-requests", 1)
+        page = offset // self.P
+        if TRACE_SEND_HOST_PAGE.enabled:
+            TRACE_SEND_HOST_PAGE(rbname=RBNAME, page=page)
+        with self.bitmap_mutex:
+            if page == self.main_page:
+                if TRACE_PREEMPT_HIT.enabled:
+                    TRACE_PREEMPT_HIT(rbname=RBNAME, offset=page * self.P)
+                self.board.add("dropped-requests", 1)
+                return
+            if not self.dirty[page]:
+                self.board.add("dropped-requests", 1)  # sent already, maybe still in flight
+                return
+            self._clear_dirty(page, 1, SENT_PREEMPT)
+            for piece in range(0, self.tpp, self.piece):
+                self._write_record(preempt, _offset(page, piece, self.tpp),
+                                   min(self.piece, self.tpp - piece), "postcopy-bytes", False,
+                                   None, writer)
+            preempt.flush()  # "For urgent requests, flush immediately if sent"
+            self.board.add("urgent-preempt", 1)
+            if self.hints:
+                self._update_hint(page + 1)
+        self.publish_remaining()
+
+    def _update_hint(self, page: int) -> None:
+        """ram_page_hint_update(), under bitmap_mutex: only if the last hint was consumed
+        ("there's no point queuing hints when we only have one linear scanner")."""
+        if self.page_hint is not None:
+            return
+        self.page_hint = page % len(self.dirty)
+        if TRACE_HINT_UPDATE.enabled:
+            TRACE_HINT_UPDATE(rbname=RBNAME, page=self.page_hint)
 
 
 def _offset(page: int, piece: int, tpp: int) -> int:

@@ -1,9 +1,10 @@
 """The source's return-path thread: QEMU's source_return_path_thread() (migration.c).
 
 It reads the destination's MIG_RP_MSG_* messages off the main channel: page requests go to
-RAMState's queue (ram_save_queue_pages()), a received bitmap reloads the dirty bitmap, and
-RESUME_ACK and SHUT wake the migration thread, which waits for them. A message that makes no
-sense breaks the connection, as in QEMU (mark_source_rp_bad()).
+RAMState's queue (ram_save_queue_pages()), or from QEMU 8.0 on in preempt mode straight out
+on the preempt channel from this thread (ram_save_host_page_urgent()); a received bitmap
+reloads the dirty bitmap, and RESUME_ACK and SHUT wake the migration thread, which waits for
+them. A message that makes no sense breaks the connection, as in QEMU (mark_source_rp_bad()).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from emu.board import Board
 from emu.child import start_thread
 from emu.cpu import CpuThread
 from emu.migration import wire
-from emu.migration.ram_save import RBNAME, RAMState
+from emu.migration.ram_save import RBNAME, RAMState, RecordWriter
 from emu.net.channel import ChannelError, Endpoint
 
 TRACE_ENTRY = trace.point("source_return_path_thread_entry")
@@ -40,6 +41,10 @@ class ReturnPath:
         # this thread's CPU time per message (cpu.return-path-message), in emulated time
         self.cpu = CpuThread("return-path", rs.clock, board)
         self.cost = rs.writer.costs.return_path_message
+        # QEMU 8.0 on, preempt mode: this thread sends requested pages on the preempt channel
+        # (the source sets it once connected), its own CPU time charged for them
+        self.preempt: Endpoint | None = None
+        self.writer = RecordWriter(rs.writer.raw, board, self.cpu, rs.writer.costs)
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()
@@ -79,7 +84,11 @@ class ReturnPath:
         offset, length = wire.parse_req_pages(kind, data)
         if TRACE_REQ_PAGES.enabled:
             TRACE_REQ_PAGES(rbname=RBNAME, start=offset, len=length)
-        self.rs.queue_pages(offset, length)
+        preempt = self.preempt
+        if self.rs.rp_sends and preempt is not None:  # postcopy_preempt_active()
+            self.rs.save_host_page_urgent(preempt, offset, self.writer)
+        else:
+            self.rs.queue_pages(offset, length)
 
     def _recv_bitmap(self, kind: int, data: bytes) -> None:
         if TRACE_RECV_BITMAP.enabled:

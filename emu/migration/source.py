@@ -13,6 +13,8 @@ writing the main channel, urgent pages wait too; and under a rate cap a request 
 sleeps waits for the next 100 ms window (docs/concepts.md, "The rate limiter and urgent
 pages"). With migration.multifd the precopy pages go on the multifd channels instead of main
 (multifd.py), synced at each round and before postcopy starts, and none in postcopy.
+migration.design 8.0 ("preempt-full") moves preempt urgent pages to the return-path thread
+(docs/concepts.md, "Designs: 7.1, 8.0, 10.1").
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class Source:
     def __init__(self, control, bufs: dict, cfg: Config) -> None:
         self.control = control
         self.cfg = cfg
+        self.design = cfg["migration.design"]
         self.clock = Clock(bufs[shm.CLOCK])
         self.board = Board(FIELDS, bufs[shm.SRC_BOARD])
         self.tpp = cfg.target_pages_per_host_page
@@ -184,6 +187,7 @@ class Source:
             self.main, self.preempt = main, preempt
         if self.cfg["migration.multifd"] and self.multifd is None:  # not again on a recovery
             self.multifd = self._connect_multifd(address)
+        self.rp.preempt = preempt  # 8.0: the return-path thread owns it in postcopy
         self.rp.start(main)
         if preempt:
             preempt.read_credits_in_background(
@@ -339,10 +343,10 @@ class Source:
     def _postcopy_stream(self) -> bool:
         """migration_thread() in postcopy until nothing is dirty (True: EOF sent) or the
         migration pauses (False): QEMU 7.1/7.2's structure, where the migration thread sends
-        the urgent pages too. The seam for issue 13's 8.0 design, where the return-path
-        thread sends preempt urgent pages itself, past the gate and the budget: this loop and
-        the serve_queued_page() call in _find_and_save_block(), not the rate limit under them
-        (vanilla keeps this path in 8.0)."""
+        the urgent pages too. With migration.design 8.0 or 10.1 and preempt, the return-path
+        thread sends them itself (RAMState.save_host_page_urgent()), past the gate and the
+        budget: no request is queued, so this loop only streams the background and its rate
+        limit is never woken (vanilla keeps the 7.x path in 8.0)."""
         pacer = self.pacer[1]
         urgent = False
         while not self._phase_over():
@@ -374,13 +378,16 @@ class Source:
         interrupted, then the next dirty page. False if there is nothing to send."""
         rs = self.rs
         postcopy = counter == "postcopy-bytes"
-        preempt = self.preempt if postcopy and self.tpp > 1 and \
+        preempt = self.preempt if postcopy and self.tpp > 1 and self.design == "7.1" and \
             self.cfg["migration.x-postcopy-preempt-break-huge"] else None
+        # 8.0: preempt requests never reach the queue; what does (the preempt channel not up)
+        # goes on main, the return-path thread owning preempt
+        urgent = None if rs.rp_sends else self.preempt
 
         def rate_limit() -> bool:  # ram_save_host_page()'s call, inside a huge page
             return self._rate_limit(pacer)
 
-        if postcopy and (rs.serve_queued_page(self.main, self.preempt, pacer)
+        if postcopy and (rs.serve_queued_page(self.main, urgent, pacer)
                          or rs.resume_preempted(self.main, counter, pacer, preempt, rate_limit)):
             return True
         page = rs.find_dirty_block()
