@@ -13,11 +13,14 @@ from emu import uffd as U
 from emu.controller import migrate
 from emu.faults import parse
 from emu.migration import ram as R
+from emu.migration import wire
 from emu.migration.uffd_backend import Kernel
 from tests.conftest import PATIENCE, config
+from tests.test_device_state import UP_TO_LISTEN
 from tests.test_migration import assert_postcopy
 from tests.test_recovery import assert_recovered, statuses
 from tests.test_uffd import in_thread, next_fault, no_deadlock, pattern  # noqa: F401
+from tests.wire_peer import closed, destination, peer
 
 REASON = U.probe()
 needs_uffd = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -74,6 +77,22 @@ def test_release_wakes_a_vcpu_asleep_on_a_page_that_never_comes(kernel):
     assert done.wait(PATIENCE)
     vcpu.join(PATIENCE)
     assert out["value"] == 0
+
+
+@needs_uffd
+def test_a_discard_after_listen_is_refused_with_registered_ram():
+    """As QEMU ("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state"): dropping pages under
+    registered RAM could pull one from under a vCPU writing it."""
+    with U.Region.memfd(64 << 10) as region:
+        ram = memoryview(region.mm)
+        with destination(ram, guest__ram="64KiB", **KERNEL) as (dst, control, path):
+            sock = peer(path, *UP_TO_LISTEN, wire.discard_ranges([(0, 4096)]))
+            control.wait_state("failed")
+            assert control.errors[0].endswith(
+                "CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (3)"), control.errors
+            assert not dst.placer.kernel.registered  # handed back as the guest stopped
+            assert closed(sock)
+        ram.release()
 
 
 # ---- whole migrations ----

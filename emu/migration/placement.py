@@ -88,9 +88,7 @@ class Placer:
             dropped = span >= R.PRESENT
             self.present -= int(np.count_nonzero(dropped))
             span[dropped] = R.DISCARDED
-            if self.kernel is not None and self.kernel.registered:  # they must fault again
-                self.kernel.discard(first, dropped)
-            elif self.ram is not None:
+            if self.ram is not None:
                 t0 = first * self.tpp
                 self.ram[t0:t0 + count * self.tpp][np.repeat(dropped, self.tpp)] = 0
 
