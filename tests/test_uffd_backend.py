@@ -193,6 +193,41 @@ def test_a_refused_probe_is_one_line_and_exit_2(monkeypatch, capsys):
     assert not multiprocessing.active_children()
 
 
+def _run_refused(conn, argv) -> None:
+    """`postcopy-emu run` where a seccomp filter refuses userfaultfd(2), as nobody (no
+    /dev/userfaultfd either): what it returns and prints."""
+    import contextlib
+    import io
+
+    import emu.controller  # noqa: F401  (imported before the user can no longer read it)
+    from tests.test_uffd import _forbid_userfaultfd
+
+    _forbid_userfaultfd()
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    conn.send((code, err.getvalue(), sorted(os.listdir("/dev/shm"))))
+
+
+@needs_uffd
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_a_machine_that_refuses_userfaultfd_says_so_in_one_line():
+    from tests.test_uffd import run_child
+
+    before = set(os.listdir("/dev/shm"))
+    code, err, after = run_child(_run_refused, ["run", "--json", "--set",
+                                                "emulator.backend=userfaultfd"])
+    assert code == 2
+    [line] = err.strip().splitlines()
+    assert line.startswith("postcopy-emu: emulator.backend=userfaultfd: Userfaultfd not "
+                           "available: Operation not permitted"), line
+    assert "seccomp" in line and "emulator.backend=emulated" in line
+    assert set(after) <= before | set(os.listdir("/dev/shm"))  # nothing made for the run
+
+
 def test_huge_pages_and_no_payload_are_refused_with_the_key_to_change():
     for sets in (["guest.page-size=2MiB"], ["emulator.payload=false"]):
         with pytest.raises(Exception) as err:
