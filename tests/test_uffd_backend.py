@@ -18,6 +18,7 @@ from emu.migration.uffd_backend import Kernel
 from tests.conftest import PATIENCE, config
 from tests.test_device_state import UP_TO_LISTEN
 from tests.test_migration import assert_postcopy
+from tests.test_qmp_migration import where  # noqa: F401
 from tests.test_recovery import assert_recovered, statuses
 from tests.test_uffd import in_thread, next_fault, no_deadlock, pattern  # noqa: F401
 from tests.wire_peer import closed, destination, peer
@@ -191,6 +192,16 @@ def test_a_refused_probe_is_one_line_and_exit_2(monkeypatch, capsys):
     assert err.strip().splitlines() == [f"postcopy-emu: emulator.backend=userfaultfd: {why}"]
     assert set(os.listdir("/dev/shm")) <= before
     assert not multiprocessing.active_children()
+
+
+@needs_uffd
+def test_qmp_driven_preempt_with_the_kernel_backend(request, monkeypatch):
+    """The standalone programs over QMP (tests/test_qmp_migration.py), their destination on
+    userfaultfd: the same commands, states, figures and x-query-integrity."""
+    from tests import test_qmp_migration as Q
+
+    monkeypatch.setattr(Q, "SETS", [*Q.SETS, "emulator.backend=userfaultfd"])
+    Q.test_the_same_qmp_script_with_or_without_a_link(request.getfixturevalue("where"), False)
 
 
 def _run_refused(conn, argv) -> None:
