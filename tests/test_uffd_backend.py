@@ -148,8 +148,8 @@ def test_zero_pages_are_placed_with_uffdio_zeropage():
 @needs_uffd
 def test_preempt_beats_vanilla_with_the_kernel_backend():
     """The same ordering as with the emulated backend (tests/test_migration.py)."""
-    sets = dict(workload__pattern="random", link__socket_buffer="2MiB", guest__ram="64MiB",
-                emulator__time_scale="0.1")
+    sets = dict(workload__pattern="random", link__socket_buffer="2MiB",
+                emulator__time_scale="0.2")
     vanilla = run(**sets)
     preempt = run(migration__postcopy_preempt="true", **sets)
     for result in (vanilla, preempt):
