@@ -163,9 +163,18 @@ def test_preempt_beats_vanilla_with_the_kernel_backend():
 def test_recovery_wakes_the_vcpus_asleep_in_the_kernel():
     """The link breaks mid-postcopy: vCPUs on missing pages sleep in the kernel while paused,
     and the pages placed after the recovery wake them; nothing is lost."""
-    result = run(["cut main at 30ms"], workload__pattern="ab")
+    records = {}
+    result = migrate(config(workload__pattern="ab", **KERNEL), None,
+                     [parse("cut main at 30ms")], 0.05, KERNEL_TRACES,
+                     lambda r: records.update(faults=r.reports["destination"]["faults"]))
     assert_recovered(result)
     assert_through_the_kernel(result)
+    times = [(s["status"], s["time"]) for s in result["states"]["destination"]]
+    paused = next(t for status, t in times if status == "postcopy-paused")
+    resumed = next(t for status, t in times if status == "postcopy-active" and t > paused)
+    faults = records["faults"]
+    asleep = (faults["time"] < paused) & (faults["time"] + faults["latency"] > resumed)
+    assert asleep.any(), "no vCPU slept through the pause"
 
 
 @needs_uffd
