@@ -373,6 +373,10 @@ KEYS: dict[str, Key] = {
         high=100,
     ),
     "emulator.payload": _key("bool", True, "real page bytes travel (false: headers only)"),
+    "emulator.backend": _key(
+        "str", "emulated", "how a destination vCPU faults: emulated (a page-state lookup) or "
+        "userfaultfd (the kernel, as QEMU)", choices=("emulated", "userfaultfd"),
+    ),
     "emulator.seed": _key("int", 1, "seed of every random choice", low=0, high=str(2**64 - 1)),
     "emulator.chunk": _key(
         "size",
@@ -462,6 +466,7 @@ def _check_together(values: Mapping[str, Any]) -> None:
             f"guest.ram: must be a multiple of guest.page-size {format_size(page)} "
             f"(got {format_size(ram)})"
         )
+    _check_backend(values)
     # Each vCPU works on its own share of the target pages, so it needs at least one.
     if values["guest.vcpus"] > ram // TARGET_PAGE:
         raise ConfigError(
@@ -484,6 +489,21 @@ def _check_design(values: Mapping[str, Any], given: Mapping[str, Any]) -> None:
         if name in given:
             raise ConfigError(f"{name}: Property '{name}' not found (QEMU {design} has no "
                               f"such property: migration.design={design})", name)
+
+
+def _check_backend(values: Mapping[str, Any]) -> None:
+    """What emulator.backend=userfaultfd can place: real bytes, in 4 KiB pages (huge pages
+    would need hugetlbfs-backed guest RAM, which this emulator does not make yet)."""
+    if values["emulator.backend"] != "userfaultfd":
+        return
+    if not values["emulator.payload"]:
+        raise ConfigError("emulator.backend: userfaultfd places real pages, it requires "
+                          "emulator.payload=true")
+    if values["guest.page-size"] != TARGET_PAGE:
+        raise ConfigError(f"emulator.backend: userfaultfd here serves 4KiB pages only "
+                          f"(guest.page-size={format_size(values['guest.page-size'])} would "
+                          f"need hugetlbfs guest RAM); set guest.page-size=4KiB or "
+                          f"emulator.backend=emulated")
 
 
 class Config(Mapping[str, Any]):

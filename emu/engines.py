@@ -30,7 +30,7 @@ from emu import shm, signals
 from emu.board import Board
 from emu.child import child_main
 from emu.clock import Clock
-from emu.config import Config
+from emu.config import Config, ConfigError
 from emu.events import Event
 from emu.figures.metrics import FaultRing
 from emu.migration import destination, source
@@ -82,6 +82,20 @@ def check_room(cfg: Config, roles: tuple[str, ...]) -> None:
     what = {0: f"the page arrays of a {ram} guest", 1: f"a guest RAM of {ram} and its page arrays",
             2: f"two guest RAMs of {ram} and their page arrays"}[rams]
     shm.check_room((size for size, allocated in plan(cfg, roles).values() if allocated), what)
+    check_backend(cfg, roles)
+
+
+def check_backend(cfg: Config, roles: tuple[str, ...]) -> None:
+    """A ConfigError, one line saying why and what to change, if the destination's
+    emulator.backend cannot work on this machine (emu/uffd.py's probe, as QEMU's
+    postcopy_ram_supported_by_host() at migrate-incoming)."""
+    if "destination" not in roles or cfg["emulator.backend"] != "userfaultfd":
+        return
+    from emu import uffd
+
+    why = uffd.probe()
+    if why is not None:
+        raise ConfigError(f"emulator.backend=userfaultfd: {why}")
 
 
 class Shared:

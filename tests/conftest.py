@@ -17,9 +17,39 @@ BASE = {
 }
 
 
+BACKEND = "emulated"  # pytest --backend=userfaultfd: every migration's destination, if it can
+
+
+def pytest_addoption(parser):
+    parser.addoption("--backend", default="emulated", choices=("emulated", "userfaultfd"),
+                     help="emulator.backend of the tests' migrations (those whose guest it "
+                          "can serve: 4 KiB pages, with payload); skipped where the kernel "
+                          "refuses userfaultfd")
+
+
+def pytest_configure(config):
+    global BACKEND
+    BACKEND = config.getoption("--backend")
+
+
 def config(**sets):
     merged = {**BASE, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
+    if BACKEND != "emulated" and "emulator.backend" not in merged and _kernel_can(merged):
+        merged["emulator.backend"] = BACKEND
     return load_config(None, [f"{k}={v}" for k, v in merged.items()])
+
+
+def _kernel_can(sets: dict) -> bool:
+    """Whether emulator.backend=userfaultfd can serve this guest; skips the test with the
+    probe's reason if the kernel refuses it."""
+    from emu import uffd
+
+    if str(sets.get("guest.page-size", "4KiB")) not in ("4KiB", "4096") or \
+            str(sets.get("emulator.payload", "true")).lower() != "true":
+        return False
+    if (why := uffd.probe()) is not None:
+        pytest.skip(why)
+    return True
 
 
 # Real seconds a test waits for something that is bound to happen: generous, because the

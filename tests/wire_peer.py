@@ -45,13 +45,16 @@ class Control:
 
 
 @contextlib.contextmanager
-def destination(**sets):
-    """A Destination in this process, listening on a unix socket: (dst, control, path)."""
-    cfg = config(emulator__payload="false", **sets)
+def destination(ram=None, **sets):
+    """A Destination in this process, listening on a unix socket: (dst, control, path).
+    Without payload, unless given its guest RAM (a writable buffer of guest.ram bytes)."""
+    cfg = config(emulator__payload="false" if ram is None else "true", **sets)
     bufs = {shm.CLOCK: bytearray(Clock.NBYTES),
             shm.DST_BOARD: bytearray(Board.nbytes(D.FIELDS)),
             shm.DST_STATES: bytearray(cfg.npages), shm.DST_ARRIVAL: bytearray(8 * cfg.npages),
             shm.FAULTS: bytearray(FaultRing.nbytes(D.RING))}
+    if ram is not None:
+        bufs[shm.DST_RAM] = ram
     Clock(bufs[shm.CLOCK]).start(1.0)
     control = Control()
     dst = D.Destination(control, bufs, cfg)

@@ -33,7 +33,7 @@ from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.figures import progress
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
-from emu.migration import loadvm, wire
+from emu.migration import loadvm, uffd_backend, wire
 from emu.migration import ram as R
 from emu.migration.fault_thread import DestMemory, FaultThread
 from emu.migration.incoming import Connections
@@ -73,13 +73,17 @@ class Destination:
         states = np.ndarray((npages,), np.uint8, buffer=bufs[shm.DST_STATES])
         self.arrival = np.ndarray((npages,), np.float64, buffer=bufs[shm.DST_ARRIVAL])
         self.ram = None
+        kernel = cfg["emulator.backend"] == "userfaultfd"
         if cfg["emulator.payload"]:
-            shm.map_in(bufs[shm.DST_RAM])
+            if not kernel:  # under userfaultfd the pages must stay out until placed
+                shm.map_in(bufs[shm.DST_RAM])
             self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs[shm.DST_RAM])
         self.costs = Costs.from_config(cfg)
         # the listen thread (main) and the preempt thread, as serial servers in emulated time
         self.cpu = [CpuThread(name, self.clock, self.board) for name in ("listen", "preempt")]
         self.placer = Placer(states, self.ram, cfg.page_size, self._placed, self._placing)
+        if kernel:
+            self.placer.kernel = uffd_backend.Kernel(bufs[shm.DST_RAM], cfg.page_size)
         self.state = StateLog("destination", self.clock.now, control.emit)
         self.lag = lag_meter(self.board, self.clock.now)
         self.lags = [self._reader_meter(cpu) for cpu in self.cpu]  # per channel
@@ -91,7 +95,8 @@ class Destination:
         self.multifd = MultiFDRecv(self) if cfg["migration.multifd"] else None
         self.conns = Connections(self)
         self.loadvm = loadvm.LoadVM(self)
-        self.fault_thread = FaultThread(self, FaultRing(bufs[shm.FAULTS], RING))
+        faults = uffd_backend.UffdFaultThread if kernel else FaultThread
+        self.fault_thread = faults(self, FaultRing(bufs[shm.FAULTS], RING))
         self.memory = DestMemory(self)
 
     # ---- commands ----
@@ -125,7 +130,7 @@ class Destination:
             self.channel_failed("migrate-pause")
 
     def shutdown(self) -> None:
-        self.stop.set()
+        self.stop_guest()
         self.fault_thread.quit()
         self.conns.close_channels()
         self.conns.stop_listening()
@@ -152,7 +157,10 @@ class Destination:
     def postcopy_listen(self) -> None:
         """POSTCOPY_LISTEN: pages are placed as postcopy places them from now on
         (postcopy_ram_listen_thread())."""
-        self.placer.postcopy = True
+        with self.placer.cond:
+            if self.placer.kernel is not None:  # drop what is missing, then register
+                self.placer.kernel.listen(self.placer.states)
+            self.placer.postcopy = True
         self.state.set("active", "postcopy-active")
 
     def start_vcpus(self, device: dict) -> None:
@@ -192,7 +200,7 @@ class Destination:
         if new is None:
             return
         self.control.fail(f"load of migration failed: Invalid argument: {detail}")
-        self.stop.set()
+        self.stop_guest()
         self.conns.close_channels()
         self.conns.stop_listening()
 
@@ -215,13 +223,21 @@ class Destination:
         if not self.state.set(old, "failed" if missing else "completed"):
             return
         self.ended = self.clock.now()  # the guest's progress is counted up to here
-        self.stop.set()
+        self.stop_guest()
         for vcpu in self.vcpus:
             vcpu.join()
         if missing:
             self.control.fail(f"{missing} host pages missing at the end")
         self.send_rp(wire.rp_message(wire.MIG_RP_MSG_SHUT, b"\0\0\0\0"))
         self.control.emit(Report("destination", self._report()))
+
+    def stop_guest(self) -> None:
+        """The vCPUs stop: under userfaultfd, the range is handed back first, so that a vCPU
+        asleep in the kernel on a page that will never come wakes (and can be joined)."""
+        self.stop.set()
+        if self.placer.kernel is not None:
+            with self.placer.cond:
+                self.placer.kernel.release()
 
     def channel_failed(self, reason: str) -> None:
         """A channel broke: in postcopy the migration pauses, from postcopy-active or from

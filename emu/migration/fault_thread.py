@@ -86,19 +86,22 @@ class FaultThread:
         self.faults.put(None)
 
     def _run(self) -> None:
-        placer, size = self.dst.placer, self.dst.cfg.page_size
         while (fault := self.faults.get()) is not None:
-            vcpu, page = fault
-            self.cpu.charge(self.cost)  # poll, read the uffd_msg, look it up, send
-            if TRACE_REQUEST.enabled:
-                TRACE_REQUEST(page=page, offset=page * size, vcpu=vcpu)
-            if placer.request(page):
-                self.request(page)
-                continue
-            self.dst.board.add("duplicate-requests", 1)
-            if TRACE_DUPLICATE.enabled:
-                already = "present" if placer.states[page] >= R.PRESENT else "requested"
-                TRACE_DUPLICATE(page=page, offset=page * size, vcpu=vcpu, already=already)
+            self.serve(*fault)
+
+    def serve(self, vcpu: int, page: int) -> None:
+        """One fault read: request the page, unless it is requested or present already."""
+        placer, size = self.dst.placer, self.dst.cfg.page_size
+        self.cpu.charge(self.cost)  # poll, read the uffd_msg, look it up, send
+        if TRACE_REQUEST.enabled:
+            TRACE_REQUEST(page=page, offset=page * size, vcpu=vcpu)
+        if placer.request(page):
+            self.request(page)
+            return
+        self.dst.board.add("duplicate-requests", 1)
+        if TRACE_DUPLICATE.enabled:
+            already = "present" if placer.states[page] >= R.PRESENT else "requested"
+            TRACE_DUPLICATE(page=page, offset=page * size, vcpu=vcpu, already=already)
 
     def request(self, page: int) -> None:
         """REQ_PAGES for one host page; while paused it stays requested and is asked for
@@ -136,9 +139,13 @@ class FaultThread:
         dst.board.add("blocked", -1)
         if placer.states[page] < R.PRESENT:
             return True  # stopped while waiting
-        channel_code = PREEMPT if placer.states[page] == R.URGENT_PREEMPT else MAIN
-        record = (t0, vcpu, page, clock.now() - t0, channel_code)
+        self.record(t0, vcpu, page, clock.now() - t0)
+        return True
+
+    def record(self, t0: float, vcpu: int, page: int, latency: float) -> None:
+        """A fault resolved: its record, for the window (the ring) and the report."""
+        channel_code = PREEMPT if self.dst.placer.states[page] == R.URGENT_PREEMPT else MAIN
+        record = (t0, vcpu, page, latency, channel_code)
         self.ring.append(record)
         self.records.append(record)
-        dst.board.add("faults", 1)
-        return True
+        self.dst.board.add("faults", 1)

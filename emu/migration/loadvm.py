@@ -102,6 +102,10 @@ class LoadVM:
         if msg.cmd == wire.MIG_CMD_POSTCOPY_ADVISE:
             self.advised = True
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RAM_DISCARD:
+            if dst.placer.kernel is not None and dst.placer.postcopy:
+                # as QEMU: a page dropped under registered RAM could be one a vCPU is writing
+                raise LoadError(f"CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state "
+                                f"({self.postcopy_state()})")
             size = dst.cfg.page_size
             for start, length in wire.parse_discard(msg.data):
                 dst.placer.discard(start // size, length // size)

@@ -58,6 +58,7 @@ class Placer:
         self.on_place = on_place  # (first host page, count, channel), under the lock
         # (count, channel), not under the lock: the placing thread's CPU time (emu/cpu.py)
         self.before_place = before_place
+        self.kernel = None  # emulator.backend=userfaultfd: uffd_backend.Kernel, maps the pages
 
     # ---- from the vCPUs and the fault thread ----
 
@@ -203,7 +204,9 @@ class Placer:
         wanted = span == R.REQUESTED
         codes = np.where(wanted, R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN,
                          R.BACKGROUND)
-        if self.ram is not None and (zero or data is not None):
+        if self.kernel is not None and self.kernel.registered:
+            self.kernel.place(first, new, None if zero else data)  # wakes their vCPUs
+        elif self.ram is not None and (zero or data is not None):
             dst = self.ram[first * self.tpp:(first + count) * self.tpp].reshape(
                 count, self.tpp, R.TARGET_PAGE)
             if zero:  # a missing page holds zeros already (never placed, or discarded): kept so
