@@ -43,7 +43,9 @@ def test_postcopy_plain(run_migration):
 
 
 def test_postcopy_preempt_plain(run_migration):
-    result = run_migration(workload__pattern="ab", migration__postcopy_preempt="true")
+    # random pages: a guest walking in order (ab) catches up with the background scan, which
+    # 7.1 moves just past each requested page, so its faults find pages already on main
+    result = run_migration(workload__pattern="random", migration__postcopy_preempt="true")
     assert_postcopy(result)
     assert result["latency"]["by-channel"]["preempt"]["count"] > 0
 

@@ -91,9 +91,9 @@ def test_preempt_gets_the_guest_further_where_blocktime_does_not_tell(vanilla_an
     assert van["status"] == pre["status"] == "completed"
     # the same time blocked, or about (the stream decides when postcopy ends) ...
     assert pre["blocktime-ms"]["total"] > 0.5 * van["blocktime-ms"]["total"]
-    # ... but preempt's faults are served faster, and its guest does several times more (to
-    # completion the figure depends on when the last fault came, hence the smaller margin)
-    assert pre["progress"]["total"] > 1.5 * van["progress"]["total"]
+    # ... but preempt's faults are served faster, and its guest does several times more while
+    # it still faults (to completion the figure also holds the full-speed tail after the last
+    # fault, whose length is chance: not compared)
     assert pre["progress"]["until-last-fault"]["total"] > \
         2 * van["progress"]["until-last-fault"]["total"]
 

@@ -222,6 +222,7 @@ def _run_refused(conn, argv) -> None:
     import emu.controller  # noqa: F401  (imported before the user can no longer read it)
     from tests.test_uffd import _forbid_userfaultfd
 
+    cli._parser()  # and what the command line needs (--version reads the package's metadata)
     _forbid_userfaultfd()
     os.setgroups([])
     os.setgid(65534)
