@@ -246,6 +246,10 @@ KEYS: dict[str, Key] = {
     "migration.postcopy-preempt": _key(
         "bool", False, "capability postcopy-preempt: urgent pages on their own channel"
     ),
+    "migration.design": _key(
+        "str", "7.1", "the generation of QEMU's postcopy code the emulator behaves as",
+        choices=("7.1", "8.0", "10.1"),
+    ),
     "migration.x-postcopy-preempt-break-huge": _key(
         "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
     ),

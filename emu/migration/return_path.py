@@ -43,6 +43,7 @@ class ReturnPath:
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()
+        self.pong_acks = threading.Semaphore(0)  # rp_pong_acks: one per PONG (QEMU 8.0)
         self._handlers = {
             wire.MIG_RP_MSG_REQ_PAGES: self._req_pages,
             wire.MIG_RP_MSG_REQ_PAGES_ID: self._req_pages,
@@ -101,3 +102,4 @@ class ReturnPath:
         if TRACE_PONG.enabled:
             TRACE_PONG(value=int.from_bytes(data, "big"))
         self.board.add("pongs", 1)
+        self.pong_acks.release()

@@ -28,7 +28,7 @@ from emu.config import Config
 from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.migration import ram as R
-from emu.migration import wire
+from emu.migration import versions, wire
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.return_path import ReturnPath
@@ -49,6 +49,12 @@ MAX_WAIT = 0.05  # ram.c: the longest a ram_save_iterate() call goes on, in seco
 
 TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
 TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
+# postcopy_preempt_send_channel_new(): the preempt channel is connected (postcopy-ram.c)
+TRACE_PREEMPT_NEW_CHANNEL = trace.point("postcopy_preempt_new_channel")
+# postcopy-emu's own (QEMU's sem_wait has no trace point): the migration thread waited `ms`
+# emulated milliseconds for the preempt channel (postcopy_preempt_wait_channel(), 8.0's
+# postcopy_preempt_establish_channel()), before `what` (postcopy_start or the recovery)
+TRACE_PREEMPT_WAIT = trace.point("pce_postcopy_preempt_wait_channel")
 
 
 class SourceMemory(Memory):
@@ -98,6 +104,13 @@ class Source:
         self.rates = {"max-bandwidth": cfg["migration.max-bandwidth"],
                       "max-postcopy-bandwidth": cfg["migration.max-postcopy-bandwidth"]}
         self.pacer: tuple[str, Pacer] | None = None  # the rate cap in force, by parameter
+        # the preempt channel connects in the background: postcopy_qemufile_src_sem, posted
+        # once its connection is made or has failed (self.preempt then stays None)
+        self.preempt_done = threading.Event()
+        self.preempt_gen = 0  # the connection attempt that may install its channel
+        self.preempt_error = ""
+        self.address = ""  # where the channels connect (migrate's, or the last resume's)
+        self.connect_delays = {"main": 0.0, "preempt": 0.0}  # fault: delay CHANNEL-connect
 
     # ---- commands ----
 
@@ -105,6 +118,7 @@ class Source:
         """migrate: connect to the destination (through the link) and start streaming."""
         if not self.state.set("none", "setup"):  # migrate_init(): one migration per source
             return
+        self.address = address
         try:
             self._connect(address)
         except (OSError, ChannelError) as err:
@@ -122,6 +136,7 @@ class Source:
             self.control.emit(Refused("migrate", "Cannot resume if there is no paused "
                                       "migration"))
             return
+        self.address = address
         start_thread("resume", self._resume, address)
 
     def pause(self) -> None:
@@ -161,6 +176,11 @@ class Source:
         if self.pacer and self.pacer[0] in rates:
             self.pacer[1].rate = rates[self.pacer[0]]
 
+    def delay_connect(self, name: str, seconds: float) -> None:
+        """The fault `delay CHANNEL-connect TIME`: that channel's connections (recoveries'
+        too) are set up `seconds` of emulated time late."""
+        self.connect_delays[name] = seconds
+
     def shutdown(self) -> None:
         self.quit.set()
         self.vcpu_stop.set()
@@ -170,19 +190,82 @@ class Source:
     # ---- connections ----
 
     def _connect(self, address: str) -> None:
-        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
-        main = Endpoint(uri.connect(address), window, "main", wakeup=wakeup)
-        main.send([channel.MAIN_HELLO])
-        preempt = None
-        if self.cfg["migration.postcopy-preempt"]:
-            preempt = Endpoint(uri.connect(address), window, "preempt", wakeup=wakeup)
-            preempt.send([channel.PREEMPT_HELLO])
+        """A new main channel (migrate, or a recovery's), and with 7.1 the preempt channel's
+        connection started behind it (migrate_fd_connect() calls postcopy_preempt_setup()):
+        it reaches the destination before main's first frame if main's is late."""
+        main = self._endpoint("main", address)
         with self.lock:
-            self.main, self.preempt = main, preempt
+            old, self.main, self.preempt = self.preempt, main, None
+        if old:
+            old.close()  # a recovery's channel that connected after its recovery failed
+        if self.cfg["migration.postcopy-preempt"] and not versions.preempt_after_main(self.cfg):
+            self._preempt_setup(address)
+        self._hello(main, channel.MAIN_HELLO)
         self.rp.start(main)
-        if preempt:
-            preempt.read_credits_in_background(
-                lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
+
+    def _endpoint(self, name: str, address: str) -> Endpoint:
+        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
+        return Endpoint(uri.connect(address), window, name, wakeup=wakeup)
+
+    def _hello(self, ep: Endpoint, hello: bytes) -> None:
+        """The channel's first frame, late by its `delay CHANNEL-connect` fault."""
+        delay = self.connect_delays[ep.name]
+        if delay:
+            self._sleep(delay)
+        ep.send([hello])
+
+    def _sleep(self, seconds: float) -> None:
+        until = self.clock.now() + seconds
+        while not self.clock.sleep_until(until, 0.01) and not self.quit.is_set():
+            pass
+
+    def _preempt_setup(self, address: str) -> None:
+        """postcopy_preempt_setup(): connect the preempt channel in the background
+        (socket_send_channel_create()); preempt_done is posted either way."""
+        with self.lock:
+            self.preempt_gen += 1
+            gen = self.preempt_gen
+        self.preempt_done.clear()
+        start_thread("preempt-connect", self._preempt_connect, address, gen)
+
+    def _preempt_connect(self, address: str, gen: int) -> None:
+        """postcopy_preempt_send_channel_new(): the channel is ours once connected, unless a
+        newer connection (a recovery) or the end came meanwhile."""
+        try:
+            ep = self._endpoint("preempt", address)
+            self._hello(ep, channel.PREEMPT_HELLO)
+        except (OSError, ChannelError) as err:
+            self.preempt_error = f"preempt channel: {err}"  # migrate_set_error()
+            ep = None
+        if ep is not None:
+            with self.lock:
+                current = gen == self.preempt_gen and not self.quit.is_set()
+                if current:
+                    self.preempt = ep
+            if not current:
+                ep.close()
+                return
+            if TRACE_PREEMPT_NEW_CHANNEL.enabled:
+                TRACE_PREEMPT_NEW_CHANNEL()
+            ep.read_credits_in_background(
+                lambda err: self._channel_failed(f"preempt channel: {err}", ep))
+        self.preempt_done.set()
+
+    def _preempt_wait_channel(self, what: str) -> bool:
+        """postcopy_preempt_wait_channel() (7.1) or postcopy_preempt_establish_channel() (8.0:
+        it starts the connection here, once main is known to be up): wait for the preempt
+        channel. False if it could not connect, or the source quits meanwhile."""
+        if not self.cfg["migration.postcopy-preempt"]:
+            return True
+        if versions.preempt_after_main(self.cfg):
+            self._preempt_setup(self.address)
+        t0 = self.clock.now()
+        while not self.preempt_done.wait(0.05):
+            if self.quit.is_set():
+                return False
+        if TRACE_PREEMPT_WAIT.enabled:
+            TRACE_PREEMPT_WAIT(what=what, ms=round((self.clock.now() - t0) * 1000, 3))
+        return self.preempt is not None
 
     def _close_channels(self) -> None:
         with self.lock:
@@ -223,6 +306,9 @@ class Source:
         t0 = self.clock.now()
         self.main.send([wire.command(wire.MIG_CMD_OPEN_RETURN_PATH)])
         if self.cfg["migration.postcopy-ram"]:
+            # migration_thread(): "a ping that will make stuff easier to debug"; from 8.0 its
+            # PONG tells postcopy_start() that the main channel is up (rp_pong_acks)
+            self.main.send([wire.ping(1)])
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_ADVISE)])
         self.rs.migration_bitmap_sync()  # ram_init_bitmaps()
         self.board["setup-time"] = self.clock.now() - t0
@@ -264,6 +350,8 @@ class Source:
     def _start_postcopy(self) -> bool:
         """migrate-start-postcopy: stop the guest, discard, device state, run on the other side.
         False if the migration failed or was cancelled meanwhile."""
+        if not self._postcopy_start_preempt():
+            return False
         t_stop = self.clock.now()
         if not self.state.set("active", "device"):  # migration_switchover_prepare()
             return False
@@ -282,6 +370,29 @@ class Source:
         self.board["downtime"] = self.clock.now() - t_stop
         self.resumed.set()  # before the change: a pause right after it clears it again
         return self.state.set("device", "postcopy-active")  # postcopy_start()
+
+    def _postcopy_start_preempt(self) -> bool:
+        """postcopy_start()'s first step: the preempt channel must be up (7.1: it connected
+        behind main; 8.0: connect it now, once main's first PONG came). The guest runs on
+        here meanwhile. If it cannot connect, the migration fails."""
+        if not self.cfg["migration.postcopy-preempt"]:
+            return True
+        if versions.preempt_after_main(self.cfg) and not self._wait_main_channel():
+            return False
+        if self._preempt_wait_channel("postcopy_start"):
+            return True
+        if not self.quit.is_set():
+            self.control.fail(self.preempt_error or "preempt channel: not connected")
+            self.state.set("active", "failed")
+            self._close_channels()
+        return False
+
+    def _wait_main_channel(self) -> bool:
+        """migration_wait_main_channel() (8.0): one PONG received."""
+        while not self.rp.pong_acks.acquire(timeout=0.05):
+            if self.quit.is_set() or self.state.status != "active":
+                return False
+        return True
 
     def _postcopy(self) -> None:
         """Stream until the destination has it all, pausing and resuming across failures."""
@@ -489,9 +600,14 @@ class Source:
                 self.pacer[1].used = 0
             if not self.state.set("postcopy-recover-setup", "postcopy-recover"):
                 return
+            early = not versions.preempt_after_main(self.cfg)
+            if early and not self._recovery_preempt():
+                return
             self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
                                          + wire.BLOCK)])
             if not self._wait_for(self.rp.bitmap_received):
+                return
+            if not early and not self._recovery_preempt():
                 return
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
             if not self._wait_for(self.rp.resume_ack):
@@ -504,10 +620,22 @@ class Source:
                 self.resumed.set()  # migrate_handle_rp_resume_ack()
 
 
+    def _recovery_preempt(self) -> bool:
+        """The recovery's preempt channel: 7.1 waits for it in postcopy_pause() before the
+        handshake, 8.0 connects it after the bitmaps went both ways (postcopy_do_resume()),
+        main being up for sure then. If it cannot connect, the migration pauses again."""
+        if self._preempt_wait_channel("recovery"):
+            return True
+        if not self.quit.is_set():
+            self._channel_failed(self.preempt_error or "preempt channel: not connected")
+        return False
+
+
 def main(control, bufs: dict, cfg: Config) -> None:
     src = Source(control, bufs, cfg)
     control.serve({"migrate": src.migrate, "migrate-resume": src.resume,
                    "migrate-pause": src.pause, "migrate-start-postcopy": src.start_postcopy,
                    "migrate_cancel": src.cancel, "stop": src.stop_guest, "cont": src.cont_guest,
-                   "migrate-set-parameters": src.set_parameters})
+                   "migrate-set-parameters": src.set_parameters,
+                   "x-delay-connect": src.delay_connect})
     src.shutdown()

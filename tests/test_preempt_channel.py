@@ -1,0 +1,79 @@
+"""The preempt channel is created asynchronously (QEMU 7.1, d0edb8a173) and, from 8.0, only
+once the main channel is up (5655aab079): whole migrations with the `delay CHANNEL-connect`
+fault, which makes a channel's connection late.
+
+Assertions are on emulated time, counts, the trace points and the memory, never wall-clock.
+"""
+
+import pytest
+
+from emu import faults
+from emu.config import ConfigError
+from emu.controller import migrate
+from tests.conftest import config
+from tests.test_migration import assert_postcopy
+
+PREEMPT = {"migration__postcopy_preempt": "true", "workload__pattern": "ab"}
+
+
+def run(design: str, *fault_texts: str, **sets) -> dict:
+    cfg = config(**{**PREEMPT, "migration__design": design, **sets})
+    return migrate(cfg, faults=[faults.parse(t) for t in fault_texts],
+                   trace=("postcopy_preempt_new_channel", "pce_postcopy_preempt_wait_channel",
+                          "pce_incoming_route"))
+
+
+def traced(result: dict, name: str) -> list[dict]:
+    return [e for e in result["events"] if e.get("trace") == name]
+
+
+def test_the_delay_fault_parses_and_describes_itself():
+    fault = faults.parse("delay preempt-connect 50ms")
+    assert (fault.action, fault.channel, fault.delay) == ("delay", "preempt", 0.05)
+    assert fault.describe() == "delay preempt-connect 50ms"
+    assert faults.check({"action": "delay", "channel": "main", "delay": "1s"}).delay == 1.0
+    with pytest.raises(ConfigError, match="a delay's channel must be one of main, preempt"):
+        faults.parse("delay return-connect 5ms")
+    with pytest.raises(ConfigError, match="delay must be a duration"):
+        faults.check({"action": "delay", "channel": "preempt", "delay": "soon"})
+
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_postcopy_start_waits_for_a_late_preempt_channel(design):
+    """7.1 connects preempt behind main, during precopy (100 ms here): a 300 ms connection
+    holds postcopy_start() about 200 ms. 8.0 connects it only in postcopy_start(), after the
+    first PONG: it waits the whole 300 ms. Either way no urgent page goes on main."""
+    result = run(design, "delay preempt-connect 300ms")
+    assert_postcopy(result)
+    waited = traced(result, "pce_postcopy_preempt_wait_channel")
+    assert [w["fields"]["what"] for w in waited] == ["postcopy_start"]
+    ms = waited[0]["fields"]["ms"]
+    if design == "7.1":
+        assert 150 < ms < 290, ms
+    else:
+        assert ms >= 299, ms
+    device = next(s["time"] for s in result["states"]["source"] if s["status"] == "device")
+    assert device >= 0.3
+    assert result["requests"]["urgent-main"] == 0
+
+
+def test_a_preempt_channel_that_reaches_the_destination_first_still_completes():
+    """7.1: main's first frame is 200 ms late, so the preempt channel, started right behind
+    main's connection, says its hello first. The destination tells them apart by their
+    hellos, in either order (QEMU 7.1's, taking the first connection for main, hung here:
+    what 8.0's 5655aab079 fixed on the source)."""
+    result = run("7.1", "delay main-connect 200ms")
+    assert_postcopy(result)
+    preempt_in = next(e["time"] for e in traced(result, "postcopy_preempt_new_channel")
+                      if e["role"] == "destination")
+    active = next(s["time"] for s in result["states"]["destination"] if s["status"] == "active")
+    assert preempt_in < 0.2 <= active  # preempt was in before main said anything
+
+
+def test_with_8_0_the_preempt_channel_follows_main():
+    """8.0: the preempt channel connects only after main's first PONG, even with main late."""
+    result = run("8.0", "delay main-connect 200ms")
+    assert_postcopy(result)
+    dst = [e for e in result["events"] if e.get("role") == "destination"
+           and e.get("trace") == "postcopy_preempt_new_channel"]
+    assert len(dst) == 1 and dst[0]["time"] > 0.2
