@@ -250,6 +250,10 @@ KEYS: dict[str, Key] = {
         "str", "7.1", "the generation of QEMU's postcopy code the emulator behaves as",
         choices=("7.1", "8.0", "10.1"),
     ),
+    "migration.x-preempt-wait-channel": _key(
+        "bool", True, "what-if when false (QEMU always waits): postcopy starts without the "
+        "preempt channel; urgent pages go on main until it is up",
+    ),
     "migration.x-postcopy-preempt-break-huge": _key(
         "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
     ),

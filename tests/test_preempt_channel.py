@@ -20,7 +20,7 @@ def run(design: str, *fault_texts: str, **sets) -> dict:
     cfg = config(**{**PREEMPT, "migration__design": design, **sets})
     return migrate(cfg, faults=[faults.parse(t) for t in fault_texts],
                    trace=("postcopy_preempt_new_channel", "pce_postcopy_preempt_wait_channel",
-                          "pce_incoming_route"))
+                          "get_queued_page"))
 
 
 def traced(result: dict, name: str) -> list[dict]:
@@ -77,3 +77,23 @@ def test_with_8_0_the_preempt_channel_follows_main():
     dst = [e for e in result["events"] if e.get("role") == "destination"
            and e.get("trace") == "postcopy_preempt_new_channel"]
     assert len(dst) == 1 and dst[0]["time"] > 0.2
+
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_what_if_postcopy_did_not_wait_for_the_preempt_channel(design):
+    """x-preempt-wait-channel=false, an experiment QEMU does not have: postcopy starts with
+    the preempt channel still connecting (300 ms late), the first urgent pages go on main,
+    the later ones on preempt; the memory arrives intact."""
+    result = run(design, "delay preempt-connect 300ms", migration__x_preempt_wait_channel="false",
+                 workload__pattern="random", migration__max_postcopy_bandwidth="40MiB/s",
+                 emulator__duration_limit="30s")
+    assert_postcopy(result)  # memory intact too
+    assert not traced(result, "pce_postcopy_preempt_wait_channel")[:-1]  # only the EOFs'
+    up = next(e["time"] for e in traced(result, "postcopy_preempt_new_channel")
+              if e["role"] == "source")
+    assert result["requests"]["urgent-main"] > 0 and result["requests"]["urgent-preempt"] > 0
+    sent = [(e["time"], e["fields"]["channel"]) for e in traced(result, "get_queued_page")]
+    assert all(channel == "main" for t, channel in sent if t < up)
+    assert all(channel == "preempt" for t, channel in sent if t > up + 0.01)
+    device = next(s["time"] for s in result["states"]["source"] if s["status"] == "device")
+    assert device < up  # postcopy began before the channel was up

@@ -254,11 +254,18 @@ class Source:
     def _preempt_wait_channel(self, what: str) -> bool:
         """postcopy_preempt_wait_channel() (7.1) or postcopy_preempt_establish_channel() (8.0:
         it starts the connection here, once main is known to be up): wait for the preempt
-        channel. False if it could not connect, or the source quits meanwhile."""
+        channel. False if it could not connect, or the source quits meanwhile. With the
+        what-if x-preempt-wait-channel=false, no wait: until the channel is up, urgent pages
+        go on main (serve_queued_page() without one), and the EOFs wait for it instead."""
         if not self.cfg["migration.postcopy-preempt"]:
             return True
         if versions.preempt_after_main(self.cfg):
             self._preempt_setup(self.address)
+        if not self.cfg["migration.x-preempt-wait-channel"]:
+            return True
+        return self._preempt_wait(what)
+
+    def _preempt_wait(self, what: str) -> bool:
         t0 = self.clock.now()
         while not self.preempt_done.wait(0.05):
             if self.quit.is_set():
@@ -475,6 +482,12 @@ class Source:
         return True
 
     def _send_eofs(self) -> None:
+        """EOF on every channel: the destination completes once each has said it, so a
+        preempt channel still connecting (x-preempt-wait-channel=false) is waited for."""
+        waits = self.cfg["migration.postcopy-preempt"] and \
+            not self.cfg["migration.x-preempt-wait-channel"]
+        if waits and not self._preempt_wait("eof"):
+            raise ChannelError(self.preempt_error or "preempt channel: not connected")
         for ep in (self.main, self.preempt):
             if ep:
                 ep.send([wire.eof()])
