@@ -33,7 +33,7 @@ from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.figures import progress
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
-from emu.migration import loadvm, wire
+from emu.migration import loadvm, versions, wire
 from emu.migration import ram as R
 from emu.migration.fault_thread import DestMemory, FaultThread
 from emu.migration.incoming import Connections
@@ -150,10 +150,15 @@ class Destination:
         """POSTCOPY_LISTEN: pages are placed as postcopy places them from now on
         (postcopy_ram_listen_thread())."""
         self.placer.postcopy = True
-        self.state.set("active", "postcopy-active")
+        # 10.2's postcopy-device until POSTCOPY_RUN: a failure meanwhile fails the migration,
+        # and the source, whose guest has not run here, goes on with it
+        self.state.set("active", "postcopy-device" if versions.postcopy_device(self.cfg)
+                       else "postcopy-active")
 
     def start_vcpus(self, device: dict) -> None:
         """POSTCOPY_RUN: the guest runs here, its vCPUs where the device state put them."""
+        if self.state.status == "postcopy-device":  # loadvm_postcopy_handle_run()
+            self.state.set("postcopy-device", "postcopy-active")
         positions = device.get("vcpus", [0] * self.cfg["guest.vcpus"])
         self.board[progress.RESUMED] = self.clock.now()
         for v, pos in enumerate(positions):

@@ -287,7 +287,7 @@ class Source:
         with self.lock:
             if ep is not None and (ep.closed or ep not in (self.main, self.preempt)):
                 return  # a connection already given up (a recovery may be using new ones)
-            _, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+            old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
             if new == "postcopy-paused":  # postcopy_pause()
                 self.resumed.clear()
                 self.rs.queue.clear()  # lost: the destination asks again after resuming
@@ -298,6 +298,17 @@ class Source:
         for channel_ep in broken:
             if channel_ep:
                 channel_ep.close()
+        if old == "postcopy-device" and new == "failed":
+            self._guest_runs_on()
+
+    def _guest_runs_on(self) -> None:
+        """migration_iteration_finish() after a failure in postcopy-device (QEMU 10.2): the
+        destination never ran the guest, this side holds its latest state, so vm_start()
+        runs it on here (QMP: RESUME, query-status "running")."""
+        with self.vcpu_lock:
+            self.switchover.clear()  # cont works again, as after a failed precopy
+            if self.guest_running:
+                self._start_vcpus()
 
     # ---- migration thread ----
 
@@ -373,10 +384,14 @@ class Source:
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.main.send([wire.ping(3)])
+        device = versions.postcopy_device(self.cfg)
+        if device:  # its PONG says the device state is loaded: the guest starts there
+            self.main.send([wire.ping(wire.QEMU_VM_PING_PACKAGED_LOADED)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RUN)])
         self.board["downtime"] = self.clock.now() - t_stop
         self.resumed.set()  # before the change: a pause right after it clears it again
-        return self.state.set("device", "postcopy-active")  # postcopy_start()
+        # postcopy_start(): until the destination runs the guest, a failure leaves it here
+        return self.state.set("device", "postcopy-device" if device else "postcopy-active")
 
     def _postcopy_start_preempt(self) -> bool:
         """postcopy_start()'s first step: the preempt channel must be up (7.1: it connected
@@ -410,8 +425,19 @@ class Source:
                     return
             except ChannelError as err:
                 self._channel_failed(str(err), main)
-            if not self._postcopy_pause():
-                return
+            if self.state.status in FINAL or not self._postcopy_pause():
+                return  # failed in postcopy-device: the guest runs on here
+
+    def _package_loaded(self, complete_ready: bool) -> bool:
+        """migration_iteration_run() in postcopy-device (QEMU 10.2): postcopy-active once
+        the destination said it loaded the device state; with nothing left to send (complete
+        ready) it is waited for. False if the migration left postcopy-device otherwise."""
+        if self.state.status != "postcopy-device":
+            return True
+        if not (complete_ready or self.rp.package_loaded.is_set()):
+            return True
+        return self._wait_for(self.rp.package_loaded) and \
+            self.state.set("postcopy-device", "postcopy-active")
 
     def _postcopy_pause(self) -> bool:
         """postcopy_pause(): wait for a recovery; False if the source quits meanwhile. Parked
@@ -435,11 +461,13 @@ class Source:
         (vanilla keeps this path in 8.0)."""
         pacer = self.pacer[1]
         urgent = False
-        while not self._phase_over():
+        while not self._phase_over() and self._package_loaded(False):
             if urgent or not pacer.exceeded():
                 if pacer.exceeded():  # woken for a request, but the gate lets nothing through
                     self._spin(pacer)
                 elif not self._ram_save_iterate(pacer, "postcopy-bytes"):
+                    if not self._package_loaded(True):
+                        return False
                     self._send_eofs()
                     return True
             urgent = self._rate_limit(pacer)
@@ -544,7 +572,7 @@ class Source:
         status = self.state.status
         if status == "active":
             return self.switchover.is_set()
-        return self.quit.is_set() or status != "postcopy-active"
+        return self.quit.is_set() or status not in ("postcopy-active", "postcopy-device")
 
     def _rate_limit(self, pacer: Pacer) -> bool:
         """migration_rate_limit(): start a new window once 100 ms have passed; over budget,

@@ -54,10 +54,10 @@ EMULATED = {"events": None, "postcopy-ram": "migration.postcopy-ram",
 PARAMETERS = ("max-bandwidth", "downtime-limit", "max-postcopy-bandwidth")
 MAX_DOWNTIME_MS = 2000 * 1000  # MAX_MIGRATE_DOWNTIME
 # migration_is_running() and migration_in_postcopy()
-RUNNING = ("setup", "active", "device", "postcopy-active", "postcopy-paused",
+RUNNING = ("setup", "active", "device", "postcopy-device", "postcopy-active", "postcopy-paused",
            "postcopy-recover-setup", "postcopy-recover", "cancelling", "pre-switchover",
            "wait-unplug")
-IN_POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover-setup",
+IN_POSTCOPY = ("postcopy-device", "postcopy-active", "postcopy-paused", "postcopy-recover-setup",
                "postcopy-recover")
 LISTEN_TIMEOUT = 30.0  # real seconds for a freshly spawned child to listen (it imports numpy)
 
