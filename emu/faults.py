@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emu.config import Config, ConfigError
+from emu.migration import versions
 from emu.units import parse_duration, quote
 
 ACTIONS = ("cut", "corrupt", "pause", "delay")
@@ -122,4 +123,11 @@ def _when(at, where: str) -> float | str:
 
 def from_config(cfg: Config, extra: list[str] = ()) -> list[Fault]:
     faults = [check(entry, f"faults[{i}]") for i, entry in enumerate(cfg["faults"])]
-    return faults + [parse(text) for text in extra]
+    faults += [parse(text) for text in extra]
+    if not versions.recover_setup(cfg):
+        for fault in faults:
+            if fault.at == "postcopy-recover-setup":  # it would never strike
+                raise ConfigError(f"fault '{fault.describe()}': migration.design "
+                                  f"{cfg['migration.design']} has no postcopy-recover-setup "
+                                  "status (QEMU 9.1 added it: migration.design=10.1)")
+    return faults

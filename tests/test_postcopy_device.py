@@ -4,9 +4,13 @@ migration and the guest runs on at the source, instead of the source pausing in 
 and 8.0, as QEMU before 10.2).
 """
 
+import time
+
 import pytest
 
-from emu.controller import migrate
+from emu.controller import Run, migrate
+from emu.faults import parse
+from emu.migration.states import FINAL
 from tests.conftest import PATIENCE, config
 from tests.test_migration import assert_completed
 from tests.test_qmp_migration import free_port, start, statuses, where  # noqa: F401
@@ -69,3 +73,23 @@ def test_with_7_1_the_source_sits_in_postcopy_as_before(where):  # noqa: F811
     assert statuses(s, "postcopy-paused") == ["device", "postcopy-active", "postcopy-paused"]
     assert s.cmd("query-status") == {"status": "finish-migrate", "running": False}
     assert s.cmd("query-migrate")["status"] == "postcopy-paused"
+
+
+def test_a_cut_before_the_source_leaves_postcopy_device_fails_the_migration():
+    """QEMU 10.2's window: the destination runs the guest from POSTCOPY_RUN on, but the source
+    leaves postcopy-device only once the PONG before it came, between two iterations (up to
+    50 ms of streaming). A cut then fails the migration instead of pausing it, and the
+    destination's guest is left paused without its missing pages: no recovery can follow.
+    (If the PONG came, the source leaves its guest stopped: QEMU's migration_block_activate()
+    fails; if not, it restarts it, which QEMU's drive locks would refuse.)"""
+    run = Run(config(workload__pattern="ab", migration__design="10.1"),
+              [parse("cut main at 0s")], recover_after=None)
+    deadline = time.monotonic() + PATIENCE
+    try:
+        run.start()
+        while run.status["source"] not in FINAL or run.status["destination"] != "postcopy-paused":
+            run.poll()
+            assert time.monotonic() < deadline, run.states
+        assert [s for s, _ in run.states["source"]][-3:] == ["device", "postcopy-device", "failed"]
+    finally:
+        run.stop()

@@ -109,4 +109,5 @@ class ReturnPath:
         if int.from_bytes(data, "big") == wire.QEMU_VM_PING_PACKAGED_LOADED:
             if TRACE_PACKAGE_LOADED.enabled:
                 TRACE_PACKAGE_LOADED()
+            self.board["postcopy-package-loaded"] = 1  # what QMP's run state follows
             self.package_loaded.set()

@@ -40,7 +40,7 @@ from emu.net.channel import ChannelError, Endpoint
 FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "normal",
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
-          "break-huge", "pongs", "duplicate")
+          "break-huge", "pongs", "duplicate", "postcopy-package-loaded")
 FIELDS += cpu_fields(("migration", "return-path"))  # their CPU time (emu/cpu.py)
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
@@ -304,7 +304,13 @@ class Source:
     def _guest_runs_on(self) -> None:
         """migration_iteration_finish() after a failure in postcopy-device (QEMU 10.2): the
         destination never ran the guest, this side holds its latest state, so vm_start()
-        runs it on here (QMP: RESUME, query-status "running")."""
+        runs it on here (QMP: RESUME, query-status "running"). Unless the destination's PONG
+        said it loaded the device state and runs the guest already, the migration thread not
+        having left postcopy-device yet (it does so between iterations): QEMU then cannot
+        take the drives back (migration_block_activate() fails) and leaves the guest stopped
+        here; the failure, not a pause, leaves the destination's guest without its pages."""
+        if self.rp.package_loaded.is_set():
+            return
         with self.vcpu_lock:
             self.switchover.clear()  # cont works again, as after a failed precopy
             if self.guest_running:
@@ -624,22 +630,27 @@ class Source:
         not receive becomes dirty again: what was in flight is lost), POSTCOPY_RESUME,
         RESUME_ACK. A failure anywhere goes back to postcopy-paused. A new connection can
         break as soon as it is made (its reader thread then pauses the migration): each step
-        changes the state only from the one before it, so that pause is never overwritten."""
-        if not self.state.set("postcopy-paused", "postcopy-recover-setup"):  # migrate_prepare()
+        changes the state only from the one before it, so that pause is never overwritten.
+        Before 9.1 (versions.recover_setup) it connects in postcopy-paused, and a connection
+        that fails leaves it there without a word."""
+        connecting = "postcopy-recover-setup" if versions.recover_setup(self.cfg) \
+            else "postcopy-paused"
+        if not self.state.set("postcopy-paused", connecting):  # migrate_prepare()
             return
         self.rp.bitmap_received.clear()
         self.rp.resume_ack.clear()
         # QEMU's migration thread runs the handshake once woken in postcopy_pause(); ours
         # runs here, once the migration thread has seen the failure and parked there
-        if not self._wait_for(self.parked):
-            return
+        while not self.parked.wait(0.05):
+            if self.quit.is_set() or self.state.status != connecting:
+                return
         try:
             self._connect(address)
             # migrate_fd_connect(): a new main QEMUFile, its rate limit max-postcopy-bandwidth
             # and nothing counted yet (the migration thread is parked: the pacer is ours)
             if self.pacer:
                 self.pacer[1].used = 0
-            if not self.state.set("postcopy-recover-setup", "postcopy-recover"):
+            if not self.state.set(connecting, "postcopy-recover"):
                 return
             early = not versions.preempt_after_main(self.cfg)
             if early and not self._recovery_preempt():

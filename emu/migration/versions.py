@@ -25,6 +25,15 @@ def preempt_after_main(cfg: Config) -> bool:
     return since(cfg, "8.0")
 
 
+def recover_setup(cfg: Config) -> bool:
+    """The source's postcopy-recover-setup status (QEMU 9.1, 4146b77ec7, "migration/postcopy:
+    Add postcopy-recover-setup phase"): a recovery connects in it and goes back to
+    postcopy-paused if that fails, so each attempt is told (a MIGRATION event). Before 9.1 the
+    source stays postcopy-paused until connected (then postcopy-recover), and a failed
+    connection changes nothing. The destination's states are the same in all designs."""
+    return since(cfg, "9.1")
+
+
 def postcopy_device(cfg: Config) -> bool:
     """The postcopy-device status (QEMU 10.2, 7b842fe354, "migration: Introduce
     POSTCOPY_DEVICE state"): from the device state's sending until the destination says it
