@@ -93,3 +93,14 @@ def test_a_cut_before_the_source_leaves_postcopy_device_fails_the_migration():
         assert [s for s, _ in run.states["source"]][-3:] == ["device", "postcopy-device", "failed"]
     finally:
         run.stop()
+
+
+def test_a_fault_at_postcopy_recover_setup_needs_a_design_that_has_it():
+    from emu import faults
+    from emu.config import ConfigError
+
+    with pytest.raises(ConfigError, match="migration.design 7.1 has no postcopy-recover-setup"):
+        faults.from_config(config(), ["cut main at postcopy-recover-setup"])
+    assert faults.from_config(config(migration__design="10.1"),
+                              ["cut main at postcopy-recover-setup"])[0].at == \
+        "postcopy-recover-setup"

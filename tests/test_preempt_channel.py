@@ -11,7 +11,7 @@ from emu import faults
 from emu.config import ConfigError
 from emu.controller import migrate
 from tests.conftest import config
-from tests.test_migration import assert_postcopy
+from tests.test_migration import assert_completed, assert_postcopy
 
 PREEMPT = {"migration__postcopy_preempt": "true", "workload__pattern": "ab"}
 
@@ -97,3 +97,17 @@ def test_what_if_postcopy_did_not_wait_for_the_preempt_channel(design):
     assert all(channel == "preempt" for t, channel in sent if t > up + 0.01)
     device = next(s["time"] for s in result["states"]["source"] if s["status"] == "device")
     assert device < up  # postcopy began before the channel was up
+
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_a_recovery_waits_for_its_late_preempt_channel(design):
+    """The recovery's preempt channel is late too: 7.1 waits for it before the handshake,
+    8.0 connects it after RECV_BITMAP's round trip; either way the recovery completes."""
+    cfg = config(**{**PREEMPT, "migration__design": design})
+    result = migrate(cfg, faults=[faults.parse("delay preempt-connect 50ms"),
+                                  faults.parse("cut main at 30ms")], recover_after=0.05,
+                     trace=("pce_postcopy_preempt_wait_channel",))
+    assert_completed(result)
+    waited = traced(result, "pce_postcopy_preempt_wait_channel")
+    recovery = [w["fields"]["ms"] for w in waited if w["fields"]["what"] == "recovery"]
+    assert len(recovery) == 1 and recovery[0] > 40, waited  # 50 ms less the RECV_BITMAP trip
