@@ -536,6 +536,9 @@ def summary(result: dict, cfg: Config) -> str:
     if result["status"] != "completed":
         lines.insert(1, _how_far(result["reached"]))
     for fault in result["faults"]:
+        if fault["action"] == "delay":  # no moment: every connection of that channel
+            lines.append(f"  fault: delay {fault['channel']}-connect {fault['delay'] * 1e3:g} ms")
+            continue
         what = fault["action"] + ("" if fault["action"] == "pause" else f" {fault['channel']}")
         lines.append(f"  fault: {what} at {fault['time'] * 1e3:.1f} ms")
     lines += [f"  error: {e}" for e in result["errors"]]

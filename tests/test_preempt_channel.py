@@ -8,6 +8,7 @@ Assertions are on emulated time, counts, the trace points and the memory, never 
 import pytest
 
 from emu import faults
+from emu.cli import summary
 from emu.config import ConfigError
 from emu.controller import migrate
 from tests.conftest import config
@@ -55,6 +56,8 @@ def test_postcopy_start_waits_for_a_late_preempt_channel(design):
     device = next(s["time"] for s in result["states"]["source"] if s["status"] == "device")
     assert device >= 0.3
     assert result["requests"]["urgent-main"] == 0
+    cfg = config(**{**PREEMPT, "migration__design": design})
+    assert "  fault: delay preempt-connect 300 ms" in summary(result, cfg).splitlines()
 
 
 def test_a_preempt_channel_that_reaches_the_destination_first_still_completes():
