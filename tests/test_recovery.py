@@ -3,11 +3,13 @@
 Each test asserts the state sequence on both sides and the memory check.
 """
 
+import time
+
 import pytest
 
 from emu.controller import Run, migrate
 from emu.faults import Fault, parse
-from tests.conftest import config
+from tests.conftest import PATIENCE, config
 from tests.test_migration import assert_completed
 
 # the source's states through a recovery: QEMU 9.1 added postcopy-recover-setup (the 10.1
@@ -89,6 +91,34 @@ def test_postcopy_recovery_double_failures_reconnect():
         run.stop()
     src = [s for s, _ in run.states["source"]]
     assert src.count("postcopy-recover-setup") == 2 and src[-1] == "completed", src
+
+
+def test_before_9_1_a_failed_reconnect_leaves_the_source_paused_without_a_word():
+    """7.1: migrate resume to an address nobody listens on changes no state (no
+    postcopy-recover-setup, so no MIGRATION event); only migrate_fd_error is traced. A later
+    recovery completes."""
+    run = Run(config(workload__pattern="ab"), [Fault(0.03, "cut", "main")], recover_after=None,
+              trace=("migrate_fd_error",))
+    try:
+        run.start()
+        while run.status["source"] != "postcopy-paused" or \
+                run.status["destination"] != "postcopy-paused":
+            run.poll()
+            assert not run.finished, run.errors
+        before = list(run.states["source"])
+        run.command("source", "migrate-resume", f"unix:{run.tmpdir}/nobody.sock")
+        deadline = time.monotonic() + PATIENCE
+        while not any("migrate_fd_error" in str(what) for _, what in run.events_in_order()):
+            run.poll()
+            assert time.monotonic() < deadline, run.states
+        assert run.states["source"] == before and run.status["source"] == "postcopy-paused"
+        run.recover()
+        run.wait()
+        assert run.ok, run.errors
+    finally:
+        run.stop()
+    src = [s for s, _ in run.states["source"]]
+    assert "postcopy-recover-setup" not in src and src[-1] == "completed", src
 
 
 @pytest.mark.parametrize("channel", ["main", "preempt", "return"])

@@ -51,6 +51,7 @@ TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
 TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
 # postcopy_preempt_send_channel_new(): the preempt channel is connected (postcopy-ram.c)
 TRACE_PREEMPT_NEW_CHANNEL = trace.point("postcopy_preempt_new_channel")
+TRACE_FD_ERROR = trace.point("migrate_fd_error")
 # postcopy-emu's own (QEMU's sem_wait has no trace point): the migration thread waited `ms`
 # emulated milliseconds for the preempt channel (postcopy_preempt_wait_channel(), 8.0's
 # postcopy_preempt_establish_channel()), before `what` (postcopy_start or the recovery)
@@ -122,6 +123,8 @@ class Source:
         try:
             self._connect(address)
         except (OSError, ChannelError) as err:
+            if TRACE_FD_ERROR.enabled:
+                TRACE_FD_ERROR(error_desc=str(err))
             self.control.fail(f"cannot connect to {address}: {err}")
             self.state.set("setup", "failed")  # migrate_fd_error()
             return
@@ -646,23 +649,17 @@ class Source:
                 return
         try:
             self._connect(address)
-            # migrate_fd_connect(): a new main QEMUFile, its rate limit max-postcopy-bandwidth
-            # and nothing counted yet (the migration thread is parked: the pacer is ours)
-            if self.pacer:
-                self.pacer[1].used = 0
-            if not self.state.set(connecting, "postcopy-recover"):
-                return
-            early = not versions.preempt_after_main(self.cfg)
-            if early and not self._recovery_preempt():
-                return
-            self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
-                                         + wire.BLOCK)])
-            if not self._wait_for(self.rp.bitmap_received):
-                return
-            if not early and not self._recovery_preempt():
-                return
-            self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
-            if not self._wait_for(self.rp.resume_ack):
+        except (OSError, ChannelError) as err:
+            self._fd_error(f"recovery: {err}")
+            return
+        # migrate_fd_connect(): a new main QEMUFile, its rate limit max-postcopy-bandwidth
+        # and nothing counted yet (the migration thread is parked: the pacer is ours)
+        if self.pacer:
+            self.pacer[1].used = 0
+        if not self.state.set(connecting, "postcopy-recover"):
+            return
+        try:
+            if not self._resume_handshake():
                 return
         except (OSError, ChannelError) as err:
             self._channel_failed(f"recovery: {err}")
@@ -671,6 +668,29 @@ class Source:
             if self.state.set("postcopy-recover", "postcopy-active"):
                 self.resumed.set()  # migrate_handle_rp_resume_ack()
 
+
+    def _resume_handshake(self) -> bool:
+        """postcopy_do_resume(): RECV_BITMAP and its answer, the preempt channel (where the
+        design waits for it), POSTCOPY_RESUME and RESUME_ACK. False if it broke meanwhile."""
+        early = not versions.preempt_after_main(self.cfg)
+        if early and not self._recovery_preempt():
+            return False
+        self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
+                                     + wire.BLOCK)])
+        if not self._wait_for(self.rp.bitmap_received):
+            return False
+        if not early and not self._recovery_preempt():
+            return False
+        self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
+        return self._wait_for(self.rp.resume_ack)
+
+    def _fd_error(self, reason: str) -> None:
+        """migrate_fd_error(): a recovery could not connect. From postcopy-recover-setup (9.1)
+        back to postcopy-paused; before 9.1 the state stays postcopy-paused and only the
+        trace tells (what 9.1's state is for)."""
+        if TRACE_FD_ERROR.enabled:
+            TRACE_FD_ERROR(error_desc=reason)
+        self._channel_failed(reason)
 
     def _recovery_preempt(self) -> bool:
         """The recovery's preempt channel: 7.1 waits for it in postcopy_pause() before the
