@@ -86,6 +86,8 @@ class Destination:
         self.ended: float | None = None  # when the vCPUs were stopped at completion
         self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
         self._eof_lock = threading.Lock()
+        # the preempt channel of the current connections is in (postcopy_qemufile_dst_done)
+        self.preempt_in = threading.Event()
         self.conns = Connections(self)
         self.loadvm = loadvm.LoadVM(self)
         self.fault_thread = FaultThread(self, FaultRing(bufs[shm.FAULTS], RING))
@@ -146,9 +148,32 @@ class Destination:
             if self.state.set("postcopy-paused", "postcopy-recover") and TRACE_CONTINUED.enabled:
                 TRACE_CONTINUED()
 
+    def all_channels(self) -> bool:
+        """QEMU 7.1's migration_has_all_channels(): with preempt, the destination loads
+        nothing, a recovery included, until the preempt channel is in too (8.0 starts on main
+        alone and waits at POSTCOPY_LISTEN and POSTCOPY_RESUME, wait_preempt()). False if
+        the migration stops meanwhile."""
+        if versions.preempt_after_main(self.cfg):
+            return True
+        return self.wait_preempt()
+
+    def wait_preempt(self) -> bool:
+        """qemu_sem_wait(&mis->postcopy_qemufile_dst_done); True at once without preempt, or
+        in the what-if x-preempt-wait-channel=false, where neither side waits for it."""
+        if not (self.cfg["migration.postcopy-preempt"]
+                and self.cfg["migration.x-preempt-wait-channel"]):
+            return True
+        while not self.preempt_in.wait(0.05):
+            if self.stop.is_set() or self.state.status in FINAL:
+                return False
+        return True
+
     def postcopy_listen(self) -> None:
         """POSTCOPY_LISTEN: pages are placed as postcopy places them from now on
-        (postcopy_ram_listen_thread())."""
+        (postcopy_ram_listen_thread()); 8.0's postcopy_ram_incoming_setup() waits for the
+        preempt channel first."""
+        if versions.preempt_after_main(self.cfg) and not self.wait_preempt():
+            return
         self.placer.postcopy = True
         # 10.2's postcopy-device until POSTCOPY_RUN: a failure meanwhile fails the migration,
         # and the source, whose guest has not run here, goes on with it
@@ -181,6 +206,8 @@ class Destination:
         (loadvm_postcopy_handle_resume): a channel that broke after the listen thread read
         the command has paused the migration again, and that pause stands, or no recovery
         could ever be started (no RESUME_ACK either: the channels are gone)."""
+        if versions.preempt_after_main(self.cfg) and not self.wait_preempt():
+            return  # 8.0: "wait for it and make sure it's created"
         if not self.state.set("postcopy-recover", "postcopy-active"):
             return
         self.send_rp(wire.rp_message(wire.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"))
@@ -228,6 +255,7 @@ class Destination:
     def channel_failed(self, reason: str) -> None:
         """A channel broke: in postcopy the migration pauses, from postcopy-active or from
         postcopy-recover (postcopy_pause_incoming); before postcopy it fails."""
+        self.preempt_in.clear()  # a recovery brings a new one
         old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
         if new == "postcopy-paused":
             if TRACE_PAUSE.enabled:

@@ -218,6 +218,7 @@ class Connections:
         if which == PREEMPT:
             if TRACE_PREEMPT_CHANNEL.enabled:
                 TRACE_PREEMPT_CHANNEL()
+            dst.preempt_in.set()  # postcopy_qemufile_dst_done
             self._stop_listening_if_complete()
 
     # ---- the main channel's trial ----
