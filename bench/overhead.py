@@ -36,7 +36,8 @@ def measure(cfg) -> dict:
     return metrics.summarize(faults["latency"][faults["channel"] == 1])
 
 SETS = [
-    "migration.postcopy-preempt=true", "migration.design=8.0", "migration.max-postcopy-bandwidth=1MB/s",
+    "migration.postcopy-preempt=true", "migration.design=8.0",
+    "migration.max-postcopy-bandwidth=1MB/s",
     "guest.ram=16MiB", "link.bandwidth=1Gbit", "link.rtt=100us",
     "workload.pattern=hotset", "workload.hot-fraction=0.002",
     "workload.hot-probability=0.99", "workload.touch-cost=5us",

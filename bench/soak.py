@@ -44,6 +44,8 @@ def scenario(rng: random.Random) -> tuple[list[str], list[Fault]]:
         at: float | str = round(rng.uniform(0.0, 0.25), 4)
         if rng.random() < 0.15:
             at = rng.choice(["postcopy-recover-setup", "postcopy-recover"])
+            if at == "postcopy-recover-setup":  # a 9.1+ status: the 10.1 design has it
+                sets.append("migration.design=10.1")
         faults.append(Fault(at, action, rng.choice(channels)))
     return sets, faults
 

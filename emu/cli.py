@@ -14,6 +14,7 @@ from emu import engines, signals, trace
 from emu.config import Config, ConfigError, load_config, scenario_names
 from emu.figures import metrics
 from emu.figures import progress as guest_progress
+from emu.migration import versions
 from emu.figures.report import integrity_text
 from emu.units import format_duration, format_rate, format_size
 
@@ -572,7 +573,7 @@ def _zero_pages(ram: dict) -> str:
 def summary(result: dict, cfg: Config) -> str:
     qm, lat = result["query-migrate"], result["latency"]
     mode = "vanilla postcopy"
-    if cfg["migration.postcopy-preempt"] and cfg["migration.design"] != "7.1":
+    if cfg["migration.postcopy-preempt"] and versions.preempt_full(cfg):
         mode = f"postcopy-preempt, {cfg['migration.design']} preempt-full"
     elif cfg["migration.postcopy-preempt"]:
         mode = "postcopy-preempt, break-huge " + (
@@ -608,6 +609,9 @@ def summary(result: dict, cfg: Config) -> str:
     if result["status"] != "completed":
         lines.insert(1, _how_far(result["reached"]))
     for fault in result["faults"]:
+        if fault["action"] == "delay":  # no moment: every connection of that channel
+            lines.append(f"  fault: delay {fault['channel']}-connect {fault['delay'] * 1e3:g} ms")
+            continue
         what = fault["action"] + ("" if fault["action"] == "pause" else f" {fault['channel']}")
         lines.append(f"  fault: {what} at {fault['time'] * 1e3:.1f} ms")
     lines += [f"  error: {e}" for e in result["errors"]]

@@ -265,6 +265,10 @@ KEYS: dict[str, Key] = {
         "migration thread), 8.0 (preempt-full: from the return-path thread), 10.1 (8.0 and "
         "the locality hint)", choices=DESIGNS,
     ),
+    "migration.x-preempt-wait-channel": _key(
+        "bool", True, "what-if when false (QEMU always waits): postcopy starts without the "
+        "preempt channel; urgent pages go on main until it is up",
+    ),
     "migration.x-postcopy-preempt-break-huge": _key(
         "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
     ),

@@ -148,7 +148,17 @@ class Run:
         self.clock.start(self.cfg["emulator.time-scale"])
         self.command("destination", "migrate-incoming", self._incoming_uri())
         self._wait_listening()
+        self._delay_connects()
         self.command("source", "migrate", self.link_uri)
+
+    def _delay_connects(self) -> None:
+        """The delay faults: no event, a slow network from the start (emu/faults.py)."""
+        for fault in [f for f in self.pending_faults if f.action == "delay"]:
+            self.pending_faults.remove(fault)
+            self.command("source", "x-delay-connect", fault.channel, fault.delay)
+            self.injected.append({"action": "delay", "channel": fault.channel,
+                                  "delay": fault.delay, "time": 0.0})
+            self.note(self.clock.now(), f"fault injected: {fault.describe()}")
 
     def stop(self) -> None:
         """End the children, unlink the segments, remove the socket directory: safe to call

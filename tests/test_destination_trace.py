@@ -111,10 +111,11 @@ def test_the_listen_thread_traces_each_command_it_loads(traced):
 
 def test_an_urgent_page_on_the_preempt_channel(traced):
     with destination(migration__postcopy_preempt="true") as (dst, control, path):
+        # both channels first: 7.1's destination loads nothing before (all_channels)
         main = peer(path, *UP_TO_LISTEN)
-        control.wait_state("postcopy-active")
         preempt = peer(path, channel.PREEMPT_HELLO)
         traced.wait_for("postcopy_preempt_new_channel")
+        control.wait_state("postcopy-active")
         vcpu = vcpu_faults(dst, 0, 9)
         assert requested_page(main) == 9
         preempt.sendall(frame(ram_record(9)))

@@ -237,10 +237,11 @@ def test_a_requested_zero_page_resolves_the_fault(traced):  # noqa: F811
     """The vCPU faults on page 9; the page comes as a zero record on preempt; the vCPU goes
     on, and the fault is recorded as any other."""
     with destination(migration__postcopy_preempt="true") as (dst, control, path):
+        # both channels first: 7.1's destination loads nothing before (all_channels)
         main = peer(path, *UP_TO_LISTEN)
-        control.wait_state("postcopy-active")
         preempt = peer(path, b"QEPC\x00\x00\x00\x01")
         traced.wait_for("postcopy_preempt_new_channel")
+        control.wait_state("postcopy-active")
         vcpu = vcpu_faults(dst, 0, 9)
         assert requested_page(main) == 9
         preempt.sendall(frame(wire.zero_record(9 * PAGE, 1)))

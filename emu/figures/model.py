@@ -78,7 +78,7 @@ from typing import Any
 from emu.config import Config
 from emu.cpu import Costs
 from emu.figures import timescale
-from emu.migration import wire
+from emu.migration import versions, wire
 from emu.migration.ram import TARGET_PAGE
 from emu.migration.ram_save import Pacer
 from emu.units import format_duration, format_rate, format_size
@@ -153,7 +153,7 @@ def mode_of(cfg: Config) -> str:
         raise ModelError("migration.postcopy-ram is false: precopy only has no page faults")
     if not cfg["migration.postcopy-preempt"]:
         return "vanilla"
-    if cfg["migration.design"] != "7.1":
+    if versions.preempt_full(cfg):
         return FULL
     if cfg["migration.x-postcopy-preempt-break-huge"]:
         return "preempt"

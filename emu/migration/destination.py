@@ -33,7 +33,7 @@ from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.figures import progress
 from emu.figures.metrics import FAULT_DTYPE, FaultRing
-from emu.migration import loadvm, uffd_backend, wire
+from emu.migration import loadvm, uffd_backend, versions, wire
 from emu.migration import ram as R
 from emu.migration.fault_thread import DestMemory, FaultThread
 from emu.migration.incoming import Connections
@@ -93,6 +93,8 @@ class Destination:
         self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
         self._eof_lock = threading.Lock()
         self.multifd = MultiFDRecv(self) if cfg["migration.multifd"] else None
+        # the preempt channel of the current connections is in (postcopy_qemufile_dst_done)
+        self.preempt_in = threading.Event()
         self.conns = Connections(self)
         self.loadvm = loadvm.LoadVM(self)
         faults = uffd_backend.UffdFaultThread if kernel else FaultThread
@@ -154,17 +156,45 @@ class Destination:
             if self.state.set("postcopy-paused", "postcopy-recover") and TRACE_CONTINUED.enabled:
                 TRACE_CONTINUED()
 
+    def all_channels(self) -> bool:
+        """QEMU 7.1's migration_has_all_channels(): with preempt, the destination loads
+        nothing, a recovery included, until the preempt channel is in too (8.0 starts on main
+        alone and waits at POSTCOPY_LISTEN and POSTCOPY_RESUME, wait_preempt()). False if
+        the migration stops meanwhile."""
+        if versions.preempt_after_main(self.cfg):
+            return True
+        return self.wait_preempt()
+
+    def wait_preempt(self) -> bool:
+        """qemu_sem_wait(&mis->postcopy_qemufile_dst_done); True at once without preempt, or
+        in the what-if x-preempt-wait-channel=false, where neither side waits for it."""
+        if not (self.cfg["migration.postcopy-preempt"]
+                and self.cfg["migration.x-preempt-wait-channel"]):
+            return True
+        while not self.preempt_in.wait(0.05):
+            if self.stop.is_set() or self.state.status in FINAL:
+                return False
+        return True
+
     def postcopy_listen(self) -> None:
         """POSTCOPY_LISTEN: pages are placed as postcopy places them from now on
-        (postcopy_ram_listen_thread())."""
+        (postcopy_ram_listen_thread()); 8.0's postcopy_ram_incoming_setup() waits for the
+        preempt channel first."""
+        if versions.preempt_after_main(self.cfg) and not self.wait_preempt():
+            return
         with self.placer.cond:
             if self.placer.kernel is not None:  # drop what is missing, then register
                 self.placer.kernel.listen(self.placer.states)
             self.placer.postcopy = True
-        self.state.set("active", "postcopy-active")
+        # 10.2's postcopy-device until POSTCOPY_RUN: a failure meanwhile fails the migration,
+        # and the source, whose guest has not run here, goes on with it
+        self.state.set("active", "postcopy-device" if versions.postcopy_device(self.cfg)
+                       else "postcopy-active")
 
     def start_vcpus(self, device: dict) -> None:
         """POSTCOPY_RUN: the guest runs here, its vCPUs where the device state put them."""
+        if self.state.status == "postcopy-device":  # loadvm_postcopy_handle_run()
+            self.state.set("postcopy-device", "postcopy-active")
         positions = device.get("vcpus", [0] * self.cfg["guest.vcpus"])
         self.board[progress.RESUMED] = self.clock.now()
         for v, pos in enumerate(positions):
@@ -187,6 +217,8 @@ class Destination:
         (loadvm_postcopy_handle_resume): a channel that broke after the listen thread read
         the command has paused the migration again, and that pause stands, or no recovery
         could ever be started (no RESUME_ACK either: the channels are gone)."""
+        if versions.preempt_after_main(self.cfg) and not self.wait_preempt():
+            return  # 8.0: "wait for it and make sure it's created"
         if not self.state.set("postcopy-recover", "postcopy-active"):
             return
         self.send_rp(wire.rp_message(wire.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"))
@@ -242,6 +274,7 @@ class Destination:
     def channel_failed(self, reason: str) -> None:
         """A channel broke: in postcopy the migration pauses, from postcopy-active or from
         postcopy-recover (postcopy_pause_incoming); before postcopy it fails."""
+        self.preempt_in.clear()  # a recovery brings a new one
         old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
         if new == "postcopy-paused":
             if TRACE_PAUSE.enabled:

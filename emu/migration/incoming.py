@@ -225,6 +225,7 @@ class Connections:
         if which == PREEMPT:
             if TRACE_PREEMPT_CHANNEL.enabled:
                 TRACE_PREEMPT_CHANNEL()
+            dst.preempt_in.set()  # postcopy_qemufile_dst_done
             self._stop_listening_if_complete()
 
     def _multifd_hello(self, sock, channel_id: int, arrival: float) -> None:

@@ -71,6 +71,8 @@ class LoadVM:
                     if not dst.conns.confirm(ep):
                         return  # given up: MAIN_SETUP_TIMEOUT, or a newer main took over
                     unconfirmed = False
+                    if not dst.all_channels():
+                        return
                 dst.loading()
                 if isinstance(msg, wire.RamRecord):
                     dst.placer.receive(which, msg)

@@ -34,7 +34,7 @@ from emu.board import Board
 from emu.clock import Clock
 from emu.config import Config
 from emu.cpu import Costs, CpuThread
-from emu.migration import wire
+from emu.migration import versions, wire
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram import SENT_MAIN, SENT_PREEMPT, SENT_URGENT_MAIN, TARGET_PAGE, UNSENT
 from emu.net.channel import Endpoint
@@ -222,8 +222,8 @@ class RAMState:
         self.writer = RecordWriter(raw, board, CpuThread("migration", clock, board),
                                    Costs.from_config(cfg))
         # migration.design: from 8.0 on the return-path thread sends preempt requests itself
-        self.rp_sends = cfg["migration.design"] != "7.1" and cfg["migration.postcopy-preempt"]
-        self.hints = cfg["migration.design"] == "10.1"  # the locality hint (10.1)
+        self.rp_sends = versions.preempt_full(cfg) and cfg["migration.postcopy-preempt"]
+        self.hints = versions.page_hint(cfg)
         # under bitmap_mutex:
         self.page_hint: int | None = None  # rs->page_hint: where the scan goes on, if valid
         self.main_page: int | None = None  # the host page main is being written (pss_overlap)

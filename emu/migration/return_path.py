@@ -27,6 +27,7 @@ TRACE_SHUT = trace.point("source_return_path_thread_shut")
 TRACE_RESUME_ACK = trace.point("source_return_path_thread_resume_ack")
 TRACE_REQ_PAGES = trace.point("migrate_handle_rp_req_pages")
 TRACE_RECV_BITMAP = trace.point("migrate_handle_rp_recv_bitmap")
+TRACE_PACKAGE_LOADED = trace.point("source_return_path_thread_postcopy_package_loaded")
 
 
 class ReturnPath:
@@ -48,6 +49,9 @@ class ReturnPath:
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()
+        self.pong_acks = threading.Semaphore(0)  # rp_pong_acks: one per PONG (QEMU 8.0)
+        # postcopy_package_loaded_event (QEMU 10.2): the destination loaded the device state
+        self.package_loaded = threading.Event()
         self._handlers = {
             wire.MIG_RP_MSG_REQ_PAGES: self._req_pages,
             wire.MIG_RP_MSG_REQ_PAGES_ID: self._req_pages,
@@ -110,3 +114,9 @@ class ReturnPath:
         if TRACE_PONG.enabled:
             TRACE_PONG(value=int.from_bytes(data, "big"))
         self.board.add("pongs", 1)
+        self.pong_acks.release()
+        if int.from_bytes(data, "big") == wire.QEMU_VM_PING_PACKAGED_LOADED:
+            if TRACE_PACKAGE_LOADED.enabled:
+                TRACE_PACKAGE_LOADED()
+            self.board["postcopy-package-loaded"] = 1  # what QMP's run state follows
+            self.package_loaded.set()

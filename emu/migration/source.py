@@ -31,7 +31,7 @@ from emu.config import Config
 from emu.cpu import fields as cpu_fields
 from emu.events import Paused, Refused, Report
 from emu.migration import ram as R
-from emu.migration import wire
+from emu.migration import versions, wire
 from emu.migration.multifd import MultiFDSend
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram_save import Pacer, RAMState
@@ -44,7 +44,8 @@ from emu.net.channel import ChannelError, Endpoint
 FIELDS = ("transferred", "precopy-bytes", "downtime-bytes", "postcopy-bytes", "normal",
           "normal-bytes", "dirty-sync-count", "postcopy-requests", "remaining", "setup-time",
           "downtime", "total-time", "urgent-main", "urgent-preempt", "dropped-requests",
-          "break-huge", "pongs", "duplicate", "multifd-bytes")
+          "break-huge", "pongs", "duplicate", "multifd-bytes",
+          "postcopy-package-loaded")
 FIELDS += cpu_fields(("migration", "return-path"))  # their CPU time (emu/cpu.py)
 # where a broken channel pauses the migration instead of failing it (postcopy_pause())
 PAUSES = ("postcopy-active", "postcopy-recover-setup", "postcopy-recover")
@@ -53,6 +54,13 @@ MAX_WAIT = 0.05  # ram.c: the longest a ram_save_iterate() call goes on, in seco
 
 TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
 TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
+# postcopy_preempt_send_channel_new(): the preempt channel is connected (postcopy-ram.c)
+TRACE_PREEMPT_NEW_CHANNEL = trace.point("postcopy_preempt_new_channel")
+TRACE_FD_ERROR = trace.point("migrate_fd_error")
+# postcopy-emu's own (QEMU's sem_wait has no trace point): the migration thread waited `ms`
+# emulated milliseconds for the preempt channel (postcopy_preempt_wait_channel(), 8.0's
+# postcopy_preempt_establish_channel()), before `what` (postcopy_start or the recovery)
+TRACE_PREEMPT_WAIT = trace.point("pce_postcopy_preempt_wait_channel")
 
 
 class SourceMemory(Memory):
@@ -72,7 +80,6 @@ class Source:
     def __init__(self, control, bufs: dict, cfg: Config) -> None:
         self.control = control
         self.cfg = cfg
-        self.design = cfg["migration.design"]
         self.clock = Clock(bufs[shm.CLOCK])
         self.board = Board(FIELDS, bufs[shm.SRC_BOARD])
         self.tpp = cfg.target_pages_per_host_page
@@ -104,6 +111,13 @@ class Source:
         self.rates = {"max-bandwidth": cfg["migration.max-bandwidth"],
                       "max-postcopy-bandwidth": cfg["migration.max-postcopy-bandwidth"]}
         self.pacer: tuple[str, Pacer] | None = None  # the rate cap in force, by parameter
+        # the preempt channel connects in the background: postcopy_qemufile_src_sem, posted
+        # once its connection is made or has failed (self.preempt then stays None)
+        self.preempt_done = threading.Event()
+        self.preempt_gen = 0  # the connection attempt that may install its channel
+        self.preempt_error = ""
+        self.address = ""  # where the channels connect (migrate's, or the last resume's)
+        self.connect_delays = {"main": 0.0, "preempt": 0.0}  # fault: delay CHANNEL-connect
 
     # ---- commands ----
 
@@ -111,9 +125,12 @@ class Source:
         """migrate: connect to the destination (through the link) and start streaming."""
         if not self.state.set("none", "setup"):  # migrate_init(): one migration per source
             return
+        self.address = address
         try:
             self._connect(address)
         except (OSError, ChannelError) as err:
+            if TRACE_FD_ERROR.enabled:
+                TRACE_FD_ERROR(error_desc=str(err))
             self.control.fail(f"cannot connect to {address}: {err}")
             self.state.set("setup", "failed")  # migrate_fd_error()
             return
@@ -128,6 +145,7 @@ class Source:
             self.control.emit(Refused("migrate", "Cannot resume if there is no paused "
                                       "migration"))
             return
+        self.address = address
         start_thread("resume", self._resume, address)
 
     def pause(self) -> None:
@@ -167,6 +185,11 @@ class Source:
         if self.pacer and self.pacer[0] in rates:
             self.pacer[1].rate = rates[self.pacer[0]]
 
+    def delay_connect(self, name: str, seconds: float) -> None:
+        """The fault `delay CHANNEL-connect TIME`: that channel's connections (recoveries'
+        too) are set up `seconds` of emulated time late."""
+        self.connect_delays[name] = seconds
+
     def shutdown(self) -> None:
         self.quit.set()
         self.vcpu_stop.set()
@@ -176,22 +199,92 @@ class Source:
     # ---- connections ----
 
     def _connect(self, address: str) -> None:
-        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
-        main = Endpoint(uri.connect(address), window, "main", wakeup=wakeup)
-        main.send([channel.MAIN_HELLO])
-        preempt = None
-        if self.cfg["migration.postcopy-preempt"]:
-            preempt = Endpoint(uri.connect(address), window, "preempt", wakeup=wakeup)
-            preempt.send([channel.PREEMPT_HELLO])
+        """A new main channel (migrate, or a recovery's), and with 7.1 the preempt channel's
+        connection started behind it (migrate_fd_connect() calls postcopy_preempt_setup()):
+        it reaches the destination before main's first frame if main's is late."""
+        main = self._endpoint("main", address)
         with self.lock:
-            self.main, self.preempt = main, preempt
+            old, self.main, self.preempt = self.preempt, main, None
+        if old:
+            old.close()  # a recovery's channel that connected after its recovery failed
+        if self.cfg["migration.postcopy-preempt"] and not versions.preempt_after_main(self.cfg):
+            self._preempt_setup(address)
+        self.rp.preempt = None  # 8.0: the return-path thread owns it once it is up
+        self._hello(main, channel.MAIN_HELLO)
         if self.cfg["migration.multifd"] and self.multifd is None:  # not again on a recovery
             self.multifd = self._connect_multifd(address)
-        self.rp.preempt = preempt  # 8.0: the return-path thread owns it in postcopy
         self.rp.start(main)
-        if preempt:
-            preempt.read_credits_in_background(
-                lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
+
+    def _endpoint(self, name: str, address: str) -> Endpoint:
+        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
+        return Endpoint(uri.connect(address), window, name, wakeup=wakeup)
+
+    def _hello(self, ep: Endpoint, hello: bytes) -> None:
+        """The channel's first frame, late by its `delay CHANNEL-connect` fault."""
+        delay = self.connect_delays[ep.name]
+        if delay:
+            self._sleep(delay)
+        ep.send([hello])
+
+    def _sleep(self, seconds: float) -> None:
+        until = self.clock.now() + seconds
+        while not self.clock.sleep_until(until, 0.01) and not self.quit.is_set():
+            pass
+
+    def _preempt_setup(self, address: str) -> None:
+        """postcopy_preempt_setup(): connect the preempt channel in the background
+        (socket_send_channel_create()); preempt_done is posted either way."""
+        with self.lock:
+            self.preempt_gen += 1
+            gen = self.preempt_gen
+        self.preempt_done.clear()
+        start_thread("preempt-connect", self._preempt_connect, address, gen)
+
+    def _preempt_connect(self, address: str, gen: int) -> None:
+        """postcopy_preempt_send_channel_new(): the channel is ours once connected, unless a
+        newer connection (a recovery) or the end came meanwhile."""
+        try:
+            ep = self._endpoint("preempt", address)
+            self._hello(ep, channel.PREEMPT_HELLO)
+        except (OSError, ChannelError) as err:
+            self.preempt_error = f"preempt channel: {err}"  # migrate_set_error()
+            ep = None
+        if ep is not None:
+            with self.lock:
+                current = gen == self.preempt_gen and not self.quit.is_set()
+                if current:
+                    self.preempt = self.rp.preempt = ep
+            if not current:
+                ep.close()
+                return
+            if TRACE_PREEMPT_NEW_CHANNEL.enabled:
+                TRACE_PREEMPT_NEW_CHANNEL()
+            ep.read_credits_in_background(
+                lambda err: self._channel_failed(f"preempt channel: {err}", ep))
+        self.preempt_done.set()
+
+    def _preempt_wait_channel(self, what: str) -> bool:
+        """postcopy_preempt_wait_channel() (7.1) or postcopy_preempt_establish_channel() (8.0:
+        it starts the connection here, once main is known to be up): wait for the preempt
+        channel. False if it could not connect, or the source quits meanwhile. With the
+        what-if x-preempt-wait-channel=false, no wait: until the channel is up, urgent pages
+        go on main (serve_queued_page() without one), and the EOFs wait for it instead."""
+        if not self.cfg["migration.postcopy-preempt"]:
+            return True
+        if versions.preempt_after_main(self.cfg):
+            self._preempt_setup(self.address)
+        if not self.cfg["migration.x-preempt-wait-channel"]:
+            return True
+        return self._preempt_wait(what)
+
+    def _preempt_wait(self, what: str) -> bool:
+        t0 = self.clock.now()
+        while not self.preempt_done.wait(0.05):
+            if self.quit.is_set():
+                return False
+        if TRACE_PREEMPT_WAIT.enabled:
+            TRACE_PREEMPT_WAIT(what=what, ms=round((self.clock.now() - t0) * 1000, 3))
+        return self.preempt is not None
 
     def _connect_multifd(self, address: str) -> MultiFDSend:
         """multifd_send_setup(): migration.multifd-channels connections, each saying its id
@@ -223,7 +316,7 @@ class Source:
         with self.lock:
             if ep is not None and (ep.closed or ep not in (self.main, self.preempt)):
                 return  # a connection already given up (a recovery may be using new ones)
-            _, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+            old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
             if new == "postcopy-paused":  # postcopy_pause()
                 self.resumed.clear()
                 self.rs.queue.clear()  # lost: the destination asks again after resuming
@@ -234,6 +327,23 @@ class Source:
         for channel_ep in broken:
             if channel_ep:
                 channel_ep.close()
+        if old == "postcopy-device" and new == "failed":
+            self._guest_runs_on()
+
+    def _guest_runs_on(self) -> None:
+        """migration_iteration_finish() after a failure in postcopy-device (QEMU 10.2): the
+        destination never ran the guest, this side holds its latest state, so vm_start()
+        runs it on here (QMP: RESUME, query-status "running"). Unless the destination's PONG
+        said it loaded the device state and runs the guest already, the migration thread not
+        having left postcopy-device yet (it does so between iterations): QEMU then cannot
+        take the drives back (migration_block_activate() fails) and leaves the guest stopped
+        here; the failure, not a pause, leaves the destination's guest without its pages."""
+        if self.rp.package_loaded.is_set():
+            return
+        with self.vcpu_lock:
+            self.switchover.clear()  # cont works again, as after a failed precopy
+            if self.guest_running:
+                self._start_vcpus()
 
     # ---- migration thread ----
 
@@ -249,6 +359,9 @@ class Source:
         t0 = self.clock.now()
         self.main.send([wire.command(wire.MIG_CMD_OPEN_RETURN_PATH)])
         if self.cfg["migration.postcopy-ram"]:
+            # migration_thread(): "a ping that will make stuff easier to debug"; from 8.0 its
+            # PONG tells postcopy_start() that the main channel is up (rp_pong_acks)
+            self.main.send([wire.ping(1)])
             self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_ADVISE)])
         self.rs.migration_bitmap_sync()  # ram_init_bitmaps()
         self.board["setup-time"] = self.clock.now() - t0
@@ -310,10 +423,37 @@ class Source:
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_LISTEN)])
         self.main.send([wire.device_state({"vcpus": [w.pos for w in self.workloads]})])
         self.main.send([wire.ping(3)])
+        device = versions.postcopy_device(self.cfg)
+        if device:  # its PONG says the device state is loaded: the guest starts there
+            self.main.send([wire.ping(wire.QEMU_VM_PING_PACKAGED_LOADED)])
         self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RUN)])
         self.board["downtime"] = self.clock.now() - t_stop
         self.resumed.set()  # before the change: a pause right after it clears it again
-        return self.state.set("device", "postcopy-active")  # postcopy_start()
+        # postcopy_start(): until the destination runs the guest, a failure leaves it here
+        return self.state.set("device", "postcopy-device" if device else "postcopy-active")
+
+    def _postcopy_start_preempt(self) -> bool:
+        """postcopy_start()'s first step: the preempt channel must be up (7.1: it connected
+        behind main; 8.0: connect it now, once main's first PONG came). The guest runs on
+        here meanwhile. If it cannot connect, the migration fails."""
+        if not self.cfg["migration.postcopy-preempt"]:
+            return True
+        if versions.preempt_after_main(self.cfg) and not self._wait_main_channel():
+            return False
+        if self._preempt_wait_channel("postcopy_start"):
+            return True
+        if not self.quit.is_set():
+            self.control.fail(self.preempt_error or "preempt channel: not connected")
+            self.state.set("active", "failed")
+            self._close_channels()
+        return False
+
+    def _wait_main_channel(self) -> bool:
+        """migration_wait_main_channel() (8.0): one PONG received."""
+        while not self.rp.pong_acks.acquire(timeout=0.05):
+            if self.quit.is_set() or self.state.status != "active":
+                return False
+        return True
 
     def _postcopy(self) -> None:
         """Stream until the destination has it all, pausing and resuming across failures."""
@@ -324,8 +464,19 @@ class Source:
                     return
             except ChannelError as err:
                 self._channel_failed(str(err), main)
-            if not self._postcopy_pause():
-                return
+            if self.state.status in FINAL or not self._postcopy_pause():
+                return  # failed in postcopy-device: the guest runs on here
+
+    def _package_loaded(self, complete_ready: bool) -> bool:
+        """migration_iteration_run() in postcopy-device (QEMU 10.2): postcopy-active once
+        the destination said it loaded the device state; with nothing left to send (complete
+        ready) it is waited for. False if the migration left postcopy-device otherwise."""
+        if self.state.status != "postcopy-device":
+            return True
+        if not (complete_ready or self.rp.package_loaded.is_set()):
+            return True
+        return self._wait_for(self.rp.package_loaded) and \
+            self.state.set("postcopy-device", "postcopy-active")
 
     def _postcopy_pause(self) -> bool:
         """postcopy_pause(): wait for a recovery; False if the source quits meanwhile. Parked
@@ -349,11 +500,13 @@ class Source:
         limit is never woken (vanilla keeps the 7.x path in 8.0)."""
         pacer = self.pacer[1]
         urgent = False
-        while not self._phase_over():
+        while not self._phase_over() and self._package_loaded(False):
             if urgent or not pacer.exceeded():
                 if pacer.exceeded():  # woken for a request, but the gate lets nothing through
                     self._spin(pacer)
                 elif not self._ram_save_iterate(pacer, "postcopy-bytes"):
+                    if not self._package_loaded(True):
+                        return False
                     self._send_eofs()
                     return True
             urgent = self._rate_limit(pacer)
@@ -378,7 +531,7 @@ class Source:
         interrupted, then the next dirty page. False if there is nothing to send."""
         rs = self.rs
         postcopy = counter == "postcopy-bytes"
-        preempt = self.preempt if postcopy and self.tpp > 1 and self.design == "7.1" and \
+        preempt = self.preempt if postcopy and self.tpp > 1 and not versions.preempt_full(self.cfg) and \
             self.cfg["migration.x-postcopy-preempt-break-huge"] else None
         # 8.0: preempt requests never reach the queue; what does (the preempt channel not up)
         # goes on main, the return-path thread owning preempt
@@ -430,6 +583,12 @@ class Source:
         return True
 
     def _send_eofs(self) -> None:
+        """EOF on every channel: the destination completes once each has said it, so a
+        preempt channel still connecting (x-preempt-wait-channel=false) is waited for."""
+        waits = self.cfg["migration.postcopy-preempt"] and \
+            not self.cfg["migration.x-preempt-wait-channel"]
+        if waits and not self._preempt_wait("eof"):
+            raise ChannelError(self.preempt_error or "preempt channel: not connected")
         for ep in (self.main, self.preempt):
             if ep:
                 ep.send([wire.eof()])
@@ -493,7 +652,7 @@ class Source:
         status = self.state.status
         if status == "active":
             return self.switchover.is_set()
-        return self.quit.is_set() or status != "postcopy-active"
+        return self.quit.is_set() or status not in ("postcopy-active", "postcopy-device")
 
     def _rate_limit(self, pacer: Pacer) -> bool:
         """migration_rate_limit(): start a new window once 100 ms have passed; over budget,
@@ -545,29 +704,33 @@ class Source:
         not receive becomes dirty again: what was in flight is lost), POSTCOPY_RESUME,
         RESUME_ACK. A failure anywhere goes back to postcopy-paused. A new connection can
         break as soon as it is made (its reader thread then pauses the migration): each step
-        changes the state only from the one before it, so that pause is never overwritten."""
-        if not self.state.set("postcopy-paused", "postcopy-recover-setup"):  # migrate_prepare()
+        changes the state only from the one before it, so that pause is never overwritten.
+        Before 9.1 (versions.recover_setup) it connects in postcopy-paused, and a connection
+        that fails leaves it there without a word."""
+        connecting = "postcopy-recover-setup" if versions.recover_setup(self.cfg) \
+            else "postcopy-paused"
+        if not self.state.set("postcopy-paused", connecting):  # migrate_prepare()
             return
         self.rp.bitmap_received.clear()
         self.rp.resume_ack.clear()
         # QEMU's migration thread runs the handshake once woken in postcopy_pause(); ours
         # runs here, once the migration thread has seen the failure and parked there
-        if not self._wait_for(self.parked):
-            return
+        while not self.parked.wait(0.05):
+            if self.quit.is_set() or self.state.status != connecting:
+                return
         try:
             self._connect(address)
-            # migrate_fd_connect(): a new main QEMUFile, its rate limit max-postcopy-bandwidth
-            # and nothing counted yet (the migration thread is parked: the pacer is ours)
-            if self.pacer:
-                self.pacer[1].used = 0
-            if not self.state.set("postcopy-recover-setup", "postcopy-recover"):
-                return
-            self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
-                                         + wire.BLOCK)])
-            if not self._wait_for(self.rp.bitmap_received):
-                return
-            self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
-            if not self._wait_for(self.rp.resume_ack):
+        except (OSError, ChannelError) as err:
+            self._fd_error(f"recovery: {err}")
+            return
+        # migrate_fd_connect(): a new main QEMUFile, its rate limit max-postcopy-bandwidth
+        # and nothing counted yet (the migration thread is parked: the pacer is ours)
+        if self.pacer:
+            self.pacer[1].used = 0
+        if not self.state.set(connecting, "postcopy-recover"):
+            return
+        try:
+            if not self._resume_handshake():
                 return
         except (OSError, ChannelError) as err:
             self._channel_failed(f"recovery: {err}")
@@ -577,10 +740,45 @@ class Source:
                 self.resumed.set()  # migrate_handle_rp_resume_ack()
 
 
+    def _resume_handshake(self) -> bool:
+        """postcopy_do_resume(): RECV_BITMAP and its answer, the preempt channel (where the
+        design waits for it), POSTCOPY_RESUME and RESUME_ACK. False if it broke meanwhile."""
+        early = not versions.preempt_after_main(self.cfg)
+        if early and not self._recovery_preempt():
+            return False
+        self.main.send([wire.command(wire.MIG_CMD_RECV_BITMAP, bytes([len(wire.BLOCK)])
+                                     + wire.BLOCK)])
+        if not self._wait_for(self.rp.bitmap_received):
+            return False
+        if not early and not self._recovery_preempt():
+            return False
+        self.main.send([wire.command(wire.MIG_CMD_POSTCOPY_RESUME)])
+        return self._wait_for(self.rp.resume_ack)
+
+    def _fd_error(self, reason: str) -> None:
+        """migrate_fd_error(): a recovery could not connect. From postcopy-recover-setup (9.1)
+        back to postcopy-paused; before 9.1 the state stays postcopy-paused and only the
+        trace tells (what 9.1's state is for)."""
+        if TRACE_FD_ERROR.enabled:
+            TRACE_FD_ERROR(error_desc=reason)
+        self._channel_failed(reason)
+
+    def _recovery_preempt(self) -> bool:
+        """The recovery's preempt channel: 7.1 waits for it in postcopy_pause() before the
+        handshake, 8.0 connects it after the bitmaps went both ways (postcopy_do_resume()),
+        main being up for sure then. If it cannot connect, the migration pauses again."""
+        if self._preempt_wait_channel("recovery"):
+            return True
+        if not self.quit.is_set():
+            self._channel_failed(self.preempt_error or "preempt channel: not connected")
+        return False
+
+
 def main(control, bufs: dict, cfg: Config) -> None:
     src = Source(control, bufs, cfg)
     control.serve({"migrate": src.migrate, "migrate-resume": src.resume,
                    "migrate-pause": src.pause, "migrate-start-postcopy": src.start_postcopy,
                    "migrate_cancel": src.cancel, "stop": src.stop_guest, "cont": src.cont_guest,
-                   "migrate-set-parameters": src.set_parameters})
+                   "migrate-set-parameters": src.set_parameters,
+                   "x-delay-connect": src.delay_connect})
     src.shutdown()

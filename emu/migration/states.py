@@ -8,7 +8,8 @@ from collections.abc import Callable
 from emu import trace
 from emu.events import Event, Refused, StateChanged, StateRefused
 
-STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
+STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-device",
+            "postcopy-active",
             "postcopy-paused", "postcopy-recover-setup", "postcopy-recover", "completed",
             "failed", "colo", "pre-switchover", "device", "wait-unplug")
 FINAL = ("completed", "failed", "cancelled")

@@ -120,6 +120,11 @@ def command(cmd: int, data: bytes = b"") -> bytes:
     return _CMD.pack(QEMU_VM_COMMAND, cmd, len(data)) + data
 
 
+# savevm.h (QEMU 10.2): the PING before POSTCOPY_RUN whose PONG says the destination loaded
+# the device state (postcopy-device -> postcopy-active on the source)
+QEMU_VM_PING_PACKAGED_LOADED = 0x42
+
+
 def ping(value: int) -> bytes:
     """MIG_CMD_PING (qemu_savevm_send_ping): the destination answers with a PONG of the same
     32-bit value, so a trace shows how far the other side has read."""

@@ -54,10 +54,10 @@ EMULATED = {"events": None, "postcopy-ram": "migration.postcopy-ram",
 PARAMETERS = ("max-bandwidth", "downtime-limit", "max-postcopy-bandwidth")
 MAX_DOWNTIME_MS = 2000 * 1000  # MAX_MIGRATE_DOWNTIME
 # migration_is_running() and migration_in_postcopy()
-RUNNING = ("setup", "active", "device", "postcopy-active", "postcopy-paused",
+RUNNING = ("setup", "active", "device", "postcopy-device", "postcopy-active", "postcopy-paused",
            "postcopy-recover-setup", "postcopy-recover", "cancelling", "pre-switchover",
            "wait-unplug")
-IN_POSTCOPY = ("postcopy-active", "postcopy-paused", "postcopy-recover-setup",
+IN_POSTCOPY = ("postcopy-device", "postcopy-active", "postcopy-paused", "postcopy-recover-setup",
                "postcopy-recover")
 LISTEN_TIMEOUT = 30.0  # real seconds for a freshly spawned child to listen (it imports numpy)
 
@@ -178,8 +178,11 @@ class Monitor:
                 self._set_runstate("finish-migrate")  # migration_stop_vm()
             elif status == "completed":
                 self._set_runstate("postmigrate")
-            elif status in ("failed", "cancelled") and self.runstate == "finish-migrate":
-                self._set_runstate("running")  # the guest goes on here
+            elif status in ("failed", "cancelled") and self.runstate == "finish-migrate" \
+                    and not self.engine.board.snapshot()["postcopy-package-loaded"]:
+                # the guest goes on here, unless the destination said it runs it (10.2's
+                # postcopy-device: migration_block_activate() fails, vm_start() is skipped)
+                self._set_runstate("running")
         elif self.runstate == "inmigrate" and status in ("postcopy-active", "completed"):
             # POSTCOPY_RUN (or the end of a precopy migration) starts the guest here
             self._set_runstate("running" if self.autostart else "paused")
