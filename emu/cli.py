@@ -14,8 +14,8 @@ from emu import engines, signals, trace
 from emu.config import Config, ConfigError, load_config, scenario_names
 from emu.figures import metrics
 from emu.figures import progress as guest_progress
-from emu.migration import versions
 from emu.figures.report import integrity_text
+from emu.migration import versions
 from emu.units import format_duration, format_rate, format_size
 
 

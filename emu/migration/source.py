@@ -531,8 +531,9 @@ class Source:
         interrupted, then the next dirty page. False if there is nothing to send."""
         rs = self.rs
         postcopy = counter == "postcopy-bytes"
-        preempt = self.preempt if postcopy and self.tpp > 1 and not versions.preempt_full(self.cfg) and \
-            self.cfg["migration.x-postcopy-preempt-break-huge"] else None
+        break_huge = self.tpp > 1 and not versions.preempt_full(self.cfg) and \
+            self.cfg["migration.x-postcopy-preempt-break-huge"]
+        preempt = self.preempt if postcopy and break_huge else None
         # 8.0: preempt requests never reach the queue; what does (the preempt channel not up)
         # goes on main, the return-path thread owning preempt
         urgent = None if rs.rp_sends else self.preempt
