@@ -4,6 +4,8 @@ One row per stop on an urgent page's round trip: its request on the return path,
 in the source's queue (QEMU's src_page_requests), then the page on the main channel (behind
 the background stream, in vanilla postcopy) or on the preempt channel; with the bytes each
 link connection holds queued. Each page shows its age: how long its vCPU has been blocked.
+Under them, what main's backlog costs an urgent page, and what the chosen migration.design does
+with one (gui.designs.urgent_path).
 """
 
 from __future__ import annotations
