@@ -192,3 +192,23 @@ def test_a_tick_reads_every_message_waiting_not_one_a_child():
     session.run = OneAPoll()
     session._pump()
     assert session.run.waiting == 0
+
+
+def test_the_preempt_channels_box_appears_once_the_engine_has_the_key(qtbot, monkeypatch):
+    """x-preempt-channels is another change's key: its place waits for it."""
+    from emu import config
+    from gui._qt.controls import PREEMPT_CHANNELS, QtControls
+
+    if PREEMPT_CHANNELS not in config.KEYS:
+        bare = QtControls()
+        qtbot.addWidget(bare)
+        assert PREEMPT_CHANNELS not in bare._editors
+        monkeypatch.setitem(config.KEYS, PREEMPT_CHANNELS,
+                            config.KEYS["migration.multifd-channels"])
+    controls = QtControls()
+    qtbot.addWidget(controls)
+    controls.show_config(small_config())
+    box = controls._editors[PREEMPT_CHANNELS]
+    assert not box.isEnabled() and "needs postcopy-preempt" in box.toolTip()
+    controls.set_value("migration.postcopy-preempt", True)
+    assert box.isEnabled()
