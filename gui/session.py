@@ -45,6 +45,14 @@ PUMP_POLLS = 500  # Run.poll() calls a tick at most: each reads one message per 
 TRACE_WINDOW_S = 0.1
 
 
+def trace_line(trace: Trace) -> str:
+    """A trace point's line for the narrow event log: as --trace prints it, without what
+    every line would repeat (the one RAM block's name; the byte offset of a page named)."""
+    fields = {k: v for k, v in trace.fields.items()
+              if k != "rbname" and not (k == "offset" and "page" in trace.fields)}
+    return str(Trace(trace.role, trace.name, trace.t, fields))
+
+
 class TraceLimiter:
     """Which trace-point lines the event log shows: the first `lines` of each `window` of
     emulated time; the others are counted by name and told in one line once the window is
@@ -68,7 +76,7 @@ class TraceLimiter:
             self._index, self._shown = max(math.floor(t / self.window), self._next), 0
         if self._shown < self.lines:
             self._shown += 1
-            return out + [(t, str(trace))]
+            return out + [(t, trace_line(trace))]
         self._held[trace.name] += 1
         self._last = t
         return out

@@ -11,7 +11,7 @@ from emu.config import BREAK_HUGE
 from emu.controller import EventLog, Run
 from emu.events import StateChanged, Trace
 from gui.designs import WINDOW_TRACE, multifd_refused, removed, urgent_path
-from gui.session import COMPLETED, RUNNING, TRACE_LINES, Session, TraceLimiter
+from gui.session import COMPLETED, RUNNING, TRACE_LINES, Session, TraceLimiter, trace_line
 from tests.gui.conftest import small_config
 
 WAIT_MS = 30_000  # generous: a loaded 2-core machine; no test asserts on durations
@@ -78,9 +78,17 @@ def test_a_window_shows_a_few_trace_lines_and_counts_the_rest():
     assert "postcopy_preempt_send_host_page ×17" in summary
     # a line that reached the controller late counts in the window open then
     late = limiter.add(0.13, _trace(0.13, 99))
-    assert late == [(0.13, str(_trace(0.13, 99)))]
+    assert late == [(0.13, "source: postcopy_preempt_send_host_page page=99")]
     assert len(limiter.add(0.205, _trace(0.205, 1)) + limiter.add(0.206, _trace(0.206, 2))) == 2
     assert limiter.add(0.207, _trace(0.207, 3)) == []  # 0.2-0.3 s had its three
+
+
+def test_a_trace_line_leaves_out_what_every_line_repeats():
+    queued = Trace("source", "get_queued_page", 0.1,
+                   {"rbname": "pc.ram", "offset": 8192, "page": 2, "channel": "preempt"})
+    assert trace_line(queued) == "source: get_queued_page page=2 channel=preempt"
+    hit = Trace("source", "postcopy_preempt_hit", 0.1, {"rbname": "pc.ram", "offset": 8192})
+    assert trace_line(hit) == "source: postcopy_preempt_hit offset=8192"
 
 
 def test_another_event_tells_the_lines_held_back_first():
@@ -104,7 +112,7 @@ def test_the_session_bounds_the_trace_lines_of_its_event_log():
         shown = [(float(m[1]), m[2]) for m in map(LINE.fullmatch, session._events)]
     finally:
         session.stop()
-    traces = [text for _, text in shown if "postcopy_preempt_send_host_page rbname" in text]
+    traces = [text for _, text in shown if "postcopy_preempt_send_host_page page=" in text]
     assert len(traces) == 2 * TRACE_LINES  # 0.2-0.3 s and 0.3-0.3995 s
     assert sum(text.startswith("… ") for _, text in shown) == 2
     assert shown[-1] == (0.45, "source: completed")
