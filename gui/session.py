@@ -8,16 +8,18 @@ a new one for the next run.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from emu.config import Config
-from emu.controller import Pages, Run
+from emu.controller import EVENT_DELAY_S, Pages, Run
+from emu.events import Trace
 from emu.faults import Fault
 from emu.faults import from_config as scenario_faults
 from emu.figures import metrics, report, timescale
@@ -35,6 +37,73 @@ BUCKETS = 40  # log2 latency buckets kept: 2^40 us is 12 days
 ARRIVED_HOW = {R.PRECOPY: "in the precopy stream", R.BACKGROUND: "in the background stream",
                R.URGENT_MAIN: "on the main channel", R.URGENT_PREEMPT: "on the preempt channel"}
 RECOVER_AFTER = 0.2  # emulated s in postcopy-paused before recovering, as the command line
+# Trace-point lines in the event log: at most TRACE_LINES per TRACE_WINDOW_S of emulated time
+# (one 100 ms rate-limit window), the rest counted in one line, so that a request a
+# millisecond cannot bury the state changes
+TRACE_LINES = 6
+PUMP_POLLS = 500  # Run.poll() calls a tick at most: each reads one message per child
+TRACE_WINDOW_S = 0.1
+
+
+def trace_line(trace: Trace) -> str:
+    """A trace point's line for the narrow event log: as --trace prints it, without what
+    every line would repeat (the one RAM block's name; the byte offset of a page named)."""
+    fields = {k: v for k, v in trace.fields.items()
+              if k != "rbname" and not (k == "offset" and "page" in trace.fields)}
+    return str(Trace(trace.role, trace.name, trace.t, fields))
+
+
+class TraceLimiter:
+    """Which trace-point lines the event log shows: the first `lines` of each `window` of
+    emulated time; the others are counted by name and told in one line once the window is
+    over. Lines come in time order, but for one that reached the controller late (a busy
+    machine): it counts in the window open then, so no window shows more than `lines`."""
+
+    def __init__(self, lines: int = TRACE_LINES, window: float = TRACE_WINDOW_S) -> None:
+        self.lines = lines
+        self.window = window
+        self._index: int | None = None  # the open window's number
+        self._next = -math.inf  # the first number a new window may take
+        self._shown = 0
+        self._held: Counter[str] = Counter()  # the lines held back, by trace point
+        self._last = 0.0  # the time of the last one
+
+    def add(self, t: float, trace: Trace) -> list[tuple[float, str]]:
+        """The lines to show for *trace* at *t*: the last window's summary, if it ended, and
+        the trace's own line unless this window has had its share."""
+        out = self.close(t)
+        if self._index is None:  # a line late for a window already told counts in the next
+            self._index, self._shown = max(math.floor(t / self.window), self._next), 0
+        if self._shown < self.lines:
+            self._shown += 1
+            return out + [(t, trace_line(trace))]
+        self._held[trace.name] += 1
+        self._last = t
+        return out
+
+    def close(self, now: float) -> list[tuple[float, str]]:
+        """The summary of the current window if it has ended by *now* (math.inf: at the end
+        of the run), as [(the last line it held back, text)]: in time order with the rest."""
+        if self._index is None or now < (self._index + 1) * self.window:
+            return []
+        out = self.held()
+        self._index, self._next = None, self._index + 1
+        return out
+
+    def before(self, t: float) -> list[tuple[float, str]]:
+        """The lines to show before another event's line at *t*: what was held back so far
+        (the window stays open, its share spent), so the log stays in time order."""
+        return self.close(t) + self.held()
+
+    def held(self) -> list[tuple[float, str]]:
+        """The lines held back in the open window so far, told in one line, and forgotten."""
+        held, self._held = self._held, Counter()
+        if not held:
+            return []
+        start = self._index * self.window
+        names = ", ".join(f"{name} ×{n}" for name, n in held.most_common())
+        return [(self._last, f"… {held.total()} more trace points in {start:.1f}-"
+                             f"{start + self.window:.1f} s ({names})")]
 
 
 class FaultLog:
@@ -224,6 +293,7 @@ class Session:
         self._worker_error: BaseException | None = None
         self._events: list[str] = []
         self._log_seen = 0  # entries of Run.log already in the event log
+        self._traces = TraceLimiter()
         self._errors_seen = 0
         self._asked: dict[int, float] = {}  # requested page -> emulated time it was asked for
         self._started_real = 0.0
@@ -339,7 +409,7 @@ class Session:
 
     def _poll(self) -> np.ndarray:
         run = self.run
-        run.poll(timeout=0)
+        self._pump()
         self._prev_now, self._now = self._now, run.clock.now()
         self._log_run()
         new, _ = run.faults(self.faults.count)
@@ -354,6 +424,17 @@ class Session:
             self._final_boards = run.boards()
             self._background(self._check)
         return new
+
+    def _pump(self) -> None:
+        """Run.poll() takes one message per child: a run that traces sends one a request or
+        more, so poll again while they come, lest they queue in the pipes (late for the event
+        log) and a child block writing its trace points. At most PUMP_POLLS a tick."""
+        run = self.run
+        for _ in range(PUMP_POLLS):
+            before = len(run.log.entries)
+            run.poll(timeout=0)
+            if len(run.log.entries) == before:
+                break
 
     def _check(self) -> None:
         """The memory check and the report, off the timer: 0.1 s per 256 MiB of guest."""
@@ -444,8 +525,18 @@ class Session:
         """The run's own log: state changes, link events, faults injected, recovery."""
         self._log_errors()  # first, so that a final read shows them too
         new, self._log_seen = self.run.events(self._log_seen, final)
-        for t, text in new:
-            self._show(text, t)
+        for t, what in new:
+            if isinstance(what, Trace):
+                lines = self._traces.add(t, what)
+            else:  # the trace lines held back before it: said first
+                lines = self._traces.before(t) + [(t, what)]
+            for at, text in lines:
+                self._show(text, at)
+        over = final or self.run.finished  # then every event is out: the last window ends
+        # the horizon Run.events() released up to: a window before it is complete
+        horizon = math.inf if over else self._now - EVENT_DELAY_S * self.run.clock.scale
+        for at, text in self._traces.close(horizon):
+            self._show(text, at)
 
     def _log_errors(self) -> None:
         for error in self.run.errors[self._errors_seen:]:

@@ -10,19 +10,32 @@ from __future__ import annotations
 
 from PySide6 import QtCore, QtWidgets
 
-from emu.config import KEYS, Config, Key, scenario_names
+from emu.config import BREAK_HUGE, KEYS, Config, Key, scenario_names
+from gui.designs import multifd_refused, removed
 from gui.labels import SLIDER_END, scale_to_slider, slider_to_scale
 
+DESIGN = "migration.design"
+PREEMPT = "migration.postcopy-preempt"
+MULTIFD, MULTIFD_CHANNELS = "migration.multifd", "migration.multifd-channels"
+# The what-if of several preempt channels (issue 13 item 4) is another change's key: its spin
+# box appears in the migration parameters once emu/config.py has the key.
+PREEMPT_CHANNELS = "migration.x-preempt-channels"
+# A check box and, in its row, the number it switches on (a spin box with this suffix).
+PAIRED = {MULTIFD: (MULTIFD_CHANNELS, " channels")}
+
 # (key, label, suggestions for the editable ones, or for check boxes what they do); bools
-# become check boxes, keys with a fixed choice of values plain combo boxes, and guest.vcpus a
-# spin box.
+# become check boxes, keys with a fixed choice of values plain combo boxes, and integers spin
+# boxes. A key this engine does not have is left out.
 GROUPS = (
     ("Capabilities", (
-        ("migration.postcopy-preempt", "postcopy-preempt", "urgent pages on their own channel"),
-        ("migration.x-postcopy-preempt-break-huge", "break-huge",
-         "pause a huge page for an urgent one"),
+        (DESIGN, "QEMU design", ()),
+        (PREEMPT, "postcopy-preempt", "urgent pages on their own channel"),
+        (BREAK_HUGE, "break-huge", "pause a huge page for an urgent one"),
+        (MULTIFD, "multifd", ()),
     )),
     ("Migration parameters", (
+        # ---- the what-if of several preempt channels: a spin box once the key exists ----
+        (PREEMPT_CHANNELS, "preempt channels", ()),
         ("migration.switchover-after", "switchover after", ("100ms", "200ms", "500ms", "1s")),
         ("migration.max-postcopy-bandwidth", "background cap", ("0", "50MiB/s", "100MiB/s")),
     )),
@@ -67,7 +80,10 @@ class QtControls(QtWidgets.QWidget):
         self.note.setWordWrap(True)
         layout.addWidget(self.note)
         layout.addStretch(1)
-        self._editors["migration.postcopy-preempt"].toggled.connect(self._preempt_toggled)
+        self._postcopy = True  # the scenario's postcopy-ram (not a control): multifd's check
+        for key, changed in ((PREEMPT, "toggled"), (MULTIFD, "toggled"),
+                             (DESIGN, "currentTextChanged")):
+            getattr(self._editors[key], changed).connect(self._allow)
 
     # ---- building ----
 
@@ -77,9 +93,16 @@ class QtControls(QtWidgets.QWidget):
         form.setContentsMargins(6, 4, 6, 4)
         form.setVerticalSpacing(3)
         for key, label, extra in fields:
+            if key not in KEYS:
+                continue
             editor = self._editor(key, extra, label)
             self._editors[key] = editor
-            if isinstance(editor, QtWidgets.QCheckBox):
+            if key in PAIRED:
+                number, suffix = PAIRED[key]
+                self._editors[number] = spin = self._editor(number, (), number)
+                spin.setSuffix(suffix)
+                form.addRow(editor, spin)
+            elif isinstance(editor, QtWidgets.QCheckBox):
                 hint = QtWidgets.QLabel(f"<span style='color:#666'>{extra}</span>")
                 hint.setWordWrap(True)
                 form.addRow(editor, hint)
@@ -94,7 +117,7 @@ class QtControls(QtWidgets.QWidget):
         if spec.kind == "bool":
             editor = QtWidgets.QCheckBox(label)
             editor.toggled.connect(self.settings_changed)
-        elif key == "guest.vcpus":
+        elif spec.kind == "int":
             editor = QtWidgets.QSpinBox()
             editor.setRange(spec.low, spec.high)
             editor.valueChanged.connect(self.settings_changed)
@@ -148,15 +171,19 @@ class QtControls(QtWidgets.QWidget):
             with QtCore.QSignalBlocker(editor):
                 _set_editor(editor, KEYS[key], cfg[key])
             _mark(editor, key, None)
-        self._preempt_toggled(cfg["migration.postcopy-preempt"])
+        self._postcopy = cfg["migration.postcopy-ram"]
+        self._allow()
         with QtCore.QSignalBlocker(self.scale):
             self.scale.setValue(scale_to_slider(cfg["emulator.time-scale"]))
         self._show_scale(cfg["emulator.time-scale"])
         self.settings_changed.emit()
 
     def overrides(self) -> list[str]:
-        """Every setting as section.key=value, for Config.with_overrides."""
-        sets = [f"{key}={_editor_text(editor)}" for key, editor in self._editors.items()]
+        """Every setting as section.key=value, for Config.with_overrides; not a property the
+        chosen design has removed (QEMU 8.0 refuses break-huge)."""
+        design = self._editors[DESIGN].currentText()
+        sets = [f"{key}={_editor_text(editor)}" for key, editor in self._editors.items()
+                if removed(key, design) is None]
         return sets + [f"emulator.time-scale={self.time_scale()}"]
 
     def time_scale(self) -> float:
@@ -185,9 +212,29 @@ class QtControls(QtWidgets.QWidget):
             _mark(self._editors[key], key, str(err))
         self.settings_changed.emit()
 
-    def _preempt_toggled(self, on: bool) -> None:
-        # break-huge only means something with a preempt channel
-        self._editors["migration.x-postcopy-preempt-break-huge"].setEnabled(on)
+    def _allow(self, *_) -> None:
+        """Switch off the controls the chosen combination has no use for or would refuse,
+        saying why in their tooltips."""
+        design = self._editors[DESIGN].currentText()
+        preempt = self._editors[PREEMPT].isChecked()
+        gone = removed(BREAK_HUGE, design)
+        # break-huge only means something with a preempt channel, and only to QEMU 7.1
+        self._offer(BREAK_HUGE, preempt and gone is None, gone)
+        if PREEMPT_CHANNELS in self._editors:
+            self._offer(PREEMPT_CHANNELS, preempt, None if preempt else "needs postcopy-preempt")
+        refused = multifd_refused(design, self._postcopy)
+        multifd = self._editors[MULTIFD]
+        if refused and multifd.isChecked():
+            multifd.setChecked(False)  # the engine would refuse the run: say why instead
+        self._offer(MULTIFD, refused is None, refused)
+        off = refused or (None if multifd.isChecked() else "multifd is off")
+        self._offer(MULTIFD_CHANNELS, off is None, off)
+
+    def _offer(self, key: str, enabled: bool, why: str | None) -> None:
+        """Enable *key*'s editor, or disable it with *why* in its tooltip."""
+        editor = self._editors[key]
+        editor.setEnabled(enabled)
+        editor.setToolTip(f"{key}: {why}" if why and not enabled else f"{key}: {KEYS[key].help}")
 
     def _scale_moved(self, position: int) -> None:
         scale = slider_to_scale(position)

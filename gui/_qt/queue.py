@@ -4,6 +4,8 @@ One row per stop on an urgent page's round trip: its request on the return path,
 in the source's queue (QEMU's src_page_requests), then the page on the main channel (behind
 the background stream, in vanilla postcopy) or on the preempt channel; with the bytes each
 link connection holds queued. Each page shows its age: how long its vCPU has been blocked.
+Under them, what main's backlog costs an urgent page, and what the chosen migration.design does
+with one (gui.designs.urgent_path).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from PySide6 import QtCore, QtWidgets
 
 from emu.config import Config
 from gui._qt import style
+from gui.designs import urgent_path
 from gui.session import Snapshot
 
 SHOWN = 2  # pages listed per row; the rest are counted
@@ -56,9 +59,14 @@ class QtUrgentQueue(QtWidgets.QWidget):
         self._hint.setWordWrap(True)
         style.fix_lines(self._hint, 2)
         grid.addWidget(self._hint, len(rows) + 2, 0, 1, 3)
+        # what the chosen design does with an urgent page: set once a run, so it may grow
+        self._path = QtWidgets.QLabel()
+        self._path.setObjectName("design-path")
+        self._path.setWordWrap(True)
+        grid.addWidget(self._path, len(rows) + 3, 0, 1, 3)
         grid.setColumnStretch(1, 1)  # the pages need the room more than the bars
         grid.setColumnStretch(2, 3)
-        grid.setRowStretch(len(rows) + 3, 1)
+        grid.setRowStretch(len(rows) + 4, 1)
         self._texts: dict[str, str] = {}
         self.reset(None)
 
@@ -86,6 +94,7 @@ class QtUrgentQueue(QtWidgets.QWidget):
             self._set(key, "")
         self._set("return", _grey("page requests travel here"))
         self._set_hint("")
+        self._path.setText(urgent_path(cfg) if cfg else "")
 
     def update_from(self, snap: Snapshot) -> None:
         if self._cfg is None:
@@ -127,8 +136,9 @@ class QtUrgentQueue(QtWidgets.QWidget):
             self._hint.setText(text)
 
     def text(self, key: str) -> str:
-        """The page list shown for queue, main, preempt or return (for tests)."""
-        return self._lists[key].text()
+        """The page list shown for queue, main, preempt or return, or "path": the sentence
+        about the design (for tests)."""
+        return self._path.text() if key == "path" else self._lists[key].text()
 
 
 def _pages(entries: list[tuple], empty: str) -> str:

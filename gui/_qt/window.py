@@ -20,6 +20,7 @@ from gui._qt.counters import QtCounters
 from gui._qt.latency import QtLatencyPlots
 from gui._qt.queue import QtUrgentQueue
 from gui._qt.transport import QtTransport
+from gui.designs import WINDOW_TRACE
 from gui.record import numbered
 from gui.session import COMPLETED, FINAL, IDLE, RUNNING, STARTING, Session
 
@@ -65,7 +66,10 @@ def mode_label(cfg: Config) -> str:
         label = "vanilla postcopy"
     else:
         label = "postcopy-preempt"
-        if cfg.page_size > TARGET_PAGE and not cfg["migration.x-postcopy-preempt-break-huge"]:
+        if cfg["migration.design"] != "7.1":  # the default goes unsaid
+            label += f" ({cfg['migration.design']})"
+        if (cfg.page_size > TARGET_PAGE and cfg["migration.design"] == "7.1"
+                and not cfg["migration.x-postcopy-preempt-break-huge"]):
             label += ", break-huge off"
     if cfg.page_size > TARGET_PAGE:
         label += f", {style.size(cfg.page_size)} pages"
@@ -204,7 +208,8 @@ class QtMainWindow(QtWidgets.QMainWindow):
         if self._record is not None:
             self._recorded += 1
             record = numbered(self._record, self._recorded)
-        self.session = Session(cfg, record=record)
+        # the design's decisions in the event log, a few lines per 100 ms at most
+        self.session = Session(cfg, record=record, trace=WINDOW_TRACE)
         self._reset_views(cfg)
         self.session.start()
         if record is not None:
