@@ -5,6 +5,7 @@ mount unmounted and removed afterwards; the one-line reasons where the machine c
 import os
 import signal
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -147,23 +148,50 @@ def test_a_sigterm_unmounts_the_private_mount(monkeypatch):
     assert not hugepages.is_mounted(mount) and not os.path.exists(mount)
 
 
+def _fake_run_one(ran):
+    def run_one(case, mode, hugetlbfs=None):
+        ran.append((case.name, mode, hugetlbfs))
+        side = dict.fromkeys(qemu_bench.FIELDS, 1)
+        return {"name": case.name, "mode": mode, "qemu": side, "emulator": side}, "7.2.22"
+    return run_one
+
+
 def test_bench_qemu_skips_the_2mib_scenarios_in_one_line_where_it_cannot(monkeypatch, capsys):
     monkeypatch.setattr(qemu_bench, "available", lambda: None)
     ran = []
 
-    def run_one(case, mode, hugetlbfs=None):
-        ran.append((case.name, mode))
-        side = dict.fromkeys(qemu_bench.FIELDS, 1)
-        return {"name": case.name, "mode": mode, "qemu": side, "emulator": side}, "7.2.22"
+    def no_mount(size=hugepages.SIZE):
+        raise hugepages.HugepagesError("no writable hugetlbfs mount of 2 MiB pages, and "
+                                       "mounting one needs root")
 
-    def no_pages(need):
-        raise hugepages.HugepagesError("huge pages need root")
-
-    monkeypatch.setattr(qemu_bench, "run_one", run_one)
-    monkeypatch.setattr(hugepages, "hugetlbfs", no_pages)
+    monkeypatch.setattr(qemu_bench, "run_one", _fake_run_one(ran))
+    monkeypatch.setattr(hugepages, "mounted", no_mount)
     assert qemu_bench.main(quick=True, as_json=False) == 0
     out, err = capsys.readouterr()
-    assert ran and all(" 2M " not in name for name, _ in ran)
-    assert err.splitlines()[-1] == ("2 MiB huge pages: huge pages need root; their scenarios "
+    assert ran and all(" 2M " not in name for name, _, _ in ran)
+    assert err.splitlines()[-1] == ("2 MiB huge pages: no writable hugetlbfs mount of 2 MiB "
+                                    "pages, and mounting one needs root; their scenarios "
                                     "skipped")
     assert out.rstrip().endswith("their scenarios skipped")
+
+
+def test_each_2mib_run_has_its_pages_and_those_done_stay_if_the_pool_runs_out(
+        tmp_path, monkeypatch):
+    pool = FakePool(tmp_path, monkeypatch, nr=0, free=0, resv=0, kernel_can_find=64)
+    ran, case = [], qemu_bench.Case("stride", 64 << 20, 0, page_size=2 << 20)
+
+    @contextmanager
+    def mount(size=hugepages.SIZE):
+        yield "/mnt/huge"
+
+    def run_one(case, mode, hugetlbfs=None):
+        assert hugepages.available() == 64  # two QEMUs' 64 MiB, added for this run
+        pool.kernel_can_find = 0  # and then the machine has no more
+        return _fake_run_one(ran)(case, mode, hugetlbfs)
+
+    monkeypatch.setattr(hugepages, "mounted", mount)
+    monkeypatch.setattr(qemu_bench, "run_one", run_one)
+    scenarios, version, skipped = qemu_bench.run_huge([case])
+    assert [s["mode"] for s in scenarios] == ["vanilla"] and version == "7.2.22"
+    assert ran == [(case.name, "vanilla", "/mnt/huge")] and "it found 0" in skipped
+    assert pool.get("nr") == 0

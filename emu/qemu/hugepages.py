@@ -82,8 +82,8 @@ def reserved(pages: int, size: int = SIZE) -> Iterator[int]:
             added = max(0, min(short, _read(counter) - before))
         if available(size) < pages:
             raise HugepagesError(f"asked the kernel for {short} more {size >> 20} MiB huge "
-                                 f"pages, it found {added}; the run needs {pages} free "
-                                 f"(memory too fragmented or too small)")
+                                 f"pages, it found {added}; the run needs {pages} free (memory "
+                                 "too fragmented or too small, or another process took them)")
         yield added
     finally:
         if added:
