@@ -4,6 +4,8 @@ mount unmounted and removed afterwards; the one-line reasons where the machine c
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -11,7 +13,7 @@ import pytest
 
 from emu import signals
 from emu.figures import qemu_bench
-from emu.qemu import hugepages
+from emu.qemu import available, hugepages
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting hugetlbfs needs root")
 
@@ -195,3 +197,29 @@ def test_each_2mib_run_has_its_pages_and_those_done_stay_if_the_pool_runs_out(
     assert [s["mode"] for s in scenarios] == ["vanilla"] and version == "7.2.22"
     assert ran == [(case.name, "vanilla", "/mnt/huge")] and "it found 0" in skipped
     assert pool.get("nr") == 0
+
+
+def _our_mounts() -> set[str]:
+    with open(hugepages.MOUNTS) as f:
+        return {line.split()[1] for line in f if "pce-hugetlbfs-" in line}
+
+
+@root
+@pytest.mark.skipif(available() is not None, reason=str(available()))
+@pytest.mark.timeout(60)
+def test_sigterm_during_a_2mib_migration_undoes_the_mount_and_the_pool():
+    counter = f"{hugepages.pool()}/nr_hugepages"
+    before, mounts = int(open(counter).read()), _our_mounts()
+    child = subprocess.Popen([sys.executable, "-m", "emu.qemu", "--hugepages", "--ram", "32MiB",
+                              "--bandwidth", "50MB/s", "--mode", "preempt"],
+                             cwd=os.path.dirname(os.path.dirname(__file__)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while _our_mounts() == mounts and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(1.0)  # its pages added and both QEMUs started, in the migration
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert "everything undone" in err
+    assert _our_mounts() == mounts and int(open(counter).read()) == before
