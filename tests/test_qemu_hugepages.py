@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
@@ -129,8 +130,19 @@ def test_an_existing_writable_mount_of_2mib_pages_is_used(tmp_path, monkeypatch)
                       f"hugetlbfs {str(huge).replace(' ', chr(92) + '040')} hugetlbfs "
                       "rw,relatime,pagesize=2M 0 0\n")
     monkeypatch.setattr(hugepages, "MOUNTS", str(mounts))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     assert hugepages.existing_mount() == str(huge)
     assert hugepages.existing_mount(1 << 30) == str(giant)
+
+
+def test_another_program_s_private_mount_is_not_borrowed(tmp_path, monkeypatch):
+    private = tmp_path / "pce-hugetlbfs-x"  # tmp_path is in the temporary directory
+    private.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"none {private} hugetlbfs rw,pagesize=2M 0 0\n")
+    monkeypatch.setattr(hugepages, "MOUNTS", str(mounts))
+    assert hugepages.existing_mount() is None
 
 
 @root

@@ -93,14 +93,21 @@ def reserved(pages: int, size: int = SIZE) -> Iterator[int]:
 
 def existing_mount(size: int = SIZE) -> str | None:
     """A writable hugetlbfs mount point of that page size (its pagesize= option, else the
-    kernel's default huge page size), or None."""
+    kernel's default huge page size), or None. Not one in the temporary directory: that is
+    another program's private mount (another bench's, the emulator's), gone when it ends."""
     with open(MOUNTS) as f:
         for line in f:
             _, where, kind, options = line.split()[:4]
             where = where.replace("\\040", " ")
-            if kind == "hugetlbfs" and _mount_size(options) == size and os.access(where, os.W_OK):
+            if (kind == "hugetlbfs" and _mount_size(options) == size
+                    and not _temporary(where) and os.access(where, os.W_OK)):
                 return where
     return None
+
+
+def _temporary(path: str) -> bool:
+    tmp = os.path.realpath(tempfile.gettempdir())
+    return os.path.commonpath([os.path.realpath(path), tmp]) == tmp
 
 
 def _mount_size(options: str) -> int:
