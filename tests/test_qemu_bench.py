@@ -27,6 +27,29 @@ def test_the_matrix_is_stride_and_ascending_unlimited_and_two_caps():
     assert len(quick) < len(cases) and {c.pattern for c in quick} == {"stride", "ascending"}
 
 
+def test_the_matrix_has_2mib_scenarios_in_three_modes_and_quick_has_one():
+    huge = [c for c in qemu_bench.matrix() if c.huge]
+    assert {c.page_size for c in huge} == {2 << 20} and {c.pattern for c in huge} == {"stride"}
+    [quick] = [c for c in qemu_bench.matrix(quick=True) if c.huge]
+    assert quick.name == "stride 64MiB 2M unlimited"
+    assert quick.modes == ("vanilla", "preempt", "preempt-no-break-huge")
+    assert qemu_bench.Case("stride", 64 << 20, 0).modes == ("vanilla", "preempt")
+
+
+def test_a_2mib_scenario_is_2mib_on_both_sides():
+    case = qemu_bench.Case("stride", 64 << 20, 0, page_size=2 << 20)
+    for mode, break_huge in (("preempt", True), ("preempt-no-break-huge", False)):
+        cfg = load_config(None, qemu_bench.emulator_sets(case, mode))
+        assert cfg["guest.page-size"] == 2 << 20 and cfg["migration.postcopy-preempt"]
+        assert cfg["migration.x-postcopy-preempt-break-huge"] is break_huge
+        qemu = qemu_bench.qemu_scenario(case, mode, hugetlbfs="/mnt/huge")
+        assert qemu.hugetlbfs == "/mnt/huge" and qemu.mode == mode
+    with pytest.raises(ValueError, match="hugetlbfs mount"):
+        qemu_bench.qemu_scenario(case, "preempt")  # a 2 MiB case with no mount
+    assert load_config(None, qemu_bench.emulator_sets(
+        qemu_bench.Case("stride", 64 << 20, 0), "preempt"))["guest.page-size"] == 4096
+
+
 def test_the_emulator_scenario_matches_the_qemu_one():
     case = qemu_bench.Case("ascending", 64 << 20, 50_000_000, precopy=0.5)
     cfg = load_config(None, qemu_bench.emulator_sets(case, "preempt"))

@@ -2,7 +2,7 @@
 
     python -m emu.qemu --pattern stride --mode preempt --postcopy-bandwidth 10MB/s
     python -m emu.qemu --json ...      # the figures and each request's times as JSON
-    python -m emu.qemu --hugepages ... # guest RAM on 2 MiB huge pages (root; undone after)
+    python -m emu.qemu --hugepages ... # guest RAM on 2 MiB huge pages (mount, pool; undone)
     python -m emu.qemu --loopback      # loopback TCP throughput, for the emulator's link
 
 Exit status 0 with one line on stderr when QEMU cannot run here (emu.qemu.available()).
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from contextlib import ExitStack
 
+from emu import signals
 from emu.qemu import available, harness, hugepages, loopback
 from emu.qemu.guest import PATTERNS
 from emu.units import parse_duration, parse_rate, parse_size
@@ -62,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     huge = p.add_mutually_exclusive_group()
     huge.add_argument("--hugetlbfs", help="a hugetlbfs mount point to back guest RAM with")
     huge.add_argument("--hugepages", action="store_true",
-                      help="back guest RAM with huge pages on a private hugetlbfs mount, "
-                           "raising nr_hugepages for the run (root)")
+                      help="back guest RAM with 2 MiB huge pages: an existing hugetlbfs mount "
+                           "or a private one, nr_hugepages raised by what the run lacks "
+                           "(root), both undone afterwards")
     p.add_argument("--accel", default="tcg")
     p.add_argument("--trace-rate-limit", action="store_true",
                    help="trace migration_rate_limit_pre/post too (many lines under a cap)")
@@ -100,4 +103,13 @@ def _print(result: harness.Result) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # SIGTERM and SIGHUP stop it as Ctrl-C does: the QEMUs are killed, and a private
+    # hugetlbfs mount and the pages added to the pool are given back on the way out
+    with signals.stopping():
+        try:
+            sys.exit(main())
+        except KeyboardInterrupt as stop:
+            signum = getattr(stop, "signum", signal.SIGINT)
+            print(f"\npostcopy-emu: stopped on signal {signum}; everything undone",
+                  file=sys.stderr)
+            sys.exit(128 + signum)

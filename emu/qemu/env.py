@@ -11,7 +11,7 @@ import re
 import shutil
 import subprocess
 
-from emu.qemu import guest
+from emu.qemu import guest, hugepages
 
 QEMU = "qemu-system-x86_64"
 INSTALL = "apt-get install qemu-system-x86"
@@ -84,11 +84,12 @@ def memory_shortfall(ram: int, hugetlbfs: str | None = None) -> str | None:
     """Why two QEMUs with `ram` bytes of guest RAM each do not fit now, or None."""
     info = _meminfo()
     if hugetlbfs is not None:
-        size = info.get("Hugepagesize", 2048) * 1024
+        size = os.statvfs(hugetlbfs).f_bsize  # the mount's own page size
         need = 2 * -(-ram // size)
-        free = info.get("HugePages_Free", 0)
+        free = hugepages.available(size)  # free and not promised to a mapping already
         if free < need:
-            return f"{free} free huge pages, two guests of {ram >> 20} MiB need {need}"
+            return (f"{free} free {size >> 20} MiB huge pages, two guests of {ram >> 20} MiB "
+                    f"need {need}")
         return _fits(2 * OVERHEAD, info)
     return _fits(2 * (ram + OVERHEAD), info)
 
