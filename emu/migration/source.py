@@ -405,6 +405,8 @@ class Source:
     def _start_postcopy(self) -> bool:
         """migrate-start-postcopy: stop the guest, discard, device state, run on the other side.
         False if the migration failed or was cancelled meanwhile."""
+        if not self._postcopy_start_preempt():
+            return False
         if not self.state.set("active", "device"):  # migration_switchover_prepare()
             return False
         # ram_save_postcopy_prepare() (10.1), before the VM stops: every page queued on
