@@ -157,7 +157,32 @@ def test_bench_preempt_full_table_json_shape(monkeypatch, capsys):
         assert {"pattern", "mode", "published-us", "emulated-us", "model-us", "samples"} <= set(c)
         assert c["published-us"] == preempttable.PUBLISHED_US[(c["pattern"], c["mode"])]
         assert c["model-us"] > 0 and c["samples"] >= 0
+        assert c["published-samples"] == sum(preempttable.PUBLISHED_DIST[(c["pattern"],
+                                                                          c["mode"])])
+        assert set(c["shares"]) == set(c["published-shares"]) == {"on-its-way", "behind-main"}
     assert set(out["checks"]) == {"random", "sequential"}
+
+
+def test_preempt_full_published_histograms_bracket_their_averages():
+    # the letter's histograms as transcribed: each bucket's edges bound the letter's average
+    from emu.figures import preempttable
+
+    for cell, dist in preempttable.PUBLISHED_DIST.items():
+        n = sum(dist)
+        low = sum(k * (2 ** b if b else 0) for b, k in enumerate(dist)) / n
+        high = sum(k * 2 ** (b + 1) for b, k in enumerate(dist)) / n
+        assert low <= preempttable.PUBLISHED_US[cell] <= high, cell
+    # one writer, blocked one fault at a time: samples x average is how long it was blocked
+    assert preempttable.published("random", "vanilla")["published-blocked-s"] == 31.9
+
+
+def test_preempt_full_shares():
+    from emu.figures import preempttable
+
+    # buckets 0-5 are under 64 us, 12 and up 4096 us and more
+    assert preempttable.shares([1, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 3, 1]) == {
+        "on-its-way": 0.25, "behind-main": 0.5}
+    assert preempttable.shares([]) == {"on-its-way": None, "behind-main": None}
 
 
 @pytest.mark.parametrize("design", ["8.0", "10.1"])
