@@ -1,0 +1,192 @@
+"""emulator.backend=userfaultfd on huge pages (issue 15 item 2): the destination's guest RAM is
+a hugetlb memfd, faults and placements are whole huge pages, zero pages are copies of a zero
+huge page; where the machine has too few huge pages free, one line says how many are needed
+and how to reserve them, exit 2, before anything exists.
+
+The migrations need 2 MiB pages free: the fixture reserves what is missing (as root, if the
+kernel finds them: memory may be too fragmented) and puts nr_hugepages back afterwards."""
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+from emu import cli, engines, shm
+from emu import uffd as U
+from emu.config import ConfigError
+from emu.controller import migrate
+from emu.migration import ram as R
+from emu.migration.uffd_backend import Kernel
+from tests.conftest import PATIENCE, config
+from tests.test_migration import assert_postcopy
+from tests.test_uffd import in_thread, next_fault, no_deadlock, pattern  # noqa: F401
+from tests.test_uffd_backend import (
+    KERNEL,
+    KERNEL_TRACES,
+    assert_through_the_kernel,
+    needs_uffd,
+    traced,
+)
+
+HUGE = 2 << 20
+GUEST = 32 << 20  # 16 huge pages
+HUGE_SETS = {"guest__page_size": "2MiB", "guest__ram": "32MiB"}
+
+
+def _free_pages() -> int:
+    """free_hugepages itself (not less the reserved ones): what is not in any file."""
+    with open(f"{U.HUGEPAGES}/hugepages-{HUGE >> 10}kB/free_hugepages") as f:
+        return int(f.read())
+
+
+@pytest.fixture
+def huge_pages():
+    """GUEST's worth of 2 MiB pages free for the test, reserved if need be and given back."""
+    if HUGE not in U.huge_page_sizes():
+        pytest.skip("no 2 MiB huge pages on this machine")
+    need = GUEST // HUGE
+    if U.huge_pages_free(HUGE) < need and os.geteuid() != 0:
+        pytest.skip(f"{need} free 2 MiB pages needed, and only root may reserve them")
+    if shm.room()[1] < 8 * GUEST:
+        pytest.skip("too little memory available to reserve huge pages")
+    reserve = U.reserved_huge_pages(need, HUGE)
+    try:
+        reserve.__enter__()
+    except U.HugePagesUnavailable as err:  # put back already, by the context manager
+        pytest.skip(str(err))
+    try:
+        yield
+    finally:
+        reserve.__exit__(None, None, None)
+
+
+# ---- the destination's RAM on huge pages (emu/migration/uffd_backend.py) ----
+
+@needs_uffd
+@pytest.mark.usefixtures("huge_pages", "no_deadlock")
+def test_listen_drops_missing_huge_pages_and_places_them_whole():
+    """Four huge pages, 0 received in precopy: the rest are punched out at LISTEN; a load in
+    one faults at the huge page's start, a UFFDIO_COPY of the whole page wakes it, and a zero
+    page is a copy of the zero huge page (hugetlbfs has no UFFDIO_ZEROPAGE)."""
+    with U.Region.hugetlb(4 * HUGE, HUGE) as region:
+        view = memoryview(region.mm)
+        view[:] = b"\1" * len(view)  # every page in the file, as precopy leaves them
+        k = Kernel(view, HUGE)
+        try:
+            k.listen(np.array([R.PRECOPY, R.MISSING, R.DISCARDED, R.MISSING], np.uint8))
+            assert U.read(k.address(0) + HUGE - 1) == 1  # kept: no fault
+            _, out, done = in_thread(U.load, k.address(2) + HUGE - 8, 8)
+            fault = next_fault(k.uffd)
+            assert fault.address == k.address(2) and not done.is_set()
+            data = np.frombuffer(pattern(5, 2 * HUGE), np.uint8)
+            k.place(1, np.array([False, True]), data)  # host page 2 only, whole
+            assert done.wait(PATIENCE) and out["value"] == data[-8:].tobytes()
+            k.place(3, np.array([True]), None)
+            assert bytes(view[3 * HUGE:]) == bytes(HUGE)
+        finally:
+            k.close()
+            view.release()
+
+
+# ---- whole migrations ----
+
+def _run_on_huge_pages(**sets):
+    """A migration on 2 MiB pages through the kernel, and how many huge pages were in guest
+    RAM at its end, before its processes went."""
+    before = _free_pages()
+    used = []
+    result = migrate(config(**{**KERNEL, **HUGE_SETS, **sets}), None, (), 0.05, KERNEL_TRACES,
+                     lambda _run: used.append(before - _free_pages()))
+    assert _free_pages() == before, "huge pages still held after the run"
+    return result, used[0]
+
+
+@needs_uffd
+@pytest.mark.usefixtures("huge_pages")
+@pytest.mark.parametrize("preempt", ["false", "true"])
+def test_vanilla_and_preempt_on_huge_pages(preempt):
+    result, used = _run_on_huge_pages(workload__pattern="random",
+                                      migration__postcopy_preempt=preempt)
+    assert_postcopy(result)
+    assert_through_the_kernel(result)
+    assert used == GUEST // HUGE  # the destination's RAM was the hugetlb file, all placed
+    assert all(e["fields"]["length"] % HUGE == 0
+               for e in traced(result, "postcopy_ram_discard_range"))
+    assert result["integrity"]["ok"] and "content" in result["integrity"]["checked"]
+    on_preempt = result["latency"]["by-channel"]["preempt"]["count"]
+    assert on_preempt > 0 if preempt == "true" else on_preempt == 0
+
+
+@needs_uffd
+@pytest.mark.usefixtures("huge_pages")
+def test_zero_huge_pages_are_copies_of_a_zero_page():
+    """A quarter populated guest: most huge pages are all zeros, placed as copies of the zero
+    huge page, and read back as zeros by the memory check."""
+    result, _ = _run_on_huge_pages(guest__populated="0.25", workload__pattern="random")
+    assert_postcopy(result)
+    assert result["integrity"]["ok"] and "content" in result["integrity"]["checked"]
+
+
+# ---- too few huge pages: one line, before anything exists ----
+
+def _left_behind(before: set[str]) -> list[str]:
+    """/dev/shm segments and files on hugetlbfs mounts that were not there before."""
+    found = set(os.listdir(shm.SHM_DIR))
+    with open("/proc/mounts") as f:
+        for line in f:
+            where, kind = line.split()[1:3]
+            if kind == "hugetlbfs" and os.path.isdir(where):
+                found |= {os.path.join(where, n) for n in os.listdir(where)}
+    return sorted(n for n in found - before if n.startswith(("pce_", "/")))
+
+
+@needs_uffd
+@pytest.mark.parametrize("page, ram, counter", [
+    ("2MiB", "32MiB", "/proc/sys/vm/nr_hugepages"),
+    ("1GiB", "1GiB", "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages")])
+def test_too_few_huge_pages_is_one_line_and_exit_2(monkeypatch, capsys, page, ram, counter):
+    size = {"2MiB": HUGE, "1GiB": 1 << 30}[page]
+    if size not in U.huge_page_sizes():
+        pytest.skip(f"no {page} huge pages on this machine")
+    monkeypatch.setattr(U, "huge_pages_free", lambda page_size: 3 if page == "2MiB" else 0)
+    with open(counter) as f:
+        total = int(f.read())
+    need = (32 if page == "2MiB" else 1024) // {"2MiB": 2, "1GiB": 1024}[page]
+    before = _left_behind(set())
+    code = cli.main(["run", "--json", "--set", "emulator.backend=userfaultfd",
+                     "--set", f"guest.page-size={page}", "--set", f"guest.ram={ram}",
+                     "--set", "emulator.time-scale=0.25"])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    free = 3 if page == "2MiB" else 0
+    assert line.startswith("postcopy-emu: emulator.backend=userfaultfd: guest RAM of "), line
+    assert f"needs {need} free, {free} are" in line, line
+    assert f"`echo {total + need - free} > {counter}`" in line, line
+    assert _left_behind(set(before)) == []
+    assert not multiprocessing.active_children()
+
+
+@needs_uffd
+def test_huge_pages_taken_meanwhile_fail_in_one_line_with_nothing_left(monkeypatch):
+    """The pages counted free are gone when guest RAM is made (another program took them):
+    the mapping's reservation fails, and Shared says so as a setting would, having unlinked
+    the segments it had made."""
+    if HUGE not in U.huge_page_sizes() or U.huge_pages_free(HUGE) > 0 or \
+            open("/proc/sys/vm/nr_overcommit_hugepages").read().strip() != "0":
+        pytest.skip("2 MiB pages free (or overcommitted) here: the reservation would work")
+    monkeypatch.setattr(engines, "check_backend", lambda cfg, roles: None)
+    before = _left_behind(set())
+    cfg = config(emulator__backend="userfaultfd", **HUGE_SETS)
+    with pytest.raises(ConfigError) as err:
+        engines.Shared(cfg, engines.ROLES)
+    assert str(err.value).startswith("emulator.backend=userfaultfd: guest RAM of 32 MiB")
+    assert "\n" not in str(err.value)
+    assert _left_behind(set(before)) == []
+
+
+def test_huge_pages_are_a_setting_userfaultfd_takes():
+    """Only the machine can refuse them (when a run starts); the configuration does not."""
+    cfg = config(emulator__backend="userfaultfd", **HUGE_SETS)
+    assert engines.huge_page(cfg) == HUGE
+    assert engines.huge_page(config(**HUGE_SETS)) == 0  # emulated: RAM in /dev/shm
