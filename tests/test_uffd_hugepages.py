@@ -20,6 +20,7 @@ from emu.migration import ram as R
 from emu.migration.uffd_backend import Kernel
 from tests.conftest import PATIENCE, config
 from tests.test_migration import assert_postcopy
+from tests.test_qmp_migration import where  # noqa: F401
 from tests.test_uffd import in_thread, next_fault, no_deadlock, pattern  # noqa: F401
 from tests.test_uffd_backend import (
     KERNEL,
@@ -65,16 +66,21 @@ def huge_pages():
 
 @needs_uffd
 @pytest.mark.usefixtures("huge_pages", "no_deadlock")
-def test_listen_drops_missing_huge_pages_and_places_them_whole():
-    """Four huge pages, 0 received in precopy: the rest are punched out at LISTEN; a load in
-    one faults at the huge page's start, a UFFDIO_COPY of the whole page wakes it, and a zero
-    page is a copy of the zero huge page (hugetlbfs has no UFFDIO_ZEROPAGE)."""
+def test_listen_drops_discarded_huge_pages_and_places_them_whole():
+    """Four huge pages, 0 received in precopy, 2 received and discarded, 1 and 3 never
+    received (holes in the file, as the memfd starts): at LISTEN page 2 is punched out and
+    1 and 3 keep the reservations their mapping holds; a load in page 2 faults at the huge
+    page's start, a UFFDIO_COPY of the whole page wakes it, and a zero page is a copy of the
+    zero huge page (hugetlbfs has no UFFDIO_ZEROPAGE)."""
     with U.Region.hugetlb(4 * HUGE, HUGE) as region:
         view = memoryview(region.mm)
-        view[:] = b"\1" * len(view)  # every page in the file, as precopy leaves them
+        for page in (0, 2):  # received in precopy
+            view[page * HUGE:(page + 1) * HUGE] = b"\1" * HUGE
         k = Kernel(view, HUGE)
         try:
+            available = U.huge_pages_free(HUGE)
             k.listen(np.array([R.PRECOPY, R.MISSING, R.DISCARDED, R.MISSING], np.uint8))
+            assert U.huge_pages_free(HUGE) == available + 1  # page 2's, and only it
             assert U.read(k.address(0) + HUGE - 1) == 1  # kept: no fault
             _, out, done = in_thread(U.load, k.address(2) + HUGE - 8, 8)
             fault = next_fault(k.uffd)
@@ -84,6 +90,10 @@ def test_listen_drops_missing_huge_pages_and_places_them_whole():
             assert done.wait(PATIENCE) and out["value"] == data[-8:].tobytes()
             k.place(3, np.array([True]), None)
             assert bytes(view[3 * HUGE:]) == bytes(HUGE)
+            _, out, done = in_thread(U.load, k.address(1), 8)  # a hole faults as well
+            assert next_fault(k.uffd).address == k.address(1)
+            k.place(1, np.array([True]), data[:HUGE])
+            assert done.wait(PATIENCE) and out["value"] == data[:8].tobytes()
         finally:
             k.close()
             view.release()
@@ -190,3 +200,26 @@ def test_huge_pages_are_a_setting_userfaultfd_takes():
     cfg = config(emulator__backend="userfaultfd", **HUGE_SETS)
     assert engines.huge_page(cfg) == HUGE
     assert engines.huge_page(config(**HUGE_SETS)) == 0  # emulated: RAM in /dev/shm
+
+
+@needs_uffd
+@pytest.mark.usefixtures("huge_pages")
+def test_qmp_driven_preempt_on_huge_pages(where, monkeypatch):  # noqa: F811
+    """The standalone programs over QMP, the destination program's RAM a hugetlb memfd its
+    child opens by the program's /proc path: the same commands, x-query-integrity."""
+    from tests import test_qmp_migration as Q
+
+    monkeypatch.setattr(Q, "SETS", [*Q.SETS, "emulator.backend=userfaultfd",
+                                     "guest.page-size=2MiB"])
+    incoming = f"unix:{where[0]}/mig.sock"
+    src, dst, _ = Q.pair(where, incoming, via_link=False)
+    s, d = src.client, dst.client
+    d.cmd("migrate-incoming", uri=incoming)
+    s.cmd("migrate", uri=incoming)
+    assert Q.statuses(s, "active") == ["setup", "active"]
+    s.cmd("migrate-start-postcopy")
+    assert Q.statuses(s, "completed") == ["device", "postcopy-active", "completed"]
+    assert Q.statuses(d, "completed")[-2:] == ["postcopy-active", "completed"]
+    assert d.cmd("x-query-integrity")["ok"], d.cmd("x-query-integrity")
+    assert s.cmd("query-migrate")["ram"]["postcopy-requests"] > 0
+    Q.finish(where, where[1])

@@ -80,8 +80,12 @@ class Kernel:
         return (address - self.base) // self.page_size
 
     def listen(self, states: np.ndarray) -> None:
-        """POSTCOPY_LISTEN: drop what the destination does not hold, then register."""
-        self.discard(0, states < R.PRESENT)
+        """POSTCOPY_LISTEN: drop what the destination does not hold, then register. A hugetlb
+        memfd starts empty and only received pages were written in it: of those missing, only
+        the discarded ones are in the file, and punching the others would only hand back the
+        reservations their mapping holds, for another program to take before they are placed
+        (the /dev/shm segment is allocated whole, every missing page is in it)."""
+        self.discard(0, states == R.DISCARDED if self.zero is not None else states < R.PRESENT)
         self.uffd.register(self.base, self.size)
         self.registered = True
         if TRACE_ENABLE.enabled:
