@@ -684,6 +684,10 @@ def _try_area(uffd: Userfaultfd, region: Region) -> None:
         raise Refused(f"Missing userfault map features: {~ioctls & wanted:#x}")
     page = mmap.mmap(-1, region.page_size)
     try:
+        # every byte written, so that the source is in memory: UFFDIO_COPY reads it with page
+        # faults off, and copies a source not yet there through a second huge page from the
+        # pool, which the probe must not need (one free 1 GiB page is enough for a guest)
+        ctypes.memset(address(page), 0, region.page_size)
         page[:8] = b"pce-ufd!"
         if uffd.copy(region.addr, address(page), region.page_size) != region.page_size:
             raise Refused("UFFDIO_COPY placed nothing on an empty page")

@@ -99,6 +99,46 @@ def test_listen_drops_discarded_huge_pages_and_places_them_whole():
             view.release()
 
 
+@needs_uffd
+@pytest.mark.usefixtures("huge_pages")
+def test_zero_huge_pages_need_no_spare_page_from_the_pool():
+    """Guest RAM holding every free huge page, page 0 received then discarded (punched out at
+    LISTEN, its reservation gone with it), each placed as a zero page: the zero page is in
+    memory (written), so UFFDIO_COPY needs no temporary huge page from the pool (ENOMEM when
+    guest RAM holds every free one)."""
+    count = U.huge_pages_free(HUGE)
+    with U.Region.hugetlb(count * HUGE, HUGE) as region:
+        view = memoryview(region.mm)
+        view[:HUGE] = b"\1" * HUGE
+        k = Kernel(view, HUGE)
+        try:
+            states = np.full(count, R.MISSING, np.uint8)
+            states[0] = R.DISCARDED
+            k.listen(states)
+            assert U.huge_pages_free(HUGE) == 1  # page 0's, free and no longer reserved
+            k.place(0, np.ones(count, bool), None)
+            assert not np.frombuffer(view, np.uint8).any()
+        finally:
+            k.close()
+            view.release()
+
+
+@needs_uffd
+def test_the_probe_needs_one_free_gigantic_page_only():
+    """A 1 GiB guest on one free 1 GiB page: the probe's UFFDIO_COPY source is written whole,
+    so the kernel needs no second page to copy through (it would here: ENOMEM)."""
+    giant = 1 << 30
+    if giant not in U.huge_page_sizes() or os.geteuid() != 0 or shm.room()[1] < 4 * giant:
+        pytest.skip("no 1 GiB pages here, or not root, or too little memory to reserve one")
+    if U.huge_pages_free(giant) > 1:
+        pytest.skip("more than one 1 GiB page free: the probe would find a second")
+    try:
+        with U.reserved_huge_pages(1, giant):
+            assert U.probe(giant) is None
+    except U.HugePagesUnavailable as err:
+        pytest.skip(str(err))
+
+
 # ---- whole migrations ----
 
 def _run_on_huge_pages(**sets):

@@ -71,7 +71,8 @@ class Kernel:
         self.uffd = U.Userfaultfd(U.UFFD_FEATURE_MISSING_HUGETLBFS if huge
                                   else U.UFFD_FEATURE_MISSING_SHMEM)
         self.registered = False
-        self.zero = _zero_page(page_size) if huge else None
+        self.huge = huge
+        self._zero: np.ndarray | None = None  # the zero huge page, made when first placed
 
     def address(self, page: int) -> int:
         return self.base + page * self.page_size
@@ -85,7 +86,7 @@ class Kernel:
         the discarded ones are in the file, and punching the others would only hand back the
         reservations their mapping holds, for another program to take before they are placed
         (the /dev/shm segment is allocated whole, every missing page is in it)."""
-        self.discard(0, states == R.DISCARDED if self.zero is not None else states < R.PRESENT)
+        self.discard(0, states == R.DISCARDED if self.huge else states < R.PRESENT)
         self.uffd.register(self.base, self.size)
         self.registered = True
         if TRACE_ENABLE.enabled:
@@ -111,11 +112,17 @@ class Kernel:
             dst = self.address(first + i)
             if data is not None:
                 self.uffd.copy(dst, src + i * size, count * size, size)
-            elif self.zero is None:
+            elif not self.huge:
                 self.uffd.zeropage(dst, count * size, size)
             else:  # hugetlbfs: a copy of the zero huge page, one page at a time
                 for k in range(count):
-                    self.uffd.copy(dst + k * size, U.address(self.zero), size, size)
+                    self.uffd.copy(dst + k * size, U.address(self.zero_page()), size, size)
+
+    def zero_page(self) -> np.ndarray:
+        """QEMU's postcopy_tmp_zero_page, made on first use (a 1 GiB page is 1 GiB of RAM)."""
+        if self._zero is None:
+            self._zero = _zero_page(self.page_size)
+        return self._zero
 
     def release(self) -> None:
         """UFFDIO_UNREGISTER the whole RAM: vCPUs asleep on pages that will never come wake
