@@ -19,6 +19,7 @@ from emu.controller import migrate
 from emu.migration import ram as R
 from emu.migration.uffd_backend import Kernel
 from tests.conftest import PATIENCE, config
+from tests.test_cleanup import SLOW, alive, own_tmpdir, segments, start_cli, wait_for  # noqa: F401
 from tests.test_migration import assert_postcopy
 from tests.test_qmp_migration import where  # noqa: F401
 from tests.test_uffd import in_thread, next_fault, no_deadlock, pattern  # noqa: F401
@@ -176,6 +177,24 @@ def test_zero_huge_pages_are_copies_of_a_zero_page():
     result, _ = _run_on_huge_pages(guest__populated="0.25", workload__pattern="random")
     assert_postcopy(result)
     assert result["integrity"]["ok"] and "content" in result["integrity"]["checked"]
+
+
+@needs_uffd
+@pytest.mark.usefixtures("huge_pages")
+def test_a_killed_controller_leaves_no_huge_pages_held(own_tmpdir):  # noqa: F811
+    """kill -9 of `postcopy-emu run` on huge pages: its children go (the janitor unlinks the
+    /dev/shm segments; the memfd has no name to unlink), and with the last of them every huge
+    page of guest RAM, reserved or placed, is back in the pool."""
+    available = U.huge_pages_free(HUGE)
+    proc, kids = start_cli(*SLOW, "--set", "emulator.backend=userfaultfd",
+                           "--set", "guest.page-size=2MiB", "--set", "guest.ram=32MiB",
+                           env={**os.environ, "TMPDIR": own_tmpdir})
+    assert U.huge_pages_free(HUGE) == available - GUEST // HUGE  # reserved by the mapping
+    proc.kill()
+    proc.communicate(timeout=PATIENCE)
+    assert wait_for(lambda: not any(alive(k) for k in kids)), "orphaned emulator processes"
+    assert wait_for(lambda: not segments(proc.pid)), "segments left in /dev/shm"
+    assert wait_for(lambda: U.huge_pages_free(HUGE) == available), "huge pages still held"
 
 
 # ---- too few huge pages: one line, before anything exists ----
