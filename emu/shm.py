@@ -178,8 +178,7 @@ class HugeSegment:
 
     @classmethod
     def create(cls, size: int, page_size: int) -> HugeSegment:
-        """Raises uffd.HugePagesUnavailable (a ConfigError's one line) if the kernel cannot
-        reserve the pages."""
+        """NoRoom (a ConfigError: one line) if the kernel cannot reserve the pages."""
         from emu import uffd
 
         try:

@@ -6,6 +6,7 @@ and how to reserve them, exit 2, before anything exists.
 The migrations need 2 MiB pages free: the fixture reserves what is missing (as root, if the
 kernel finds them: memory may be too fragmented) and puts nr_hugepages back afterwards."""
 
+import errno
 import multiprocessing
 import os
 
@@ -252,6 +253,23 @@ def test_huge_pages_taken_meanwhile_fail_in_one_line_with_nothing_left(monkeypat
     assert str(err.value).startswith("emulator.backend=userfaultfd: guest RAM of 32 MiB")
     assert "\n" not in str(err.value)
     assert _left_behind(set(before)) == []
+
+
+def test_no_hugetlb_memfd_and_no_mount_says_how_to_mount_one(monkeypatch):
+    """A kernel before 4.14 (memfd_create refuses MFD_HUGETLB with EINVAL) and no hugetlbfs
+    mounted: one line with the mount command."""
+    if HUGE not in U.huge_page_sizes():
+        pytest.skip("no 2 MiB huge pages on this machine")
+
+    def refused(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    monkeypatch.setattr(U, "hugetlbfs_mount", lambda page_size: None)
+    with pytest.raises(U.HugePagesUnavailable) as err:
+        U.Region.hugetlb(HUGE, HUGE)
+    assert "mount -t hugetlbfs -o pagesize=2048K none /dev/hugepages" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_huge_pages_are_a_setting_userfaultfd_takes():
