@@ -165,8 +165,8 @@ def child_main(role: str, body: Callable, conn, names: dict[str, str], *args,
     control = Control(conn, role, names if janitor else {})
     try:
         segments = shm.attach_all(names)
-    except FileNotFoundError:  # the controller was killed, and the janitor has been
-        os._exit(1)
+    except FileNotFoundError:  # the controller was killed: the janitor unlinks what is left
+        control.orphaned()  # (a HugeSegment's /proc path goes with it, its /dev/shm ones stay)
     bufs = {k: s.buf for k, s in segments.items()}
     control.trace_to_controller(Clock(bufs[shm.CLOCK]), trace_patterns)
     try:

@@ -34,6 +34,7 @@ from emu.config import Config, ConfigError
 from emu.events import Event
 from emu.figures.metrics import FaultRing
 from emu.migration import destination, source
+from emu.migration import ram as R
 from emu.migration.page_requests import PageRequestQueue, read_published
 from emu.net import link
 from emu.shm import Segments
@@ -75,25 +76,45 @@ def plan(cfg: Config, roles: tuple[str, ...]) -> dict[str, tuple[int, bool]]:
     return segments
 
 
+def huge_page(cfg: Config) -> int:
+    """The huge page size the destination's guest RAM is made of, 0 for a /dev/shm segment:
+    under emulator.backend=userfaultfd with guest.page-size 2MiB or 1GiB it is a hugetlb memfd
+    (shm.HugeSegment), as QEMU's -object memory-backend-memfd,hugetlb=on, because a huge page
+    can fault and be placed whole only on hugetlbfs."""
+    if cfg["emulator.backend"] == "userfaultfd" and cfg.page_size > R.TARGET_PAGE:
+        return cfg.page_size
+    return 0
+
+
 def check_room(cfg: Config, roles: tuple[str, ...]) -> None:
     """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit."""
     ram = format_size(cfg["guest.ram"])
     rams = sum(role != "network" for role in roles) if cfg["emulator.payload"] else 0
     what = {0: f"the page arrays of a {ram} guest", 1: f"a guest RAM of {ram} and its page arrays",
             2: f"two guest RAMs of {ram} and their page arrays"}[rams]
-    shm.check_room((size for size, allocated in plan(cfg, roles).values() if allocated), what)
+    on_huge = {shm.DST_RAM} if huge_page(cfg) else set()  # counted in huge pages instead
+    shm.check_room((size for name, (size, allocated) in plan(cfg, roles).items()
+                    if allocated and name not in on_huge), what)
     check_backend(cfg, roles)
 
 
 def check_backend(cfg: Config, roles: tuple[str, ...]) -> None:
     """A ConfigError, one line saying why and what to change, if the destination's
     emulator.backend cannot work on this machine (emu/uffd.py's probe, as QEMU's
-    postcopy_ram_supported_by_host() at migrate-incoming)."""
+    postcopy_ram_supported_by_host() at migrate-incoming); with huge pages, also if the
+    machine has fewer free than guest RAM needs (the pool is the machine owner's to set)."""
     if "destination" not in roles or cfg["emulator.backend"] != "userfaultfd":
         return
     from emu import uffd
 
     why = uffd.probe()
+    if why is None and (size := huge_page(cfg)):
+        try:
+            uffd.check_huge_pages(cfg["guest.ram"], size)
+        except uffd.HugePagesUnavailable as err:
+            why = str(err)
+        else:
+            why = uffd.probe(size)
     if why is not None:
         raise ConfigError(f"emulator.backend=userfaultfd: {why}")
 
@@ -107,7 +128,8 @@ class Shared:
         self.segments = Segments()
         try:
             for name, (size, allocated) in plan(cfg, roles).items():
-                self.segments.create(name, size, allocated)
+                self.segments.create(name, size, allocated,
+                                     huge_page(cfg) if name == shm.DST_RAM else 0)
         except BaseException:
             self.segments.close()
             raise

@@ -10,11 +10,19 @@ and nothing to warn about after the prompt.
 
 Every page a run writes is allocated when its segment is made (posix_fallocate): a /dev/shm
 too small for the run fails there with a message, never later with SIGBUS on the first write.
+
+A destination's guest RAM on huge pages (emulator.backend=userfaultfd with guest.page-size
+2MiB or 1GiB) is no /dev/shm segment but a hugetlb memfd (HugeSegment): it is in no file
+system, so there is nothing to unlink, and it goes when the last descriptor and mapping of
+it do; children open it by its name, /proc/PID/fd/N of the program that made it (which must
+be alive then, as a /dev/shm segment must be there). Its pages are reserved when it is
+mapped, so no write finds the pool empty.
 """
 
 from __future__ import annotations
 
 import _posixshmem
+import contextlib
 import ctypes
 import os
 import secrets
@@ -62,7 +70,14 @@ def _start_tracker() -> None:
 
 
 def unlink(name: str) -> None:
-    """Remove a segment by its exact name (without a word to the resource tracker)."""
+    """Remove a segment by its exact name (without a word to the resource tracker); a
+    HugeSegment's memfd is in no file system (its /proc path goes with its maker), the
+    file it has on a hugetlbfs mount where the kernel has no hugetlb memfd is removed."""
+    if HugeSegment.named(name):
+        if not name.startswith("/proc/"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+        return
     try:
         _posixshmem.shm_unlink("/" + name)
     except FileNotFoundError:
@@ -132,7 +147,9 @@ def map_in(buf: memoryview) -> None:
                               MADV_POPULATE_WRITE)
 
 
-def attach(name: str) -> SharedMemory:
+def attach(name: str) -> SharedMemory | HugeSegment:
+    if HugeSegment.named(name):
+        return HugeSegment.attach(name)
     if sys.version_info >= (3, 13):
         return SharedMemory(name, track=False)
     register = resource_tracker.register
@@ -143,17 +160,75 @@ def attach(name: str) -> SharedMemory:
         resource_tracker.register = register
 
 
+class HugeSegment:
+    """Guest RAM on huge pages: a hugetlb memfd, mapped shared (what SharedMemory offers the
+    engines: name, size, buf, close)."""
+
+    def __init__(self, region, name: str = "") -> None:
+        self._region = region  # emu.uffd.Region: the descriptor and the mapping
+        # the path others open it by: a memfd's in /proc, or its file on a hugetlbfs mount
+        self.name = name or region.path or f"/proc/{os.getpid()}/fd/{region.fd}"
+        self.size = region.size
+        self.buf = memoryview(region.mm)
+
+    @staticmethod
+    def named(name: str) -> bool:
+        """Whether a segment's name is a HugeSegment's (a path; shm_open names have none)."""
+        return name.startswith("/")
+
+    @classmethod
+    def create(cls, size: int, page_size: int) -> HugeSegment:
+        """NoRoom (a ConfigError: one line) if the kernel cannot reserve the pages."""
+        from emu import uffd
+
+        try:
+            return cls(uffd.Region.hugetlb(size, page_size))
+        except uffd.HugePagesUnavailable as err:  # taken since engines.check_backend counted
+            raise NoRoom(f"emulator.backend=userfaultfd: {err}") from None
+
+    @classmethod
+    def attach(cls, name: str) -> HugeSegment:
+        """Open another process's by its /proc path: a new descriptor of the same file."""
+        from emu import uffd
+
+        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)  # FileNotFoundError: its maker is gone
+        return cls(uffd.Region(fd, os.fstat(fd).st_size, page_size=_huge_page_of(fd)), name)
+
+    def close(self) -> None:
+        """Close the descriptor now, and the mapping once no view points into it any more
+        (the huge pages go back to the pool with the last mapping)."""
+        region = self._region
+        if region.fd < 0:
+            return
+        os.close(region.fd)
+        region.fd = -1
+        try:
+            self.buf.release()
+            region.mm.close()
+        except BufferError:  # a numpy view still points into it: unmapped when it goes
+            pass
+
+
+def _huge_page_of(fd: int) -> int:
+    return os.fstatvfs(fd).f_bsize  # hugetlbfs reports its page size as the block size
+
+
 class Segments:
     """The controller's segments by role; names go to the children, who attach()."""
 
     def __init__(self) -> None:
-        self._shm: dict[str, SharedMemory] = {}
+        self._shm: dict[str, SharedMemory | HugeSegment] = {}
         self._tracked: set[str] = set()  # the roles the resource tracker would unlink
 
-    def create(self, role: str, size: int, allocate_now: bool = True) -> memoryview:
+    def create(self, role: str, size: int, allocate_now: bool = True,
+               huge_page: int = 0) -> memoryview:
         """A new segment, its pages allocated now unless allocate_now=False (a guest RAM
         that is never written: emulator.payload=false), so that the first write to each
-        page neither pays for it during the migration nor finds /dev/shm full."""
+        page neither pays for it during the migration nor finds /dev/shm full. huge_page:
+        a HugeSegment of pages of that size instead (reserved, not allocated)."""
+        if huge_page:
+            self._shm[role] = HugeSegment.create(size, huge_page)
+            return self._shm[role].buf
         with signals.held():  # between shm_open and here, nobody would unlink it
             shm = self._shm[role] = create(size)
             self._tracked.add(role)
@@ -179,8 +254,9 @@ class Segments:
         """No child holds the names any more: the tracker is the one left to unlink them if
         we are killed."""
         for role in self._shm.keys() - self._tracked:
-            resource_tracker.register(self._shm[role]._name, "shared_memory")
-        self._tracked = set(self._shm)
+            if isinstance(self._shm[role], SharedMemory):  # a HugeSegment is not its business
+                resource_tracker.register(self._shm[role]._name, "shared_memory")
+                self._tracked.add(role)
 
     def close(self) -> None:
         """Unlink everything; safe to call twice and with views still alive elsewhere."""
@@ -197,5 +273,5 @@ class Segments:
             self._shm.clear()
 
 
-def attach_all(names: dict[str, str]) -> dict[str, SharedMemory]:
+def attach_all(names: dict[str, str]) -> dict[str, SharedMemory | HugeSegment]:
     return {role: attach(name) for role, name in names.items()}

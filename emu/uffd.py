@@ -456,23 +456,17 @@ class Region:
 
     @classmethod
     def hugetlb(cls, size: int, page_size: int = 2 << 20) -> Region:
-        """Guest RAM on huge pages: a file on a hugetlbfs mount of that page size if there is
-        one (attachable by its path), else a hugetlb memfd. Raises HugePagesUnavailable when
-        the kernel cannot reserve them."""
+        """Guest RAM on huge pages: a hugetlb memfd (memfd_create(MFD_HUGETLB), Linux 4.14:
+        no mount, nothing to unlink, shared by its descriptor or its /proc/PID/fd path), or
+        where the kernel has no hugetlb memfd, a file on a hugetlbfs mount of that page size
+        (attachable by its path, unlinked on close). Raises HugePagesUnavailable when the
+        kernel cannot reserve them, or has neither."""
         if size % page_size:
             raise ValueError(f"{size} bytes is not a whole number of {page_size}-byte pages")
         if page_size not in huge_page_sizes():
             raise HugePagesUnavailable(f"no {page_size >> 10} KiB huge pages on this machine "
                                        f"(it has: {huge_page_sizes() or 'none'})")
-        mount = hugetlbfs_mount(page_size)
-        if mount:
-            path = os.path.join(mount, f"pce_{os.getpid()}_{secrets.token_hex(4)}")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        else:
-            path = None
-            shift = page_size.bit_length() - 1
-            fd = os.memfd_create("pce-guest-ram", os.MFD_CLOEXEC | os.MFD_HUGETLB
-                                 | shift << os.MFD_HUGE_SHIFT)
+        fd, path = _hugetlb_file(page_size)
         try:
             os.ftruncate(fd, size)
         except OSError:
@@ -551,6 +545,26 @@ def hugetlbfs_mount(page_size: int) -> str | None:
     return None
 
 
+def _hugetlb_file(page_size: int) -> tuple[int, str | None]:
+    """(descriptor, path or None) of a new, empty file on huge pages of that size."""
+    shift = page_size.bit_length() - 1
+    try:
+        return os.memfd_create("pce-guest-ram", os.MFD_CLOEXEC | os.MFD_HUGETLB
+                               | shift << os.MFD_HUGE_SHIFT), None
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # EINVAL: a kernel before 4.14, no hugetlb memfd
+            raise
+    mount = hugetlbfs_mount(page_size)
+    if mount is None:
+        raise HugePagesUnavailable(
+            f"this kernel has no hugetlb memfd (MFD_HUGETLB, Linux 4.14) and no writable "
+            f"hugetlbfs is mounted for {page_size >> 10} KiB pages: as root, `mkdir -p "
+            f"/dev/hugepages && mount -t hugetlbfs -o pagesize={page_size >> 10}K none "
+            f"/dev/hugepages`")
+    path = os.path.join(mount, f"pce_{os.getpid()}_{secrets.token_hex(4)}")
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+
+
 def _parse_size(text: str) -> int:
     units = {"K": 10, "M": 20, "G": 30}
     return int(text[:-1]) << units[text[-1].upper()] if text[-1].upper() in units else int(text)
@@ -561,49 +575,80 @@ def _huge_counter(page_size: int, name: str) -> str:
 
 
 def huge_pages_free(page_size: int) -> int:
-    """Huge pages of that size free and not reserved for a mapping already."""
+    """Huge pages of that size free and not reserved for a mapping already (free_hugepages
+    less resv_hugepages: HugePages_Free less HugePages_Rsvd of /proc/meminfo for the default
+    size); 0 where the machine has no such pages."""
     def get(name: str) -> int:
         with open(_huge_counter(page_size, name)) as f:
             return int(f.read())
-    return get("free_hugepages") - get("resv_hugepages")
+    try:
+        return get("free_hugepages") - get("resv_hugepages")
+    except FileNotFoundError:
+        return 0
 
 
-def _no_huge_pages(size: int, page_size: int) -> str:
-    need = size // page_size
-    counter = _huge_counter(page_size, "nr_hugepages")
+def _nr_counter(page_size: int) -> str:
+    """The file whose number is the pool of huge pages of that size."""
     if page_size == _default_huge_page():
-        counter = "/proc/sys/vm/nr_hugepages"
-    with open(counter) as f:
-        total = int(f.read())
-    return (f"cannot reserve {need} huge pages of {page_size >> 10} KiB for guest RAM: "
-            f"{huge_pages_free(page_size)} free of {total}; as root, raise them "
-            f"(echo {total + need} > {counter}), or use a smaller guest.ram or 4 KiB pages")
+        return "/proc/sys/vm/nr_hugepages"
+    return _huge_counter(page_size, "nr_hugepages")
+
+
+def check_huge_pages(size: int, page_size: int) -> None:
+    """HugePagesUnavailable, one line saying how many are needed and how to reserve them, if
+    `size` bytes of guest RAM on huge pages of `page_size` do not find that many free. Never
+    changes the pool: that is the machine's owner's choice."""
+    if page_size not in huge_page_sizes():
+        raise HugePagesUnavailable(f"no {page_size >> 10} KiB huge pages on this machine "
+                                   f"(it has: {huge_page_sizes() or 'none'}); set "
+                                   f"guest.page-size=4KiB or emulator.backend=emulated")
+    need, free = size // page_size, huge_pages_free(page_size)
+    if free < need:
+        raise HugePagesUnavailable(_no_huge_pages(size, page_size, free))
+
+
+def _no_huge_pages(size: int, page_size: int, free: int | None = None) -> str:
+    need = size // page_size
+    free = huge_pages_free(page_size) if free is None else free
+    counter = _nr_counter(page_size)
+    try:
+        with open(counter) as f:
+            total = int(f.read())
+    except OSError:
+        total = 0
+    return (f"guest RAM of {size >> 20} MiB on {page_size >> 10} KiB huge pages needs "
+            f"{need} free, {free} are (of {total} reserved): as root, reserve them with "
+            f"`echo {total + need - free} > {counter}`, or set guest.page-size=4KiB or "
+            f"emulator.backend=emulated")
 
 
 @contextlib.contextmanager
 def reserved_huge_pages(count: int, page_size: int = 2 << 20):
     """Make at least `count` huge pages of that size free (root only), and put nr_hugepages
-    back as it was afterwards. Raises HugePagesUnavailable if the kernel cannot find them."""
+    back as it was afterwards. Raises HugePagesUnavailable if the kernel cannot find them
+    (memory fragmented). Holds a lock on the counter meanwhile, so that two test runs on one
+    machine do not put back each other's numbers."""
     counter = _huge_counter(page_size, "nr_hugepages")
-    with open(counter) as f:
-        before = int(f.read())
-    free = huge_pages_free(page_size)
-    raised = False
-    try:
-        if free < count:
-            with open(counter, "w") as f:  # PermissionError unless root
-                f.write(str(before + count - free))
-            raised = True
-            if huge_pages_free(page_size) < count:
-                raise HugePagesUnavailable(
-                    f"asked the kernel for {count - free} more huge pages of "
-                    f"{page_size >> 10} KiB, it found {huge_pages_free(page_size) - free} "
-                    f"(memory fragmented)")
-        yield
-    finally:
-        if raised:
-            with open(counter, "w") as f:
-                f.write(str(before))
+    with open(counter) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = int(lock.read())
+        free = huge_pages_free(page_size)
+        raised = False
+        try:
+            if free < count:
+                with open(counter, "w") as f:  # PermissionError unless root
+                    f.write(str(before + count - free))
+                raised = True
+                if huge_pages_free(page_size) < count:
+                    raise HugePagesUnavailable(
+                        f"asked the kernel for {count - free} more huge pages of "
+                        f"{page_size >> 10} KiB, it found {huge_pages_free(page_size) - free} "
+                        f"(memory fragmented)")
+            yield
+        finally:
+            if raised:
+                with open(counter, "w") as f:
+                    f.write(str(before))
 
 
 # ---- the probe ----
@@ -639,6 +684,10 @@ def _try_area(uffd: Userfaultfd, region: Region) -> None:
         raise Refused(f"Missing userfault map features: {~ioctls & wanted:#x}")
     page = mmap.mmap(-1, region.page_size)
     try:
+        # every byte written, so that the source is in memory: UFFDIO_COPY reads it with page
+        # faults off, and copies a source not yet there through a second huge page from the
+        # pool, which the probe must not need (one free 1 GiB page is enough for a guest)
+        ctypes.memset(address(page), 0, region.page_size)
         page[:8] = b"pce-ufd!"
         if uffd.copy(region.addr, address(page), region.page_size) != region.page_size:
             raise Refused("UFFDIO_COPY placed nothing on an empty page")

@@ -15,6 +15,11 @@ QEMU's postcopy-ram.c:
 - the listen and preempt threads place pages with UFFDIO_COPY (UFFDIO_ZEROPAGE for zero pages),
   which maps them atomically and wakes the vCPUs sleeping on them;
 - a fault record runs from the fault thread's read of the fault to the page's placement.
+With huge pages (guest.page-size 2MiB or 1GiB) guest RAM is a hugetlb memfd (emu/shm.py's
+HugeSegment), registered with UFFD_FEATURE_MISSING_HUGETLBFS: a fault is for the whole huge
+page, MADV_REMOVE punches whole huge pages out of the file, each channel's temporary page is
+placed with one UFFDIO_COPY of the whole page, and a zero page is a UFFDIO_COPY of a zeroed
+huge page (hugetlbfs has no UFFDIO_ZEROPAGE: QEMU's postcopy_tmp_zero_page).
 While the migration is paused, vCPUs on missing pages stay asleep in the kernel; a placement
 after the recovery wakes them. When the destination stops (completed, failed, shut down), the
 range is unregistered, which wakes every vCPU still asleep, before anything joins them.
@@ -61,8 +66,13 @@ class Kernel:
         self.base = U.address(buf)
         self.size = len(buf)
         self.page_size = page_size
-        self.uffd = U.Userfaultfd()  # Refused: the probe passed in the controller, not here
+        huge = page_size > U.PAGE  # then buf maps a hugetlb memfd (engines.huge_page)
+        # Refused: the probe passed in the controller, not here
+        self.uffd = U.Userfaultfd(U.UFFD_FEATURE_MISSING_HUGETLBFS if huge
+                                  else U.UFFD_FEATURE_MISSING_SHMEM)
         self.registered = False
+        self.huge = huge
+        self._zero: np.ndarray | None = None  # the zero huge page, made when first placed
 
     def address(self, page: int) -> int:
         return self.base + page * self.page_size
@@ -71,8 +81,12 @@ class Kernel:
         return (address - self.base) // self.page_size
 
     def listen(self, states: np.ndarray) -> None:
-        """POSTCOPY_LISTEN: drop what the destination does not hold, then register."""
-        self.discard(0, states < R.PRESENT)
+        """POSTCOPY_LISTEN: drop what the destination does not hold, then register. A hugetlb
+        memfd starts empty and only received pages were written in it: of those missing, only
+        the discarded ones are in the file, and punching the others would only hand back the
+        reservations their mapping holds, for another program to take before they are placed
+        (the /dev/shm segment is allocated whole, every missing page is in it)."""
+        self.discard(0, states == R.DISCARDED if self.huge else states < R.PRESENT)
         self.uffd.register(self.base, self.size)
         self.registered = True
         if TRACE_ENABLE.enabled:
@@ -96,10 +110,19 @@ class Kernel:
         src = U.address(data) if data is not None else 0
         for i, count in runs(new):
             dst = self.address(first + i)
-            if data is None:
-                self.uffd.zeropage(dst, count * size, size)
-            else:
+            if data is not None:
                 self.uffd.copy(dst, src + i * size, count * size, size)
+            elif not self.huge:
+                self.uffd.zeropage(dst, count * size, size)
+            else:  # hugetlbfs: a copy of the zero huge page, one page at a time
+                for k in range(count):
+                    self.uffd.copy(dst + k * size, U.address(self.zero_page()), size, size)
+
+    def zero_page(self) -> np.ndarray:
+        """QEMU's postcopy_tmp_zero_page, made on first use (a 1 GiB page is 1 GiB of RAM)."""
+        if self._zero is None:
+            self._zero = _zero_page(self.page_size)
+        return self._zero
 
     def release(self) -> None:
         """UFFDIO_UNREGISTER the whole RAM: vCPUs asleep on pages that will never come wake
@@ -113,6 +136,15 @@ class Kernel:
     def close(self) -> None:
         self.release()
         self.uffd.close()
+
+
+def _zero_page(size: int) -> np.ndarray:
+    """A huge page of zeros, written so that its memory is there: UFFDIO_COPY copies with
+    page faults off, and a source page not yet mapped makes the kernel take a second huge
+    page from the pool to copy through (ENOMEM when guest RAM holds every free one)."""
+    page = np.empty(size, np.uint8)
+    page.fill(0)
+    return page
 
 
 class UffdFaultThread(FaultThread):
