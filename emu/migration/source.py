@@ -88,7 +88,8 @@ class Source:
         self.rp = ReturnPath(self.rs, self.board, cfg.npages, self._channel_failed)
         self.state = StateLog("source", self.clock.now, control.emit)
         self.main: Endpoint | None = None
-        self.preempt: Endpoint | None = None
+        # the preempt channel, or migration.x-preempt-channels of them (an experiment)
+        self.preempts: list[Endpoint] = []
         self.multifd: MultiFDSend | None = None  # its channels, with migration.multifd
         self.lock = threading.Lock()  # the channels, and the state changes that go with them
         self.switchover = threading.Event()
@@ -179,19 +180,38 @@ class Source:
         window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
         main = Endpoint(uri.connect(address), window, "main", wakeup=wakeup)
         main.send([channel.MAIN_HELLO])
-        preempt = None
-        if self.cfg["migration.postcopy-preempt"]:
-            preempt = Endpoint(uri.connect(address), window, "preempt", wakeup=wakeup)
-            preempt.send([channel.PREEMPT_HELLO])
+        preempts = self._connect_preempt(address) if self.cfg["migration.postcopy-preempt"] \
+            else []
         with self.lock:
-            self.main, self.preempt = main, preempt
+            self.main, self.preempts = main, preempts
         if self.cfg["migration.multifd"] and self.multifd is None:  # not again on a recovery
             self.multifd = self._connect_multifd(address)
-        self.rp.preempt = preempt  # 8.0: the return-path thread owns it in postcopy
+        self.rp.preempt = preempts  # 8.0: the return-path thread owns them in postcopy
         self.rp.start(main)
-        if preempt:
-            preempt.read_credits_in_background(
-                lambda err: self._channel_failed(f"preempt channel: {err}", preempt))
+        for ep in preempts:
+            ep.read_credits_in_background(
+                lambda err, ep=ep: self._channel_failed(f"{ep.name} channel: {err}", ep))
+
+    def _connect_preempt(self, address: str) -> list[Endpoint]:
+        """The preempt channel (postcopy_preempt_setup()); with migration.x-preempt-channels
+        N > 1, an experiment QEMU does not have, N of them, each its own connection."""
+        window, wakeup = self.cfg["link.socket-buffer"], self.cfg["link.write-wakeup"]
+        eps = []
+        for index in range(self.cfg["migration.x-preempt-channels"]):
+            ep = Endpoint(uri.connect(address), window, channel.preempt_name(index),
+                          wakeup=wakeup)
+            ep.send([channel.preempt_hello(index)])
+            eps.append(ep)
+        return eps
+
+    @property
+    def preempt(self) -> Endpoint | None:
+        """The (first) preempt channel, None without one."""
+        return self.preempts[0] if self.preempts else None
+
+    @preempt.setter
+    def preempt(self, ep: Endpoint | None) -> None:
+        self.preempts = [ep] if ep else []
 
     def _connect_multifd(self, address: str) -> MultiFDSend:
         """multifd_send_setup(): migration.multifd-channels connections, each saying its id
@@ -210,7 +230,7 @@ class Source:
 
     def _close_channels(self) -> None:
         with self.lock:
-            eps = (self.main, self.preempt)
+            eps = (self.main, *self.preempts)
         for ep in eps:
             if ep:
                 ep.close()
@@ -221,7 +241,7 @@ class Source:
         """A channel broke. In postcopy the guest's memory is split between the hosts, so
         the migration pauses and waits for recovery; before that, it fails."""
         with self.lock:
-            if ep is not None and (ep.closed or ep not in (self.main, self.preempt)):
+            if ep is not None and (ep.closed or ep not in (self.main, *self.preempts)):
                 return  # a connection already given up (a recovery may be using new ones)
             _, new = self.state.settle(lambda status: after_failure(status, PAUSES))
             if new == "postcopy-paused":  # postcopy_pause()
@@ -230,7 +250,7 @@ class Source:
                 self.control.emit(Paused("source", reason))
             elif new == "failed":
                 self.control.fail(f"{reason}")
-            broken = (self.main, self.preempt)  # not what a recovery connects meanwhile
+            broken = (self.main, *self.preempts)  # not what a recovery connects meanwhile
         for channel_ep in broken:
             if channel_ep:
                 channel_ep.close()
@@ -382,7 +402,7 @@ class Source:
             self.cfg["migration.x-postcopy-preempt-break-huge"] else None
         # 8.0: preempt requests never reach the queue; what does (the preempt channel not up)
         # goes on main, the return-path thread owning preempt
-        urgent = None if rs.rp_sends else self.preempt
+        urgent = [] if rs.rp_sends else self.preempts
 
         def rate_limit() -> bool:  # ram_save_host_page()'s call, inside a huge page
             return self._rate_limit(pacer)
@@ -430,7 +450,7 @@ class Source:
         return True
 
     def _send_eofs(self) -> None:
-        for ep in (self.main, self.preempt):
+        for ep in (self.main, *self.preempts):
             if ep:
                 ep.send([wire.eof()])
 

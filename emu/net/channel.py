@@ -30,6 +30,9 @@ CHECKSUM_OFFSET = 21
 # the destination takes any other connection for the preempt channel, as QEMU does).
 MAIN_HELLO = b"QEVM\x00\x00\x00\x03"
 PREEMPT_HELLO = b"QEPC\x00\x00\x00\x01"
+# migration.x-preempt-channels (not QEMU, which has one preempt channel): preempt channel i
+# says PREEMPT_HELLO with i in its third byte; channel 0's is QEMU's own
+_PREEMPT_PREFIX, _PREEMPT_SUFFIX = PREEMPT_HELLO[:6], PREEMPT_HELLO[7:]
 HELLO_MAX = 8  # bytes a hello may have: a longer first frame is not one of ours
 # A stranger on a migration address (no TLS, as QEMU without tls-creds) costs a socket and a
 # few bytes for a bounded time: it has HANDSHAKE_TIMEOUT real seconds for its whole hello, and
@@ -52,6 +55,25 @@ BATCH_PARTS = 512  # buffers one sendmsg() gets at most (Linux takes 1024)
 # style, as the QEMUFile writev that blocks.
 TRACE_WRITEV_BLOCKED = trace.point("qemu_file_writev_blocked")
 TRACE_WRITEV_UNBLOCKED = trace.point("qemu_file_writev_unblocked")
+
+
+def preempt_hello(index: int) -> bytes:
+    """The hello of preempt channel `index` (0: QEMU's PREEMPT_HELLO)."""
+    return _PREEMPT_PREFIX + bytes([index]) + _PREEMPT_SUFFIX
+
+
+def preempt_name(index: int) -> str:
+    """Preempt channel `index`'s name, as its endpoints and the link's connection have it:
+    "preempt", then "preempt1", "preempt2", ..."""
+    return f"preempt{index}" if index else "preempt"
+
+
+def preempt_channel_id(hello: bytes) -> int | None:
+    """The preempt channel a hello names, or None if it is not a preempt channel's."""
+    if len(hello) == len(PREEMPT_HELLO) and hello.startswith(_PREEMPT_PREFIX) \
+            and hello.endswith(_PREEMPT_SUFFIX):
+        return hello[6]
+    return None
 
 
 class ChannelError(ConnectionError):

@@ -1,0 +1,59 @@
+"""The what-ifs QEMU does not have, the preempt series' own TODO items (issue 13 item 4):
+several preempt channels (migration.x-preempt-channels) and a non-blocking main channel on the
+source (migration.x-main-nonblocking). Small guests; assertions on counts, contents, emulated
+latencies and trace points.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from emu.controller import migrate
+from tests.conftest import config
+
+
+def run(trace_points=(), **sets) -> dict:
+    return migrate(config(**sets), trace=tuple(trace_points))
+
+
+def assert_intact(result):
+    assert result["status"] == "completed", result["errors"]
+    assert result["integrity"]["ok"], result["integrity"]
+
+
+def traced(result, name: str, role: str) -> list[dict]:
+    return [e["fields"] for e in result["events"]
+            if e.get("trace") == name and e.get("role") == role]
+
+
+# ---- several preempt channels ----
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_two_preempt_channels_carry_requests_on_both(design):
+    """x-preempt-channels=2: urgent pages go round robin on preempt and preempt1 (7.1: the
+    migration thread sends them, 8.0: the return-path thread), each its own connection through
+    the link, placed by its own preempt thread; the memory arrives whole."""
+    result = run(["pce_preempt_channel_pick", "postcopy_place_page"], workload__pattern="random",
+                 guest__vcpus="4", migration__postcopy_preempt="true",
+                 migration__x_preempt_channels="2", migration__design=design)
+    assert_intact(result)
+    picks = traced(result, "pce_preempt_channel_pick", "source")
+    assert {p["channel"] for p in picks} == {"preempt", "preempt1"}
+    # the destination placed pages that came on each of the two connections
+    placed = {p["channel"] for p in traced(result, "postcopy_place_page", "destination")}
+    assert {"preempt", "preempt1"} <= placed
+    assert result["latency"]["by-channel"]["preempt"]["count"] > 0
+
+
+@pytest.mark.parametrize("value", ["0", "9"])
+def test_preempt_channels_out_of_range_refused(value):
+    """One line, exit 2, as every key out of its range."""
+    out = subprocess.run([sys.executable, "-m", "emu.cli", "run", "--set",
+                          "migration.postcopy-preempt=true", "--set",
+                          f"migration.x-preempt-channels={value}"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "migration.x-preempt-channels" in lines[0]
+    assert "between 1 and 8" in lines[0]
