@@ -53,6 +53,11 @@ MAX_WAIT = 0.05  # ram.c: the longest a ram_save_iterate() call goes on, in seco
 
 TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
 TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
+# migration.x-main-nonblocking (an experiment, not QEMU: postcopy-emu's own names): main is
+# full, the migration thread waits for room or a request instead of sleeping in write(); and
+# what ended the wait (urgent=1: a request, served before main is written again)
+TRACE_MAIN_FULL = trace.point("pce_main_would_block")
+TRACE_MAIN_WRITABLE = trace.point("pce_main_writable")
 
 
 class SourceMemory(Memory):
@@ -105,6 +110,11 @@ class Source:
         self.rates = {"max-bandwidth": cfg["migration.max-bandwidth"],
                       "max-postcopy-bandwidth": cfg["migration.max-postcopy-bandwidth"]}
         self.pacer: tuple[str, Pacer] | None = None  # the rate cap in force, by parameter
+        # x-main-nonblocking: a request queued wakes the migration thread waiting for room
+        self.nonblocking = cfg["migration.x-main-nonblocking"]
+        if self.nonblocking:
+            self.rs.queue.on_put = self._wake_main
+            self._page_bytes = self._host_page_bytes()
 
     # ---- commands ----
 
@@ -410,6 +420,8 @@ class Source:
         if postcopy and (rs.serve_queued_page(self.main, urgent, pacer)
                          or rs.resume_preempted(self.main, counter, pacer, preempt, rate_limit)):
             return True
+        if postcopy and self.nonblocking and not self._main_room():
+            return True  # a request came while main was full: this loop serves it next
         page = rs.find_dirty_block()
         if not postcopy and rs.pss.complete_round:  # ram_save_pending()
             # find_dirty_block(): a round complete, the pages of the next may be sent again
@@ -514,6 +526,37 @@ class Source:
         if status == "active":
             return self.switchover.is_set()
         return self.quit.is_set() or status != "postcopy-active"
+
+    def _host_page_bytes(self) -> int:
+        """What main is given for one background host page (a run of small pages: a record),
+        headers included: the room x-main-nonblocking waits for before claiming one."""
+        pages = self.tpp if self.tpp > 1 else self.rs.piece
+        records = -(-pages // self.rs.piece)
+        header = len(wire.ram_header(0, 1, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE))
+        return pages * R.TARGET_PAGE + records * header
+
+    def _main_room(self) -> bool:
+        """migration.x-main-nonblocking (the cover letter's TODO "Avoid precopy write() blocks
+        postcopy", solution 1): main as a non-blocking socket. The migration thread never
+        sleeps in write() on it: with no room for the next host page it waits for room or a
+        request, whichever comes first (a poll() on main and the request semaphore). True: room,
+        write on; False: a request waits (or the phase is over), serve it first."""
+        main, queued = self.main, self.rs.queue.nonempty
+        if main.wait_room(self._page_bytes, lambda: True):
+            return True  # room now: never traced
+        if TRACE_MAIN_FULL.enabled:
+            TRACE_MAIN_FULL(queued=main.outstanding, size=self._page_bytes,
+                            then="serve" if queued.is_set() else "wait")
+        room = main.wait_room(self._page_bytes, lambda: queued.is_set() or self._phase_over())
+        if TRACE_MAIN_WRITABLE.enabled:
+            TRACE_MAIN_WRITABLE(urgent=int(not room and queued.is_set()))
+        return room
+
+    def _wake_main(self) -> None:
+        """A request was queued: a wait for room on main looks at the queue again."""
+        main = self.main
+        if main is not None:
+            main.wake()
 
     def _rate_limit(self, pacer: Pacer) -> bool:
         """migration_rate_limit(): start a new window once 100 ms have passed; over budget,

@@ -101,6 +101,11 @@ class Endpoint:
         """This side closed it (a failure it reports afterwards is old news)."""
         return self._closed
 
+    @property
+    def outstanding(self) -> int:
+        """Bytes of ours the link holds (or this endpoint, not written yet)."""
+        return self._outstanding
+
     def send(self, parts: list, virt: int = 0, more: bool = False) -> None:
         """Write one frame made of `parts` (bytes-like); blocks while the link holds `window`
         bytes of ours. A frame larger than the window waits for an empty link, then goes.
@@ -137,6 +142,30 @@ class Endpoint:
                 self._credit.wait(0.5)
         if traced and TRACE_WRITEV_UNBLOCKED.enabled:
             TRACE_WRITEV_UNBLOCKED(channel=self.name, queued=self._outstanding, size=charge)
+
+    def wait_room(self, charge: int, stop) -> bool:
+        """A non-blocking writer's poll() (migration.x-main-nonblocking, an experiment): wait
+        until a send of `charge` bytes would not block, or until stop() says to do something
+        else (asked at once and at every wake(): a request queued calls it). True if there is
+        room; what this endpoint holds is written first, so that it can be credited."""
+        room = self.window - self.wakeup
+        with self._credit:
+            if not self._full(charge, room):
+                return True
+        self.flush()
+        with self._credit:
+            while self._full(charge, room):
+                if self._closed:
+                    raise ChannelError(f"{self.name}: closed")
+                if stop():
+                    return False
+                self._credit.wait(0.5)
+        return True
+
+    def wake(self) -> None:
+        """Wake a wait_room() to look at its stop() again."""
+        with self._credit:
+            self._credit.notify_all()
 
     def _full(self, charge: int, room: int) -> bool:
         """No room for `charge` more bytes (a frame larger than the link goes when it is
