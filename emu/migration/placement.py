@@ -67,7 +67,13 @@ class Placer:
         self._bytes = memoryview(ram).cast("B", (ram.size,)) if ram is not None else None
         self.page_size = page_size
         self.tpp = page_size // R.TARGET_PAGE
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        # host page -> [its own condition on the same lock, vCPUs waiting]: a placement wakes
+        # only the vCPUs blocked on what it placed (one condition for all woke every blocked
+        # vCPU at every placement: with 256 vCPUs, the emulator's own time went on that)
+        self._waiters: dict[int, list] = {}
+        self._lock = lock
         self.postcopy = False
         self.present = 0
         # a temporary page per channel slot: main, then each preempt channel
@@ -95,8 +101,23 @@ class Placer:
 
     def wait_present(self, page: int, stop: threading.Event) -> None:
         with self.cond:
-            while self.states[page] < R.PRESENT and not stop.is_set():
-                self.cond.wait(0.1)
+            if self.states[page] >= R.PRESENT:
+                return
+            waiter = self._waiters.setdefault(page, [threading.Condition(self._lock), 0])
+            waiter[1] += 1
+            try:
+                while self.states[page] < R.PRESENT and not stop.is_set():
+                    waiter[0].wait(0.1)
+            finally:
+                waiter[1] -= 1
+                if not waiter[1]:
+                    del self._waiters[page]
+
+    def _wake(self, first: int, count: int) -> None:
+        """Under the lock: wake the vCPUs blocked on host pages [first, first + count)."""
+        for page, (waiter, _) in self._waiters.items():
+            if first <= page < first + count:
+                waiter.notify_all()
 
     # ---- from the listen and preempt threads ----
 
@@ -189,7 +210,7 @@ class Placer:
             starts = np.flatnonzero(np.diff(first, prepend=-2) != 1)
             for start, end in zip(starts, [*starts[1:], len(first)], strict=True):
                 self.on_place(int(first[start]), int(end - start), MULTIFD)
-            self.cond.notify_all()
+                self._wake(int(first[start]), int(end - start))
         return len(written)
 
     def place_zero_page(self, first: int, count: int, channel: int) -> None:
@@ -216,7 +237,7 @@ class Placer:
                 span.fill(R.PRECOPY)
                 self.placed[channel] += count
             self.on_place(first, count, channel)
-            self.cond.notify_all()
+            self._wake(first, count)
 
     def _place_postcopy(self, first: int, count: int, data, slot: int, zero: bool) -> None:
         channel = kind(slot)

@@ -128,10 +128,15 @@ class Source:
             self.control.fail(f"cannot connect to {address}: {err}")
             self.state.set("setup", "failed")  # migrate_fd_error()
             return
-        with self.vcpu_lock:
-            if self.guest_running:
-                self._start_vcpus()
+        # the migration thread first: its first message goes before the vCPU threads take
+        # the interpreter (256 of them starting would keep it waiting for seconds, and the
+        # destination gives up a main channel silent for MAIN_SETUP_TIMEOUT)
         start_thread("migration", self._migration_thread)
+        with self.vcpu_lock:
+            # not once the switchover was asked for: the migration thread may have stopped
+            # the vCPUs for it already (under this lock), and none may run after that
+            if self.guest_running and not self.switchover.is_set():
+                self._start_vcpus()
 
     def resume(self, address: str) -> None:
         """migrate with resume=true: reconnect and run the recovery handshake."""
