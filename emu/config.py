@@ -459,6 +459,12 @@ def _parse_value(name: str, value: object) -> Any:
         raise ConfigError(f"{name}: {err}", name) from None
 
 
+def parse_value(name: str, value: object) -> Any:
+    """One key's value (TOML value or --set text), parsed and checked alone: its type and
+    range, none of the checks across keys (a sweep's --vary values, each point then whole)."""
+    return _parse_value(name, value)
+
+
 def _check_together(values: Mapping[str, Any]) -> None:
     """Checks that involve more than one key."""
     if values["migration.postcopy-preempt"] and not values["migration.postcopy-ram"]:

@@ -101,3 +101,14 @@ def test_nonblocking_main_only_where_it_changes_something(sets):
     sends urgent pages: refused in both, with why."""
     with pytest.raises(ConfigError, match="x-main-nonblocking: requires"):
         config(**sets)
+
+
+def test_a_sweep_varies_preempt_channels_with_preempt_set():
+    """--vary values are checked alone (type, range); the point with the scenario's keys: two
+    channels need preempt, which the scenario sets."""
+    from emu.figures import sweep
+
+    vary = sweep.parse_vary("migration.x-preempt-channels=1,2,4")
+    assert vary.values == ("1", "2", "4")
+    with pytest.raises(ConfigError, match="between 1 and 8"):
+        sweep.parse_vary("migration.x-preempt-channels=1,9")
