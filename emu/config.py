@@ -248,6 +248,11 @@ TIME_MAX = "3600s"  # emulated
 CPU_MAX = "100ms"  # a thread's time per unit of work (emulated)
 CPU_BYTE_MAX = "100ns"  # and per byte: 100 s per GiB
 
+PREEMPT_CHANNELS_MAX = 8  # migration.x-preempt-channels: each a connection and a thread
+# a thread per vCPU in the source and in the destination, on a machine of few cores: the
+# auto time scale pays for the threads' own cost (docs/config.md, guest.vcpus)
+VCPUS_MAX = 256
+
 # migration.design: the QEMU releases whose postcopy source the emulator can behave as
 DESIGNS = ("7.1", "8.0", "10.1")
 # designs whose migrate_caps_check() refuses multifd together with postcopy-ram
@@ -271,6 +276,16 @@ KEYS: dict[str, Key] = {
     ),
     "migration.x-postcopy-preempt-break-huge": _key(
         "bool", True, "QEMU 7.1 property: stop in the middle of a huge page for an urgent page"
+    ),
+    # experiments QEMU does not have: the preempt-postcopy series' own TODO items
+    # (docs/concepts.md, "What if: the series' TODO items")
+    "migration.x-preempt-channels": _key(
+        "int", 1, "experiment, not QEMU: preempt connections and destination preempt threads "
+        "(\"Multi-channel for preemption threads\")", low=1, high=PREEMPT_CHANNELS_MAX,
+    ),
+    "migration.x-main-nonblocking": _key(
+        "bool", False, "experiment, not QEMU: the migration thread never sleeps in write() on "
+        "a full main channel, it serves the request queue meanwhile (7.1 with preempt)"
     ),
     "migration.multifd": _key(
         "bool", False, "capability multifd: precopy pages on multifd-channels connections"
@@ -313,7 +328,7 @@ KEYS: dict[str, Key] = {
     ),
     "guest.ram": _key("size", "256MiB", "guest RAM size", low=0, low_open=True, high=RAM_MAX),
     "guest.page-size": _key("size", "4KiB", "host page size", choices=("4KiB", "2MiB", "1GiB")),
-    "guest.vcpus": _key("int", 1, "vCPUs running the workload", low=1, high=64),
+    "guest.vcpus": _key("int", 1, "vCPUs running the workload", low=1, high=VCPUS_MAX),
     "guest.populated": _key(
         "float", 1, "share of RAM the guest wrote before the migration (the rest is zero)",
         low=0, high=1,
@@ -448,6 +463,12 @@ def _parse_value(name: str, value: object) -> Any:
         raise ConfigError(f"{name}: {err}", name) from None
 
 
+def parse_value(name: str, value: object) -> Any:
+    """One key's value (TOML value or --set text), parsed and checked alone: its type and
+    range, none of the checks across keys (a sweep's --vary values, each point then whole)."""
+    return _parse_value(name, value)
+
+
 def _check_together(values: Mapping[str, Any]) -> None:
     """Checks that involve more than one key."""
     if values["migration.postcopy-preempt"] and not values["migration.postcopy-ram"]:
@@ -459,6 +480,7 @@ def _check_together(values: Mapping[str, Any]) -> None:
         raise ConfigError("migration.multifd: Postcopy is not yet compatible with multifd "
                           f"(migration.design {values['migration.design']}; 10.1 allows both)",
                           "migration.multifd")
+    _check_experiments(values)
     ram, page = values["guest.ram"], values["guest.page-size"]
     if ram < page:
         raise ConfigError(
@@ -477,6 +499,21 @@ def _check_together(values: Mapping[str, Any]) -> None:
             f"guest.vcpus: must be at most guest.ram / 4KiB = {ram // TARGET_PAGE} "
             f"(got {values['guest.vcpus']})"
         )
+
+
+def _check_experiments(values: Mapping[str, Any]) -> None:
+    """The what-if keys only where they change something: several preempt channels need the
+    preempt channel; a non-blocking main helps only where the migration thread sends urgent
+    pages on preempt (7.1: from 8.0 on the return-path thread sends them)."""
+    if values["migration.x-preempt-channels"] > 1 and not values["migration.postcopy-preempt"]:
+        raise ConfigError("migration.x-preempt-channels: more than 1 requires "
+                          "migration.postcopy-preempt=true", "migration.x-preempt-channels")
+    if values["migration.x-main-nonblocking"] and not (
+            values["migration.postcopy-preempt"] and values["migration.design"] == "7.1"):
+        raise ConfigError("migration.x-main-nonblocking: requires migration.postcopy-preempt="
+                          "true and migration.design=7.1 (from 8.0 on the return-path thread "
+                          "sends urgent pages, and a full main holds none up)",
+                          "migration.x-main-nonblocking")
 
 
 # Keys that are properties QEMU removed, by migration.design: setting one is refused with QEMU's

@@ -166,8 +166,8 @@ def test_every_key_round_trips_through_set_text():
             "link.socket-buffer: must be between 64KiB and 1GiB (got 4KiB)",
         ),
         (["link.rtt=-1ms"], "link.rtt: must be between 0 and 10s, e.g. 200us or 1.5s (got -1ms)"),
-        (["guest.vcpus=0"], "guest.vcpus: must be between 1 and 64 (got 0)"),
-        (["guest.vcpus=65"], "guest.vcpus: must be between 1 and 64 (got 65)"),
+        (["guest.vcpus=0"], "guest.vcpus: must be between 1 and 256 (got 0)"),
+        (["guest.vcpus=257"], "guest.vcpus: must be between 1 and 256 (got 257)"),
         (["guest.vcpus=1.5"], "guest.vcpus: must be a whole number (got '1.5')"),
         (
             ["workload.pattern=zigzag"],

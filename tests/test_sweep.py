@@ -59,7 +59,7 @@ def vary(*texts: str) -> list[str]:
 @pytest.mark.parametrize("args, message", [
     (vary("guest.vcpu=1,2"), "unknown key 'guest.vcpu' (did you mean guest.vcpus?)"),
     (vary("guest.vcpus=1,lots"), "--vary guest.vcpus: guest.vcpus:"),
-    (vary("guest.vcpus=1,99"), "--vary guest.vcpus: guest.vcpus: must be between 1 and 64"),
+    (vary("guest.vcpus=1,299"), "--vary guest.vcpus: guest.vcpus: must be between 1 and 256"),
     # each value fits on its own; the point does not (32 vCPUs need 32 target pages)
     (vary("guest.vcpus=1,32", "guest.ram=4MiB,64KiB"),
      "--vary at guest.vcpus=32, guest.ram=64KiB: guest.vcpus: must be at most"),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emu import signals
-from emu.config import KEYS, Config, ConfigError, load_config
+from emu.config import KEYS, Config, ConfigError, load_config, parse_value
 from emu.figures import model, timescale
 
 MAX_KEYS = 2  # a table and a plot: the first key along x, one line per value of the second
@@ -56,7 +56,9 @@ def parse_vary(text: str) -> Vary:
     shown = []
     for value in raw:
         try:
-            parsed = load_config(None, [f"{key}={value}"])[key]
+            # alone: a value that needs another key set (x-preempt-channels=2 needs preempt)
+            # is checked with the scenario's own keys, point by point (points())
+            parsed = parse_value(key, value)
         except ConfigError as err:
             raise ConfigError(f"--vary {key}: {err}") from None
         shown.append(KEYS[key].show(parsed))

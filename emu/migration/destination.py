@@ -79,18 +79,24 @@ class Destination:
                 shm.map_in(bufs[shm.DST_RAM])
             self.ram = np.ndarray((ntarget, R.TARGET_PAGE), np.uint8, buffer=bufs[shm.DST_RAM])
         self.costs = Costs.from_config(cfg)
-        # the listen thread (main) and the preempt thread, as serial servers in emulated time
-        self.cpu = [CpuThread(name, self.clock, self.board) for name in ("listen", "preempt")]
-        self.placer = Placer(states, self.ram, cfg.page_size, self._placed, self._placing)
+        # the listen thread (main) and the preempt thread, as serial servers in emulated time;
+        # with migration.x-preempt-channels N, N preempt threads (slots 1..N), each its own
+        # server, their time counted together as the preempt thread's
+        self.slots = 1 + cfg["migration.x-preempt-channels"]
+        self.cpu = [CpuThread("listen" if slot == MAIN else "preempt", self.clock, self.board)
+                    for slot in range(self.slots)]
+        self.placer = Placer(states, self.ram, cfg.page_size, self._placed, self._placing,
+                             self.slots)
         if kernel:
             self.placer.kernel = uffd_backend.Kernel(bufs[shm.DST_RAM], cfg.page_size)
         self.state = StateLog("destination", self.clock.now, control.emit)
         self.lag = lag_meter(self.board, self.clock.now)
-        self.lags = [self._reader_meter(cpu) for cpu in self.cpu]  # per channel
+        self.lags = [self._reader_meter(cpu) for cpu in self.cpu]  # per channel slot
         self.stop = threading.Event()
         self.vcpus: list[VCpu] = []
         self.ended: float | None = None  # when the vCPUs were stopped at completion
-        self.eof = [False, not cfg["migration.postcopy-preempt"]]  # per channel, MAIN first
+        # per channel slot, MAIN first
+        self.eof = [False] + [not cfg["migration.postcopy-preempt"]] * (self.slots - 1)
         self._eof_lock = threading.Lock()
         self.multifd = MultiFDRecv(self) if cfg["migration.multifd"] else None
         # the preempt channel of the current connections is in (postcopy_qemufile_dst_done)
@@ -313,7 +319,8 @@ class Destination:
         return note
 
     def _placing(self, count: int, which: int, zero: bool) -> None:
-        """The listen or preempt thread is about to place `count` host pages (zero: of zeros):
+        """The listen or a preempt thread (channel slot `which`) is about to place `count` host
+        pages (zero: of zeros):
         its CPU time for them (cpu.place-page, cpu.place-byte, cpu.place-zero-page) passes
         before the vCPUs see them."""
         cpu = self.cpu[which]

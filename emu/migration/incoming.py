@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 
 from emu import trace
 from emu.child import start_thread
+from emu.config import PREEMPT_CHANNELS_MAX
 from emu.cpu import CpuThread
 from emu.events import Bound, Listening, Refused
 from emu.migration import wire
-from emu.migration.placement import MAIN, MULTIFD, PREEMPT
+from emu.migration.placement import MAIN, PREEMPT, slot_name
 from emu.net import channel, link, uri
 from emu.net.channel import ChannelError, Endpoint
 
@@ -41,6 +42,14 @@ TICK = 0.25  # real seconds between the accept thread's looks at its deadlines
 TRACE_ROUTE = trace.point("pce_incoming_route")
 # postcopy_preempt_new_channel(): the preempt channel is in (postcopy-ram.c)
 TRACE_PREEMPT_CHANNEL = trace.point("postcopy_preempt_new_channel")
+# what _identify() gives multifd channel i: past every channel slot (main, the preempt ones)
+MULTIFD = PREEMPT + PREEMPT_CHANNELS_MAX
+
+
+def _thread_name(slot: int) -> str:
+    """The thread reading the channel in `slot`: listen for main, preempt, preempt1, ... for
+    the preempt channels."""
+    return "listen" if slot == MAIN else channel.preempt_name(slot - PREEMPT)
 
 
 def _admit(listener: socket.socket, pending: dict, sel) -> None:
@@ -70,11 +79,12 @@ def _drop(sock: socket.socket, pending: dict, sel) -> None:
 
 class Connections:
     """The listener and the channels of one incoming migration (main and, with
-    postcopy-preempt, preempt); each channel's reader is a thread of loadvm.py."""
+    postcopy-preempt, preempt: with migration.x-preempt-channels several, slots 1..N); each
+    channel's reader is a thread of loadvm.py."""
 
     def __init__(self, dst: Destination) -> None:
         self.dst = dst
-        self.channels: list[Endpoint | None] = [None, None]  # MAIN, PREEMPT
+        self.channels: list[Endpoint | None] = [None] * dst.slots  # MAIN, PREEMPT...
         self.listener: socket.socket | None = None
         self.socket_files: list[uri.Pin] = []  # what our listeners bound
         self.lock = threading.Lock()  # channel set-up and tear-down
@@ -187,8 +197,10 @@ class Connections:
         """The channel a hello names, or None for anything else."""
         if hello == channel.MAIN_HELLO:
             return MAIN
-        if hello == channel.PREEMPT_HELLO and self.dst.cfg["migration.postcopy-preempt"]:
-            return PREEMPT
+        preempt_id = channel.preempt_channel_id(hello)
+        if preempt_id is not None and self.dst.cfg["migration.postcopy-preempt"] \
+                and PREEMPT + preempt_id < self.dst.slots:
+            return PREEMPT + preempt_id
         if self.dst.multifd and (channel_id := wire.multifd_channel_id(hello)) is not None:
             return MULTIFD + channel_id  # QEMU 10.1 tells every channel by its magic
         return None
@@ -206,7 +218,7 @@ class Connections:
             if which == MAIN and self.channels[MAIN] and not self._unconfirmed:
                 which = None  # the migration stream is in: a second one is a stranger
             if which is not None:
-                ep = Endpoint(sock, dst.cfg["link.socket-buffer"], ("main", "preempt")[which],
+                ep = Endpoint(sock, dst.cfg["link.socket-buffer"], slot_name(which),
                               dst.lags[which])
                 old, self.channels[which] = self.channels[which], ep
                 if which == MAIN:
@@ -218,14 +230,17 @@ class Connections:
         if old:
             old.close()
         try:
-            start_thread(("listen", "preempt")[which], dst.loadvm.read_channel, ep, which)
+            start_thread(_thread_name(which), dst.loadvm.read_channel, ep, which)
         except RuntimeError:  # can't start new thread: refuse this one, keep listening
             self.forget(ep)
             return
-        if which == PREEMPT:
+        if which >= PREEMPT:
             if TRACE_PREEMPT_CHANNEL.enabled:
                 TRACE_PREEMPT_CHANNEL()
-            dst.preempt_in.set()  # postcopy_qemufile_dst_done
+            with self.lock:  # x-preempt-channels: once every preempt channel is in
+                every = all(self.channels[PREEMPT:])
+            if every:
+                dst.preempt_in.set()  # postcopy_qemufile_dst_done
             self._stop_listening_if_complete()
 
     def _multifd_hello(self, sock, channel_id: int, arrival: float) -> None:
@@ -261,7 +276,8 @@ class Connections:
         anew)."""
         with self.lock:
             complete = self.channels[MAIN] and not self._unconfirmed and (
-                self.channels[PREEMPT] or not self.dst.cfg["migration.postcopy-preempt"]) and (
+                all(self.channels[PREEMPT:]) or not self.dst.cfg["migration.postcopy-preempt"]
+            ) and (
                 not self.dst.multifd or self.dst.multifd.complete)
         if complete:
             self.stop_listening()
@@ -289,7 +305,7 @@ class Connections:
 
     def close_channels(self) -> None:
         with self.lock:
-            eps, self.channels = self.channels, [None, None]
+            eps, self.channels = self.channels, [None] * len(self.channels)
             self._unconfirmed = None
         if self.dst.multifd:
             eps += [ch.ep for ch in self.dst.multifd.channels if ch]

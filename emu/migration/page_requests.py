@@ -19,6 +19,7 @@ class PageRequestQueue:
         self._q: collections.deque[tuple[int, float]] = collections.deque()
         self._lock = threading.Lock()
         self.nonempty = threading.Event()
+        self.on_put = lambda: None  # after each put (x-main-nonblocking wakes its wait)
         self._pub = np.ndarray((1 + 2 * SHOWN,), np.float64, buffer=buf) if buf else None
 
     @staticmethod
@@ -30,6 +31,7 @@ class PageRequestQueue:
             self._q.append((page, t))
             self.nonempty.set()
             self._publish()
+        self.on_put()
 
     def pop(self) -> tuple[int, float] | None:
         with self._lock:

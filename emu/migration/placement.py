@@ -7,6 +7,11 @@ pages are placed as zeros (postcopy_place_page_zero()); in a huge page being ass
 zero piece is a memset, and a huge page whose pieces were all zero is placed as a zero page.
 The pieces of one host page must come in order on one channel: a piece of another host page,
 or of a page that the other channel is assembling (split brain), is a protocol error.
+
+Channels are told apart by slot: 0 is main, 1 the preempt channel, and with
+migration.x-preempt-channels N (an experiment QEMU does not have) 1..N the preempt channels,
+each with its own temporary page and its own placing thread; every preempt slot counts as
+PREEMPT in the page states and the counters.
 """
 
 from __future__ import annotations
@@ -18,8 +23,21 @@ import numpy as np
 from emu import trace
 from emu.migration import ram as R
 from emu.migration.wire import ProtocolError, RamRecord
+from emu.net.channel import preempt_name
 
 MAIN, PREEMPT, MULTIFD = 0, 1, 2  # MULTIFD: any multifd channel (precopy only)
+
+
+def kind(slot: int) -> int:
+    """MAIN or PREEMPT: what the channel in `slot` is (every slot past main is a preempt
+    channel)."""
+    return min(slot, PREEMPT)
+
+
+def slot_name(slot: int) -> str:
+    """The channel in `slot` by name, as its endpoint has it: main, preempt, preempt1, ..."""
+    return "main" if slot == MAIN else preempt_name(slot - PREEMPT)
+
 CHANNEL_NAMES = ("main", "preempt", "multifd")
 
 # QEMU's requested tree (mis->page_requested) and its count: a faulted page joins it
@@ -43,20 +61,27 @@ class TmpPage:
 class Placer:
     def __init__(self, states: np.ndarray, ram: np.ndarray | None, page_size: int,
                  on_place=lambda first, count, channel: None,
-                 before_place=lambda count, channel, zero: None) -> None:
+                 before_place=lambda count, channel, zero: None, slots: int = 2) -> None:
         self.states = states  # destination page states, one byte per host page
         self.ram = ram  # (target pages, 4096) uint8, or None without payload
         self._bytes = memoryview(ram).cast("B", (ram.size,)) if ram is not None else None
         self.page_size = page_size
         self.tpp = page_size // R.TARGET_PAGE
-        self.cond = threading.Condition()
+        lock = threading.RLock()
+        self.cond = threading.Condition(lock)
+        # host page -> [its own condition on the same lock, vCPUs waiting]: a placement wakes
+        # only the vCPUs blocked on what it placed (one condition for all woke every blocked
+        # vCPU at every placement: with 256 vCPUs, the emulator's own time went on that)
+        self._waiters: dict[int, list] = {}
+        self._lock = lock
         self.postcopy = False
         self.present = 0
-        self.tmp = [TmpPage(page_size, ram is not None) for _ in (MAIN, PREEMPT)]
+        # a temporary page per channel slot: main, then each preempt channel
+        self.tmp = [TmpPage(page_size, ram is not None) for _ in range(slots)]
         self.placed = [0, 0, 0]  # host pages placed per channel (MAIN, PREEMPT, MULTIFD)
         self.requested = 0  # host pages REQUESTED, not placed yet (page_requested_count)
-        self.on_place = on_place  # (first host page, count, channel), under the lock
-        # (count, channel), not under the lock: the placing thread's CPU time (emu/cpu.py)
+        self.on_place = on_place  # (first host page, count, channel kind), under the lock
+        # (count, slot, zero), not under the lock: the placing thread's CPU time (emu/cpu.py)
         self.before_place = before_place
         self.kernel = None  # emulator.backend=userfaultfd: uffd_backend.Kernel, maps the pages
 
@@ -76,8 +101,23 @@ class Placer:
 
     def wait_present(self, page: int, stop: threading.Event) -> None:
         with self.cond:
-            while self.states[page] < R.PRESENT and not stop.is_set():
-                self.cond.wait(0.1)
+            if self.states[page] >= R.PRESENT:
+                return
+            waiter = self._waiters.setdefault(page, [threading.Condition(self._lock), 0])
+            waiter[1] += 1
+            try:
+                while self.states[page] < R.PRESENT and not stop.is_set():
+                    waiter[0].wait(0.1)
+            finally:
+                waiter[1] -= 1
+                if not waiter[1]:
+                    del self._waiters[page]
+
+    def _wake(self, first: int, count: int) -> None:
+        """Under the lock: wake the vCPUs blocked on host pages [first, first + count)."""
+        for page, (waiter, _) in self._waiters.items():
+            if first <= page < first + count:
+                waiter.notify_all()
 
     # ---- from the listen and preempt threads ----
 
@@ -98,6 +138,7 @@ class Placer:
             tmp.page = -1
 
     def receive(self, channel: int, rec: RamRecord) -> None:
+        """A RAM record read off the channel in slot `channel`."""
         if rec.offset + rec.npages * R.TARGET_PAGE > len(self.states) * self.page_size:
             raise ProtocolError(f"RAM record at {rec.offset} (+{rec.npages} pages) beyond RAM")
         if rec.offset % self.page_size == 0 and rec.npages % self.tpp == 0 \
@@ -116,7 +157,7 @@ class Placer:
         if tmp.page < 0:
             if rec.offset % self.page_size:
                 raise ProtocolError(f"host page {page} starts in the middle")
-            if self.tmp[1 - channel].page == page:
+            if any(other.page == page for other in self.tmp if other is not tmp):
                 raise ProtocolError(f"host page {page} sent on two channels (split brain)")
             tmp.page, tmp.filled, tmp.all_zero = page, 0, True
         expected = tmp.page * self.page_size + tmp.filled * R.TARGET_PAGE
@@ -169,7 +210,7 @@ class Placer:
             starts = np.flatnonzero(np.diff(first, prepend=-2) != 1)
             for start, end in zip(starts, [*starts[1:], len(first)], strict=True):
                 self.on_place(int(first[start]), int(end - start), MULTIFD)
-            self.cond.notify_all()
+                self._wake(int(first[start]), int(end - start))
         return len(written)
 
     def place_zero_page(self, first: int, count: int, channel: int) -> None:
@@ -179,12 +220,13 @@ class Placer:
         normal page."""
         self._place(first, count, None, channel, zero=True)
 
-    def _place(self, first: int, count: int, data, channel: int, zero: bool = False) -> None:
+    def _place(self, first: int, count: int, data, slot: int, zero: bool = False) -> None:
         """data: the pages' bytes (None without payload); zero: they are zeros."""
-        self.before_place(count, channel, zero)
+        self.before_place(count, slot, zero)
+        channel = kind(slot)
         with self.cond:
             if self.postcopy:
-                self._place_postcopy(first, count, data, channel, zero)
+                self._place_postcopy(first, count, data, slot, zero)
             else:  # precopy: the guest here is not running yet, pages are simply (re)written
                 span = self.states[first:first + count]
                 if self.ram is not None and zero:  # a page sent before may hold old bytes
@@ -195,9 +237,10 @@ class Placer:
                 span.fill(R.PRECOPY)
                 self.placed[channel] += count
             self.on_place(first, count, channel)
-            self.cond.notify_all()
+            self._wake(first, count)
 
-    def _place_postcopy(self, first: int, count: int, data, channel: int, zero: bool) -> None:
+    def _place_postcopy(self, first: int, count: int, data, slot: int, zero: bool) -> None:
+        channel = kind(slot)
         span = self.states[first:first + count]
         # a page already present is left alone (UFFDIO_COPY would say EEXIST)
         new = span < R.PRESENT
@@ -222,11 +265,11 @@ class Placer:
         span[new] = codes[new]
         placed_point = TRACE_PLACE_ZERO if zero else TRACE_PLACE
         if placed_point.enabled or TRACE_REQ_DEL.enabled:
-            self._trace_placed(first, new, wanted, channel, self.requested + resolved,
+            self._trace_placed(first, new, wanted, slot, self.requested + resolved,
                                placed_point)
 
     @staticmethod
-    def _trace_placed(first: int, new: np.ndarray, wanted: np.ndarray, channel: int,
+    def _trace_placed(first: int, new: np.ndarray, wanted: np.ndarray, slot: int,
                       count: int, placed_point: trace.TracePoint) -> None:
         """Each page placed, in QEMU's order: the request it resolves leaves the requested
         tree (postcopy_page_req_del, with the count left of `count`), then
@@ -238,4 +281,4 @@ class Placer:
                 if TRACE_REQ_DEL.enabled:
                     TRACE_REQ_DEL(page=page, count=count)
             if placed_point.enabled:
-                placed_point(page=page, channel=CHANNEL_NAMES[channel])
+                placed_point(page=page, channel=slot_name(slot))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +57,14 @@ TRACE_PREEMPT_HIT = trace.point("postcopy_preempt_hit")
 # QEMU 10.1's locality hint (commit 20d82622 has no trace point: named after its functions)
 TRACE_HINT_UPDATE = trace.point("ram_page_hint_update")
 TRACE_HINT_COLLECT = trace.point("ram_page_hint_collect")
+# migration.x-preempt-channels (an experiment, not QEMU: postcopy-emu's own name): the preempt
+# channel an urgent page goes on, round robin over them
+TRACE_PREEMPT_CHANNEL = trace.point("pce_preempt_channel_pick")
+
+
+# the preempt channel(s) a sender of urgent pages is given: one endpoint, or with
+# migration.x-preempt-channels a list of them; None or [] for none
+Preempt = Endpoint | Sequence[Endpoint] | None
 
 
 class Pacer:
@@ -227,6 +235,7 @@ class RAMState:
         # under bitmap_mutex:
         self.page_hint: int | None = None  # rs->page_hint: where the scan goes on, if valid
         self.main_page: int | None = None  # the host page main is being written (pss_overlap)
+        self._next_preempt = 0  # x-preempt-channels: the channel the next urgent page takes
         self._remaining_at = 0.0
 
     # ---- the bitmap ----
@@ -418,10 +427,11 @@ class RAMState:
             TRACE_QUEUE_PAGES(rbname=RBNAME, start=offset, len=length, page=page)
         self.queue.put(page, self.clock.now())
 
-    def serve_queued_page(self, main: Endpoint, preempt: Endpoint | None,
+    def serve_queued_page(self, main: Endpoint, preempt: Preempt,
                           pacer: Pacer | None = None) -> bool:
         """get_queued_page() and send it: one request off the queue, its page on preempt
-        (else on main, charged to `pacer`), unless it was sent already. The background scan
+        (one of them, pick_preempt(); else on main, charged to `pacer`), unless it was sent
+        already. The background scan
         goes on right after it, in both modes, as 7.1/7.2's ram_find_and_save_block() keeps
         the page get_queued_page() chose (a break-huge page is resumed first). False if the
         queue is empty. Taking the request off the queue is migration_consume_urgent_request():
@@ -431,6 +441,7 @@ class RAMState:
             return False
         main.flush()  # the background records gathered so far go first
         page = item[0]
+        preempt = self.pick_preempt(preempt, page)
         ep, code = (preempt, SENT_PREEMPT) if preempt else (main, SENT_URGENT_MAIN)
         with self.bitmap_mutex:
             dirty = bool(self.dirty[page])
@@ -453,7 +464,22 @@ class RAMState:
         return True
 
 
-    def save_host_page_urgent(self, preempt: Endpoint, offset: int, writer: RecordWriter) -> None:
+    def pick_preempt(self, preempt: Preempt, page: int) -> Endpoint | None:
+        """The preempt channel urgent host page `page` goes on: the one there is, or with
+        migration.x-preempt-channels round robin over them (its one sender, the migration
+        thread in 7.1 or the return-path thread from 8.0, calls this: no lock). None: none."""
+        if not isinstance(preempt, (list, tuple)):
+            return preempt  # one endpoint, or None
+        if len(preempt) < 2:
+            return preempt[0] if preempt else None
+        ep = preempt[self._next_preempt % len(preempt)]
+        self._next_preempt += 1
+        if TRACE_PREEMPT_CHANNEL.enabled:
+            TRACE_PREEMPT_CHANNEL(rbname=RBNAME, page=page, channel=ep.name,
+                                  policy="round-robin")
+        return ep
+
+    def save_host_page_urgent(self, preempt: Preempt, offset: int, writer: RecordWriter) -> None:
         """QEMU 8.0's ram_save_queue_pages() in preempt mode, on the return-path thread: the
         requested host page at byte `offset` goes at once on preempt, never queued, so neither
         the migration thread nor its rate limit stands in the way; its CPU time is the
@@ -479,6 +505,7 @@ class RAMState:
                 self.board.add("dropped-requests", 1)  # sent already, maybe still in flight
                 return
             self._clear_dirty(page, 1, SENT_PREEMPT)
+            preempt = self.pick_preempt(preempt, page)
             for piece in range(0, self.tpp, self.piece):
                 self._write_record(preempt, _offset(page, piece, self.tpp),
                                    min(self.piece, self.tpp - piece), "postcopy-bytes", False,

@@ -17,7 +17,7 @@ from emu.board import Board
 from emu.child import start_thread
 from emu.cpu import CpuThread
 from emu.migration import wire
-from emu.migration.ram_save import RBNAME, RAMState, RecordWriter
+from emu.migration.ram_save import RBNAME, Preempt, RAMState, RecordWriter
 from emu.net.channel import ChannelError, Endpoint
 
 TRACE_ENTRY = trace.point("source_return_path_thread_entry")
@@ -43,8 +43,9 @@ class ReturnPath:
         self.cpu = CpuThread("return-path", rs.clock, board)
         self.cost = rs.writer.costs.return_path_message
         # QEMU 8.0 on, preempt mode: this thread sends requested pages on the preempt channel
-        # (the source sets it once connected), its own CPU time charged for them
-        self.preempt: Endpoint | None = None
+        # (the source sets it once connected: with migration.x-preempt-channels, a list), its
+        # own CPU time charged for them
+        self.preempt: Preempt = None
         self.writer = RecordWriter(rs.writer.raw, board, self.cpu, rs.writer.costs)
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
@@ -89,7 +90,7 @@ class ReturnPath:
         if TRACE_REQ_PAGES.enabled:
             TRACE_REQ_PAGES(rbname=RBNAME, start=offset, len=length)
         preempt = self.preempt
-        if self.rs.rp_sends and preempt is not None:  # postcopy_preempt_active()
+        if self.rs.rp_sends and preempt:  # postcopy_preempt_active()
             self.rs.save_host_page_urgent(preempt, offset, self.writer)
         else:
             self.rs.queue_pages(offset, length)

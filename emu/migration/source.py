@@ -54,6 +54,11 @@ MAX_WAIT = 0.05  # ram.c: the longest a ram_save_iterate() call goes on, in seco
 
 TRACE_RATE_LIMIT_PRE = trace.point("migration_rate_limit_pre")
 TRACE_RATE_LIMIT_POST = trace.point("migration_rate_limit_post")
+# migration.x-main-nonblocking (an experiment, not QEMU: postcopy-emu's own names): main is
+# full, the migration thread waits for room or a request instead of sleeping in write(); and
+# what ended the wait (urgent=1: a request, served before main is written again)
+TRACE_MAIN_FULL = trace.point("pce_main_would_block")
+TRACE_MAIN_WRITABLE = trace.point("pce_main_writable")
 # postcopy_preempt_send_channel_new(): the preempt channel is connected (postcopy-ram.c)
 TRACE_PREEMPT_NEW_CHANNEL = trace.point("postcopy_preempt_new_channel")
 TRACE_FD_ERROR = trace.point("migrate_fd_error")
@@ -95,7 +100,8 @@ class Source:
         self.rp = ReturnPath(self.rs, self.board, cfg.npages, self._channel_failed)
         self.state = StateLog("source", self.clock.now, control.emit)
         self.main: Endpoint | None = None
-        self.preempt: Endpoint | None = None
+        # the preempt channel, or migration.x-preempt-channels of them (an experiment)
+        self.preempts: list[Endpoint] = []
         self.multifd: MultiFDSend | None = None  # its channels, with migration.multifd
         self.lock = threading.Lock()  # the channels, and the state changes that go with them
         self.switchover = threading.Event()
@@ -111,6 +117,11 @@ class Source:
         self.rates = {"max-bandwidth": cfg["migration.max-bandwidth"],
                       "max-postcopy-bandwidth": cfg["migration.max-postcopy-bandwidth"]}
         self.pacer: tuple[str, Pacer] | None = None  # the rate cap in force, by parameter
+        # x-main-nonblocking: a request queued wakes the migration thread waiting for room
+        self.nonblocking = cfg["migration.x-main-nonblocking"]
+        if self.nonblocking:
+            self.rs.queue.on_put = self._wake_main
+            self._page_bytes = self._host_page_bytes()
         # the preempt channel connects in the background: postcopy_qemufile_src_sem, posted
         # once its connection is made or has failed (self.preempt then stays None)
         self.preempt_done = threading.Event()
@@ -134,10 +145,15 @@ class Source:
             self.control.fail(f"cannot connect to {address}: {err}")
             self.state.set("setup", "failed")  # migrate_fd_error()
             return
-        with self.vcpu_lock:
-            if self.guest_running:
-                self._start_vcpus()
+        # the migration thread first: its first message goes before the vCPU threads take
+        # the interpreter (256 of them starting would keep it waiting for seconds, and the
+        # destination gives up a main channel silent for MAIN_SETUP_TIMEOUT)
         start_thread("migration", self._migration_thread)
+        with self.vcpu_lock:
+            # not once the switchover was asked for: the migration thread may have stopped
+            # the vCPUs for it already (under this lock), and none may run after that
+            if self.guest_running and not self.switchover.is_set():
+                self._start_vcpus()
 
     def resume(self, address: str) -> None:
         """migrate with resume=true: reconnect and run the recovery handshake."""
@@ -204,8 +220,8 @@ class Source:
         it reaches the destination before main's first frame if main's is late."""
         main = self._endpoint("main", address)
         with self.lock:
-            old, self.main, self.preempt = self.preempt, main, None
-        if old:
+            olds, self.main, self.preempts = self.preempts, main, []
+        for old in olds:
             old.close()  # a recovery's channel that connected after its recovery failed
         if self.cfg["migration.postcopy-preempt"] and not versions.preempt_after_main(self.cfg):
             self._preempt_setup(address)
@@ -243,24 +259,37 @@ class Source:
     def _preempt_connect(self, address: str, gen: int) -> None:
         """postcopy_preempt_send_channel_new(): the channel is ours once connected, unless a
         newer connection (a recovery) or the end came meanwhile."""
+        eps: list[Endpoint] = []
         try:
-            ep = self._endpoint("preempt", address)
-            self._hello(ep, channel.PREEMPT_HELLO)
+            # with migration.x-preempt-channels N (an experiment QEMU does not have), N
+            # connections, each its own hello; the connect delay once, for them all
+            for index in range(self.cfg["migration.x-preempt-channels"]):
+                ep = self._endpoint(channel.preempt_name(index), address)
+                eps.append(ep)
+                hello = channel.preempt_hello(index)
+                if index == 0:
+                    self._hello(ep, hello)
+                else:
+                    ep.send([hello])
         except (OSError, ChannelError) as err:
             self.preempt_error = f"preempt channel: {err}"  # migrate_set_error()
-            ep = None
-        if ep is not None:
+            for ep in eps:
+                ep.close()
+            eps = []
+        if eps:
             with self.lock:
                 current = gen == self.preempt_gen and not self.quit.is_set()
                 if current:
-                    self.preempt = self.rp.preempt = ep
+                    self.preempts = self.rp.preempt = eps
             if not current:
-                ep.close()
+                for ep in eps:
+                    ep.close()
                 return
             if TRACE_PREEMPT_NEW_CHANNEL.enabled:
                 TRACE_PREEMPT_NEW_CHANNEL()
-            ep.read_credits_in_background(
-                lambda err: self._channel_failed(f"preempt channel: {err}", ep))
+            for ep in eps:
+                ep.read_credits_in_background(
+                    lambda err, ep=ep: self._channel_failed(f"{ep.name} channel: {err}", ep))
         self.preempt_done.set()
 
     def _preempt_wait_channel(self, what: str) -> bool:
@@ -286,6 +315,15 @@ class Source:
             TRACE_PREEMPT_WAIT(what=what, ms=round((self.clock.now() - t0) * 1000, 3))
         return self.preempt is not None
 
+    @property
+    def preempt(self) -> Endpoint | None:
+        """The (first) preempt channel, None without one."""
+        return self.preempts[0] if self.preempts else None
+
+    @preempt.setter
+    def preempt(self, ep: Endpoint | None) -> None:
+        self.preempts = [ep] if ep else []
+
     def _connect_multifd(self, address: str) -> MultiFDSend:
         """multifd_send_setup(): migration.multifd-channels connections, each saying its id
         first (multifd_send_initial_packet()), and their sender threads."""
@@ -303,7 +341,7 @@ class Source:
 
     def _close_channels(self) -> None:
         with self.lock:
-            eps = (self.main, self.preempt)
+            eps = (self.main, *self.preempts)
         for ep in eps:
             if ep:
                 ep.close()
@@ -314,7 +352,7 @@ class Source:
         """A channel broke. In postcopy the guest's memory is split between the hosts, so
         the migration pauses and waits for recovery; before that, it fails."""
         with self.lock:
-            if ep is not None and (ep.closed or ep not in (self.main, self.preempt)):
+            if ep is not None and (ep.closed or ep not in (self.main, *self.preempts)):
                 return  # a connection already given up (a recovery may be using new ones)
             old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
             if new == "postcopy-paused":  # postcopy_pause()
@@ -323,7 +361,7 @@ class Source:
                 self.control.emit(Paused("source", reason))
             elif new == "failed":
                 self.control.fail(f"{reason}")
-            broken = (self.main, self.preempt)  # not what a recovery connects meanwhile
+            broken = (self.main, *self.preempts)  # not what a recovery connects meanwhile
         for channel_ep in broken:
             if channel_ep:
                 channel_ep.close()
@@ -538,7 +576,7 @@ class Source:
         preempt = self.preempt if postcopy and break_huge else None
         # 8.0: preempt requests never reach the queue; what does (the preempt channel not up)
         # goes on main, the return-path thread owning preempt
-        urgent = None if rs.rp_sends else self.preempt
+        urgent = [] if rs.rp_sends else self.preempts
 
         def rate_limit() -> bool:  # ram_save_host_page()'s call, inside a huge page
             return self._rate_limit(pacer)
@@ -546,6 +584,8 @@ class Source:
         if postcopy and (rs.serve_queued_page(self.main, urgent, pacer)
                          or rs.resume_preempted(self.main, counter, pacer, preempt, rate_limit)):
             return True
+        if postcopy and self.nonblocking and not self._main_room():
+            return True  # a request came while main was full: this loop serves it next
         page = rs.find_dirty_block()
         if not postcopy and rs.pss.complete_round:  # ram_save_pending()
             # find_dirty_block(): a round complete, the pages of the next may be sent again
@@ -592,7 +632,7 @@ class Source:
             not self.cfg["migration.x-preempt-wait-channel"]
         if waits and not self._preempt_wait("eof"):
             raise ChannelError(self.preempt_error or "preempt channel: not connected")
-        for ep in (self.main, self.preempt):
+        for ep in (self.main, *self.preempts):
             if ep:
                 ep.send([wire.eof()])
 
@@ -656,6 +696,37 @@ class Source:
         if status == "active":
             return self.switchover.is_set()
         return self.quit.is_set() or status not in ("postcopy-active", "postcopy-device")
+
+    def _host_page_bytes(self) -> int:
+        """What main is given for one background host page (a run of small pages: a record),
+        headers included: the room x-main-nonblocking waits for before claiming one."""
+        pages = self.tpp if self.tpp > 1 else self.rs.piece
+        records = -(-pages // self.rs.piece)
+        header = len(wire.ram_header(0, 1, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE))
+        return pages * R.TARGET_PAGE + records * header
+
+    def _main_room(self) -> bool:
+        """migration.x-main-nonblocking (the cover letter's TODO "Avoid precopy write() blocks
+        postcopy", solution 1): main as a non-blocking socket. The migration thread never
+        sleeps in write() on it: with no room for the next host page it waits for room or a
+        request, whichever comes first (a poll() on main and the request semaphore). True: room,
+        write on; False: a request waits (or the phase is over), serve it first."""
+        main, queued = self.main, self.rs.queue.nonempty
+        if main.wait_room(self._page_bytes, lambda: True):
+            return True  # room now: never traced
+        if TRACE_MAIN_FULL.enabled:
+            TRACE_MAIN_FULL(queued=main.outstanding, size=self._page_bytes,
+                            then="serve" if queued.is_set() else "wait")
+        room = main.wait_room(self._page_bytes, lambda: queued.is_set() or self._phase_over())
+        if TRACE_MAIN_WRITABLE.enabled:
+            TRACE_MAIN_WRITABLE(urgent=int(not room and queued.is_set()))
+        return room
+
+    def _wake_main(self) -> None:
+        """A request was queued: a wait for room on main looks at the queue again."""
+        main = self.main
+        if main is not None:
+            main.wake()
 
     def _rate_limit(self, pacer: Pacer) -> bool:
         """migration_rate_limit(): start a new window once 100 ms have passed; over budget,

@@ -30,6 +30,9 @@ CHECKSUM_OFFSET = 21
 # the destination takes any other connection for the preempt channel, as QEMU does).
 MAIN_HELLO = b"QEVM\x00\x00\x00\x03"
 PREEMPT_HELLO = b"QEPC\x00\x00\x00\x01"
+# migration.x-preempt-channels (not QEMU, which has one preempt channel): preempt channel i
+# says PREEMPT_HELLO with i in its third byte; channel 0's is QEMU's own
+_PREEMPT_PREFIX, _PREEMPT_SUFFIX = PREEMPT_HELLO[:6], PREEMPT_HELLO[7:]
 HELLO_MAX = 8  # bytes a hello may have: a longer first frame is not one of ours
 # A stranger on a migration address (no TLS, as QEMU without tls-creds) costs a socket and a
 # few bytes for a bounded time: it has HANDSHAKE_TIMEOUT real seconds for its whole hello, and
@@ -52,6 +55,25 @@ BATCH_PARTS = 512  # buffers one sendmsg() gets at most (Linux takes 1024)
 # style, as the QEMUFile writev that blocks.
 TRACE_WRITEV_BLOCKED = trace.point("qemu_file_writev_blocked")
 TRACE_WRITEV_UNBLOCKED = trace.point("qemu_file_writev_unblocked")
+
+
+def preempt_hello(index: int) -> bytes:
+    """The hello of preempt channel `index` (0: QEMU's PREEMPT_HELLO)."""
+    return _PREEMPT_PREFIX + bytes([index]) + _PREEMPT_SUFFIX
+
+
+def preempt_name(index: int) -> str:
+    """Preempt channel `index`'s name, as its endpoints and the link's connection have it:
+    "preempt", then "preempt1", "preempt2", ..."""
+    return f"preempt{index}" if index else "preempt"
+
+
+def preempt_channel_id(hello: bytes) -> int | None:
+    """The preempt channel a hello names, or None if it is not a preempt channel's."""
+    if len(hello) == len(PREEMPT_HELLO) and hello.startswith(_PREEMPT_PREFIX) \
+            and hello.endswith(_PREEMPT_SUFFIX):
+        return hello[6]
+    return None
 
 
 class ChannelError(ConnectionError):
@@ -78,6 +100,11 @@ class Endpoint:
     def closed(self) -> bool:
         """This side closed it (a failure it reports afterwards is old news)."""
         return self._closed
+
+    @property
+    def outstanding(self) -> int:
+        """Bytes of ours the link holds (or this endpoint, not written yet)."""
+        return self._outstanding
 
     def send(self, parts: list, virt: int = 0, more: bool = False) -> None:
         """Write one frame made of `parts` (bytes-like); blocks while the link holds `window`
@@ -115,6 +142,30 @@ class Endpoint:
                 self._credit.wait(0.5)
         if traced and TRACE_WRITEV_UNBLOCKED.enabled:
             TRACE_WRITEV_UNBLOCKED(channel=self.name, queued=self._outstanding, size=charge)
+
+    def wait_room(self, charge: int, stop) -> bool:
+        """A non-blocking writer's poll() (migration.x-main-nonblocking, an experiment): wait
+        until a send of `charge` bytes would not block, or until stop() says to do something
+        else (asked at once and at every wake(): a request queued calls it). True if there is
+        room; what this endpoint holds is written first, so that it can be credited."""
+        room = self.window - self.wakeup
+        with self._credit:
+            if not self._full(charge, room):
+                return True
+        self.flush()
+        with self._credit:
+            while self._full(charge, room):
+                if self._closed:
+                    raise ChannelError(f"{self.name}: closed")
+                if stop():
+                    return False
+                self._credit.wait(0.5)
+        return True
+
+    def wake(self) -> None:
+        """Wake a wait_room() to look at its stop() again."""
+        with self._credit:
+            self._credit.notify_all()
 
     def _full(self, charge: int, room: int) -> bool:
         """No room for `charge` more bytes (a frame larger than the link goes when it is

@@ -66,8 +66,11 @@ def _route(conn: str) -> tuple[str, str, str]:
 
 
 def _field(conn: str) -> str:
-    """The board fields' name of a connection: the multifd ones share theirs."""
-    return MULTIFD if conn.startswith(MULTIFD) else conn
+    """The board fields' name of a connection: the multifd ones share theirs, and so do the
+    preempt ones."""
+    if conn.startswith(MULTIFD):
+        return MULTIFD
+    return "preempt" if conn.startswith("preempt") else conn
 
 
 def _conn_from(port: str) -> str | None:
@@ -295,8 +298,8 @@ class Relay:
         None if it said nothing we know, or the destination is not there."""
         if hello == channel.MAIN_HELLO:
             conn = "main"
-        elif hello == channel.PREEMPT_HELLO:
-            conn = "preempt"
+        elif (preempt_id := channel.preempt_channel_id(hello)) is not None:
+            conn = channel.preempt_name(preempt_id)
         elif (multifd_id := multifd_channel_id(hello)) is not None:
             conn = f"{MULTIFD}{multifd_id}"
         else:
