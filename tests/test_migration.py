@@ -21,12 +21,15 @@ def assert_completed(result):
         assert times == sorted(times)
 
 
-def assert_postcopy(result):
+def assert_postcopy(result, device: bool = False):
+    """device: the design has QEMU 10.2's postcopy-device, from the device state (source) or
+    POSTCOPY_LISTEN (destination) until the guest runs on the destination."""
     assert_completed(result)
+    between = ["postcopy-device"] if device else []
     assert [s["status"] for s in result["states"]["source"]] == [
-        "setup", "active", "device", "postcopy-active", "completed"]
+        "setup", "active", "device", *between, "postcopy-active", "completed"]
     assert [s["status"] for s in result["states"]["destination"]] == [
-        "setup", "active", "postcopy-active", "completed"]
+        "setup", "active", *between, "postcopy-active", "completed"]
     lat = result["latency"]
     assert lat["count"] > 0 and lat["avg-us"] > 0
     assert sum(lat["dist"]) == lat["count"]
