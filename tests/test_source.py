@@ -304,8 +304,9 @@ def test_the_recovery_waits_for_the_migration_thread_to_park():
     resume = threading.Thread(target=src._resume, args=("unix:/new",))
     resume.start()
     try:
-        until(lambda: src.state.status != "postcopy-paused")
+        # before 9.1 the source stays postcopy-paused while the recovery waits to connect
         resume.join(0.2)
+        assert resume.is_alive() and src.state.status == "postcopy-paused"
         assert new_main.commands == []  # the migration thread streams still: no RECV_BITMAP
         src.parked.set()
         until(lambda: new_main.commands == [wire.MIG_CMD_RECV_BITMAP])
