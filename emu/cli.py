@@ -92,9 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("name", choices=["seed-table", "qemu", "preempt-full-table"])
     bench.add_argument("--quick", action="store_true",
                        help="seed-table: fewer samples (about a fifth), about 2 minutes "
-                            "instead of about 6; qemu: a 64 MiB guest and one cap, about 2.5 "
-                            "minutes; preempt-full-table: 6 s of postcopy a cell instead of "
-                            "30, about 2 minutes")
+                            "instead of about 6; qemu: a 64 MiB guest, one cap and one 2 MiB "
+                            "scenario, about 3.5 minutes; preempt-full-table: 6 s of postcopy "
+                            "a cell instead of 30, about 1 minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench, scenario=None, set=[])
     gui = _command(sub, "gui", "open the window")

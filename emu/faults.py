@@ -73,10 +73,7 @@ def parse(text: str) -> Fault:
 def check(entry: dict, where: str = "faults") -> Fault:
     if entry.get("action") == "delay":
         return _check_delay(entry, where)
-    unknown = set(entry) - {"at", "action", "channel"}
-    if unknown:
-        raise ConfigError(f"{where}: unknown field {quote(sorted(unknown)[0])} (allowed: at, "
-                          "action, channel)")
+    _only(entry, ("at", "action", "channel"), where, "allowed")
     action = entry.get("action")
     if action not in ACTIONS:
         raise ConfigError(f"{where}: action must be one of {', '.join(ACTIONS)} "
@@ -89,11 +86,16 @@ def check(entry: dict, where: str = "faults") -> Fault:
     return Fault(_when(entry.get("at"), where), action, channel)
 
 
-def _check_delay(entry: dict, where: str) -> Fault:
-    unknown = set(entry) - {"action", "channel", "delay"}
+def _only(entry: dict, fields: tuple[str, ...], where: str, allowed: str) -> None:
+    """A fault's table holds these fields and no other."""
+    unknown = set(entry) - set(fields)
     if unknown:
-        raise ConfigError(f"{where}: unknown field {quote(sorted(unknown)[0])} (a delay "
-                          "allows: action, channel, delay)")
+        raise ConfigError(f"{where}: unknown field {quote(sorted(unknown)[0])} ({allowed}: "
+                          f"{', '.join(fields)})")
+
+
+def _check_delay(entry: dict, where: str) -> Fault:
+    _only(entry, ("action", "channel", "delay"), where, "a delay allows")
     channel = entry.get("channel")
     if channel not in CONNECTS:
         raise ConfigError(f"{where}: a delay's channel must be one of {', '.join(CONNECTS)} "
