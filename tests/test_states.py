@@ -11,7 +11,7 @@ from emu import controller, trace
 from emu.controller import Run, migrate
 from emu.events import StateChanged, StateRefused
 from emu.faults import Fault, parse
-from emu.migration import destination, loadvm, source, wire
+from emu.migration import destination, incoming, loadvm, placement, source, wire
 from emu.migration.states import StateLog, after_failure
 from tests.conftest import config
 from tests.test_recovery import assert_recovered, statuses
@@ -31,14 +31,14 @@ class HeldLoadVM(loadvm.LoadVM):
 
     held = False
 
-    def process_command(self, msg) -> None:
+    def process_command(self, msg, main) -> None:
         if not self.held and msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:
             self.held = True
             self.dst.control.emit(ResumeDecoded())
             deadline = time.monotonic() + HOLD_S
             while self.dst.state.status != "postcopy-paused" and time.monotonic() < deadline:
                 time.sleep(0.002)
-        super().process_command(msg)
+        super().process_command(msg, main)
 
 
 def held_destination_main(control, bufs, cfg) -> None:
@@ -158,3 +158,37 @@ def test_a_failure_that_loses_the_race_decides_again():
     ("cancelling", "cancelled"), ("completed", None), ("failed", None), ("cancelled", None)])
 def test_what_a_broken_channel_leads_to_on_the_source(status, new):
     assert after_failure(status, source.PAUSES) == new
+
+
+
+RECOVERING = ("postcopy-paused", "postcopy-recover")  # 7.1 waits in the first, 8.0 the second
+
+
+def lost_preempt_destination_main(control, bufs, cfg) -> None:
+    """A destination that closes the first preempt channel a recovery brings, as a link that
+    breaks it before its hello arrives: main is in, and its preempt channel never comes."""
+    hello = incoming.Connections._hello
+
+    def _hello(self, sock, which, arrival):
+        if which == placement.PREEMPT and self.dst.state.status in RECOVERING \
+                and not getattr(self, "lost", False):
+            self.lost = True
+            sock.close()
+            return
+        hello(self, sock, which, arrival)
+    incoming.Connections._hello = _hello
+    destination.main(control, bufs, cfg)
+
+
+@pytest.mark.parametrize("design", ["7.1", "8.0"])
+def test_a_recovery_whose_preempt_channel_never_comes_pauses_again(monkeypatch, design):
+    """The recovery's preempt channel breaks before it reaches the destination, whose main
+    is in: the source pauses and closes main, and the destination, waiting for the preempt
+    channel (7.1 recovers only once every channel is in, 8.0 waits at POSTCOPY_RESUME), must
+    see main go and stay (or be again) postcopy-paused, not sit in postcopy-recover with no
+    channel refusing every migrate-recover. The next recovery completes."""
+    monkeypatch.setattr(destination, "main", lost_preempt_destination_main)
+    cfg = config(workload__pattern="ab", migration__postcopy_preempt="true",
+                 migration__design=design, emulator__duration_limit="3s")
+    result = migrate(cfg, None, [parse("cut main at 30ms")], 0.05)
+    assert_recovered(result, times=2)

@@ -41,7 +41,7 @@ from emu.migration.multifd import MultiFDRecv
 from emu.migration.placement import MAIN, Placer
 from emu.migration.states import FINAL, StateLog, after_failure
 from emu.migration.workload import VCpu, Workload
-from emu.net.channel import ChannelError
+from emu.net.channel import ChannelError, Endpoint
 
 PLACED = ("placed-main", "placed-preempt", "placed-multifd")  # by channel (placement.py)
 FIELDS = ("faults", "postcopy-requests", "duplicate-requests", "present", "blocked",
@@ -156,37 +156,51 @@ class Destination:
 
     def main_channel_confirmed(self) -> None:
         """A main channel carries the migration stream: its return path is new (the block
-        is named again), and a paused postcopy recovers (postcopy_try_recover())."""
+        is named again)."""
         self.fault_thread.block_named = False
-        if self.state.status == "postcopy-paused":
-            if self.state.set("postcopy-paused", "postcopy-recover") and TRACE_CONTINUED.enabled:
+
+    def try_recover(self, main: Endpoint) -> None:
+        """postcopy_try_recover(), once every channel is in (all_channels): a paused
+        postcopy recovers. Under the channels' lock, and only on a main channel still the
+        migration's: a channel that broke meanwhile closed them all (channel_failed), and
+        its pause stands; recovering then would sit in postcopy-recover with no channel."""
+        with self.conns.lock:
+            if self.conns.current(main) and self.state.status == "postcopy-paused" and \
+                    self.state.set("postcopy-paused", "postcopy-recover") and \
+                    TRACE_CONTINUED.enabled:
                 TRACE_CONTINUED()
 
-    def all_channels(self) -> bool:
+    def all_channels(self, main: Endpoint) -> bool:
         """QEMU 7.1's migration_has_all_channels(): with preempt, the destination loads
         nothing, a recovery included, until the preempt channel is in too (8.0 starts on main
         alone and waits at POSTCOPY_LISTEN and POSTCOPY_RESUME, wait_preempt()). False if
         the migration stops meanwhile."""
         if versions.preempt_after_main(self.cfg):
             return True
-        return self.wait_preempt()
+        return self.wait_preempt(main)
 
-    def wait_preempt(self) -> bool:
+    def wait_preempt(self, main: Endpoint) -> bool:
         """qemu_sem_wait(&mis->postcopy_qemufile_dst_done); True at once without preempt, or
-        in the what-if x-preempt-wait-channel=false, where neither side waits for it."""
+        in the what-if x-preempt-wait-channel=false, where neither side waits for it. False
+        if the migration stops meanwhile, or `main`, the channel of the thread that waits,
+        is closed here: its preempt channel will never come, a recovery's is another's.
+        ChannelError if the source closed `main` meanwhile: nothing else reads it now."""
         if not (self.cfg["migration.postcopy-preempt"]
                 and self.cfg["migration.x-preempt-wait-channel"]):
             return True
         while not self.preempt_in.wait(0.05):
-            if self.stop.is_set() or self.state.status in FINAL:
+            if self.stop.is_set() or self.state.status in FINAL or \
+                    not self.conns.current(main):
                 return False
-        return True
+            if main.hung_up():
+                raise ChannelError("connection closed")
+        return self.conns.current(main)
 
-    def postcopy_listen(self) -> None:
+    def postcopy_listen(self, main: Endpoint) -> None:
         """POSTCOPY_LISTEN: pages are placed as postcopy places them from now on
         (postcopy_ram_listen_thread()); 8.0's postcopy_ram_incoming_setup() waits for the
         preempt channel first."""
-        if versions.preempt_after_main(self.cfg) and not self.wait_preempt():
+        if versions.preempt_after_main(self.cfg) and not self.wait_preempt(main):
             return
         with self.placer.cond:
             if self.placer.kernel is not None:  # drop what is missing, then register
@@ -217,13 +231,13 @@ class Destination:
             self.board[field] = touches
         return publish
 
-    def postcopy_resume(self) -> None:
+    def postcopy_resume(self, main: Endpoint) -> None:
         """POSTCOPY_RESUME: back to postcopy-active; ask again for every page still wanted,
         since the source's queue was lost with the connection. Only from postcopy-recover
         (loadvm_postcopy_handle_resume): a channel that broke after the listen thread read
         the command has paused the migration again, and that pause stands, or no recovery
         could ever be started (no RESUME_ACK either: the channels are gone)."""
-        if versions.preempt_after_main(self.cfg) and not self.wait_preempt():
+        if versions.preempt_after_main(self.cfg) and not self.wait_preempt(main):
             return  # 8.0: "wait for it and make sure it's created"
         if not self.state.set("postcopy-recover", "postcopy-active"):
             return
@@ -281,7 +295,10 @@ class Destination:
         """A channel broke: in postcopy the migration pauses, from postcopy-active or from
         postcopy-recover (postcopy_pause_incoming); before postcopy it fails."""
         self.preempt_in.clear()  # a recovery brings a new one
-        old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+        with self.conns.lock:  # the state and the channels at once: Connections.confirm
+            old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+            if old not in ("completed", "failed"):
+                self.conns.close_channels()
         if new == "postcopy-paused":
             if TRACE_PAUSE.enabled:
                 TRACE_PAUSE()
@@ -289,8 +306,6 @@ class Destination:
             self.control.emit(Paused("destination", reason))
         elif new == "failed":
             self.control.fail(f"{reason}")
-        if old not in ("completed", "failed"):
-            self.conns.close_channels()
 
     # ---- the return path ----
 

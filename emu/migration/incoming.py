@@ -87,7 +87,9 @@ class Connections:
         self.channels: list[Endpoint | None] = [None] * dst.slots  # MAIN, PREEMPT...
         self.listener: socket.socket | None = None
         self.socket_files: list[uri.Pin] = []  # what our listeners bound
-        self.lock = threading.Lock()  # channel set-up and tear-down
+        # channel set-up and tear-down; re-entrant: a failure settles the state and closes the
+        # channels under it (Destination.channel_failed), atomically with try_recover()
+        self.lock = threading.RLock()
         # the main channel on trial (_hello): it and when its first record is due
         self._unconfirmed: tuple[Endpoint, float] | None = None
 
@@ -270,6 +272,11 @@ class Connections:
         self._stop_listening_if_complete()
         self.dst.main_channel_confirmed()
         return True
+
+    def current(self, ep: Endpoint, which: int = MAIN) -> bool:
+        """Whether `ep` is still the migration's channel `which` (not closed by a failure,
+        not replaced by a recovery's)."""
+        return self.channels[which] is ep
 
     def _stop_listening_if_complete(self) -> None:
         """Every channel is in: like QEMU, take no more connections (a recovery listens

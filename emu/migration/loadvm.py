@@ -71,8 +71,9 @@ class LoadVM:
                     if not dst.conns.confirm(ep):
                         return  # given up: MAIN_SETUP_TIMEOUT, or a newer main took over
                     unconfirmed = False
-                    if not dst.all_channels():
+                    if not dst.all_channels(ep):
                         return
+                    dst.try_recover(ep)
                 dst.loading()
                 if isinstance(msg, wire.RamRecord):
                     dst.placer.receive(which, msg)
@@ -87,7 +88,7 @@ class LoadVM:
                 elif isinstance(msg, wire.DeviceState):
                     self.device = check_device_state(msg.state, dst.cfg)
                 else:
-                    self.process_command(msg)
+                    self.process_command(msg, ep)
         except LoadError as err:
             dst.load_failed(str(err))
         except (ChannelError, wire.ProtocolError) as err:
@@ -96,8 +97,8 @@ class LoadVM:
             elif dst.conns.channels[which] is ep:  # not a connection we already replaced
                 dst.channel_failed(f"{ep.name} channel: {err}")
 
-    def process_command(self, msg: wire.Command) -> None:
-        """loadvm_process_command(): one MIG_CMD_* from the main channel."""
+    def process_command(self, msg: wire.Command, main: Endpoint) -> None:
+        """loadvm_process_command(): one MIG_CMD_* from the main channel `main`."""
         if TRACE_COMMAND.enabled:
             TRACE_COMMAND(com=wire.MIG_CMD_NAMES[msg.cmd], len=len(msg.data))
         dst = self.dst
@@ -112,7 +113,7 @@ class LoadVM:
             for start, length in wire.parse_discard(msg.data):
                 dst.placer.discard(start // size, length // size)
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_LISTEN:
-            dst.postcopy_listen()
+            dst.postcopy_listen(main)
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RUN:
             if dst.vcpus or not dst.placer.postcopy:  # the guest starts here once
                 raise LoadError(f"CMD_POSTCOPY_RUN in wrong postcopy state "
@@ -123,7 +124,7 @@ class LoadVM:
         elif msg.cmd == wire.MIG_CMD_RECV_BITMAP:
             dst.send_rp(wire.recv_bitmap(dst.placer.states >= R.PRESENT))
         elif msg.cmd == wire.MIG_CMD_POSTCOPY_RESUME:
-            dst.postcopy_resume()
+            dst.postcopy_resume(main)
 
     def postcopy_state(self) -> int:
         if self.dst.vcpus:

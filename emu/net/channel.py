@@ -10,6 +10,7 @@ head-of-line blocking comes from.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -210,6 +211,16 @@ class Endpoint:
         thread = threading.Thread(target=loop, name=f"{self.name}-credits", daemon=True)
         thread.start()
         return thread
+
+    def hung_up(self) -> bool:
+        """The connection is closed, by this side or the other (poll's POLLRDHUP, which
+        holds with bytes still unread): for a thread that waits on something else instead
+        of reading it."""
+        if self._closed:
+            return True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         with self._credit:
