@@ -56,7 +56,7 @@ LINK = "824MB/s"
 # The round trip of a request between QEMU's threads here, from QEMU's own traces of the
 # --quick matrix (docs/qemu.md, "After the faithful time scale"): fault thread to the
 # source's return-path thread 60 us (median of the runs' medians), migration thread's pick
-# to the vCPU's wake-up 35 us with nothing ahead (preempt), less the ~12 us the emulator
+# to the vCPU's wake-up 37 us with nothing ahead (preempt), less the 12 us the emulator
 # charges on that path itself (cpu.* and the page's own time on the link).
 LINK_RTT = "80us"
 # Precopy measures nothing here: it runs at this scale (the relay keeps up with LINK's
