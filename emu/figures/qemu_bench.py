@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emu.config import KEYS
 from emu.figures import timescale
 from emu.qemu import available, hugepages
-from emu.units import format_size, parse_rate, parse_size
+from emu.units import format_size, parse_rate
 
 MODES = ("vanilla", "preempt")
 # x-postcopy-preempt-break-huge=false only differs where a host page is more than one
@@ -59,9 +60,11 @@ LINK = "824MB/s"
 # to the vCPU's wake-up 37 us with nothing ahead (preempt), less the 12 us the emulator
 # charges on that path itself (cpu.* and the page's own time on the link).
 LINK_RTT = "80us"
-# Precopy measures nothing here: it runs at this scale (the relay keeps up with LINK's
-# frames at it), and the clock slows to the scenario's own scale SWITCH_LEAD (emulated)
-# before migrate-start-postcopy, so that the switch itself runs at that scale too.
+# Precopy measures nothing here: it runs at this scale (4 s of real time for 1 s; its frames
+# come late at it, 0.4 ms emulated on average, which only means that precopy sends less, and
+# all of RAM moves again in postcopy anyway), and the clock slows to the scenario's own
+# scale SWITCH_LEAD (emulated) before migrate-start-postcopy, so that the switch itself
+# runs at that scale too.
 PRECOPY_SCALE = 0.25
 SWITCH_LEAD = 0.02
 BUDGET_S = {"quick": 30.0, "full": 120.0}  # real seconds of postcopy per emulator run, at most
@@ -183,9 +186,9 @@ def choose_scale(case: Case, latency: float | None, cost: timescale.Cost,
     """The time scale of the emulator's postcopy: the auto rule (timescale.choose) for
     `latency`, the figure the run will be compared with (QEMU's faster requests for the
     scenario and mode, seconds; None: no faults), on a machine of `cost`; but never so slow
-    that its postcopy takes more than `budget` real seconds (limit "budget" then). own-share: the
-    emulator's own cost per fault at that scale, as a share of `latency`."""
-    frames = parse_rate(LINK) / parse_size("128KiB")  # the emulator.chunk default
+    that its postcopy takes more than `budget` real seconds (limit "budget" then).
+    own-share: the emulator's own cost per fault at that scale, as a share of `latency`."""
+    frames = parse_rate(LINK) / KEYS["emulator.chunk"].default  # the sets keep the default
     scale, limit = timescale.choose(latency, frames, cost)
     if latency is None:
         limit = "no-faults"
