@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="seed-table: fewer samples (about a fifth), about 2 minutes "
                             "instead of about 6; qemu: a 64 MiB guest, one cap and one 2 MiB "
-                            "scenario, about 3.5 minutes; preempt-full-table: 6 s of postcopy "
+                            "scenario, about 4 minutes (the emulator's postcopy at the faithful "
+                            "scale, each run's at most 30 s); preempt-full-table: 6 s of postcopy "
                             "a cell instead of 30, about 1 minute")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench, scenario=None, set=[])
