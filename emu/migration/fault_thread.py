@@ -21,7 +21,7 @@ from emu.cpu import CpuThread
 from emu.figures.metrics import FaultRing
 from emu.migration import ram as R
 from emu.migration import wire
-from emu.migration.placement import MAIN, PREEMPT
+from emu.migration.placement import MAIN, PREEMPT, new_bell
 from emu.migration.workload import SLICED, Memory
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class FaultThread:
         self.ring = ring  # fault records published to the window
         self.records: list[tuple] = []  # and kept for the report
         self.faults: queue.SimpleQueue = queue.SimpleQueue()  # (vCPU, host page); None: quit
+        self.bells = [new_bell() for _ in range(dst.cfg["guest.vcpus"])]  # Placer.expect()'s
         self.block_named = False  # REQ_PAGES_ID names the block once per connection
         # this thread's CPU time per fault read (cpu.fault-request), in emulated time
         self.cpu = CpuThread("fault", dst.clock, dst.board)
@@ -130,21 +131,23 @@ class FaultThread:
         (True), or stopped; False if it was present by now."""
         dst = self.dst
         placer, clock = dst.placer, dst.clock
-        if placer.states[page] >= R.PRESENT:
-            return False
         t0 = clock.now()
+        bell = self.bells[vcpu]
+        if not placer.expect(page, bell):
+            return False
         dst.board.add("blocked", 1)
-        self.faults.put((vcpu, page))
-        placer.wait_present(page, dst.stop)
+        self.faults.put((vcpu, page))  # wakes the fault thread: nothing but sleep after it
+        placer.wait_present(page, dst.stop, bell)
+        woke = clock.now()
         dst.board.add("blocked", -1)
-        if placer.states[page] < R.PRESENT:
+        if placer.state(page) < R.PRESENT:
             return True  # stopped while waiting
-        self.record(t0, vcpu, page, clock.now() - t0)
+        self.record(t0, vcpu, page, woke - t0)
         return True
 
     def record(self, t0: float, vcpu: int, page: int, latency: float) -> None:
         """A fault resolved: its record, for the window (the ring) and the report."""
-        channel_code = PREEMPT if self.dst.placer.states[page] == R.URGENT_PREEMPT else MAIN
+        channel_code = PREEMPT if self.dst.placer.state(page) == R.URGENT_PREEMPT else MAIN
         record = (t0, vcpu, page, latency, channel_code)
         self.ring.append(record)
         self.records.append(record)
