@@ -104,7 +104,7 @@ class Placer:
     def request(self, page: int) -> bool:
         """Mark a faulted host page requested; False when it already is, or is present (the
         fault thread then sends nothing: QEMU de-duplicates the same way)."""
-        with self.cond:
+        with self._lock:
             if self._state[page] >= R.REQUESTED:
                 return False
             self._state[page] = R.REQUESTED
@@ -121,7 +121,7 @@ class Placer:
         """A vCPU is about to block on host page `page`: its bell (new_bell()) joins the page's
         waiters now, before it hands its fault on, so that the fault thread it wakes finds
         it asleep, not busy with this. False if the page is present."""
-        with self.cond:
+        with self._lock:  # the Condition's own __enter__ is a Python call more
             if self._state[page] >= R.PRESENT:
                 return False
             self._waiters.setdefault(page, []).append(bell)

@@ -114,7 +114,7 @@ class Endpoint:
         frame is held, its bytes referenced, not copied, until BATCH bytes have gathered, the
         next send without more, flush(), or a wait for the link: one system call then writes
         them all, as QEMU's QEMUFile gathers page iovecs before a writev()."""
-        size = sum(len(p) for p in parts)
+        size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
         charge = size + virt
         with self._send_lock:
             if self._outstanding + charge > self.window:  # only credits make it smaller
@@ -174,6 +174,8 @@ class Endpoint:
 
     def flush(self) -> None:
         """Write the frames held by send(more=True)."""
+        if not self._held:  # nothing held (an urgent page's send wrote itself): no lock
+            return
         with self._send_lock:
             self._write_held()
 
