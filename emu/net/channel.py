@@ -335,6 +335,7 @@ def refuse(sock: socket.socket) -> None:
 
 
 SMALL_FRAME = 256  # payload bytes up to which checksum() sums words without numpy
+_WORDS = [struct.Struct(f"<{n}Q") for n in range(SMALL_FRAME // 8 + 1)]  # n words, unpacked
 
 
 def checksum(payload) -> int:
@@ -349,7 +350,7 @@ def checksum(payload) -> int:
     if not whole:
         total = 0
     elif whole <= SMALL_FRAME:
-        total = sum(struct.unpack_from(f"<{whole >> 3}Q", view))
+        total = sum(_WORDS[whole >> 3].unpack_from(view))
     else:
         total = int(np.frombuffer(view[:whole], np.uint64).sum())
     return (total + int.from_bytes(view[whole:], "little")) & 0xFFFF_FFFF_FFFF_FFFF
