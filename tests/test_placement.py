@@ -13,8 +13,8 @@ from emu.cpu import Costs
 from emu.figures.metrics import FaultRing
 from emu.migration import ram as R
 from emu.migration import wire
-from emu.migration.fault_thread import FaultThread
-from emu.migration.placement import MAIN, PREEMPT, Placer, new_bell
+from emu.migration.fault_thread import FaultQueue, FaultThread
+from emu.migration.placement import MAIN, PREEMPT, Bell, Placer
 
 HUGE = 2 << 20
 TPP = HUGE // R.TARGET_PAGE
@@ -149,7 +149,7 @@ def test_a_placement_wakes_only_the_vcpus_blocked_on_its_page():
     stop = threading.Event()
     woke = {page: threading.Event() for page in (0, 1)}
     for page in woke:
-        bell = new_bell()
+        bell = Bell()
         assert p.expect(page, bell)
 
         def vcpu(page=page, bell=bell):
@@ -163,7 +163,7 @@ def test_a_placement_wakes_only_the_vcpus_blocked_on_its_page():
     stop.set()  # a vCPU stopped while it waits leaves the page's waiters
     assert woke[1].wait(2)
     assert p._waiters == {}
-    assert not p.expect(0, new_bell())  # present: nothing to wait for
+    assert not p.expect(0, Bell())  # present: nothing to wait for
 
 
 def test_a_page_placed_alone_is_placed_as_in_a_run(traced_placements):
@@ -207,3 +207,35 @@ def traced_placements():
     yield seen
     trace.enable([])
     trace.set_sink(lambda name, fields: None)
+
+
+def test_a_bell_rung_before_its_wait_is_not_lost_and_rings_once():
+    bell = Bell()
+    assert not bell.wait(0.01)
+    bell.ring()
+    assert bell.wait(0.01) and not bell.wait(0.01)
+    woke = threading.Event()
+
+    def sleeper():
+        if bell.wait(5):
+            woke.set()
+    threading.Thread(target=sleeper, daemon=True).start()
+    assert not woke.wait(0.05)
+    bell.ring()
+    assert woke.wait(2)
+    bell.close()
+
+
+def test_the_fault_queue_hands_faults_over_in_order_and_blocks_when_empty():
+    faults = FaultQueue()
+    faults.put((0, 1))
+    faults.put((1, 2))  # two puts, one wake-up: both are there
+    assert faults.get() == (0, 1) and faults.get() == (1, 2)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(faults.get()), daemon=True)
+    reader.start()
+    reader.join(0.05)
+    assert reader.is_alive() and not got
+    faults.put(None)
+    reader.join(2)
+    assert got == [None]
