@@ -150,14 +150,17 @@ class Placer:
     def wait_present(self, page: int, stop: threading.Event, bell: Bell | None = None) -> None:
         """Block until host page `page` is present, or stop is set. bell: expect()'s (else
         one made for this wait)."""
-        if bell is None:
-            bell = Bell()
-            try:
-                if self.expect(page, bell):
-                    self.wait_present(page, stop, bell)
-            finally:
-                bell.close()
+        if bell is not None:
+            self._sleep(page, stop, bell)
             return
+        bell = Bell()
+        try:
+            if self.expect(page, bell):
+                self._sleep(page, stop, bell)
+        finally:
+            bell.close()
+
+    def _sleep(self, page: int, stop: threading.Event, bell: Bell) -> None:
         while not bell.wait(0.1):  # rung by _wake()
             if stop.is_set() and self._leave(page, bell):
                 return
