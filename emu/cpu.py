@@ -99,6 +99,7 @@ class CpuThread:
         self._since: float | None = None  # the input of the next charge came then (mark)
         self._board = board if board is not None and f"cpu-{name}-busy" in board.fields \
             else None
+        self._busy, self._acts = f"cpu-{name}-busy", f"cpu-{name}-acts"  # its board fields
 
     def charge(self, seconds: float) -> None:
         """Work of `seconds` starting now, or when the work before it is done."""
@@ -110,7 +111,7 @@ class CpuThread:
         self.busy += seconds
         self._pending = True
         if self._board is not None:
-            self._board.add(f"cpu-{self.name}-busy", seconds)
+            self._board.add(self._busy, seconds)
 
     def mark(self, t: float) -> None:
         """The input of the next charge (a frame read off a channel) was there at emulated
@@ -128,7 +129,7 @@ class CpuThread:
             pass
         self.acts += 1
         if self._board is not None:
-            self._board.add(f"cpu-{self.name}-acts", 1)
+            self._board.add(self._acts, 1)
 
     def ready(self) -> float:
         """When this thread can next take work in (for the lag meter: a frame read late

@@ -1,10 +1,13 @@
-"""A channel endpoint's writer blocked on a full connection, seen through its trace points."""
+"""A channel endpoint: a writer blocked on a full connection, seen through its trace points;
+the checksum of its frames."""
 
 import socket
 import threading
 
+import numpy as np
+
 from emu import trace
-from emu.net.channel import Endpoint, credit_frame
+from emu.net.channel import SMALL_FRAME, Endpoint, checksum, credit_frame
 
 
 def test_a_writer_blocked_on_a_full_connection_is_traced():
@@ -39,3 +42,13 @@ def test_a_writer_blocked_on_a_full_connection_is_traced():
         ep.close()
         mine.close()
         link.close()
+
+
+def test_a_small_payload_has_the_checksum_a_large_one_would():
+    # checksum() sums small payloads without numpy: the same 64-bit word sum, wrapping
+    rng = np.random.default_rng(7)
+    for size in (*range(0, 2 * SMALL_FRAME + 17), 4096, 4096 + 5):
+        for data in (rng.integers(0, 256, size, dtype=np.uint8).tobytes(), b"\xff" * size):
+            words = np.frombuffer(data[:size & ~7], np.uint64)
+            expected = (sum(int(w) for w in words) + int.from_bytes(data[size & ~7:], "little"))
+            assert checksum(data) == expected % (1 << 64), size

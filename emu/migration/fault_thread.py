@@ -10,7 +10,7 @@ places the page, and its fault becomes a fault record (time, vCPU, page, latency
 
 from __future__ import annotations
 
-import queue
+import collections
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +21,7 @@ from emu.cpu import CpuThread
 from emu.figures.metrics import FaultRing
 from emu.migration import ram as R
 from emu.migration import wire
-from emu.migration.placement import MAIN, PREEMPT
+from emu.migration.placement import MAIN, PREEMPT, Bell
 from emu.migration.workload import SLICED, Memory
 
 if TYPE_CHECKING:
@@ -66,6 +66,26 @@ class DestMemory(Memory):
             np.add.at(self.increments[vcpu], pages, 1)
 
 
+class FaultQueue:
+    """The faults the vCPUs hand the fault thread (QEMU: the userfaultfd the kernel queues
+    them on): a deque and a Bell, rung with the GIL released. queue.SimpleQueue's put()
+    wakes its reader with the GIL held, and a reader woken onto the vCPU's CPU then sleeps
+    again on the GIL until the vCPU blocks."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._bell = Bell()
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        self._bell.ring()
+
+    def get(self):
+        while not self._items:
+            self._bell.wait()
+        return self._items.popleft()
+
+
 class FaultThread:
     """The fault thread, its queue of faults, and the fault records of the vCPUs it served."""
 
@@ -73,7 +93,8 @@ class FaultThread:
         self.dst = dst
         self.ring = ring  # fault records published to the window
         self.records: list[tuple] = []  # and kept for the report
-        self.faults: queue.SimpleQueue = queue.SimpleQueue()  # (vCPU, host page); None: quit
+        self.faults = FaultQueue()  # (vCPU, host page); None: quit
+        self.bells = [Bell() for _ in range(dst.cfg["guest.vcpus"])]  # Placer.expect()'s
         self.block_named = False  # REQ_PAGES_ID names the block once per connection
         # this thread's CPU time per fault read (cpu.fault-request), in emulated time
         self.cpu = CpuThread("fault", dst.clock, dst.board)
@@ -130,21 +151,23 @@ class FaultThread:
         (True), or stopped; False if it was present by now."""
         dst = self.dst
         placer, clock = dst.placer, dst.clock
-        if placer.states[page] >= R.PRESENT:
-            return False
         t0 = clock.now()
+        bell = self.bells[vcpu]
+        if not placer.expect(page, bell):
+            return False
         dst.board.add("blocked", 1)
-        self.faults.put((vcpu, page))
-        placer.wait_present(page, dst.stop)
+        self.faults.put((vcpu, page))  # wakes the fault thread: nothing but sleep after it
+        placer.wait_present(page, dst.stop, bell)
+        woke = clock.now()
         dst.board.add("blocked", -1)
-        if placer.states[page] < R.PRESENT:
+        if placer.state(page) < R.PRESENT:
             return True  # stopped while waiting
-        self.record(t0, vcpu, page, clock.now() - t0)
+        self.record(t0, vcpu, page, woke - t0)
         return True
 
     def record(self, t0: float, vcpu: int, page: int, latency: float) -> None:
         """A fault resolved: its record, for the window (the ring) and the report."""
-        channel_code = PREEMPT if self.dst.placer.states[page] == R.URGENT_PREEMPT else MAIN
+        channel_code = PREEMPT if self.dst.placer.state(page) == R.URGENT_PREEMPT else MAIN
         record = (t0, vcpu, page, latency, channel_code)
         self.ring.append(record)
         self.records.append(record)

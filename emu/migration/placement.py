@@ -16,7 +16,10 @@ PREEMPT in the page states and the counters.
 
 from __future__ import annotations
 
+import os
+import select
 import threading
+import weakref
 
 import numpy as np
 
@@ -58,21 +61,52 @@ class TmpPage:
         self.buf = np.zeros(page_size, np.uint8) if payload else None
 
 
+class Bell:
+    """What a vCPU blocked on a page sleeps on (Placer.expect); the page's placement rings
+    it. An eventfd, rung with the GIL released: a lock released under the GIL woke the vCPU
+    onto the placing thread's CPU, where it slept again on the GIL until that thread's next
+    blocking read (stamps on the 2-core dev VM: 20 us in the release, then that second
+    wake-up)."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self.fd, select.POLLIN)
+        # closed once nothing can ring or wait on it any more, or by close()
+        self.close = weakref.finalize(self, os.close, self.fd)
+
+    def ring(self) -> None:
+        os.eventfd_write(self.fd, 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until rung (True, and unrung again), at most `timeout` seconds."""
+        if not self._poll.poll(None if timeout is None else timeout * 1000):
+            return False
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:  # another waiter took the ring (a queue's, FaultQueue)
+            return False
+        return True
+
+
 class Placer:
     def __init__(self, states: np.ndarray, ram: np.ndarray | None, page_size: int,
                  on_place=lambda first, count, channel: None,
                  before_place=lambda count, channel, zero: None, slots: int = 2) -> None:
         self.states = states  # destination page states, one byte per host page
+        # the same bytes for one page at a time: a vCPU's fault and a requested page placed
+        # read and write single states, where numpy's scalar access costs ten times as much
+        self._state = memoryview(states) if states.flags.c_contiguous else states
         self.ram = ram  # (target pages, 4096) uint8, or None without payload
         self._bytes = memoryview(ram).cast("B", (ram.size,)) if ram is not None else None
         self.page_size = page_size
         self.tpp = page_size // R.TARGET_PAGE
         lock = threading.RLock()
         self.cond = threading.Condition(lock)
-        # host page -> [its own condition on the same lock, vCPUs waiting]: a placement wakes
-        # only the vCPUs blocked on what it placed (one condition for all woke every blocked
-        # vCPU at every placement: with 256 vCPUs, the emulator's own time went on that)
-        self._waiters: dict[int, list] = {}
+        # host page -> the bells of the vCPUs blocked on it: a placement wakes only the vCPUs
+        # blocked on what it placed, each through the one primitive it sleeps on (a
+        # Condition's wait makes a lock of its own per wait, then takes this lock again)
+        self._waiters: dict[int, list[Bell]] = {}
         self._lock = lock
         self.postcopy = False
         self.present = 0
@@ -90,34 +124,64 @@ class Placer:
     def request(self, page: int) -> bool:
         """Mark a faulted host page requested; False when it already is, or is present (the
         fault thread then sends nothing: QEMU de-duplicates the same way)."""
-        with self.cond:
-            if self.states[page] >= R.REQUESTED:
+        with self._lock:
+            if self._state[page] >= R.REQUESTED:
                 return False
-            self.states[page] = R.REQUESTED
+            self._state[page] = R.REQUESTED
             self.requested += 1
             if TRACE_REQ_ADD.enabled:
                 TRACE_REQ_ADD(page=page, count=self.requested)
             return True
 
-    def wait_present(self, page: int, stop: threading.Event) -> None:
-        with self.cond:
-            if self.states[page] >= R.PRESENT:
+    def state(self, page: int) -> int:
+        """Host page `page`'s state (a single byte read: numpy's item costs ten times more)."""
+        return self._state[page]
+
+    def expect(self, page: int, bell: Bell) -> bool:
+        """A vCPU is about to block on host page `page`: its bell joins the page's waiters
+        now, before it hands its fault on, so that the fault thread it wakes finds it asleep,
+        not busy with this. False if the page is present."""
+        with self._lock:  # the Condition's own __enter__ is a Python call more
+            if self._state[page] >= R.PRESENT:
+                return False
+            self._waiters.setdefault(page, []).append(bell)
+            return True
+
+    def wait_present(self, page: int, stop: threading.Event, bell: Bell | None = None) -> None:
+        """Block until host page `page` is present, or stop is set. bell: expect()'s (else
+        one made for this wait)."""
+        if bell is not None:
+            self._sleep(page, stop, bell)
+            return
+        bell = Bell()
+        try:
+            if self.expect(page, bell):
+                self._sleep(page, stop, bell)
+        finally:
+            bell.close()
+
+    def _sleep(self, page: int, stop: threading.Event, bell: Bell) -> None:
+        while not bell.wait(0.1):  # rung by _wake()
+            if stop.is_set() and self._leave(page, bell):
                 return
-            waiter = self._waiters.setdefault(page, [threading.Condition(self._lock), 0])
-            waiter[1] += 1
-            try:
-                while self.states[page] < R.PRESENT and not stop.is_set():
-                    waiter[0].wait(0.1)
-            finally:
-                waiter[1] -= 1
-                if not waiter[1]:
-                    del self._waiters[page]
+
+    def _leave(self, page: int, bell: Bell) -> bool:
+        """Stopped: take `bell` off the page's waiters. False if a placement rang it
+        meanwhile (the next wait returns at once)."""
+        with self._lock:
+            bells = self._waiters.get(page, [])
+            if bell not in bells:
+                return False
+            bells.remove(bell)
+            if not bells:
+                del self._waiters[page]
+            return True
 
     def _wake(self, first: int, count: int) -> None:
         """Under the lock: wake the vCPUs blocked on host pages [first, first + count)."""
-        for page, (waiter, _) in self._waiters.items():
-            if first <= page < first + count:
-                waiter.notify_all()
+        for page in [p for p in self._waiters if first <= p < first + count]:
+            for bell in self._waiters.pop(page):
+                bell.ring()
 
     # ---- from the listen and preempt threads ----
 
@@ -240,6 +304,9 @@ class Placer:
             self._wake(first, count)
 
     def _place_postcopy(self, first: int, count: int, data, slot: int, zero: bool) -> None:
+        if count == 1 and self.kernel is None:
+            self._place_one(first, data, slot, zero)
+            return
         channel = kind(slot)
         span = self.states[first:first + count]
         # a page already present is left alone (UFFDIO_COPY would say EEXIST)
@@ -267,6 +334,31 @@ class Placer:
         if placed_point.enabled or TRACE_REQ_DEL.enabled:
             self._trace_placed(first, new, wanted, slot, self.requested + resolved,
                                placed_point)
+
+    def _place_one(self, page: int, data, slot: int, zero: bool) -> None:
+        """_place_postcopy() of one host page, the fault path's case, on single states (the
+        arrays' numpy calls cost more than the rest of the path from the socket to the vCPU)."""
+        state = self._state[page]
+        if state >= R.PRESENT:  # UFFDIO_COPY would say EEXIST
+            return
+        channel = kind(slot)
+        if self.ram is not None and zero:  # as _place_postcopy() does
+            self.ram[page * self.tpp:(page + 1) * self.tpp] = 0
+        elif self.ram is not None and data is not None:
+            self._bytes[page * self.page_size:(page + 1) * self.page_size] = data
+        self.present += 1
+        self.placed[channel] += 1
+        wanted = state == R.REQUESTED
+        if wanted:
+            self.requested -= 1
+            self._state[page] = R.URGENT_PREEMPT if channel == PREEMPT else R.URGENT_MAIN
+        else:
+            self._state[page] = R.BACKGROUND
+        placed_point = TRACE_PLACE_ZERO if zero else TRACE_PLACE
+        if wanted and TRACE_REQ_DEL.enabled:
+            TRACE_REQ_DEL(page=page, count=self.requested)
+        if placed_point.enabled:
+            placed_point(page=page, channel=slot_name(slot))
 
     @staticmethod
     def _trace_placed(first: int, new: np.ndarray, wanted: np.ndarray, slot: int,
