@@ -17,14 +17,19 @@ BASE = {
 }
 
 
-BACKEND = "emulated"  # pytest --backend=userfaultfd: every migration's destination, if it can
+# pytest --backend: emulator.backend of the tests' migrations (those made with config()).
+# auto, the default, leaves the product's default to choose, as a user's run does; emulated
+# forces the page-state lookup; userfaultfd forces the kernel where it can serve the guest.
+BACKEND = "auto"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--backend", default="emulated", choices=("emulated", "userfaultfd"),
-                     help="emulator.backend of the tests' migrations (those whose guest it "
-                          "can serve: 4 KiB pages, with payload); skipped where the kernel "
-                          "refuses userfaultfd")
+    parser.addoption("--backend", default="auto", choices=("auto", "emulated", "userfaultfd"),
+                     help="emulator.backend of the tests' migrations: auto (the default, as "
+                          "the product's: userfaultfd where it can serve the run, else "
+                          "emulated), emulated, or userfaultfd (those whose guest it can "
+                          "serve: with payload, on 4 KiB pages; skipped where the kernel "
+                          "refuses userfaultfd)")
 
 
 def pytest_configure(config):
@@ -34,7 +39,8 @@ def pytest_configure(config):
 
 def config(**sets):
     merged = {**BASE, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
-    if BACKEND != "emulated" and "emulator.backend" not in merged and _kernel_can(merged):
+    if "emulator.backend" not in merged and BACKEND != "auto" and (
+            BACKEND == "emulated" or _kernel_can(merged)):
         merged["emulator.backend"] = BACKEND
     return load_config(None, [f"{k}={v}" for k, v in merged.items()])
 
