@@ -38,7 +38,13 @@ def pytest_configure(config):
 
 
 def config(**sets):
-    merged = {**BASE, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
+    return with_backend(BASE, sets)
+
+
+def with_backend(base: dict, sets: dict):
+    """*base* with overrides given as section__key="value" (dashes as underscores), and the
+    emulator.backend pytest --backend asks for, unless the test sets one."""
+    merged = {**base, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
     if "emulator.backend" not in merged and BACKEND != "auto" and (
             BACKEND == "emulated" or _kernel_can(merged)):
         merged["emulator.backend"] = BACKEND
