@@ -13,6 +13,9 @@ machine, and emulated otherwise, so that a default never stops a run that can go
 resolve() makes the choice before any process starts and gives the Config with the backend the
 run will use, and a Backend saying which and, for auto falling back, why in a few words; an
 explicit userfaultfd that cannot work is refused (check(), exit 2 with one line), as before.
+Every program resolves before it makes shared memory (emu/controller.py's Run, a standalone
+destination in emu/qmp/programs.py); an engine that were handed auto anyway would run emulated
+(emu/migration/destination.py takes the kernel path for userfaultfd only).
 """
 
 from __future__ import annotations

@@ -51,15 +51,28 @@ def with_backend(base: dict, sets: dict):
     return load_config(None, [f"{k}={v}" for k, v in merged.items()])
 
 
+def backend_sets() -> list[str]:
+    """The --set a test's standalone programs (`postcopy-emu destination`) take for pytest
+    --backend: none for auto (the programs choose, as a user's do); userfaultfd only where the
+    kernel permits it (else they run auto, which is then emulated)."""
+    if BACKEND == "auto" or BACKEND == "userfaultfd" and probe_refusal() is not None:
+        return []
+    return [f"emulator.backend={BACKEND}"]
+
+
+def probe_refusal() -> str | None:
+    from emu import uffd
+
+    return uffd.probe()
+
+
 def _kernel_can(sets: dict) -> bool:
     """Whether emulator.backend=userfaultfd can serve this guest; skips the test with the
     probe's reason if the kernel refuses it."""
-    from emu import uffd
-
     if str(sets.get("guest.page-size", "4KiB")) not in ("4KiB", "4096") or \
             str(sets.get("emulator.payload", "true")).lower() != "true":
         return False
-    if (why := uffd.probe()) is not None:
+    if (why := probe_refusal()) is not None:
         pytest.skip(why)
     return True
 

@@ -22,11 +22,11 @@ from emu.controller import Run
 from emu.figures import integrity
 from emu.net import channel
 from emu.qmp.protocol import QmpClient, QmpError
-from tests.conftest import PATIENCE, as_from_a_terminal, config
+from tests.conftest import PATIENCE, as_from_a_terminal, backend_sets, config
 from tests.test_cleanup import alive, children, segments, wait_for
 
 SETS = ["guest.ram=32MiB", "link.socket-buffer=1MiB", "emulator.time-scale=0.25",
-        "workload.pattern=ab"]
+        "workload.pattern=ab"] + backend_sets()
 PREEMPT = [{"capability": "postcopy-preempt", "state": True},
            {"capability": "events", "state": True}]
 
