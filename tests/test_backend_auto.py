@@ -15,6 +15,7 @@ from emu.config import KEYS
 from emu.controller import migrate
 from gui.record import Recording
 from tests.conftest import BASE, config
+from tests.test_qmp_migration import where  # noqa: F401  (the fixture)
 
 REASON = U.probe()
 needs_uffd = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -110,3 +111,17 @@ def test_short_keeps_the_reason_and_drops_the_advice():
         "guest RAM of 32 MiB on 2048 KiB huge pages needs 16 free, 0 are"
     assert backend.short("Missing userfault map features: 0x4") == \
         "Missing userfault map features: 0x4"
+
+
+def test_a_standalone_destination_says_which_backend_it_chose(where):  # noqa: F811
+    """`postcopy-emu destination` chooses before its engine starts, and says so once."""
+    from tests.test_qmp_migration import finish, start
+
+    dst = start(where, "dst", "destination", "--incoming", "defer",
+                "--set", "emulator.backend=auto", "--set", "emulator.payload=false",
+                env={"TMPDIR": where[0]})
+    dst.connect()
+    finish(where, where[1])
+    said = [line for line in dst.log().splitlines() if "emulator.backend" in line]
+    assert said == ["postcopy-emu destination: emulator.backend: emulated (auto: "
+                    "emulator.payload=false)"]

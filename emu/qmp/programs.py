@@ -217,11 +217,13 @@ def run_side(role: str, args, cfg: Config) -> int:
 
 
 def _side(role: str, args, cfg: Config, program: Program) -> int:
+    chosen = None
     if role == "destination":  # emulator.backend=auto chosen before the engine starts
         cfg, chosen = backend.resolve(cfg)
-        program.say(f"emulator.backend: {chosen.describe()}")
     # first: a guest that does not fit stops here, with one line
     engine = Engine(role, cfg, trace=program.trace_patterns)
+    if chosen is not None:
+        program.say(f"emulator.backend: {chosen.describe()}")
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
         engine.close()
