@@ -11,6 +11,7 @@ import sys
 from contextlib import nullcontext
 
 from emu import engines, signals, trace
+from emu.backend import Backend
 from emu.config import Config, ConfigError, load_config, scenario_names
 from emu.figures import metrics
 from emu.figures import progress as guest_progress
@@ -593,6 +594,7 @@ def summary(result: dict, cfg: Config) -> str:
         f"{cfg['workload.pattern']} workload",
         f"  link {format_rate(cfg['link.bandwidth'])}, rtt {format_duration(cfg['link.rtt'])}, "
         f"socket buffer {format_size(cfg['link.socket-buffer'])}",
+        f"  emulator.backend: {Backend.of_report(emu).describe()}",
         f"  switchover at {switch * 1e3:.0f} ms, downtime {qm['downtime']} ms; transferred "
         f"{qm['ram']['transferred'] / 1e6:.1f} MB (precopy {qm['ram']['precopy-bytes'] / 1e6:.1f},"
         f" postcopy {qm['ram']['postcopy-bytes'] / 1e6:.1f})" + _zero_pages(qm["ram"]),

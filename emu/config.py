@@ -393,8 +393,9 @@ KEYS: dict[str, Key] = {
     ),
     "emulator.payload": _key("bool", True, "real page bytes travel (false: headers only)"),
     "emulator.backend": _key(
-        "str", "emulated", "how a destination vCPU faults: emulated (a page-state lookup) or "
-        "userfaultfd (the kernel, as QEMU)", choices=("emulated", "userfaultfd"),
+        "str", "auto", "how a destination vCPU faults: emulated (a page-state lookup), "
+        "userfaultfd (the kernel, as QEMU), or auto: userfaultfd where it can serve the run, "
+        "else emulated", choices=("auto", "emulated", "userfaultfd"),
     ),
     "emulator.seed": _key("int", 1, "seed of every random choice", low=0, high=str(2**64 - 1)),
     "emulator.chunk": _key(

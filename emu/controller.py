@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from emu import engines, signals
+from emu import backend, engines, signals
 from emu.clock import Clock
 from emu.config import Config
 from emu.engines import ROLES, Child, Shared
@@ -105,10 +105,11 @@ class Run:
         """faults: what to break during postcopy; recover_after: emulated seconds after a
         pause before recovering (migrate-recover + migrate resume), None = leave it paused;
         trace: QEMU -trace patterns of the trace points the children log. A time-scale of
-        auto is chosen here (emu/figures/timescale.py), before any process starts."""
+        auto is chosen here (emu/figures/timescale.py), before any process starts, and so is
+        a backend of auto (emu/backend.py: self.backend says which, and why)."""
         from emu.figures import timescale
 
-        self.cfg = timescale.resolve(cfg)[0]
+        self.cfg, self.backend = backend.resolve(timescale.resolve(cfg)[0])
         self.trace = tuple(trace)
         self.pending_faults = list(faults)
         self.injected: list[dict] = []

@@ -26,11 +26,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from emu import shm, signals
+from emu import backend, shm, signals
 from emu.board import Board
 from emu.child import child_main
 from emu.clock import Clock
-from emu.config import Config, ConfigError
+from emu.config import Config
 from emu.events import Event
 from emu.figures.metrics import FaultRing
 from emu.migration import destination, source
@@ -87,7 +87,9 @@ def huge_page(cfg: Config) -> int:
 
 
 def check_room(cfg: Config, roles: tuple[str, ...]) -> None:
-    """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit."""
+    """shm.NoRoom, one line naming guest.ram, if these roles' shared memory does not fit
+    with the backend the run will use (emulator.backend=auto chosen as the run chooses it)."""
+    cfg = backend.resolve(cfg)[0]
     ram = format_size(cfg["guest.ram"])
     rams = sum(role != "network" for role in roles) if cfg["emulator.payload"] else 0
     what = {0: f"the page arrays of a {ram} guest", 1: f"a guest RAM of {ram} and its page arrays",
@@ -100,23 +102,11 @@ def check_room(cfg: Config, roles: tuple[str, ...]) -> None:
 
 def check_backend(cfg: Config, roles: tuple[str, ...]) -> None:
     """A ConfigError, one line saying why and what to change, if the destination's
-    emulator.backend cannot work on this machine (emu/uffd.py's probe, as QEMU's
-    postcopy_ram_supported_by_host() at migrate-incoming); with huge pages, also if the
-    machine has fewer free than guest RAM needs (the pool is the machine owner's to set)."""
-    if "destination" not in roles or cfg["emulator.backend"] != "userfaultfd":
-        return
-    from emu import uffd
-
-    why = uffd.probe()
-    if why is None and (size := huge_page(cfg)):
-        try:
-            uffd.check_huge_pages(cfg["guest.ram"], size)
-        except uffd.HugePagesUnavailable as err:
-            why = str(err)
-        else:
-            why = uffd.probe(size)
-    if why is not None:
-        raise ConfigError(f"emulator.backend=userfaultfd: {why}")
+    emulator.backend=userfaultfd cannot work on this machine (emu/backend.py: uffd.probe(),
+    as QEMU's postcopy_ram_supported_by_host() at migrate-incoming; with huge pages, also
+    fewer free than guest RAM needs)."""
+    if "destination" in roles:
+        backend.check(cfg)
 
 
 class Shared:

@@ -171,7 +171,10 @@ class Recorder:
 
     def _header(self, session) -> dict:
         report = session.report
-        return {"format": FORMAT, "version": VERSION, "config": self.cfg.to_json(),
+        cfg = self.cfg  # with the backend the run used (emulator.backend=auto chosen)
+        if session.run is not None:
+            cfg = cfg.with_overrides([f"emulator.backend={session.run.cfg['emulator.backend']}"])
+        return {"format": FORMAT, "version": VERSION, "config": cfg.to_json(),
                 "npages": self.cfg.npages, "frames": self.frames, "statuses": self._statuses,
                 "boards": self._fields, "marks": marks(session.run),
                 "report": report, "integrity": session.integrity,

@@ -323,6 +323,7 @@ class Session:
         self.phase = STARTING
         self._started_real = time.monotonic()
         self._log("starting source, destination and network processes")
+        self._log(f"emulator.backend: {self.run.backend.describe()}")  # auto's choice, and why
         self._background(self.run.start)
 
     def start_postcopy(self) -> bool:

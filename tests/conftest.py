@@ -17,14 +17,19 @@ BASE = {
 }
 
 
-BACKEND = "emulated"  # pytest --backend=userfaultfd: every migration's destination, if it can
+# pytest --backend: emulator.backend of the tests' migrations (those made with config()).
+# auto, the default, leaves the product's default to choose, as a user's run does; emulated
+# forces the page-state lookup; userfaultfd forces the kernel where it can serve the guest.
+BACKEND = "auto"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--backend", default="emulated", choices=("emulated", "userfaultfd"),
-                     help="emulator.backend of the tests' migrations (those whose guest it "
-                          "can serve: 4 KiB pages, with payload); skipped where the kernel "
-                          "refuses userfaultfd")
+    parser.addoption("--backend", default="auto", choices=("auto", "emulated", "userfaultfd"),
+                     help="emulator.backend of the tests' migrations: auto (the default, as "
+                          "the product's: userfaultfd where it can serve the run, else "
+                          "emulated), emulated, or userfaultfd (those whose guest it can "
+                          "serve: with payload, on 4 KiB pages; skipped where the kernel "
+                          "refuses userfaultfd)")
 
 
 def pytest_configure(config):
@@ -33,21 +38,41 @@ def pytest_configure(config):
 
 
 def config(**sets):
-    merged = {**BASE, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
-    if BACKEND != "emulated" and "emulator.backend" not in merged and _kernel_can(merged):
+    return with_backend(BASE, sets)
+
+
+def with_backend(base: dict, sets: dict):
+    """*base* with overrides given as section__key="value" (dashes as underscores), and the
+    emulator.backend pytest --backend asks for, unless the test sets one."""
+    merged = {**base, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
+    if "emulator.backend" not in merged and BACKEND != "auto" and (
+            BACKEND == "emulated" or _kernel_can(merged)):
         merged["emulator.backend"] = BACKEND
     return load_config(None, [f"{k}={v}" for k, v in merged.items()])
+
+
+def backend_sets() -> list[str]:
+    """The --set a test's standalone programs (`postcopy-emu destination`) take for pytest
+    --backend: none for auto (the programs choose, as a user's do); userfaultfd only where the
+    kernel permits it (else they run auto, which is then emulated)."""
+    if BACKEND == "auto" or BACKEND == "userfaultfd" and probe_refusal() is not None:
+        return []
+    return [f"emulator.backend={BACKEND}"]
+
+
+def probe_refusal() -> str | None:
+    from emu import uffd
+
+    return uffd.probe()
 
 
 def _kernel_can(sets: dict) -> bool:
     """Whether emulator.backend=userfaultfd can serve this guest; skips the test with the
     probe's reason if the kernel refuses it."""
-    from emu import uffd
-
     if str(sets.get("guest.page-size", "4KiB")) not in ("4KiB", "4096") or \
             str(sets.get("emulator.payload", "true")).lower() != "true":
         return False
-    if (why := uffd.probe()) is not None:
+    if (why := probe_refusal()) is not None:
         pytest.skip(why)
     return True
 

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from tests.conftest import PATIENCE, as_from_a_terminal
+from tests.conftest import PATIENCE, as_from_a_terminal, backend_sets
 
 qmp = pytest.importorskip("qemu.qmp", reason="qemu.qmp is not installed (pip install qemu.qmp)")
 
 SETS = ["--set", "guest.ram=32MiB", "--set", "emulator.time-scale=0.25",
-        "--set", "workload.pattern=random"]
+        "--set", "workload.pattern=random"] + [a for s in backend_sets() for a in ("--set", s)]
 PREEMPT = {"capabilities": [{"capability": "postcopy-ram", "state": True},
                             {"capability": "postcopy-preempt", "state": True},
                             {"capability": "events", "state": True}]}

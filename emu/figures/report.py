@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from emu.backend import Backend
 from emu.config import Config
 from emu.events import Trace
 from emu.figures import integrity, metrics, model, timescale
@@ -82,11 +83,22 @@ def build(run, integrity_result: dict | None, real_time: float) -> dict:
         "faults": run.injected,
         "recoveries": run.recoveries,
         "events": [event_json(t, what) for t, what in run.events_in_order()],
-        "emulator": with_cpu(emulator_health(cfg, run.board("destination"), latency, real_time),
-                             cfg, {"source": src, "destination": run.board("destination")},
-                             latency, reached["time"] - _source_start(run)),
+        "emulator": {**with_cpu(emulator_health(cfg, run.board("destination"), latency,
+                                                real_time),
+                                cfg, {"source": src, "destination": run.board("destination")},
+                                latency, reached["time"] - _source_start(run)),
+                     **backend_json(run.backend)},
         "config": cfg.to_json(),
     }
+
+
+def backend_json(backend: Backend) -> dict:
+    """The backend the destination used; with emulator.backend=auto, what auto chose and, if
+    it fell back to emulated, why (emu/backend.py)."""
+    shown = {"backend": backend.name}
+    if backend.auto:
+        shown["backend-auto"] = backend.to_json()
+    return shown
 
 
 def progress(run, dst: dict, now: float) -> dict | None:

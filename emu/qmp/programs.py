@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 
-from emu import engines, signals
+from emu import backend, engines, signals
 from emu.config import Config
 from emu.engines import Child, Shared
 from emu.events import Bound, Died, Error, Event, Link, Ready, Trace
@@ -217,8 +217,13 @@ def run_side(role: str, args, cfg: Config) -> int:
 
 
 def _side(role: str, args, cfg: Config, program: Program) -> int:
+    chosen = None
+    if role == "destination":  # emulator.backend=auto chosen before the engine starts
+        cfg, chosen = backend.resolve(cfg)
     # first: a guest that does not fit stops here, with one line
     engine = Engine(role, cfg, trace=program.trace_patterns)
+    if chosen is not None:
+        program.say(f"emulator.backend: {chosen.describe()}")
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
         engine.close()

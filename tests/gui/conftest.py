@@ -9,8 +9,8 @@ os.environ["QT_QPA_PLATFORM"] = "offscreen"
 
 import pytest  # noqa: E402
 
-from emu.config import load_config  # noqa: E402
 from gui._qt.qtfix import guard_singletons  # noqa: E402
+from tests.conftest import with_backend  # noqa: E402
 
 guard_singletons()
 
@@ -26,9 +26,9 @@ SMALL = {
 
 
 def small_config(**sets: str):
-    """SMALL with overrides given as section__key="value" (dashes as underscores)."""
-    merged = {**SMALL, **{k.replace("__", ".").replace("_", "-"): v for k, v in sets.items()}}
-    return load_config(None, [f"{k}={v}" for k, v in merged.items()])
+    """SMALL with overrides given as section__key="value" (dashes as underscores), on the
+    backend pytest --backend asks for (tests/conftest.py)."""
+    return with_backend(SMALL, sets)
 
 
 @pytest.fixture
