@@ -163,10 +163,12 @@ def test_a_sigterm_unmounts_the_private_mount(monkeypatch):
 
 
 def _fake_run_one(ran):
-    def run_one(case, mode, hugetlbfs=None):
+    def run_one(case, mode, hugetlbfs=None, cost=None, budget=None):
         ran.append((case.name, mode, hugetlbfs))
         side = dict.fromkeys(qemu_bench.FIELDS, 1)
-        return {"name": case.name, "mode": mode, "qemu": side, "emulator": side}, "7.2.22"
+        scale = {"scale": 0.1, "limit": "cost", "own-share": 0.01, "real-time-s": 1.0}
+        return {"name": case.name, "mode": mode, "qemu": side, "emulator": side,
+                "time-scale": scale}, "7.2.22"
     return run_one
 
 
@@ -179,6 +181,7 @@ def test_bench_qemu_skips_the_2mib_scenarios_in_one_line_where_it_cannot(monkeyp
                                        "mounting one needs root")
 
     monkeypatch.setattr(qemu_bench, "run_one", _fake_run_one(ran))
+    monkeypatch.setattr(qemu_bench.timescale, "machine_cost", lambda: None)  # no calibration
     monkeypatch.setattr(hugepages, "mounted", no_mount)
     assert qemu_bench.main(quick=True, as_json=False) == 0
     out, err = capsys.readouterr()
@@ -198,7 +201,7 @@ def test_each_2mib_run_has_its_pages_and_those_done_stay_if_the_pool_runs_out(
     def mount(size=hugepages.SIZE):
         yield "/mnt/huge"
 
-    def run_one(case, mode, hugetlbfs=None):
+    def run_one(case, mode, hugetlbfs=None, cost=None, budget=None):
         assert hugepages.available() == 64  # two QEMUs' 64 MiB, added for this run
         pool.kernel_can_find = 0  # and then the machine has no more
         return _fake_run_one(ran)(case, mode, hugetlbfs)
