@@ -424,7 +424,11 @@ def pair(where, incoming: str, via_link: bool) -> tuple[Program, Program, str]:
     target = incoming
     if via_link:
         target = f"unix:{path}/link.sock"
-        start(where, "link", "link", "--listen", target, "--connect", incoming, *rtt)
+        link = start(where, "link", "link", "--listen", target, "--connect", incoming, *rtt)
+        # up before the destination starts: the link's emulated clock runs well ahead of the
+        # destination's, which must not delay what it delivers (it did, by that lead, when
+        # the two programs happened to start that far apart)
+        link.connect()
     dst = start(where, "dst", "destination", "--incoming", "defer", *rtt, env={"TMPDIR": path})
     src = start(where, "src", "source", *rtt)
     for side in (src, dst):
