@@ -52,6 +52,23 @@ class Clock:
             return float("inf")
         return (t_emu - emu_base) / scale + real_base - time.monotonic()
 
+    def real_at(self, t_emu: float) -> float:
+        """The time.monotonic() at which emulated time t_emu is (or was) reached: a time every
+        process on the machine reads alike, where each standalone program's emulated clock is
+        its own (started when the program started). While paused, the moment the pause began."""
+        real_base, emu_base, scale = self._read()
+        if scale <= 0:
+            return real_base
+        return real_base + (t_emu - emu_base) / scale
+
+    def at_real(self, real: float) -> float:
+        """The emulated time on this clock at time.monotonic() `real` (real_at's inverse). A
+        time before the clock's last change (a new scale, a pause) reads as that change's
+        moment: the clock keeps no older mapping, and a wait across a pause is no emulated
+        time at all."""
+        real_base, emu_base, scale = self._read()
+        return emu_base + max(0.0, real - real_base) * scale
+
     def sleep_until(self, t_emu: float, max_real: float = 0.05) -> bool:
         """Wait until emulated time t_emu, at most max_real real seconds (so callers stay
         responsive to stop requests and scale changes). True when t_emu has been reached."""

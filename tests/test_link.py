@@ -104,6 +104,38 @@ def receive_times(ep, clock, n, out):
         out.append((ep.recv(), clock.now()))
 
 
+def test_the_arrival_stamp_reads_alike_on_a_clock_started_apart(bench):
+    """A `link` program's clock and a destination program's start apart: the link stamps a
+    frame's arrival in real time, so that on the reader's own clock it is when the frame came
+    (a stamp of the link's emulated time put it that far off there, and the destination's
+    preempt thread waited for it)."""
+    rtt = 20e-3
+    link = bench(bandwidth=1e9, rtt=rtt, window=1 << 20, scale=0.5)
+    reader = Clock()
+    reader.start(0.5, at=-1.0)  # a second behind the link's clock
+    stamps = []
+    link.dst["main"].on_arrival = stamps.append
+    t_sent = reader.now()
+    link.src["main"].send([b"page"])
+    assert link.dst["main"].recv() == b"page"
+    t_read = reader.now()
+    arrival = reader.at_real(stamps[0])
+    assert t_sent + rtt / 2 <= arrival + 1e-6 and arrival <= t_read
+
+
+def test_a_clock_maps_real_time_both_ways():
+    clock = Clock()
+    clock.start(0.25, at=3.0)
+    assert clock.at_real(clock.real_at(3.5)) == pytest.approx(3.5)
+    assert clock.real_at(3.5) - clock.real_at(3.0) == pytest.approx(2.0)  # 0.5 s at 1/4
+    clock.set_scale(0)  # paused: every time maps to the moment the pause began
+    paused = clock.now()
+    stamp = clock.real_at(1.0)
+    assert clock.at_real(stamp) == pytest.approx(paused)
+    clock.set_scale(1.0)  # and after it too: a frame's wait across a pause is no emulated time
+    assert clock.at_real(stamp) == pytest.approx(paused)
+
+
 def test_urgent_frame_waits_behind_the_queued_bytes(bench):
     """Head-of-line blocking: a frame written behind S queued bytes arrives about S/B later."""
     B, S, rtt = 50e6, 1 << 20, 1e-3

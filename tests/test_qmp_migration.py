@@ -428,7 +428,11 @@ def pair(where, incoming: str, via_link: bool) -> tuple[Program, Program, str]:
         # docs/benchmarks.md, "The default backend, auto"), an open question of that backend
         rtt += ("--set", "emulator.backend=emulated")
         target = f"unix:{path}/link.sock"
-        start(where, "link", "link", "--listen", target, "--connect", incoming, *rtt)
+        link = start(where, "link", "link", "--listen", target, "--connect", incoming, *rtt)
+        # up before the destination starts: the link's emulated clock runs well ahead of the
+        # destination's, which must not delay what it delivers (it did, by that lead, when
+        # the two programs happened to start that far apart)
+        link.connect()
     dst = start(where, "dst", "destination", "--incoming", "defer", *rtt, env={"TMPDIR": path})
     src = start(where, "src", "source", *rtt)
     for side in (src, dst):

@@ -91,7 +91,7 @@ class Destination:
         if kernel:
             self.placer.kernel = uffd_backend.Kernel(bufs[shm.DST_RAM], cfg.page_size)
         self.state = StateLog("destination", self.clock.now, control.emit)
-        self.lag = lag_meter(self.board, self.clock.now)
+        self.lag = self._arrival_meter()  # a hello's
         self.lags = [self._reader_meter(cpu) for cpu in self.cpu]  # per channel slot
         self.stop = threading.Event()
         self.vcpus: list[VCpu] = []
@@ -323,15 +323,28 @@ class Destination:
             self.channel_failed(f"return path: {err}")
             return False
 
+    def _arrival_meter(self, ready=lambda: 0.0):
+        """A frame's lag from the arrival the link stamped on it: a time.monotonic() (channel.py),
+        read on this program's clock, since a `link` program's emulated clock started apart from
+        ours (a stamp of its emulated time would put every frame that far off here). The
+        emulated arrival is returned."""
+        lag = lag_meter(self.board, self.clock.now, ready)
+        at_real = self.clock.at_real
+
+        def note(stamp: float) -> float:
+            arrival = at_real(stamp)
+            lag(arrival)
+            return arrival
+        return note
+
     def _reader_meter(self, cpu: CpuThread):
         """on_arrival of a channel's endpoint: its lag (a frame read late because its thread
         was busy placing is not the emulator's), and the time its thread's work on the frame
         starts from (the arrival: the emulator's own work on it overlaps the charge)."""
-        lag = lag_meter(self.board, self.clock.now, cpu.ready)
+        lag = self._arrival_meter(cpu.ready)
 
-        def note(arrival: float) -> None:
-            lag(arrival)
-            cpu.mark(arrival)
+        def note(stamp: float) -> None:
+            cpu.mark(lag(stamp))
         return note
 
     def _placing(self, count: int, which: int, zero: bool) -> None:

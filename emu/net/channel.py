@@ -20,10 +20,12 @@ import numpy as np
 
 from emu import trace
 
-# kind, payload length, charged-but-not-carried bytes, arrival time (emulated, set by the link),
-# checksum of the payload: like TCP's, it turns bytes corrupted on the way into a broken
-# connection rather than a wrong page. The link computes it as the bytes leave the sender (the
-# sending NIC's job), so a sender never checksums bytes its guest may still be writing.
+# kind, payload length, charged-but-not-carried bytes, arrival time (set by the link, as the
+# time.monotonic() its emulated arrival time fell on: the one clock that a `link` program and a
+# destination program, whose emulated clocks started apart, read alike), checksum of the
+# payload: like TCP's, it turns bytes corrupted on the way into a broken connection rather than
+# a wrong page. The link computes it as the bytes leave the sender (the sending NIC's job), so a
+# sender never checksums bytes its guest may still be writing.
 HEADER = struct.Struct("<BIQdQ")
 ARRIVAL_OFFSET = 13
 CHECKSUM_OFFSET = 21
@@ -85,7 +87,8 @@ class Endpoint:
     def __init__(self, sock: socket.socket, window: int, name: str = "",
                  on_arrival=None, wakeup: int = 0) -> None:
         self.name = name
-        self.on_arrival = on_arrival  # called with each DATA frame's scheduled arrival time
+        # called with each DATA frame's scheduled arrival time (time.monotonic(), see HEADER)
+        self.on_arrival = on_arrival
         self.sock = sock
         self.window = window
         self.wakeup = wakeup  # link.write-wakeup
@@ -277,7 +280,7 @@ class Hello:
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
         self.deadline = deadline  # time.monotonic() by which the whole frame must be in
-        self.arrival = 0.0  # as the link scheduled it
+        self.arrival = 0.0  # as the link scheduled it (time.monotonic(), see HEADER)
         self.relayed = False
         self._buf = bytearray()
         self._need = HEADER.size

@@ -442,8 +442,9 @@ class Relay:
                 if conn in self.corrupt_next:
                     self.corrupt_next.discard(conn)
                     frame[-1] ^= 0xFF
-                # the receiver measures how late it gets to each frame against this time
-                struct.pack_into("<d", frame, channel.ARRIVAL_OFFSET, t)
+                # the receiver measures how late it gets to each frame against this time: in
+                # real time, since a `link` program's emulated clock is not the destination's
+                struct.pack_into("<d", frame, channel.ARRIVAL_OFFSET, self.clock.real_at(t))
                 self.ports[receiver].out.append([memoryview(frame), conn, charge])
             self._flush(receiver)
         if lags:

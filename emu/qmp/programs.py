@@ -9,8 +9,9 @@ shared memory and its one engine child (source, destination or network, the same
 migrate or migrate-incoming, since capabilities may change over QMP until then.
 
 Each program has its own clock, started at emulator.time-scale when the program starts: the
-emulated times one program reports are its own, not comparable with another's. Run the three
-at the same time scale, or bandwidths and delays mean different things on each side.
+emulated times one program reports are its own, not comparable with another's (the link stamps
+a frame's arrival in real time for that reason, channel.py). Run the three at the same time
+scale, or bandwidths and delays mean different things on each side.
 
 A destination program also runs a network child of its own, its front (link.py): a source
 connected straight to it, with no `link` program in the path, goes through the front's
