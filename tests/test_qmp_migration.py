@@ -423,10 +423,6 @@ def pair(where, incoming: str, via_link: bool) -> tuple[Program, Program, str]:
     rtt = ("--set", f"link.rtt={RTT_MS}ms", "--set", "workload.pattern=random")
     target = incoming
     if via_link:
-        # pinned: with the destination program on userfaultfd (auto's choice) and a link
-        # program between, some faults wait two rtts or more (11 of 24 runs failed here;
-        # docs/benchmarks.md, "The default backend, auto"), an open question of that backend
-        rtt += ("--set", "emulator.backend=emulated")
         target = f"unix:{path}/link.sock"
         link = start(where, "link", "link", "--listen", target, "--connect", incoming, *rtt)
         # up before the destination starts: the link's emulated clock runs well ahead of the
