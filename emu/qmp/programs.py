@@ -223,8 +223,6 @@ def _side(role: str, args, cfg: Config, program: Program) -> int:
         cfg, chosen = backend.resolve(cfg)
     # first: a guest that does not fit stops here, with one line
     engine = Engine(role, cfg, trace=program.trace_patterns)
-    if chosen is not None:
-        program.say(f"emulator.backend: {chosen.describe()}")
     server = _monitor_server(program, args.qmp, args.allow_remote)
     if server is None:
         engine.close()
@@ -238,6 +236,8 @@ def _side(role: str, args, cfg: Config, program: Program) -> int:
         if incoming != "defer":
             monitor.migrate_incoming(incoming)  # -incoming URI: listening before QMP answers
         server.start()
+        if chosen is not None:  # once it is up: a refusal before stays its one line
+            program.say(f"emulator.backend: {chosen.describe()}")
         program.say(f"QMP monitor on {server.address}")
         program.wait()
         return 0
