@@ -135,12 +135,14 @@ def test_a_pause_its_recovery_and_the_requests_asked_again(traced):
         assert requested_page(sock) == 3
         sock.close()
         control.wait_state("postcopy-paused")
+        traced.wait_for("postcopy_pause_incoming")  # fired by the reader, after the state
         assert traced.named("postcopy_pause_incoming") == [("postcopy_pause_incoming", {})]
         again = f"{os.path.dirname(path)}/recover.sock"
         try:
             dst.recover(f"unix:{again}")
             sock = peer(again, channel.MAIN_HELLO, wire.ping(1))
             control.wait_state("postcopy-recover")
+            traced.wait_for("postcopy_pause_incoming_continued")  # right after the state
             assert traced.named("postcopy_pause_incoming_continued") == [
                 ("postcopy_pause_incoming_continued", {})]
             sock.sendall(frame(wire.command(wire.MIG_CMD_POSTCOPY_RESUME)))

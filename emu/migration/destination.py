@@ -296,13 +296,13 @@ class Destination:
         """A channel broke: in postcopy the migration pauses, from postcopy-active or from
         postcopy-recover (postcopy_pause_incoming); before postcopy it fails."""
         self.preempt_in.clear()  # a recovery brings a new one
-        with self.conns.lock:  # the state and the channels at once: Connections.confirm
+        with self.conns.lock:  # the state and the channels at once: try_recover()
             old, new = self.state.settle(lambda status: after_failure(status, PAUSES))
+            if new == "postcopy-paused" and TRACE_PAUSE.enabled:
+                TRACE_PAUSE()  # with the state, as QEMU's comes before it
             if old not in ("completed", "failed"):
                 self.conns.close_channels()
         if new == "postcopy-paused":
-            if TRACE_PAUSE.enabled:
-                TRACE_PAUSE()
             self.placer.drop_partial()
             self.control.emit(Paused("destination", reason))
         elif new == "failed":
