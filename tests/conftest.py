@@ -77,6 +77,21 @@ def _kernel_can(sets: dict) -> bool:
     return True
 
 
+def recorded(patterns: tuple[str, ...] = (), into: list | None = None):
+    """A fixture's body (`yield from recorded(...)`): what the trace points say while the
+    test runs, in order, as (name, fields) in `into` (a new list by default); the points
+    `patterns` names are switched on first, and all of them off afterwards."""
+    from emu import trace
+
+    seen = [] if into is None else into
+    trace.set_sink(lambda name, fields: seen.append((name, fields)))
+    if patterns:
+        trace.enable(list(patterns))
+    yield seen
+    trace.enable([])
+    trace.set_sink(lambda name, fields: None)
+
+
 # Real seconds a test waits for something that is bound to happen: generous, because the
 # machine may be loaded (2 cores shared by many runs); a test never asserts on how long it took.
 PATIENCE = 60.0

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from emu import trace
 from emu.migration import ram as R
 from emu.migration import wire
 from emu.migration.placement import MAIN, Placer
 from emu.net import channel
+from tests.conftest import recorded
 from tests.wire_peer import WAIT, closed, destination, frame, peer, read_frame
 
 PAGE = R.TARGET_PAGE  # the tests' guests have 4 KiB host pages
@@ -43,12 +43,7 @@ class Traced(list):
 
 @pytest.fixture
 def traced():
-    seen = Traced()
-    trace.set_sink(lambda name, fields: seen.append((name, fields)))
-    trace.enable(["postcopy_*", "loadvm_*", "pce_*"])
-    yield seen
-    trace.enable([])
-    trace.set_sink(lambda name, fields: None)
+    yield from recorded(("postcopy_*", "loadvm_*", "pce_*"), Traced())
 
 
 def ram_record(page: int, npages: int = 1) -> bytes:

@@ -10,14 +10,13 @@ import time
 import numpy as np
 import pytest
 
-from emu import trace
 from emu.config import ConfigError
 from emu.migration import ram as R
 from emu.migration import wire
 from emu.migration.placement import Placer
 from emu.net import channel, uri
 from emu.net.channel import Endpoint
-from tests.conftest import config
+from tests.conftest import config, recorded
 from tests.test_destination_trace import Traced
 from tests.test_link import RelayThread
 from tests.test_migration import assert_completed, assert_postcopy
@@ -30,12 +29,7 @@ REFUSED = "Postcopy is not yet compatible with multifd"
 
 @pytest.fixture
 def traced():
-    seen = Traced()
-    trace.set_sink(lambda name, fields: seen.append((name, fields)))
-    trace.enable(["multifd_*", "loadvm_*"])
-    yield seen
-    trace.enable([])
-    trace.set_sink(lambda name, fields: None)
+    yield from recorded(("multifd_*", "loadvm_*"), Traced())
 
 
 # ---- whole migrations ----

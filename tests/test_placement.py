@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from emu import trace
 from emu.board import Board
 from emu.clock import Clock
 from emu.cpu import Costs
@@ -15,6 +14,7 @@ from emu.migration import ram as R
 from emu.migration import wire
 from emu.migration.fault_thread import FaultQueue, FaultThread
 from emu.migration.placement import MAIN, PREEMPT, Bell, Placer
+from tests.conftest import recorded
 
 HUGE = 2 << 20
 TPP = HUGE // R.TARGET_PAGE
@@ -201,12 +201,7 @@ def test_a_page_placed_alone_is_placed_as_in_a_run(traced_placements):
 
 @pytest.fixture
 def traced_placements():
-    seen = []
-    trace.set_sink(lambda name, fields: seen.append((name, fields)))
-    trace.enable(["postcopy_page_req_del", "postcopy_place_page*"])
-    yield seen
-    trace.enable([])
-    trace.set_sink(lambda name, fields: None)
+    yield from recorded(("postcopy_page_req_del", "postcopy_place_page*"))
 
 
 def test_a_bell_rung_before_its_wait_is_not_lost_and_rings_once():

@@ -18,7 +18,7 @@ from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.return_path import ReturnPath
 from emu.migration.source import FIELDS, Source
 from emu.net.channel import ChannelError
-from tests.conftest import PATIENCE, config
+from tests.conftest import PATIENCE, config, recorded
 
 MIB = 1 << 20
 HUGE = {"guest__page_size": "2MiB", "emulator__chunk": "512KiB",  # 4 records a host page
@@ -57,11 +57,7 @@ class FakeEndpoint:
 @pytest.fixture
 def traced():
     """What the enabled trace points say, in order: [(name, fields)]."""
-    seen: list[tuple[str, dict]] = []
-    trace.set_sink(lambda name, fields: seen.append((name, fields)))
-    yield seen
-    trace.enable([])
-    trace.set_sink(lambda name, fields: None)
+    yield from recorded()
 
 
 def ram_state(**sets) -> RAMState:

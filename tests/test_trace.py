@@ -3,15 +3,12 @@
 import pytest
 
 from emu import trace
+from tests.conftest import recorded
 
 
 @pytest.fixture(autouse=True)
 def clean_slate():
-    seen = []
-    trace.set_sink(lambda name, fields: seen.append((name, fields)))
-    yield seen
-    trace.enable([])
-    trace.set_sink(lambda name, fields: None)
+    yield from recorded()
 
 
 def test_patterns_as_qemu_writes_them(clean_slate):

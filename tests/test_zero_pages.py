@@ -6,7 +6,6 @@ fill byte (RAM_SAVE_FLAG_ZERO), is counted in ram.duplicate, and is placed as ze
 import numpy as np
 import pytest
 
-from emu import trace
 from emu.board import Board
 from emu.cli import summary
 from emu.clock import Clock
@@ -18,7 +17,7 @@ from emu.migration.page_requests import PageRequestQueue
 from emu.migration.placement import MAIN, PREEMPT, Placer
 from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.source import FIELDS
-from tests.conftest import config
+from tests.conftest import config, recorded
 from tests.test_destination_trace import (  # noqa: F401 (traced: a fixture)
     UP_TO_LISTEN,
     requested_page,
@@ -177,12 +176,7 @@ def data(offset: int, n: int, fill: int) -> wire.RamRecord:
 
 @pytest.fixture
 def placed_points():
-    seen = []
-    trace.set_sink(lambda name, fields: seen.append((name, fields)))
-    trace.enable(["postcopy_place_page*", "postcopy_page_req_del"])
-    yield seen
-    trace.enable([])
-    trace.set_sink(lambda name, fields: None)
+    yield from recorded(("postcopy_place_page*", "postcopy_page_req_del"))
 
 
 def test_4k_zero_pages_are_placed_as_zero_pages_and_wake_the_vcpu(placed_points):
