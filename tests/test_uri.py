@@ -1,7 +1,8 @@
 """Addresses and listeners: one parser, and nothing of anyone else's replaced or removed.
 
-A unix listener takes a path only if nothing is there or a stale socket is (a connect to it is
-refused); it removes only the socket file it bound, while that is still the file it bound. The
+A unix listener takes a path only if nothing is there, or a stale socket (a connect to it is
+refused) that this process bound itself; it removes only the socket file it bound, while that
+is still the file it bound. The
 programs delete only what they created, by the exact path they created.
 """
 
@@ -136,12 +137,25 @@ def test_a_live_socket_of_another_program_is_not_taken_over(folder):
         assert still_answers(other)
 
 
-def test_a_stale_socket_is_reused(folder):
+def test_a_stale_socket_of_someone_else_is_left_alone(folder):
     path = stale_socket(f"{folder}/s")
+    with pytest.raises(FileExistsError, match=f"{path} is a socket nobody listens on, left by "
+                                               f"another program: not removing it"):
+        uri.listen(f"unix:{path}")
+    assert os.path.lexists(path)
+
+
+def test_a_stale_socket_of_its_own_is_reused(folder):
+    """A recovery listens again where this process listened before."""
+    path = f"{folder}/s"
+    first = uri.listen(f"unix:{path}")
+    pin = uri.bound_file(first)  # held, as a program holds what it bound until it removes it
+    first.close()  # ours, and stale now
     with uri.listen(f"unix:{path}") as sock:
         assert uri.bound_file(sock).file.path == path
         with uri.connect(f"unix:{path}"):
             sock.accept()[0].close()
+    pin.release()
 
 
 def test_only_the_socket_file_it_bound_is_removed(folder):
@@ -246,7 +260,6 @@ def test_a_killed_link_leaves_the_users_folder_alone():
     folder = tempfile.mkdtemp(prefix="postcopy-emu-")
     try:
         work = user_file(f"{folder}/work.txt")
-        stale_socket(f"{folder}/link.sock")  # an earlier link's, killed
         link = subprocess.Popen(
             [sys.executable, "-m", "emu.cli", "link", "--listen", f"unix:{folder}/link.sock",
              "--connect", f"unix:{folder}/in.sock", "--qmp", f"unix:{folder}/q"],
@@ -282,7 +295,8 @@ def test_a_program_removes_its_socket_only_while_it_is_its_own(where):
 def test_migrate_incoming_and_migrate_recover_refuse_what_is_not_theirs(where):
     path = where[0]
     file = user_file(f"{path}/file")
-    incoming, relay = stale_socket(f"{path}/in.sock"), f"unix:{path}/link.sock"
+    stale = stale_socket(f"{path}/stale.sock")  # a killed program's
+    incoming, relay = f"{path}/in.sock", f"unix:{path}/link.sock"
     link = qm.start(where, "link", "link", "--listen", relay, "--connect", f"unix:{incoming}")
     dst = qm.start(where, "dst", "destination", "--incoming", "defer")
     src = qm.start(where, "src", "source")
@@ -296,6 +310,8 @@ def test_migrate_incoming_and_migrate_recover_refuse_what_is_not_theirs(where):
         live = f"{path}/live"
         for address, reason in (
                 (f"unix:{file}", f"{file} exists and is not a socket: not replacing it"),
+                (f"unix:{stale}", f"{stale} is a socket nobody listens on, left by another "
+                                  f"program: not removing it (rm {stale} if it is yours)"),
                 (f"unix:{live}", f"Failed to bind socket to {live}: Address already in use "
                                  "(another program listens on it)")):
             assert qm.error(d, command, uri=address) == (
@@ -304,12 +320,12 @@ def test_migrate_incoming_and_migrate_recover_refuse_what_is_not_theirs(where):
             "UNIX socket path '/xxx")
         assert qm.error(d, command, uri=f"unix:{path}/a\0b")[1] == \
             f"address unix:{path}/a\\x00b contains a NUL byte"
-        assert intact(file) and still_answers(other)
+        assert intact(file) and still_answers(other) and os.path.lexists(stale)
 
     with other:
         refusals("migrate-incoming")
         assert d.cmd("query-migrate") == {}  # nothing started
-        d.cmd("migrate-incoming", uri=f"unix:{incoming}")  # the stale socket is reused
+        d.cmd("migrate-incoming", uri=f"unix:{incoming}")
         assert d.cmd("query-migrate")["socket-address"] == [{"type": "unix", "path": incoming}]
         s.cmd("migrate", uri=relay)
         s.cmd("migrate-set-parameters", max_postcopy_bandwidth=4096)
@@ -323,6 +339,7 @@ def test_migrate_incoming_and_migrate_recover_refuse_what_is_not_theirs(where):
         s.cmd("migrate", uri=relay, resume=True)
         s.cmd("migrate-set-parameters", max_postcopy_bandwidth=0)
         assert qm.statuses(d, "completed")
+        os.unlink(stale)  # the test's own
         for program in (src, dst, link):
             program.note_children()
             program.client.cmd("quit")

@@ -5,9 +5,12 @@ migrate-recover, the link and every QMP monitor go through it. An address is uni
 tcp:HOST:PORT, HOST a name, an IPv4 address or an IPv6 address in brackets (tcp:[::1]:4444);
 an empty HOST is 127.0.0.1.
 
-A unix listener replaces nothing at its path but a stale socket (one a connect to is refused):
-a file that is not a socket, or the socket of a program that listens on it, is left alone and
-the listen fails. The socket file it binds is removed only while its path still names the
+A unix listener replaces nothing at its path but a stale socket this process bound itself (a
+recovery listening again where migrate-incoming did): a file that is not a socket, the socket
+of a program that listens on it, and a stale socket someone else left there are left alone and
+the listen fails with one line saying so. QEMU unlinks whatever socket is at the path; we
+delete only what we created, by the exact path, so a socket a killed program left is the
+user's to remove. The socket file it binds is removed only while its path still names the
 file bound (st_dev and st_ino as right after bind, the inode held meanwhile so that its number
 cannot go to a new file: Pin), never by its name alone.
 """
@@ -117,6 +120,7 @@ class Pin:
             return  # gone already: nothing of ours to remove
         if _identity(os.fstat(fd)) == (file.dev, file.ino):
             self._fd = fd
+            _pins.add(self)
         else:
             os.close(fd)  # not the file that was bound: never ours to remove
 
@@ -148,6 +152,8 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
 
 # the socket file each unix listener of this process bound (a socket cannot carry it itself)
 _bound: weakref.WeakKeyDictionary[socket.socket, Pin] = weakref.WeakKeyDictionary()
+# every socket file of this process's still held: a stale one among them may be replaced
+_pins: weakref.WeakSet[Pin] = weakref.WeakSet()
 
 
 def listen(uri: str, backlog: int | None = 8) -> socket.socket:
@@ -158,7 +164,7 @@ def listen(uri: str, backlog: int | None = 8) -> socket.socket:
         return socket.create_server(address.sockaddr, family=address.family, backlog=backlog)
     path = address.path
     if _stale(path):
-        os.unlink(path)  # a socket left behind by a listener that is gone, as QEMU does
+        _remove_own(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -186,6 +192,17 @@ def check_listen(uri: str) -> None:
     with listen(uri) as sock:
         if pin := bound_file(sock):
             pin.remove()
+
+
+def _remove_own(path: str) -> None:
+    """A stale socket at `path`: removed if this process bound it (by its Pin, which checks
+    the inode), else FileExistsError: not ours to delete."""
+    for pin in list(_pins):
+        if pin.file.path == path:
+            pin.remove()
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path} is a socket nobody listens on, left by another program: "
+                              f"not removing it (rm {path} if it is yours)")
 
 
 def _stale(path: str) -> bool:
