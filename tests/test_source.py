@@ -18,7 +18,7 @@ from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.return_path import ReturnPath
 from emu.migration.source import FIELDS, Source
 from emu.net.channel import ChannelError
-from tests.conftest import PATIENCE, config, recorded
+from tests.conftest import PATIENCE, config, one_write, recorded
 
 MIB = 1 << 20
 HUGE = {"guest__page_size": "2MiB", "emulator__chunk": "512KiB",  # 4 records a host page
@@ -35,6 +35,9 @@ class FakeEndpoint:
         self.commands: list[int] = []
         self.on_send = on_send
         self.incoming = list(incoming)
+
+    def send_write(self, frames, more: bool = False) -> None:
+        self.send(*one_write(frames), more=more)
 
     def send(self, parts, virt: int = 0, more: bool = False) -> None:
         msg = wire.decode_main(b"".join(bytes(p) for p in parts), payload=False)
