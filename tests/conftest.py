@@ -82,7 +82,7 @@ def one_write(frames: list) -> tuple[list, int]:
     """A write of several RAM records (Endpoint.send_write's frames, (parts, virt) each) as
     one frame of one record of all its pages, for fake endpoints that look at what the
     migration thread writes, not how the wire cuts it: each record must be the next
-    contiguous piece of at most wire.READ_PAGES pages."""
+    contiguous piece of at most wire.READ_PAGES pages (a write of 4 KiB pages)."""
     records = [wire.decode_main(b"".join(bytes(p) for p in parts), payload=not virt)
                for parts, virt in frames]
     first = records[0]

@@ -21,7 +21,7 @@ def test_time_scale_keeps_the_emulator_cost_small_against_the_latency():
     fast = seedtable.cell_config("4K", "preempt", cost)
     slow = seedtable.cell_config("1G", "vanilla", cost)
     assert timescale.MIN_SCALE <= fast["emulator.time-scale"] < slow["emulator.time-scale"]
-    frame = min(slow["emulator.chunk"], wire.READ_PAGES * wire.TARGET_PAGE)  # one record
+    frame = min(slow["emulator.chunk"], wire.record_pages(slow.page_size) * wire.TARGET_PAGE)
     frames = timescale.FRAMES_PER_S * frame / slow["link.bandwidth"]
     assert slow["emulator.time-scale"] <= round(frames, 4)
 

@@ -165,9 +165,9 @@ def _record(cfg: Config) -> int:
     return chunk if cfg.page_size == TARGET_PAGE else min(chunk, cfg.page_size)
 
 
-def _on_wire(payload: int) -> int:
+def _on_wire(cfg: Config, payload: int) -> int:
     """A write's bytes on the wire, its records' headers included."""
-    return wire.pages_bytes(payload // TARGET_PAGE)
+    return wire.pages_bytes(payload // TARGET_PAGE, cfg.page_size)
 
 
 def _unit(cfg: Config, mode: str) -> int:
@@ -180,7 +180,7 @@ def _unit(cfg: Config, mode: str) -> int:
 def _held(cfg: Config, mode: str) -> int:
     """Bytes main holds in the link when the urgent page follows: whole records below the mark
     where a blocked migration thread wakes up."""
-    record = _on_wire(_record(cfg))
+    record = _on_wire(cfg, _record(cfg))
     wakeup = cfg["link.write-wakeup"]
     mark = cfg["link.socket-buffer"] - (wakeup if _unit(cfg, mode) == _record(cfg) else wakeup / 2)
     return max(1, int(mark // record)) * record
@@ -236,9 +236,9 @@ def _busy_rest(cfg: Config, mode: str, backlog: float, software: float) -> float
     pages, whatever the CPU time: _rest as it is. rho >= 1: never blocked, a look per record."""
     costs = Costs.from_config(cfg)
     record = _record(cfg)
-    c = costs.save(record // TARGET_PAGE, _on_wire(record))
+    c = costs.save(record // TARGET_PAGE, _on_wire(cfg, record))
     b = cfg["link.bandwidth"]
-    rho = c * b / _on_wire(record)
+    rho = c * b / _on_wire(cfg, record)
     if rho <= 0 or _unit(cfg, mode) > record:
         return _rest(cfg, mode, backlog, software)
     if rho >= 1:

@@ -11,8 +11,8 @@ figures are distorted:
     scale = min(AIM x latency / max(per_fault, per_frame), FRAMES_PER_S x frame / bandwidth)
 
 clamped to [MIN_SCALE, MAX_SCALE] and rounded down to two significant figures; a frame is
-one record of the background stream, emulator.chunk or 32 KiB, whichever is smaller
-(emu/migration/wire.py). per_fault and
+one record of the background stream, emulator.chunk or the larger of 32 KiB and a host
+page, whichever is smaller (emu/migration/wire.py). per_fault and
 per_frame are real seconds measured on this machine, now, by a short calibration run
 (calibrate(), cached for CACHE_S). The same rule judges a run afterwards: a run whose lag is
 above FIDELITY of its median latency fell behind (lag_bound()), and suggest() names the
@@ -157,7 +157,7 @@ def predicted_latency(cfg: Config) -> float | None:
 def pick(cfg: Config, cost: Cost) -> Choice:
     """The rule for scenario *cfg* (whatever its time-scale says) on a machine of *cost*."""
     latency = predicted_latency(cfg)
-    frame = min(cfg["emulator.chunk"], wire.READ_PAGES * wire.TARGET_PAGE)
+    frame = min(cfg["emulator.chunk"], wire.record_pages(cfg.page_size) * wire.TARGET_PAGE)
     scale, limit = choose(latency, cfg["link.bandwidth"] / frame, cost)
     if latency is None:
         limit = "no-faults"

@@ -117,11 +117,13 @@ class RecordWriter:
     migration thread's CPU time for them is charged to `cpu` (emu/cpu.py)."""
 
     def __init__(self, raw: memoryview | None, board: Board, cpu: CpuThread | None = None,
-                 costs: Costs | None = None) -> None:
+                 costs: Costs | None = None, page_size: int = TARGET_PAGE) -> None:
         self.raw = raw  # guest RAM, None without payload (a record then costs the link its size)
         self.board = board
         self.cpu = cpu
         self.costs = costs or Costs()
+        self.page_size = page_size  # the host page's
+        self.record = wire.record_pages(page_size)  # target pages a record carries at most
         # guest RAM as 64-bit words, a row per target page: the zero check reads these
         self.words = None if raw is None else np.frombuffer(raw, np.uint64).reshape(
             -1, TARGET_PAGE // 8)
@@ -147,12 +149,12 @@ class RecordWriter:
     def save_normal_page(self, ep: Endpoint, offset: int, n: int, counter: str,
                          more: bool) -> int:
         """n target pages from byte `offset`, in one write (the migration thread's CPU time
-        charged once) of records of at most wire.READ_PAGES pages; `counter` is the phase's
+        charged once) of records of at most self.record pages; `counter` is the phase's
         bytes (precopy-bytes, ...). more: a background write, which may gather in the
         endpoint. The bytes put on `ep` (what a rate limit counts)."""
         frames = []
-        for start in range(0, n, wire.READ_PAGES):
-            count = min(wire.READ_PAGES, n - start)
+        for start in range(0, n, self.record):
+            count = min(self.record, n - start)
             at = offset + start * TARGET_PAGE
             header = wire.ram_header(at, count, PAGE_FLAGS)
             if self.raw is None:
@@ -160,7 +162,7 @@ class RecordWriter:
             else:  # straight from guest RAM: a page the guest writes meanwhile is re-dirtied
                 # and sent again, as in QEMU
                 frames.append(([header, self.raw[at:at + count * TARGET_PAGE]], 0))
-        size, total = n * TARGET_PAGE, wire.pages_bytes(n)
+        size, total = n * TARGET_PAGE, wire.pages_bytes(n, self.page_size)
         self._spend(n, total)
         if len(frames) == 1:
             ep.send(*frames[0], more=more)
@@ -240,7 +242,7 @@ class RAMState:
         # the request queue has a lock of its own: the return path puts without bitmap_mutex
         self.queue = queue  # QEMU's src_page_requests
         self.writer = RecordWriter(raw, board, CpuThread("migration", clock, board),
-                                   Costs.from_config(cfg))
+                                   Costs.from_config(cfg), self.P)
         # migration.design: from 8.0 on the return-path thread sends preempt requests itself
         self.rp_sends = versions.preempt_full(cfg) and cfg["migration.postcopy-preempt"]
         self.hints = versions.page_hint(cfg)

@@ -700,7 +700,7 @@ class Source:
     def _host_page_bytes(self) -> int:
         """What main is given for one background host page (a run of small pages: a record),
         headers included: the room x-main-nonblocking waits for before claiming one."""
-        return wire.pages_bytes(self.tpp if self.tpp > 1 else self.rs.piece)
+        return wire.pages_bytes(self.tpp if self.tpp > 1 else self.rs.piece, self.rs.P)
 
     def _main_room(self) -> bool:
         """migration.x-main-nonblocking (the cover letter's TODO "Avoid precopy write() blocks
