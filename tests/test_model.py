@@ -13,7 +13,7 @@ from emu.migration import wire
 
 TEN_GBIT = 1.25e9  # bytes/s
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-RECORD = wire.pages_bytes(32, 4 * KIB)  # one default background write on the wire
+RECORD = wire.pages_bytes(32, wire.READ_PAGES)  # a default postcopy write on the wire
 
 
 def inputs(**changes) -> Inputs:

@@ -167,7 +167,7 @@ def _record(cfg: Config) -> int:
 
 def _on_wire(cfg: Config, payload: int) -> int:
     """A write's bytes on the wire, its records' headers included."""
-    return wire.pages_bytes(payload // TARGET_PAGE, cfg.page_size)
+    return wire.pages_bytes(payload // TARGET_PAGE, wire.record_pages(cfg.page_size))
 
 
 def _unit(cfg: Config, mode: str) -> int:

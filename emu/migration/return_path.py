@@ -48,6 +48,7 @@ class ReturnPath:
         self.preempt: Preempt = None
         self.writer = RecordWriter(rs.writer.raw, board, self.cpu, rs.writer.costs,
                                    rs.writer.page_size)
+        self.writer.postcopy_records()  # it sends in postcopy only
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()

@@ -9,8 +9,9 @@ QEMU's destination reads IO_BUF_SIZE (32 KiB) at a time and places each page as 
 has parsed it (ram_load_postcopy()), while the emulated link delivers a frame once its last
 byte is in, so a record no larger than one read keeps a page from waiting for the rest of
 the write behind it. A huge page is placed only once all of it is in, so its records can
-be as large as the page. A zero record (RAM_SAVE_FLAG_ZERO) carries a run of all-zero
-pages as QEMU's fill byte per page instead of their bytes (save_zero_page_to_file()).
+be as large as the page. In precopy no vCPU waits for a page: a write is one record there.
+A zero record (RAM_SAVE_FLAG_ZERO) carries a run of all-zero pages as QEMU's fill byte per
+page instead of their bytes (save_zero_page_to_file()).
 Return path (destination -> source): QEMU's MIG_RP_MSG_* with their numbers.
 
 Every decoder raises ProtocolError on input that does not parse, never anything else.
@@ -148,10 +149,10 @@ def record_pages(page_size: int) -> int:
     return max(READ_PAGES, page_size // TARGET_PAGE)
 
 
-def pages_bytes(npages: int, page_size: int) -> int:
+def pages_bytes(npages: int, per_record: int) -> int:
     """What npages contiguous target pages cost on the wire: their bytes and the headers of
-    their records (record_pages() each at most)."""
-    return npages * TARGET_PAGE + -(-npages // record_pages(page_size)) * RAM_HEADER_SIZE
+    their records, of at most per_record pages each."""
+    return npages * TARGET_PAGE + -(-npages // per_record) * RAM_HEADER_SIZE
 
 
 def zero_record(offset: int, npages: int) -> bytes:
