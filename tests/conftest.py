@@ -5,6 +5,7 @@ import pytest
 
 from emu.config import load_config
 from emu.controller import migrate
+from emu.migration import wire
 
 # Small, fast migrations: what matters is emulated time, which the link keeps exact.
 BASE = {
@@ -75,6 +76,25 @@ def _kernel_can(sets: dict) -> bool:
     if (why := probe_refusal()) is not None:
         pytest.skip(why)
     return True
+
+
+def one_write(frames: list) -> tuple[list, int]:
+    """A write of several RAM records (Endpoint.send_write's frames, (parts, virt) each) as
+    one frame of one record of all its pages, for fake endpoints that look at what the
+    migration thread writes, not how the wire cuts it: each record must be the next
+    contiguous piece of at most wire.READ_PAGES pages (a write of 4 KiB pages)."""
+    records = [wire.decode_main(b"".join(bytes(p) for p in parts), payload=not virt)
+               for parts, virt in frames]
+    first = records[0]
+    at = first.offset
+    for rec in records:
+        assert rec.offset == at and rec.npages <= wire.READ_PAGES, (rec.offset, rec.npages)
+        at += rec.npages * wire.TARGET_PAGE
+    npages = sum(rec.npages for rec in records)
+    header = wire.ram_header(first.offset, npages, wire.RAM_SAVE_FLAG_PAGE
+                             | wire.RAM_SAVE_FLAG_CONTINUE)
+    payload = [parts[1] for parts, _ in frames if len(parts) > 1]
+    return [header, *payload], sum(virt for _, virt in frames)
 
 
 def recorded(patterns: tuple[str, ...] = (), into: list | None = None):

@@ -1,5 +1,5 @@
 """A channel endpoint: a writer blocked on a full connection, seen through its trace points;
-the checksum of its frames."""
+a write of several frames; the checksum of its frames."""
 
 import socket
 import threading
@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from emu import trace
-from emu.net.channel import SMALL_FRAME, Endpoint, checksum, credit_frame
+from emu.net.channel import HEADER, SMALL_FRAME, Endpoint, checksum, credit_frame
 
 
 def test_a_writer_blocked_on_a_full_connection_is_traced():
@@ -40,6 +40,56 @@ def test_a_writer_blocked_on_a_full_connection_is_traced():
         trace.enable([])
         trace.set_sink(lambda name, fields: None)
         ep.close()
+        mine.close()
+        link.close()
+
+
+def test_a_write_of_several_frames_waits_for_room_once_and_arrives_frame_by_frame():
+    # a writev() on a full socket: the writer waits until the whole write fits, then the
+    # reader gets each frame on its own (as each record's last byte is in)
+    seen = []
+    blocked = threading.Event()
+
+    def sink(name: str, fields: dict) -> None:
+        seen.append((name, fields))
+        blocked.set()
+
+    trace.set_sink(sink)
+    trace.enable(["qemu_file_writev_blocked"])
+    mine, link = socket.socketpair()
+    ep = Endpoint(mine, 200, "main")
+    reader = link.makefile("rb")
+
+    def frames(n: int) -> list:  # (payload, virt), as the link reads them
+        out = []
+        for _ in range(n):
+            _, size, virt, _, _ = HEADER.unpack(reader.read(HEADER.size))
+            out.append((reader.read(size), virt))
+        return out
+
+    try:
+        ep.read_credits_in_background()
+        ep.send_write([([b"a" * 60], 0), ([b"b" * 60], 0), ([b"c" * 20], 40)])  # 180 of 200
+        assert frames(3) == [(b"a" * 60, 0), (b"b" * 60, 0), (b"c" * 20, 40)]
+        assert ep.outstanding == 180 and seen == []
+        writer = threading.Thread(target=ep.send_write,
+                                  args=([([b"d" * 30], 0), ([b"e" * 30], 0)],))
+        writer.start()
+        assert blocked.wait(30)
+        link.sendall(credit_frame(30))  # room for one frame of it (30), not for the write (60)
+        writer.join(0.3)
+        assert writer.is_alive()
+        link.sendall(credit_frame(150))
+        writer.join(30)
+        assert not writer.is_alive()
+        assert seen == [("qemu_file_writev_blocked", {"channel": "main", "queued": 180,
+                                                      "size": 60})]
+        assert frames(2) == [(b"d" * 30, 0), (b"e" * 30, 0)]
+    finally:
+        trace.enable([])
+        trace.set_sink(lambda name, fields: None)
+        ep.close()
+        reader.close()
         mine.close()
         link.close()
 

@@ -18,7 +18,7 @@ from emu.cpu import Costs, CpuThread, fields
 from emu.figures.model import cpu_time, predict
 from emu.migration.destination import Destination
 from emu.migration.placement import MAIN, PREEMPT, Placer
-from emu.migration.wire import RamRecord
+from emu.migration.wire import READ_PAGES, RamRecord, pages_bytes
 from tests.conftest import config
 
 CPU_KEYS = [k for k in KEYS if k.startswith("cpu.")]
@@ -153,7 +153,7 @@ def test_the_model_lets_a_busy_migration_thread_look_at_the_queue_between_record
     assert busy["inputs"]["rest"] < idle["inputs"]["rest"] / 2
     # never asleep on main: a look after every record
     never = load_config("seed-10g", [*sets, "cpu.write-byte=1ns"])
-    c = Costs.from_config(never).save(32, 128 * 1024 + 14)
+    c = Costs.from_config(never).save(32, pages_bytes(32, READ_PAGES))  # a write of 4 records
     assert predict(never)["inputs"]["rest"] == pytest.approx(never["link.bandwidth"] * c / 2)
 
 

@@ -9,10 +9,11 @@ from emu import cli
 from emu.config import KEYS, load_config
 from emu.figures import model
 from emu.figures.model import MODES, Inputs, latency_terms, predict, predict_all
+from emu.migration import wire
 
 TEN_GBIT = 1.25e9  # bytes/s
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-RECORD = 128 * KIB + model.RECORD_HEADER  # one default background record on the wire
+RECORD = wire.pages_bytes(32, wire.READ_PAGES)  # a default postcopy write on the wire
 
 
 def inputs(**changes) -> Inputs:

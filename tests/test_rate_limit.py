@@ -19,7 +19,7 @@ from emu.migration import wire
 from emu.migration.page_requests import PageRequestQueue
 from emu.migration.ram_save import Pacer
 from emu.migration.source import FIELDS, Source
-from tests.conftest import PATIENCE, config
+from tests.conftest import PATIENCE, config, one_write
 
 KIB, MIB = 1 << 10, 1 << 20
 RECORD = 4 * KIB + len(wire.ram_header(0, 1, 0))  # a 4 KiB page's record on main
@@ -40,6 +40,9 @@ class TimedEndpoint:
 
     def __init__(self, name: str, clock: Clock, log: list, on_send=None) -> None:
         self.name, self.clock, self.log, self.on_send = name, clock, log, on_send
+
+    def send_write(self, frames, more: bool = False) -> None:
+        self.send(*one_write(frames), more=more)
 
     def send(self, parts, virt: int = 0, more: bool = False) -> None:
         if self.on_send:

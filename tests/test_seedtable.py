@@ -1,6 +1,7 @@
 """The seed-table bench's rules (the bench itself runs for minutes: `postcopy-emu bench`)."""
 
 from emu.figures import seedtable, timescale
+from emu.migration import wire
 
 
 def test_every_cell_comes_from_the_one_preset_with_only_page_and_mode_changed():
@@ -20,7 +21,8 @@ def test_time_scale_keeps_the_emulator_cost_small_against_the_latency():
     fast = seedtable.cell_config("4K", "preempt", cost)
     slow = seedtable.cell_config("1G", "vanilla", cost)
     assert timescale.MIN_SCALE <= fast["emulator.time-scale"] < slow["emulator.time-scale"]
-    frames = timescale.FRAMES_PER_S * slow["emulator.chunk"] / slow["link.bandwidth"]
+    frame = min(slow["emulator.chunk"], wire.record_pages(slow.page_size) * wire.TARGET_PAGE)
+    frames = timescale.FRAMES_PER_S * frame / slow["link.bandwidth"]
     assert slow["emulator.time-scale"] <= round(frames, 4)
 
 

@@ -18,9 +18,9 @@ from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.return_path import ReturnPath
 from emu.migration.source import FIELDS, Source
 from emu.net.channel import ChannelError
-from tests.conftest import PATIENCE, config, recorded
+from tests.conftest import PATIENCE, config, one_write, recorded
 
-MIB = 1 << 20
+KIB, MIB = 1 << 10, 1 << 20
 HUGE = {"guest__page_size": "2MiB", "emulator__chunk": "512KiB",  # 4 records a host page
         "emulator__payload": "false"}
 
@@ -35,6 +35,9 @@ class FakeEndpoint:
         self.commands: list[int] = []
         self.on_send = on_send
         self.incoming = list(incoming)
+
+    def send_write(self, frames, more: bool = False) -> None:
+        self.send(*one_write(frames), more=more)
 
     def send(self, parts, virt: int = 0, more: bool = False) -> None:
         msg = wire.decode_main(b"".join(bytes(p) for p in parts), payload=False)
@@ -170,6 +173,33 @@ def test_small_pages_go_as_runs_of_dirty_pages():
     assert rs.save_host_page(main, 6, "precopy-bytes") == 16  # a record's worth
     assert main.records == [(0, 5), (6 * 4096, 16)]
     assert rs.board["precopy-bytes"] > 21 * 4096
+
+
+def test_a_postcopy_write_of_small_pages_is_records_of_one_read_and_a_huge_page_one_record():
+    # the destination places a 4 KiB page once the 32 KiB read it is in has arrived (QEMU's
+    # IO_BUF_SIZE), and a huge page only once whole: so records of 32 KiB and of a whole
+    # write; in precopy, where no vCPU waits, a write is one record
+    writes = []
+
+    class Frames(FakeEndpoint):
+        def send(self, parts, virt: int = 0, more: bool = False) -> None:
+            self.send_write([(parts, virt)], more)
+
+        def send_write(self, frames, more: bool = False) -> None:
+            writes.append([(rec.offset, rec.npages) for rec in (
+                wire.decode_main(b"".join(bytes(p) for p in parts), payload=False)
+                for parts, _ in frames)])
+
+    small = ram_state(guest__page_size="4KiB", emulator__chunk="128KiB")
+    assert small.save_host_page(Frames("main"), 0, "precopy-bytes") == 32
+    small.writer.postcopy_records()
+    assert small.save_host_page(Frames("main"), 32, "postcopy-bytes") == 32
+    assert writes == [[(0, 32)], [(128 * KIB + i * 32 * KIB, 8) for i in range(4)]]
+    writes.clear()
+    huge = ram_state()  # 2 MiB pages, 512 KiB writes
+    huge.writer.postcopy_records()
+    huge.save_host_page(Frames("main"), 0, "postcopy-bytes")
+    assert writes == [[(i * 512 * KIB, 128)] for i in range(4)]
 
 
 def test_the_return_path_queues_requests_and_wakes_the_migration_thread(traced):

@@ -17,7 +17,7 @@ from emu.migration.page_requests import PageRequestQueue
 from emu.migration.placement import MAIN, PREEMPT, Placer
 from emu.migration.ram_save import Pacer, RAMState
 from emu.migration.source import FIELDS
-from tests.conftest import config, recorded
+from tests.conftest import config, one_write, recorded
 from tests.test_destination_trace import (  # noqa: F401 (traced: a fixture)
     UP_TO_LISTEN,
     requested_page,
@@ -72,6 +72,9 @@ class Recorder:
     def __init__(self) -> None:
         self.records: list[tuple[int, int, bool]] = []
         self.charged = 0
+
+    def send_write(self, frames, more: bool = False) -> None:
+        self.send(*one_write(frames), more=more)
 
     def send(self, parts, virt: int = 0, more: bool = False) -> None:
         msg = b"".join(bytes(p) for p in parts)

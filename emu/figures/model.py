@@ -106,7 +106,6 @@ TERMS = {
 # at time-scale 0.05, 0.40 ms at 0.1 and 0.2, 0.33 ms at 0.5 and 1. 0.4 ms fits the
 # time-scales that give exact figures (0.05 to 0.2) within 10 us of emulated time.
 SOFTWARE_COST_S = 400e-6
-RECORD_HEADER = len(wire.ram_header(0, 1, 0))  # bytes each RAM record adds on the wire
 # A back-to-back request coming back within this many cycles keeps a phase the model can tell;
 # later, a small error in X (where the page lands among records, the software cost) could put
 # it anywhere in the cycle. Measured: locked at 1, 2 and 3 cycles (4K preempt, 1G and 2M pages
@@ -161,9 +160,14 @@ def mode_of(cfg: Config) -> str:
 
 
 def _record(cfg: Config) -> int:
-    """Payload bytes of one background record: runs of small pages fill a whole chunk."""
+    """Payload bytes of one background write: runs of small pages fill a whole chunk."""
     chunk = cfg["emulator.chunk"]
     return chunk if cfg.page_size == TARGET_PAGE else min(chunk, cfg.page_size)
+
+
+def _on_wire(cfg: Config, payload: int) -> int:
+    """A write's bytes on the wire, its records' headers included."""
+    return wire.pages_bytes(payload // TARGET_PAGE, wire.record_pages(cfg.page_size))
 
 
 def _unit(cfg: Config, mode: str) -> int:
@@ -176,7 +180,7 @@ def _unit(cfg: Config, mode: str) -> int:
 def _held(cfg: Config, mode: str) -> int:
     """Bytes main holds in the link when the urgent page follows: whole records below the mark
     where a blocked migration thread wakes up."""
-    record = _record(cfg) + RECORD_HEADER
+    record = _on_wire(cfg, _record(cfg))
     wakeup = cfg["link.write-wakeup"]
     mark = cfg["link.socket-buffer"] - (wakeup if _unit(cfg, mode) == _record(cfg) else wakeup / 2)
     return max(1, int(mark // record)) * record
@@ -232,9 +236,9 @@ def _busy_rest(cfg: Config, mode: str, backlog: float, software: float) -> float
     pages, whatever the CPU time: _rest as it is. rho >= 1: never blocked, a look per record."""
     costs = Costs.from_config(cfg)
     record = _record(cfg)
-    c = costs.save(record // TARGET_PAGE, record + RECORD_HEADER)
+    c = costs.save(record // TARGET_PAGE, _on_wire(cfg, record))
     b = cfg["link.bandwidth"]
-    rho = c * b / (record + RECORD_HEADER)
+    rho = c * b / _on_wire(cfg, record)
     if rho <= 0 or _unit(cfg, mode) > record:
         return _rest(cfg, mode, backlog, software)
     if rho >= 1:

@@ -8,9 +8,11 @@ that under AIM (1%) of the latency the run will measure (the analytical model's 
 without the emulator's own cost), half of the FIDELITY (2%) above which a run says that its
 figures are distorted:
 
-    scale = min(AIM x latency / max(per_fault, per_frame), FRAMES_PER_S x chunk / bandwidth)
+    scale = min(AIM x latency / max(per_fault, per_frame), FRAMES_PER_S x frame / bandwidth)
 
-clamped to [MIN_SCALE, MAX_SCALE] and rounded down to two significant figures. per_fault and
+clamped to [MIN_SCALE, MAX_SCALE] and rounded down to two significant figures; a frame is
+one record of the background stream, emulator.chunk or the larger of 32 KiB and a host
+page, whichever is smaller (emu/migration/wire.py). per_fault and
 per_frame are real seconds measured on this machine, now, by a short calibration run
 (calibrate(), cached for CACHE_S). The same rule judges a run afterwards: a run whose lag is
 above FIDELITY of its median latency fell behind (lag_bound()), and suggest() names the
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from emu.config import AUTO, Config
+from emu.migration import wire
 from emu.trace import point
 
 FIDELITY = 0.02  # the emulator's own cost may be at most this share of the latency measured
@@ -37,7 +40,8 @@ FIDELITY = 0.02  # the emulator's own cost may be at most this share of the late
 AIM = FIDELITY / 2
 LAG_FLOOR_S = 20e-6  # below this average lag the link's schedule is as good as exact
 # Frames a second the relay and the destination keep up with (measured for the seed table,
-# 128 KiB records without payload; with payload bench/throughput.py moves twice that).
+# records without payload, whose cost is the frame's, not its size's; with payload
+# bench/throughput.py moves twice that).
 FRAMES_PER_S = 8000
 MIN_SCALE = 0.01  # the slider's slowest; slower runs take hours
 MAX_SCALE = 1.0  # FRAMES_PER_S was measured up to real time; faster is for watching only
@@ -153,7 +157,8 @@ def predicted_latency(cfg: Config) -> float | None:
 def pick(cfg: Config, cost: Cost) -> Choice:
     """The rule for scenario *cfg* (whatever its time-scale says) on a machine of *cost*."""
     latency = predicted_latency(cfg)
-    scale, limit = choose(latency, cfg["link.bandwidth"] / cfg["emulator.chunk"], cost)
+    frame = min(cfg["emulator.chunk"], wire.record_pages(cfg.page_size) * wire.TARGET_PAGE)
+    scale, limit = choose(latency, cfg["link.bandwidth"] / frame, cost)
     if latency is None:
         limit = "no-faults"
     if TRACE_CHOSEN.enabled:

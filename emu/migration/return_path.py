@@ -46,7 +46,9 @@ class ReturnPath:
         # (the source sets it once connected: with migration.x-preempt-channels, a list), its
         # own CPU time charged for them
         self.preempt: Preempt = None
-        self.writer = RecordWriter(rs.writer.raw, board, self.cpu, rs.writer.costs)
+        self.writer = RecordWriter(rs.writer.raw, board, self.cpu, rs.writer.costs,
+                                   rs.writer.page_size)
+        self.writer.postcopy_records()  # it sends in postcopy only
         self.shut = threading.Event()  # the destination is done (MIG_RP_MSG_SHUT)
         self.bitmap_received = threading.Event()
         self.resume_ack = threading.Event()

@@ -455,6 +455,7 @@ class Source:
         with self.vcpu_lock:
             self._stop_vcpus()
         self.rs.send_discard_bitmap(self.main)
+        self.rs.writer.postcopy_records()
         # postcopy_start() applies max-postcopy-bandwidth here, to the window under way: the
         # bytes precopy counted in it stay counted (rate_limit_used is not reset)
         self._pacer("max-postcopy-bandwidth")
@@ -700,10 +701,7 @@ class Source:
     def _host_page_bytes(self) -> int:
         """What main is given for one background host page (a run of small pages: a record),
         headers included: the room x-main-nonblocking waits for before claiming one."""
-        pages = self.tpp if self.tpp > 1 else self.rs.piece
-        records = -(-pages // self.rs.piece)
-        header = len(wire.ram_header(0, 1, wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE))
-        return pages * R.TARGET_PAGE + records * header
+        return wire.pages_bytes(self.tpp if self.tpp > 1 else self.rs.piece, self.rs.writer.record)
 
     def _main_room(self) -> bool:
         """migration.x-main-nonblocking (the cover letter's TODO "Avoid precopy write() blocks

@@ -3,9 +3,15 @@
 Main stream (source -> destination), one message per frame, named after QEMU's savevm/ram
 formats: commands (QEMU_VM_COMMAND + MIG_CMD_*), RAM records, device state, EOF.
 RAM records carry a run of target pages: QEMU writes one record per 4 KiB page; we let one
-record carry up to emulator.chunk bytes of contiguous pages, because a Python process pays per
-record what QEMU pays per page. A zero record (RAM_SAVE_FLAG_ZERO) carries a run of all-zero
-pages as QEMU's fill byte per page instead of their bytes (save_zero_page_to_file()).
+record carry up to record_pages() contiguous pages, because a Python process pays per record
+what QEMU pays per page. A write of emulator.chunk bytes of 4 KiB pages is several records:
+QEMU's destination reads IO_BUF_SIZE (32 KiB) at a time and places each page as soon as it
+has parsed it (ram_load_postcopy()), while the emulated link delivers a frame once its last
+byte is in, so a record no larger than one read keeps a page from waiting for the rest of
+the write behind it. A huge page is placed only once all of it is in, so its records can
+be as large as the page. In precopy no vCPU waits for a page: a write is one record there.
+A zero record (RAM_SAVE_FLAG_ZERO) carries a run of all-zero pages as QEMU's fill byte per
+page instead of their bytes (save_zero_page_to_file()).
 Return path (destination -> source): QEMU's MIG_RP_MSG_* with their numbers.
 
 Every decoder raises ProtocolError on input that does not parse, never anything else.
@@ -69,6 +75,8 @@ RP_NAMES = {1: "SHUT", 2: "PONG", 3: "REQ_PAGES_ID", 4: "REQ_PAGES", 5: "RECV_BI
 
 _CMD = struct.Struct("<BHH")  # section type, command, length
 _RAM = struct.Struct("<BQIB")  # section type, offset (bytes), target pages, flags
+RAM_HEADER_SIZE = _RAM.size
+READ_PAGES = (32 << 10) // TARGET_PAGE  # IO_BUF_SIZE, in target pages (above)
 # type, length; QEMU's length is 16 bits, ours 32: our RECV_BITMAP carries the bitmap inline
 _RP = struct.Struct("<HI")
 _RANGE = struct.Struct("<QQ")  # first host page... as QEMU: start and length, in bytes
@@ -133,6 +141,18 @@ def ping(value: int) -> bytes:
 
 def ram_header(offset: int, npages: int, flags: int) -> bytes:
     return _RAM.pack(QEMU_VM_SECTION_PART, offset, npages, flags)
+
+
+def record_pages(page_size: int) -> int:
+    """Target pages a record carries at most, on a guest of `page_size` host pages: one
+    read of the destination's, or one host page if that is larger (above)."""
+    return max(READ_PAGES, page_size // TARGET_PAGE)
+
+
+def pages_bytes(npages: int, per_record: int) -> int:
+    """What npages contiguous target pages cost on the wire: their bytes and the headers of
+    their records, of at most per_record pages each."""
+    return npages * TARGET_PAGE + -(-npages // per_record) * RAM_HEADER_SIZE
 
 
 def zero_record(offset: int, npages: int) -> bytes:

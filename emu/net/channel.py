@@ -119,15 +119,26 @@ class Endpoint:
         next send without more, flush(), or a wait for the link: one system call then writes
         them all, as QEMU's QEMUFile gathers page iovecs before a writev()."""
         size = len(parts[0]) if len(parts) == 1 else sum(len(p) for p in parts)
-        charge = size + virt
+        self._put([(parts, size, virt)], size + virt, more)
+
+    def send_write(self, frames: list[tuple[list, int]], more: bool = False) -> None:
+        """One write() of several frames, each (parts, virt) as send()'s: it waits for room
+        for all of them at once, as a writer does for its whole writev(), and the link
+        delivers each frame as its own last byte arrives (a reader that parses as it reads)."""
+        sized = [(parts, sum(len(p) for p in parts), virt) for parts, virt in frames]
+        self._put(sized, sum(size + virt for _, size, virt in sized), more)
+
+    def _put(self, frames: list[tuple[list, int, int]], charge: int, more: bool) -> None:
+        """frames: (parts, size, virt); `charge` their bytes, real and virtual."""
         with self._send_lock:
             if self._outstanding + charge > self.window:  # only credits make it smaller
                 self._write_held()  # what we hold must reach the link to be credited
                 self._wait_for_room(charge)
             with self._credit:
                 self._outstanding += charge
-            self._held += [HEADER.pack(DATA, size, virt, 0.0, 0), *parts]
-            self._held_bytes += HEADER.size + size
+            for parts, size, virt in frames:
+                self._held += [HEADER.pack(DATA, size, virt, 0.0, 0), *parts]
+                self._held_bytes += HEADER.size + size
             if not more or self._held_bytes >= BATCH or len(self._held) >= BATCH_PARTS:
                 self._write_held()
 
