@@ -4,8 +4,10 @@
 page-state lookup. `auto` takes userfaultfd wherever it can serve the scenario at hand on this
 machine, and emulated otherwise, so that a default never stops a run that can go:
 
-- the scenario: userfaultfd places real bytes (emulator.payload = true), and huge pages only
-  from a hugetlbfs pool with guest.ram's worth free (the program never changes the pool);
+- the scenario: a postcopy (QEMU opens a userfaultfd only for postcopy-ram; without it a
+  precopy would only lose the destination's pre-mapped RAM, a page fault per first write),
+  real bytes to place (emulator.payload = true), and huge pages only from a hugetlbfs pool
+  with guest.ram's worth free (the program never changes the pool);
 - the machine: what the kernel permits this process (uffd.probe(), as QEMU's
   postcopy_ram_supported_by_host() at migrate-incoming: root, vm.unprivileged_userfaultfd,
   /dev/userfaultfd, a seccomp filter), on that page size.
@@ -92,7 +94,8 @@ def resolve(cfg: Config) -> tuple[Config, Backend]:
     choice otherwise (never an error: a scenario userfaultfd cannot serve runs emulated)."""
     if cfg["emulator.backend"] != AUTO:
         return cfg, Backend(cfg["emulator.backend"])
-    why = refusal(cfg)
+    why = None if cfg["migration.postcopy-ram"] else "migration.postcopy-ram=false"
+    why = why or refusal(cfg)
     chosen = Backend(EMULATED, True, short(why)) if why else Backend(USERFAULTFD, True)
     return cfg.with_overrides([f"emulator.backend={chosen.name}"]), chosen
 

@@ -49,6 +49,14 @@ def test_without_payload_auto_is_emulated_and_says_why(monkeypatch):
     assert chosen.describe() == "emulated (auto: emulator.payload=false)"
 
 
+def test_without_postcopy_auto_is_emulated_and_says_why(monkeypatch):
+    # QEMU opens a userfaultfd for postcopy-ram only; a precopy gains nothing from one
+    monkeypatch.setattr(U, "probe", lambda huge_page=0: None)  # the kernel would permit it
+    cfg, chosen = backend.resolve(config(migration__postcopy_ram="false", **AUTO))
+    assert cfg["emulator.backend"] == "emulated"
+    assert chosen.describe() == "emulated (auto: migration.postcopy-ram=false)"
+
+
 @needs_uffd
 def test_where_the_probe_passes_auto_runs_userfaultfd(capsys):
     code = cli.main(["run", "--json", *SETS, "--set", "emulator.backend=auto"])
