@@ -5,12 +5,16 @@ import socket
 import threading
 
 import numpy as np
+import pytest
 
 from emu import trace
 from emu.net.channel import HEADER, SMALL_FRAME, Endpoint, checksum, credit_frame
 
 
-def test_a_writer_blocked_on_a_full_connection_is_traced():
+@pytest.fixture
+def traced_pair():
+    """A socket pair, the trace points of a blocked writer recorded: (seen, blocked, mine,
+    link), blocked set at the first one."""
     seen = []
     blocked = threading.Event()
 
@@ -21,6 +25,17 @@ def test_a_writer_blocked_on_a_full_connection_is_traced():
     trace.set_sink(sink)
     trace.enable(["qemu_file_writev_*"])
     mine, link = socket.socketpair()
+    try:
+        yield seen, blocked, mine, link
+    finally:
+        trace.enable([])
+        trace.set_sink(lambda name, fields: None)
+        mine.close()
+        link.close()
+
+
+def test_a_writer_blocked_on_a_full_connection_is_traced(traced_pair):
+    seen, blocked, mine, link = traced_pair
     ep = Endpoint(mine, 100, "main")
     try:
         ep.read_credits_in_background()
@@ -37,26 +52,13 @@ def test_a_writer_blocked_on_a_full_connection_is_traced():
         assert seen[1] == ("qemu_file_writev_unblocked", {"channel": "main", "queued": 0,
                                                           "size": 60})
     finally:
-        trace.enable([])
-        trace.set_sink(lambda name, fields: None)
         ep.close()
-        mine.close()
-        link.close()
 
 
-def test_a_write_of_several_frames_waits_for_room_once_and_arrives_frame_by_frame():
+def test_a_write_of_several_frames_waits_for_room_once_and_arrives_frame_by_frame(traced_pair):
     # a writev() on a full socket: the writer waits until the whole write fits, then the
     # reader gets each frame on its own (as each record's last byte is in)
-    seen = []
-    blocked = threading.Event()
-
-    def sink(name: str, fields: dict) -> None:
-        seen.append((name, fields))
-        blocked.set()
-
-    trace.set_sink(sink)
-    trace.enable(["qemu_file_writev_blocked"])
-    mine, link = socket.socketpair()
+    seen, blocked, mine, link = traced_pair
     ep = Endpoint(mine, 200, "main")
     reader = link.makefile("rb")
 
@@ -82,16 +84,13 @@ def test_a_write_of_several_frames_waits_for_room_once_and_arrives_frame_by_fram
         link.sendall(credit_frame(150))
         writer.join(30)
         assert not writer.is_alive()
-        assert seen == [("qemu_file_writev_blocked", {"channel": "main", "queued": 180,
-                                                      "size": 60})]
+        assert [name for name, _ in seen] == ["qemu_file_writev_blocked",
+                                              "qemu_file_writev_unblocked"]
+        assert seen[0][1] == {"channel": "main", "queued": 180, "size": 60}
         assert frames(2) == [(b"d" * 30, 0), (b"e" * 30, 0)]
     finally:
-        trace.enable([])
-        trace.set_sink(lambda name, fields: None)
         ep.close()
         reader.close()
-        mine.close()
-        link.close()
 
 
 def test_a_small_payload_has_the_checksum_a_large_one_would():
