@@ -41,6 +41,7 @@ from emu.net.channel import Endpoint
 
 SCAN = 1 << 16  # dirty-bitmap window searched at once
 PAGE_FLAGS = wire.RAM_SAVE_FLAG_PAGE | wire.RAM_SAVE_FLAG_CONTINUE
+WHOLE_WRITE = 1 << 30  # target pages: a record as large as any write
 DISCARDS_PER_COMMAND = 4000
 RBNAME = wire.BLOCK.decode()  # the one RAM block, as trace points name it
 
@@ -127,7 +128,7 @@ class RecordWriter:
         # waits for a page, so when the destination places it is not seen, and the emulator
         # pays per frame (bench/throughput.py moves 20% less in 32 KiB records); from the
         # switchover on, one read of QEMU's destination (postcopy_records())
-        self.record = 1 << 30
+        self.record = WHOLE_WRITE
         # guest RAM as 64-bit words, a row per target page: the zero check reads these
         self.words = None if raw is None else np.frombuffer(raw, np.uint64).reshape(
             -1, TARGET_PAGE // 8)
