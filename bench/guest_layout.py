@@ -15,6 +15,9 @@ guest used (each refill takes `batch` pages from the buddy lists, so runs tend t
 long), the THP setting in effect, and the writer's steps: the signed PFN distance from the end
 of one run to the start of the next run in virtual order, which is where a sequential writer
 jumps to in QEMU's scan order. Everything goes in one temporary directory, removed at the end.
+
+The steps depend on how many vCPUs really fault at the same time, so on the host's free cores:
+the host's CPU count and load average before the boot are part of the result.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import re
 import shutil
 import signal
@@ -398,7 +402,7 @@ def table(r: dict) -> str:
         ("step median", f"{r['step_median']:g}, {r['steps_equal_batch_percent']:g}% exactly {b}"),
     ]
     head = [f"Linux {r['kernel']} ({r['package']} {r['version']}), QEMU TCG, -smp {r['smp']}, "
-            f"-m {r['ram_mib']}MiB",
+            f"-m {r['ram_mib']}MiB; host {r['host_cpus']} CPUs, load {r['host_load_1min']:g}",
             f"  buffer {r['buffer_mib']} MiB = {r['pages']} pages ({r['notpresent']} not "
             f"present), {r['threads']} threads, prefault {r['prefault_seconds']:.1f} s"]
     return "\n".join(head + [f"  {label:18s} {value}" for label, value in rows])
@@ -420,11 +424,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     serial = tmp / "serial.log"
     say(f"booting: -smp {args.smp} -m {args.ram}M, {args.threads} threads prefault "
         f"{args.buffer} MiB, THP {args.thp}")
-    t0 = time.monotonic()
+    load, t0 = os.getloadavg()[0], time.monotonic()
     text = boot(qemu_command(args, kernel, initrd, serial), serial, args.timeout)
     result = {"package": package, "version": version, "smp": args.smp,
               "threads": args.threads, "buffer_mib": args.buffer, "ram_mib": args.ram,
-              "thp_requested": args.thp, "boot_seconds": round(time.monotonic() - t0, 1)}
+              "thp_requested": args.thp, "host_cpus": os.cpu_count(),
+              "host_load_1min": round(load, 2), "boot_seconds": round(time.monotonic() - t0, 1)}
     return result | figures(parse_console(text))
 
 

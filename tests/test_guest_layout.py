@@ -109,8 +109,10 @@ def test_figures_of_the_synthetic_console():
     assert r["step_percent"] == {"behind": 25.0, "1..63": 50.0, "64..511": 0.0,
                                  "512..4095": 25.0, "4096..65535": 0.0, ">=65536": 0.0}
     run = {"package": "linux-image-6.1.0-57-amd64", "version": "6.1.192-3", "smp": 2,
-           "threads": 2, "buffer_mib": 1, "ram_mib": 512}
+           "threads": 2, "buffer_mib": 1, "ram_mib": 512, "host_cpus": 2, "host_load_1min": 1.5}
     text = gl.table(run | r)
+    assert text.startswith("Linux 6.1.0-57-amd64 (linux-image-6.1.0-57-amd64 6.1.192-3), QEMU "
+                           "TCG, -smp 2, -m 512MiB; host 2 CPUs, load 1.5\n")
     assert "  pcp (DMA32)        batch 63, high 252\n" in text
     assert "  run length         median 63, mean 51.2, 40% exactly 63 (the batch)\n" in text
     assert "    512..4095         25.0%\n" in text
