@@ -15,8 +15,9 @@ in the scan's order at the end of every run (docs/concepts.md, "The guest's layo
 Measured with Debian's 6.1 kernel in QEMU (docs/benchmarks.md, "The guest's layout"): 20
 threads prefaulting 1.5 GiB left 82-86% of the runs exactly 63 pages long (the batch of a zone
 of 1 GiB or more) and nearly all the rest multiples of it, taken from a front of frames that
-climbs in physical order. On that 2-core host only about two of the 20 vCPUs faulted at any
-moment, so neighbouring runs mostly alternated between two threads. Here the threads refill in
+climbs in physical order (python bench/guest_layout.py). On that 2-core host only a few of
+the 20 vCPUs faulted at any moment, so fewer threads' runs came between two of one thread's.
+Here the threads refill in
 rounds, each thread once a round, in an order drawn afresh each round: they run at the same
 speed on CPUs of their own, as the series' 20-vCPU guest did, and which of them runs dry first
 is chance. A slice's next run is then (threads - 1) x batch pages further on, on average.
