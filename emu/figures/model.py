@@ -371,7 +371,9 @@ def _stream_wait(cfg: Config) -> float | None:
     the (N - 1) x batch pages of the other threads' runs the scan sends before its next one,
     while they are within main's window; None when they are not (the next run is then
     requested: an urgent page, as the other patterns')."""
-    rec = min(wire.record_pages(cfg.page_size), max(1, cfg["emulator.chunk"] // TARGET_PAGE))
+    rec = wire.record_pages(cfg.page_size)  # a huge page is placed once all of it is in
+    if cfg.page_size == TARGET_PAGE:
+        rec = min(rec, max(1, cfg["emulator.chunk"] // TARGET_PAGE))
     page_time = wire.pages_bytes(rec, rec) / rec / cfg["link.bandwidth"]
     fast = rec * max(0.0, page_time - cfg["workload.touch-cost"])
     threads = cfg["workload.prefault-threads"]

@@ -17,10 +17,10 @@ threads prefaulting 1.5 GiB left 82-86% of the runs exactly 63 pages long (the b
 of 1 GiB or more) and nearly all the rest multiples of it, taken from a front of frames that
 climbs in physical order (python bench/guest_layout.py). On that 2-core host only a few of
 the 20 vCPUs faulted at any moment, so fewer threads' runs came between two of one thread's.
-Here the threads refill in
-rounds, each thread once a round, in an order drawn afresh each round: they run at the same
-speed on CPUs of their own, as the series' 20-vCPU guest did, and which of them runs dry first
-is chance. A slice's next run is then (threads - 1) x batch pages further on, on average.
+Here the threads refill in rounds, each thread once a round, in an order drawn afresh each
+round: they run at the same speed on CPUs of their own, as the series' 20-vCPU guest did, and
+which of them runs dry first is chance. A slice's next run is then (threads - 1) x batch pages
+further on, on average.
 """
 
 from __future__ import annotations
@@ -46,14 +46,17 @@ class Layout:
     guest RAM) prefaulted by `threads` threads at once."""
 
     def __init__(self, pages: int, threads: int, seed: int) -> None:
-        self.pages, self.threads = pages, threads
+        self.threads = threads
         self.batch = zone_batchsize(pages)
         self.each = pages // threads
         self.full, self.tail = divmod(self.each, self.batch)  # whole refills, the last one
+        if threads == 1:
+            return  # the buffer in order: no rounds to draw
         rounds = self.full + (self.tail > 0)
         rng = np.random.default_rng([seed, LAYOUT_STREAM])
-        order = rng.random((max(rounds, 1), threads)).argsort(axis=1)
-        self.rank = order.argsort(axis=1).astype(np.int64)  # rank[j, i]: thread i's turn in round j
+        order = rng.random((rounds, threads)).argsort(axis=1)
+        # rank[j, i]: thread i's turn in round j (uint8: at most 256 threads)
+        self.rank = order.argsort(axis=1).astype(np.uint8)
 
     def frames(self, k: np.ndarray) -> np.ndarray:
         """The guest-physical pages of buffer pages k."""
