@@ -472,6 +472,11 @@ def format_prediction(pred: dict[str, Any]) -> str:
     for name, text in TERMS.items():
         lines.append(f"  {name:<9}{text:<{width}} {pred['terms-us'][name] / scale:10.3f} {unit}")
     lines.append(f"  {'total':<9}{'':<{width}} {pred['latency-us'] / scale:10.3f} {unit}")
+    if pred["terms-us"]["stream"]:
+        lines += ["  for a vCPU that follows the stream (its pattern walks its slice in order, and",
+                  "  its first request moved the scan next to it): compare with a run's average",
+                  "  over all its faults"]
+        return "\n".join(lines)
     channel = "main" if pred["mode"] == "vanilla" else "preempt"
     lines += [f"  for faults whose page goes out as an urgent page, on {channel}: compare with a",
               f"  run's average for {channel}; a page already in flight on main when requested",
