@@ -359,8 +359,9 @@ def cpu_time(cfg: Config, mode: str, backlog: float) -> float:
 
 def _follows(cfg: Config, mode: str) -> bool:
     """A vCPU walking its slice in order behind a request that moved the scan next to it
-    (every mode but preempt-full, whose return-path thread has a scan position of its own)."""
-    return cfg["workload.pattern"] in SLICED and mode != FULL
+    (every mode but preempt-full, whose return-path thread has a scan position of its own),
+    on a stream that never sleeps (a cap's windows are not modelled for it)."""
+    return cfg["workload.pattern"] in SLICED and mode != FULL and not _capped(cfg)
 
 
 def _stream_wait(cfg: Config) -> float | None:
