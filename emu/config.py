@@ -352,6 +352,10 @@ KEYS: dict[str, Key] = {
     "workload.hot-probability": _key(
         "float", 0.9, "share of touches that go to the hot set (hotset)", low=0, high=1
     ),
+    "workload.prefault-threads": _key(
+        "int", 1, "threads that prefaulted the buffer at once (its guest-physical layout)",
+        low=1, high=VCPUS_MAX,
+    ),
     # The CPU time of QEMU's threads, charged in emulated time (emu/cpu.py; the defaults'
     # sources are in docs/config.md). All 0: the emulator's own time only, as before.
     "cpu.save-page": _key(
@@ -499,6 +503,11 @@ def _check_together(values: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"guest.vcpus: must be at most guest.ram / 4KiB = {ram // TARGET_PAGE} "
             f"(got {values['guest.vcpus']})"
+        )
+    if values["workload.prefault-threads"] > ram // TARGET_PAGE:
+        raise ConfigError(
+            f"workload.prefault-threads: must be at most guest.ram / 4KiB = {ram // TARGET_PAGE} "
+            f"(got {values['workload.prefault-threads']})"
         )
 
 

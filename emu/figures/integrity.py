@@ -128,11 +128,12 @@ def expected_head(cfg: Config, positions: list[int]) -> np.ndarray:
     for v, pos in enumerate(positions):
         workload = Workload(cfg, v)
         if sliced:
-            # touch k goes to page lo + k % size, and each touch leaves the page holding the
-            # number of touches it has had (ab counts them; sequential writes the pass number)
+            # touch k goes to the slice's page k % size, and each touch leaves the page holding
+            # the number of touches it has had (ab counts them; sequential writes the pass
+            # number)
             full, rest = divmod(pos, workload.size)
             touches = full + (np.arange(workload.size) < rest)
-            head[workload.lo:workload.lo + workload.size, 0] = touches & 0xFF
+            head[workload.slice_pages(), 0] = touches & 0xFF
         else:
             head[:, v] = _touch_counts(workload, pos, n) & 0xFF
     return head

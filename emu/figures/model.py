@@ -67,6 +67,10 @@ A vCPU faulting back to back also fits more faults into the quick phases of a ca
 a phase of share s and latency L holds s / L of its faults, and the model weighs phases so;
 with 4 KiB pages its one fault per window made while the thread sleeps waits for the next
 window, from a time X after the last page left (_window_waits).
+
+A vCPU walking its slice in order (workload.pattern sequential or ab) asks for no page once
+its first request moved the scan next to it: it follows the stream (_stream_wait), except in
+preempt-full, whose urgent pages leave the scan where it was.
 """
 
 from __future__ import annotations
@@ -79,8 +83,10 @@ from emu.config import Config
 from emu.cpu import Costs
 from emu.figures import timescale
 from emu.migration import versions, wire
+from emu.migration.layout import zone_batchsize
 from emu.migration.ram import TARGET_PAGE
 from emu.migration.ram_save import Pacer
+from emu.migration.workload import SLICED
 from emu.units import format_duration, format_rate, format_size
 
 MODES = ("vanilla", "preempt-no-break-huge", "preempt")  # QEMU 7.1's, as predict_all() gives
@@ -100,6 +106,7 @@ TERMS = {
     "page": "P/B: the page itself",
     "shared": "min(P,S)/B: main's share of the link (preempt)",
     "cpu": "t: QEMU's threads' CPU time on the way (cpu.*)",
+    "stream": "the stream ahead of a vCPU that follows it (sliced patterns)",
 }
 # Measured: the emulator's real time per fault beyond the link's own delays, with 4 KiB pages,
 # preempt and an idle main, on an idle 2-core machine with the relay waking on time: 0.55 ms
@@ -350,6 +357,37 @@ def cpu_time(cfg: Config, mode: str, backlog: float) -> float:
     return t
 
 
+def _follows(cfg: Config, mode: str) -> bool:
+    """A vCPU walking its slice in order behind a request that moved the scan next to it
+    (every mode but preempt-full, whose return-path thread has a scan position of its own),
+    on a stream that never sleeps (a cap's windows are not modelled for it)."""
+    return cfg["workload.pattern"] in SLICED and mode != FULL and not _capped(cfg)
+
+
+def _stream_wait(cfg: Config) -> float | None:
+    """The mean fault of a vCPU that follows the stream (docs/concepts.md, "The guest's
+    layout"). It eats a record's pages as soon as the record is in, then waits for the next:
+    rec x (page time - touch). With workload.prefault-threads N its slice is runs of the guest
+    kernel's batch, one run in N of the stream on average, so once a run a fault waits for
+    the (N - 1) x batch pages of the other threads' runs the scan sends before its next one,
+    while they are within main's window; None when they are not (the next run is then
+    requested: an urgent page, as the other patterns')."""
+    rec = wire.record_pages(cfg.page_size)  # a huge page is placed once all of it is in
+    if cfg.page_size == TARGET_PAGE:
+        rec = min(rec, max(1, cfg["emulator.chunk"] // TARGET_PAGE))
+    page_time = wire.pages_bytes(rec, rec) / rec / cfg["link.bandwidth"]
+    fast = rec * max(0.0, page_time - cfg["workload.touch-cost"])
+    threads = cfg["workload.prefault-threads"]
+    if threads == 1:
+        return fast
+    batch = zone_batchsize(cfg["guest.ram"] // TARGET_PAGE)
+    gap = (threads - 1) * batch
+    if wire.pages_bytes(gap, rec) > cfg["link.socket-buffer"]:
+        return None
+    faults_per_run = max(1.0, batch / rec)
+    return (gap * page_time + (faults_per_run - 1) * fast) / faults_per_run
+
+
 def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, Any]:
     """The predicted mean page-fault latency of the scenario, in us, and its terms.
 
@@ -375,7 +413,11 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     def mean(values) -> float:
         return sum(w * v for w, v in zip(weights, values, strict=True))
 
-    terms = {name: mean(t[name] for t in each) * 1e6 for name in TERMS}
+    terms = {name: mean(t.get(name, 0.0) for t in each) * 1e6 for name in TERMS}
+    stream = _stream_wait(cfg) if _follows(cfg, mode) else None
+    if stream is not None:  # no page requested: the stream's own pace
+        terms = {name: 0.0 for name in TERMS} | {"software": one.software * 1e6,
+                                                  "stream": stream * 1e6}
     backlog = mean(s for _, s, _ in phases)
     rest = mean(r for _, _, r in phases)
     return {
@@ -431,6 +473,11 @@ def format_prediction(pred: dict[str, Any]) -> str:
     for name, text in TERMS.items():
         lines.append(f"  {name:<9}{text:<{width}} {pred['terms-us'][name] / scale:10.3f} {unit}")
     lines.append(f"  {'total':<9}{'':<{width}} {pred['latency-us'] / scale:10.3f} {unit}")
+    if pred["terms-us"]["stream"]:
+        lines += ["  for a vCPU that follows the stream (its pattern walks its slice in order, and",
+                  "  its first request moved the scan next to it): compare with a run's average",
+                  "  over all its faults"]
+        return "\n".join(lines)
     channel = "main" if pred["mode"] == "vanilla" else "preempt"
     lines += [f"  for faults whose page goes out as an urgent page, on {channel}: compare with a",
               f"  run's average for {channel}; a page already in flight on main when requested",

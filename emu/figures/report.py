@@ -10,7 +10,7 @@ from emu.events import Trace
 from emu.figures import integrity, metrics, model, timescale
 from emu.figures import progress as guest_progress
 from emu.migration.ram import PRESENT, TARGET_PAGE
-from emu.migration.workload import SLICED
+from emu.migration.workload import SLICED, Workload
 
 # ok is None, not False: nothing was compared, so nothing is known to be bad
 NOT_CHECKED = {"ok": None, "bad-pages": None, "checked": "not checked: the run did not complete"}
@@ -30,9 +30,9 @@ def check_memory(cfg: Config, src_ram: np.ndarray, dst_ram: np.ndarray, dst_stat
     bad = [integrity.check_rest(dst_ram, src_ram, 1 if sliced else nvcpus)]
     n = len(dst)
     for v in range(nvcpus):
-        if sliced:
-            lo, hi = v * n // nvcpus, (v + 1) * n // nvcpus
-            bad.append(integrity.check_step(dst[lo:hi, 0]) + lo)
+        if sliced:  # in the order the vCPU walks its slice
+            pages = Workload(cfg, v).slice_pages()
+            bad.append(pages[integrity.check_step(dst[pages, 0])])
         else:
             bad.append(integrity.check_increments(dst[:, v], src[:, v],
                                                   dst_report["increments"][v]))

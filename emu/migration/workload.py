@@ -8,6 +8,8 @@ Patterns (workload.pattern):
   hotset: workload.hot-probability of the touches go to the first workload.hot-fraction of RAM.
   These increment byte v of the pages vCPU v touches (no two vCPUs write the same byte, so the
   memory check knows exactly what each page must hold).
+The pages are those of the vCPUs' buffer, all of guest RAM, laid out in guest-physical memory
+as workload.prefault-threads prefaulting it left it (emu/migration/layout.py).
 A touch costs workload.touch-cost of emulated time. A vCPU does its touches in batches as the
 clock allows, so it never spins the host CPU, and stops at the first page that is not present.
 Each vCPU keeps count of its touches by emulated time (Touches), for the guest's progress
@@ -22,6 +24,7 @@ import numpy as np
 
 from emu.clock import Clock
 from emu.config import Config
+from emu.migration.layout import layout
 from emu.migration.ram import TARGET_PAGE
 
 PATTERNS = ("sequential", "random", "stride", "hotset", "ab")
@@ -47,6 +50,9 @@ class Workload:
         self.hot = max(1, int(self.n * cfg["workload.hot-fraction"]))
         self.hot_probability = cfg["workload.hot-probability"]
         self._blocks: dict[int, np.ndarray] = {}
+        # the vCPUs touch pages of their buffer, all of guest RAM, wherever the guest kernel
+        # put them when it was prefaulted (emu/migration/layout.py)
+        self.layout = layout(self.n, cfg["workload.prefault-threads"], self.seed)
 
     @property
     def max_batch(self) -> int:
@@ -55,7 +61,13 @@ class Workload:
 
     def peek(self, n: int) -> np.ndarray:
         """The target pages of the next n touches (not done yet)."""
-        k = self.pos + np.arange(n, dtype=np.int64)
+        return self.layout.frames(self._buffer_pages(self.pos + np.arange(n, dtype=np.int64)))
+
+    def slice_pages(self) -> np.ndarray:
+        """A sliced pattern's pages in the order it walks them."""
+        return self.layout.frames(self.lo + np.arange(self.size, dtype=np.int64))
+
+    def _buffer_pages(self, k: np.ndarray) -> np.ndarray:
         if self.pattern in SLICED:
             return self.lo + k % self.size
         if self.pattern == "stride":
