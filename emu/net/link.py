@@ -4,9 +4,13 @@ The relay runs in its own process. It keeps the link's schedule in emulated time
 sleeping per packet: every frame read from a sender is queued at the bottleneck, leaves it when
 its turn and its share of the bandwidth allow (`Bottleneck`, a fluid fair-share model: the
 connections with bytes waiting split the bandwidth equally), arrives one one-way delay later,
-and is written to the receiver when the scaled clock reaches that time. Delivering a frame sends
-a credit back to its sender (see channel.py), which bounds what each connection holds queued to
-link.socket-buffer bytes.
+and is written to the receiver when the scaled clock reaches that time. A delivered frame stays
+in the connection's window until the receiver has read it: the receiving endpoint says so with
+CREDIT frames on its own socket, and the relay passes them on to the sender (see channel.py).
+That bounds what each connection holds, at the bottleneck, on the wire and unread in the
+receiver's socket, to link.socket-buffer bytes, as TCP's window does. A credit from a port
+that receives nothing, or for more than the receiver was given and has not credited, is not
+our protocol: the connection breaks.
 
 Connections: main and preempt go source -> destination and share one bottleneck; the return
 path goes destination -> source on its own (the link is full duplex). Every connection the
@@ -79,6 +83,14 @@ def _conn_from(port: str) -> str | None:
     if side == "src":
         return conn
     return "return" if conn == "main" else None  # nothing flows back on preempt
+
+
+def _credited_conn(port: str) -> str | None:
+    """The connection whose receiver is `port`, which a CREDIT frame read from it frees."""
+    side, conn = port.split("-", 1)
+    if side == "dst":
+        return conn
+    return "return" if conn == "main" else None  # the source receives nothing on preempt
 
 
 def _sleep_for(wait: float) -> float:
@@ -171,8 +183,11 @@ class Relay:
         self.bottleneck = {"forward": Bottleneck(bandwidth), "reverse": Bottleneck(bandwidth)}
         # per connection, multifd ones added as they come (attach)
         self.arrivals = {c: collections.deque() for c in CONNECTIONS}  # (t, frame, charge)
+        # bytes in the connection's window: at the bottleneck, on the wire, or delivered and
+        # not read yet (unread); the receiver's credits free them (credit_due)
         self.queued = dict.fromkeys(CONNECTIONS, 0)
-        self.credit_due = dict.fromkeys(CONNECTIONS, 0)  # delivered, not yet credited back
+        self.unread = dict.fromkeys(CONNECTIONS, 0)  # delivered, the receiver has not credited
+        self.credit_due = dict.fromkeys(CONNECTIONS, 0)  # credited, not yet passed to the sender
         # select(), not epoll: epoll rounds timeouts up to whole milliseconds
         self.sel = selectors.SelectSelector()
         self.listener: socket.socket | None = None
@@ -195,6 +210,7 @@ class Relay:
         """Put a ready connection on the link (tests, and connections accepted earlier)."""
         self.arrivals.setdefault(conn, collections.deque())
         self.queued.setdefault(conn, 0)
+        self.unread.setdefault(conn, 0)
         self.credit_due.setdefault(conn, 0)
         for side, sock in (("src", src), ("dst", dst)):
             sock.setblocking(False)
@@ -220,7 +236,7 @@ class Relay:
         for c in lost:
             self.bottleneck[_route(c)[2]].drop(c)
             self.arrivals[c].clear()
-            self.queued[c] = self.credit_due[c] = 0
+            self.queued[c] = self.unread[c] = self.credit_due[c] = 0  # none go to a new one
             self._publish_queued(c)
         self.events.append(("broken", conn))
 
@@ -389,9 +405,15 @@ class Relay:
 
     def _parse(self, name: str) -> None:
         port = self.ports[name]
-        buf, pos, now = port.inbuf, 0, None
+        buf, pos, now, sent = port.inbuf, 0, None, None
         while port.fill - pos >= channel.HEADER.size:
             kind, size, virt, _, _ = channel.HEADER.unpack_from(buf, pos)
+            if kind == channel.CREDIT and port.conn and not size:
+                if not self._credited(name, virt):
+                    self._broken(name)  # a credit nobody owes: not our protocol
+                    return
+                pos += channel.HEADER.size
+                continue
             limit = channel.MAX_FRAME if port.conn else channel.HELLO_MAX
             if kind != channel.DATA or size > limit:
                 self._broken(name)  # not our framing: a stranger, or a stream gone wrong
@@ -411,15 +433,25 @@ class Relay:
             if now is None:
                 now = self.clock.now()
                 self._advance_all(now)
-            conn = _conn_from(name)
-            if conn is not None:
-                self._enqueue(conn, _frame(buf, pos, end), size + virt)
+            sent = _conn_from(name)
+            if sent is not None:
+                self._enqueue(sent, _frame(buf, pos, end), size + virt)
             pos = end
-        if now is not None and conn is not None:
-            self._publish_queued(conn)
+        if sent is not None:
+            self._publish_queued(sent)
         # keep the start of a frame not complete yet at the front
         buf[:port.fill - pos] = buf[pos:port.fill]
         port.fill -= pos
+
+    def _credited(self, name: str, n: int) -> bool:
+        """The receiver at port `name` has read `n` bytes: they go back to their sender with
+        this turn's credit (_return_credits). False if it was not given that many."""
+        conn = _credited_conn(name)
+        if conn is None or n > self.unread.get(conn, 0):
+            return False
+        self.unread[conn] -= n
+        self.credit_due[conn] += n
+        return True
 
     def _advance_all(self, now: float) -> None:
         for neck in self.bottleneck.values():
@@ -482,18 +514,19 @@ class Relay:
         self._want_write(name, bool(out))
 
     def _delivered(self, conn: str, charge: int) -> None:
-        self.queued[conn] -= charge  # published with the credit (_return_credits)
-        self.credit_due[conn] += charge
+        """In the receiver's socket: still the sender's, until the receiver has read it."""
+        self.unread[conn] += charge
 
     def _return_credits(self) -> None:
-        """Free the senders' windows by what was delivered, one credit per connection and
-        turn of the loop (the deliveries all happened at this same emulated instant)."""
+        """Free the senders' windows by what the receivers have read, one credit per
+        connection and turn of the loop."""
         for conn in list(self.credit_due):
             charge, sender = self.credit_due[conn], _route(conn)[0]
             if not charge:
                 continue
             # zeroed first: flushing a credit may deliver frames, and credits, of another
             self.credit_due[conn] = 0
+            self.queued[conn] -= charge
             self._publish_queued(conn)
             self.board.add(f"delivered-{_field(conn)}", charge)
             if sender in self.ports:
