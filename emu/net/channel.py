@@ -9,9 +9,10 @@ is where head-of-line blocking comes from.
 As in TCP, the window is freed by the receiving application, not by the network: a frame's
 bytes hold their place in it until the receiving endpoint's thread takes the frame (recv()),
 however long it sat unread in the socket. The receiver then writes CREDIT frames back on its
-own socket (coalesced, see CREDIT_SHARE), and the link passes them on to the sender. So a
-receiving thread slower than the link holds its sender back, as a reader that does not keep up
-with a TCP stream closes its window.
+own socket (coalesced, see CREDIT_SHARE), and the link passes them on to the sender; the link
+credits on delivery only the little the receiver's socket takes on its own (link.py,
+receive_room). So a receiving thread slower than the link holds its sender back, as a reader
+that does not keep up with a TCP stream closes its window.
 """
 
 from __future__ import annotations
