@@ -87,7 +87,8 @@ def peer(path: str, *payloads: bytes) -> socket.socket:
 
 
 def read_frame(sock: socket.socket) -> bytes:
-    """The destination's next frame (its checksum is the link's to fill in: not checked)."""
+    """The destination's next DATA frame (its checksum is the link's to fill in: not
+    checked); the credits it gives back for what it read are read past, as a link takes them."""
     def exactly(n: int) -> bytes:
         data = b""
         while len(data) < n:
@@ -95,8 +96,10 @@ def read_frame(sock: socket.socket) -> bytes:
             assert more, "closed"
             data += more
         return data
-    _, size, _, _, _ = channel.HEADER.unpack(exactly(channel.HEADER.size))
-    return exactly(size)
+    while True:
+        kind, size, _, _, _ = channel.HEADER.unpack(exactly(channel.HEADER.size))
+        if kind != channel.CREDIT:
+            return exactly(size)
 
 
 def closed(sock: socket.socket) -> bool:

@@ -260,9 +260,9 @@ def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict,
     which comes on top. When the own work is larger by more than the lag's bound
     (timescale.lag_bound of the median latency), the charged costs do not decide the figures:
     the warning says so, with the time scale at which they would. A receiving thread busy nearly
-    all of the run (`elapsed` emulated seconds) is slower than the link, which credits a frame
-    when it delivers it: main's backlog then grows past link.socket-buffer, as it would not in
-    TCP, and the warning says that too."""
+    all of the run (`elapsed` emulated seconds) is slower than the link: its backlog, held to
+    link.socket-buffer as in TCP (the receiver's reads free the window), drains at the thread's
+    rate, not the link's, and the warning says that too."""
     threads = {}
     for side, names in CPU_THREADS.items():
         for name in names:
@@ -275,7 +275,7 @@ def with_cpu(health: dict, cfg: Config, boards: dict[str, dict], latency: dict,
         if threads[name]["busy-share"] > SATURATED:
             _warn(health, f"the {name} thread was busy placing pages "
                           f"{threads[name]['busy-share']:.0%} of the run (cpu.place-*): slower "
-                          f"than the link, its backlog is not held to link.socket-buffer")
+                          f"than the link, its backlog drains at its rate, not the link's")
     if cfg["migration.postcopy-ram"]:
         charged = model.cpu_time(cfg, model.mode_of(cfg), 0.0)
         scale = cfg["emulator.time-scale"]

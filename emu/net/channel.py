@@ -2,14 +2,22 @@
 
 Everything that crosses the link is a frame: kind, payload length, and `virt`, bytes the link
 charges without carrying them (emulator.payload=false: a page record travels as a header but
-costs the link a whole page). The relay sends CREDIT frames back as it delivers a sender's
-frames, so a sender holds at most `window` (link.socket-buffer) bytes queued in the link: once
-that is reached, send() blocks exactly like write() on a full TCP socket. This is where
-head-of-line blocking comes from.
+costs the link a whole page). A sender holds at most `window` (link.socket-buffer) bytes in the
+connection: once that is reached, send() blocks exactly like write() on a full TCP socket. This
+is where head-of-line blocking comes from.
+
+As in TCP, the window is freed by the receiving application, not by the network: a frame's
+bytes hold their place in it until the receiving endpoint's thread takes the frame (recv()),
+however long it sat unread in the socket. The receiver then writes CREDIT frames back on its
+own socket (coalesced, see CREDIT_SHARE), and the link passes them on to the sender; the link
+credits on delivery only the little the receiver's socket takes on its own (link.py,
+receive_room). So a receiving thread slower than the link holds its sender back, as a reader
+that does not keep up with a TCP stream closes its window.
 """
 
 from __future__ import annotations
 
+import io
 import select
 import socket
 import struct
@@ -52,6 +60,14 @@ RELAYED = 2
 MAX_FRAME = 64 << 20
 BATCH = 256 << 10  # bytes of frames send(more=True) gathers before writing them
 BATCH_PARTS = 512  # buffers one sendmsg() gets at most (Linux takes 1024)
+# A receiver gives back what recv() has taken once that reaches this share of the window, or
+# as soon as it has taken all it has read in (or is about to wait for more). Linux coalesces
+# its window updates alike (__tcp_cleanup_rbuf(), at the end of the read: once reading has
+# opened the window well). A receiver that keeps up credits each frame as it takes it, so a
+# sender never waits for room freed already; one busy with a backlog writes a credit per
+# eighth of the window, not one per frame, and holds its sender back by an eighth of the
+# window at most, a few frames of its own drain time.
+CREDIT_SHARE = 8
 
 # A writer asleep on a full connection, and awake again. QEMU has no trace point there (its
 # qio_channel_writev_full_all() waits in qio_channel_wait(G_IO_OUT)); named in qemu-file.c's
@@ -92,8 +108,15 @@ class Endpoint:
         self.sock = sock
         self.window = window
         self.wakeup = wakeup  # link.write-wakeup
-        self._reader = sock.makefile("rb", buffering=1 << 20)
-        self._send_lock = threading.Lock()
+        self._incoming = _Incoming(sock, self._credit_all)
+        self._reader = io.BufferedReader(self._incoming, 1 << 20)
+        self._consumed = 0  # bytes taken out of _reader (what it read ahead is not)
+        self._send_lock = threading.Lock()  # one writer at a time, while it waits for room
+        # the socket's writes: frames and the credits of what we read (the reader writes
+        # those while a writer waits for room, so it must not wait for _send_lock)
+        self._write_lock = threading.Lock()
+        self._taken = 0  # bytes of the frames recv() took, not credited yet (reader only)
+        self._credit_every = max(1, window // CREDIT_SHARE)
         self._credit = threading.Condition()
         self._outstanding = 0
         self._closed = False
@@ -195,7 +218,8 @@ class Endpoint:
             self._write_held()
 
     def recv(self) -> bytes:
-        """The next DATA frame's payload; credits met on the way are taken in."""
+        """The next DATA frame's payload; credits met on the way are taken in. The frame's
+        bytes are then the sender's room again: credited back (see CREDIT_SHARE)."""
         while True:
             kind, size, virt, arrival, check = self._read_header()
             if kind == CREDIT:
@@ -211,7 +235,22 @@ class Endpoint:
                 raise ChannelError(f"{self.name}: connection closed mid-frame")
             if checksum(payload) != check:
                 raise ChannelError(f"{self.name}: checksum mismatch, the frame was corrupted")
+            self._consumed += size
+            self._taken += size + virt
+            if self._taken >= self._credit_every or self._consumed == self._incoming.count:
+                self._credit_all()  # a share of the window, or all that came: see CREDIT_SHARE
             return payload
+
+    def _credit_all(self) -> None:
+        """Give the sender back the bytes of what recv() took (the reader's thread)."""
+        if not self._taken:
+            return
+        frame, self._taken = credit_frame(self._taken), 0
+        try:
+            with self._write_lock:
+                self.sock.sendall(frame)
+        except OSError:
+            pass  # the connection is gone: reading on gets what came before its end, then fails
 
     def read_credits_in_background(self, on_error=None) -> threading.Thread:
         """For a write-only endpoint (the source's preempt channel): someone must read credits.
@@ -254,6 +293,7 @@ class Endpoint:
             raise ChannelError(f"{self.name}: {err}") from None
         if len(raw) != HEADER.size:
             raise ChannelError(f"{self.name}: connection closed")
+        self._consumed += HEADER.size
         kind, size, virt, arrival, check = HEADER.unpack(raw)
         if kind not in (DATA, CREDIT) or size > MAX_FRAME:
             raise ChannelError(f"{self.name}: bad frame header {raw.hex()}")
@@ -268,25 +308,54 @@ class Endpoint:
         views = [memoryview(p).cast("B") for p in self._held]
         self._held, self._held_bytes = [], 0
         try:
-            while views:
-                sent = self.sock.sendmsg(views)
-                done = 0
-                while done < len(views) and sent >= len(views[done]):
-                    sent -= len(views[done])
-                    done += 1
-                views = views[done:]
-                if sent:
-                    views[0] = views[0][sent:]
+            with self._write_lock:
+                while views:
+                    sent = self.sock.sendmsg(views)
+                    done = 0
+                    while done < len(views) and sent >= len(views[done]):
+                        sent -= len(views[done])
+                        done += 1
+                    views = views[done:]
+                    if sent:
+                        views[0] = views[0][sent:]
         except OSError as err:
             raise ChannelError(f"{self.name}: {err}") from err
+
+
+class _Incoming(io.RawIOBase):
+    """An endpoint's socket as its buffered reader reads it: a read that would wait for the
+    socket calls on_idle() first. The reader has then taken every frame that came, and
+    on_idle gives back their credit before the wait (the sender may be waiting for it)."""
+
+    def __init__(self, sock: socket.socket, on_idle) -> None:
+        self._sock = sock
+        self._on_idle = on_idle
+        self.count = 0  # bytes read off the socket
+
+    def readinto(self, buf) -> int:
+        n = self._read_into(buf)
+        self.count += n
+        return n
+
+    def readable(self) -> bool:
+        return True
+
+    def _read_into(self, buf) -> int:
+        try:  # one system call when there is more: the same one a plain read makes
+            return self._sock.recv_into(buf, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        self._on_idle()
+        return self._sock.recv_into(buf)
 
 
 class Hello:
     """The first frame of a new connection, read without trusting it, from a non-blocking
     socket: a DATA frame of at most HELLO_MAX bytes, behind the RELAYED mark of the link it
     came through. Reads never go past that frame, so the channel's own reader starts right
-    behind it. A connection with no mark comes straight from a source: `direct`, and read
-    no further than its first header, so that it can be handed on to a link whole."""
+    behind it; the hello, read, is credited back like any frame an Endpoint takes. A
+    connection with no mark comes straight from a source: `direct`, and read no further than
+    its first header, so that it can be handed on to a link whole."""
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -296,6 +365,7 @@ class Hello:
         self._buf = bytearray()
         self._need = HEADER.size
         self._check: int | None = None
+        self._charge = 0  # the hello's bytes, as its sender's window counts them
 
     @property
     def direct(self) -> bool:
@@ -320,14 +390,14 @@ class Hello:
             raise ChannelError("hello: connection closed")
         self._buf += data
         if self._check is None and len(self._buf) == HEADER.size:
-            kind, size, _, arrival, check = HEADER.unpack(self._buf)
+            kind, size, virt, arrival, check = HEADER.unpack(self._buf)
             if kind == RELAYED and size == 0 and not self.relayed:
                 self.relayed = True  # a link's mark: the hello follows
                 self._buf.clear()
                 return None
             if kind != DATA or size > HELLO_MAX:
                 raise ChannelError(f"not a hello: frame header {self._buf.hex()}")
-            self.arrival, self._check = arrival, check
+            self.arrival, self._check, self._charge = arrival, check, size + virt
             if not self.relayed:
                 return b""  # direct
             self._need += size
@@ -336,6 +406,10 @@ class Hello:
         payload = bytes(self._buf[HEADER.size:])
         if checksum(payload) != self._check:
             raise ChannelError("hello: checksum mismatch")
+        try:  # taken: its sender has the room again (37 bytes, into an empty socket)
+            self.sock.sendall(credit_frame(self._charge))
+        except OSError:
+            pass  # the peer is gone: what it sent before is still read, as by Endpoint.recv
         return payload
 
 

@@ -4,9 +4,19 @@ The relay runs in its own process. It keeps the link's schedule in emulated time
 sleeping per packet: every frame read from a sender is queued at the bottleneck, leaves it when
 its turn and its share of the bandwidth allow (`Bottleneck`, a fluid fair-share model: the
 connections with bytes waiting split the bandwidth equally), arrives one one-way delay later,
-and is written to the receiver when the scaled clock reaches that time. Delivering a frame sends
-a credit back to its sender (see channel.py), which bounds what each connection holds queued to
-link.socket-buffer bytes.
+and is written to the receiver when the scaled clock reaches that time.
+
+A sender holds at most link.socket-buffer bytes of its connection (channel.py's window), and
+as in TCP they are freed by the receiver: a frame delivered stays the sender's until the
+receiving endpoint has read it, which it says with CREDIT frames on its own socket; the relay
+passes them on to the sender. The receiver's socket itself takes `receive_room` bytes more
+(an eighth of the window, channel.CREDIT_SHARE): those are credited as they are delivered, as
+a TCP receiver acknowledges what its receive buffer has room for before the application reads
+it. So a receiving thread that keeps up on the whole but reads in bursts (a listen thread
+placing a huge page) does not close its sender's window, and one slower than the link holds
+the connection to the window plus that room. A credit from a port that receives nothing, or
+for more than the receiver was given and has not credited, is not our protocol: the
+connection breaks.
 
 Connections: main and preempt go source -> destination and share one bottleneck; the return
 path goes destination -> source on its own (the link is full duplex). Every connection the
@@ -79,6 +89,21 @@ def _conn_from(port: str) -> str | None:
     if side == "src":
         return conn
     return "return" if conn == "main" else None  # nothing flows back on preempt
+
+
+def _credited_conn(port: str) -> str | None:
+    """The connection whose receiver is `port`, which a CREDIT frame read from it frees."""
+    side, conn = port.split("-", 1)
+    if side == "dst":
+        return conn
+    return "return" if conn == "main" else None  # the source receives nothing on preempt
+
+
+def receive_room(window: int) -> int:
+    """What a receiver's socket of a connection with `window` acknowledges before its reader
+    reads it: as much as the receiver holds back in one credit (channel.CREDIT_SHARE), so
+    that a reader's coalescing and its short bursts of work leave the sender's room alone."""
+    return window // channel.CREDIT_SHARE
 
 
 def _sleep_for(wait: float) -> float:
@@ -163,7 +188,8 @@ class Relay:
     """The link's process loop: connections come in from the source (listen) and go on to
     the destination (target), or are attached ready-made (attach)."""
 
-    def __init__(self, clock: Clock, board: Board, bandwidth: float, rtt: float) -> None:
+    def __init__(self, clock: Clock, board: Board, bandwidth: float, rtt: float,
+                 receive_room: int = 0) -> None:
         self.clock = clock
         self.board = board
         self.delay = rtt / 2
@@ -171,8 +197,13 @@ class Relay:
         self.bottleneck = {"forward": Bottleneck(bandwidth), "reverse": Bottleneck(bandwidth)}
         # per connection, multifd ones added as they come (attach)
         self.arrivals = {c: collections.deque() for c in CONNECTIONS}  # (t, frame, charge)
+        # bytes in the sender's window: at the bottleneck, on the wire, or delivered and not
+        # read yet (unread) past what the receiver's socket acknowledged (acked)
         self.queued = dict.fromkeys(CONNECTIONS, 0)
-        self.credit_due = dict.fromkeys(CONNECTIONS, 0)  # delivered, not yet credited back
+        self.unread = dict.fromkeys(CONNECTIONS, 0)  # delivered, the receiver has not credited
+        self.receive_room = receive_room
+        self.acked = dict.fromkeys(CONNECTIONS, 0)  # of unread, credited on delivery
+        self.credit_due = dict.fromkeys(CONNECTIONS, 0)  # freed, not yet passed to the sender
         # select(), not epoll: epoll rounds timeouts up to whole milliseconds
         self.sel = selectors.SelectSelector()
         self.listener: socket.socket | None = None
@@ -195,6 +226,8 @@ class Relay:
         """Put a ready connection on the link (tests, and connections accepted earlier)."""
         self.arrivals.setdefault(conn, collections.deque())
         self.queued.setdefault(conn, 0)
+        self.unread.setdefault(conn, 0)
+        self.acked.setdefault(conn, 0)
         self.credit_due.setdefault(conn, 0)
         for side, sock in (("src", src), ("dst", dst)):
             sock.setblocking(False)
@@ -220,7 +253,8 @@ class Relay:
         for c in lost:
             self.bottleneck[_route(c)[2]].drop(c)
             self.arrivals[c].clear()
-            self.queued[c] = self.credit_due[c] = 0
+            # none of it is owed on a new connection
+            self.queued[c] = self.unread[c] = self.acked[c] = self.credit_due[c] = 0
             self._publish_queued(c)
         self.events.append(("broken", conn))
 
@@ -389,9 +423,15 @@ class Relay:
 
     def _parse(self, name: str) -> None:
         port = self.ports[name]
-        buf, pos, now = port.inbuf, 0, None
+        buf, pos, now, sent = port.inbuf, 0, None, None
         while port.fill - pos >= channel.HEADER.size:
             kind, size, virt, _, _ = channel.HEADER.unpack_from(buf, pos)
+            if kind == channel.CREDIT and port.conn and not size:
+                if not self._credited(name, virt):
+                    self._broken(name)  # a credit nobody owes: not our protocol
+                    return
+                pos += channel.HEADER.size
+                continue
             limit = channel.MAX_FRAME if port.conn else channel.HELLO_MAX
             if kind != channel.DATA or size > limit:
                 self._broken(name)  # not our framing: a stranger, or a stream gone wrong
@@ -411,15 +451,26 @@ class Relay:
             if now is None:
                 now = self.clock.now()
                 self._advance_all(now)
-            conn = _conn_from(name)
-            if conn is not None:
-                self._enqueue(conn, _frame(buf, pos, end), size + virt)
+            sent = _conn_from(name)
+            if sent is not None:
+                self._enqueue(sent, _frame(buf, pos, end), size + virt)
             pos = end
-        if now is not None and conn is not None:
-            self._publish_queued(conn)
+        if sent is not None:
+            self._publish_queued(sent)
         # keep the start of a frame not complete yet at the front
         buf[:port.fill - pos] = buf[pos:port.fill]
         port.fill -= pos
+
+    def _credited(self, name: str, n: int) -> bool:
+        """The receiver at port `name` has read `n` bytes: they go back to their sender with
+        this turn's credit (_return_credits). False if it was not given that many."""
+        conn = _credited_conn(name)
+        if conn is None or n > self.unread.get(conn, 0):
+            return False
+        self.unread[conn] -= n
+        self.credit_due[conn] += n
+        self._acknowledge(conn)  # less unread: less of it acknowledged ahead, already credited
+        return True
 
     def _advance_all(self, now: float) -> None:
         for neck in self.bottleneck.values():
@@ -482,18 +533,28 @@ class Relay:
         self._want_write(name, bool(out))
 
     def _delivered(self, conn: str, charge: int) -> None:
-        self.queued[conn] -= charge  # published with the credit (_return_credits)
-        self.credit_due[conn] += charge
+        """In the receiver's socket: still the sender's until the receiver has read it, but
+        for the socket's own room."""
+        self.unread[conn] += charge
+        self._acknowledge(conn)
+
+    def _acknowledge(self, conn: str) -> None:
+        """The receiver's socket acknowledges what it holds unread up to receive_room: the
+        sender has that room back at once."""
+        acked = min(self.receive_room, self.unread[conn])
+        self.credit_due[conn] += acked - self.acked[conn]
+        self.acked[conn] = acked
 
     def _return_credits(self) -> None:
-        """Free the senders' windows by what was delivered, one credit per connection and
-        turn of the loop (the deliveries all happened at this same emulated instant)."""
+        """Free the senders' windows by what the receivers have read, one credit per
+        connection and turn of the loop."""
         for conn in list(self.credit_due):
             charge, sender = self.credit_due[conn], _route(conn)[0]
             if not charge:
                 continue
             # zeroed first: flushing a credit may deliver frames, and credits, of another
             self.credit_due[conn] = 0
+            self.queued[conn] -= charge
             self._publish_queued(conn)
             self.board.add(f"delivered-{_field(conn)}", charge)
             if sender in self.ports:
@@ -567,7 +628,7 @@ def main(control, bufs: dict, cfg: Config, listen_uri: str, target_uri: str,
     target, relay what a destination hands over there (its front). run_dir: the folder the
     program made for it, removed if the program is killed."""
     relay = Relay(Clock(bufs[shm.CLOCK]), Board(FIELDS, bufs[shm.RELAY_BOARD]),
-                  cfg["link.bandwidth"], cfg["link.rtt"])
+                  cfg["link.bandwidth"], cfg["link.rtt"], receive_room(cfg["link.socket-buffer"]))
     relay.listen(listen_uri, target_uri)
     control.on_orphan = lambda: _orphaned(relay.listener, run_dir)
     if pin := uri.bound_file(relay.listener):
