@@ -291,3 +291,18 @@ def test_cli_predict_table(capsys):
 def test_cli_predict_without_postcopy(capsys):
     assert cli.main(["predict", "--set", "migration.postcopy-ram=false"]) == 2
     assert "precopy only" in capsys.readouterr().err
+
+
+def test_a_listen_thread_slower_than_the_link_sets_mains_pace():
+    # 25 Gbit/s brings a 32 KiB record in 10.5 us; the listen thread places its 8 pages in
+    # 16.9 us (cpu.place-page + 4 KiB x cpu.place-byte each): the window is the receiver's,
+    # so main's backlog drains at the thread's pace
+    fast = load_config(None, ["emulator.time-scale=1", "link.bandwidth=25Gbit",
+                              "emulator.chunk=32KiB"])
+    place = 8 * (500e-9 + 4096 * 400e-12)
+    assert model.main_drain(fast) == pytest.approx(wire.pages_bytes(8, 8) / place)
+    pred = predict(fast.with_overrides(["migration.postcopy-preempt=false"]))
+    assert pred["terms-us"]["queued"] == pytest.approx(
+        pred["inputs"]["backlog"] / model.main_drain(fast) * 1e6)
+    # at 10 Gbit/s the thread keeps up: the link's pace, as before
+    assert model.main_drain(fast.with_overrides(["link.bandwidth=10Gbit"])) == 1.25e9

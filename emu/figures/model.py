@@ -3,12 +3,15 @@ inputs read off this emulator's mechanism.
 
 One fault costs L = rtt + software + queued + rest + page + shared, each a time:
 
-- vanilla:                  L = RTT + c + (S + r + P) / B
-- preempt, break-huge off:  L = RTT + c + r / B + (P + min(P, S)) / B
-- preempt (break-huge on):  L = RTT + c + r / B + (P + min(P, S)) / B, with a smaller r
+- vanilla:                  L = RTT + c + (S + r) / D + P / B
+- preempt, break-huge off:  L = RTT + c + r / D + (P + min(P, S)) / B
+- preempt (break-huge on):  L = RTT + c + r / D + (P + min(P, S)) / B, with a smaller r
 - preempt-full (8.0):       L = RTT + c + (P + min(P, S)) / B
 
 B is link.bandwidth, RTT link.rtt, P guest.page-size. What the other letters are here:
+
+D, the pace of main's receiver (main_drain()): B, unless the listen thread takes longer to
+place a record than the link to bring it.
 
 S, the backlog ahead of the urgent page on main. The link holds at most link.socket-buffer
 bytes of one connection, queued at the bottleneck or on the wire (channel.py's credits), and a
@@ -101,8 +104,8 @@ MODE_TITLES = {
 TERMS = {
     "rtt": "RTT: the request out, the page back",
     "software": "c: the emulator's own work, x time-scale",
-    "queued": "S/B: the main backlog ahead (vanilla)",
-    "rest": "r/B: until the migration thread next looks at the queue",
+    "queued": "S/D: the main backlog ahead (vanilla), at its receiver's pace",
+    "rest": "r/D: until the migration thread next looks at the queue",
     "page": "P/B: the page itself",
     "shared": "min(P,S)/B: main's share of the link (preempt)",
     "cpu": "t: QEMU's threads' CPU time on the way (cpu.*)",
@@ -135,6 +138,7 @@ class Inputs:
     backlog: float  # S
     rest: float  # r
     software: float  # c, emulated seconds
+    drain: float = 0.0  # D, bytes/s main's receiver takes (0: the link's B)
 
 
 def latency_terms(mode: str, x: Inputs) -> dict[str, float]:
@@ -142,12 +146,13 @@ def latency_terms(mode: str, x: Inputs) -> dict[str, float]:
     if mode not in MODE_TITLES:
         raise ModelError(f"unknown mode {mode!r} (modes: {', '.join(MODE_TITLES)})")
     b = x.bandwidth
+    d = x.drain or b  # main's backlog and the thread blocked on it go at its receiver's pace
     vanilla = mode == "vanilla"
     return {
         "rtt": x.rtt,
         "software": x.software,
-        "queued": x.backlog / b if vanilla else 0.0,
-        "rest": x.rest / b,
+        "queued": x.backlog / d if vanilla else 0.0,
+        "rest": x.rest / d,
         "page": x.page_size / b,
         "shared": 0.0 if vanilla else min(x.page_size, x.backlog) / b,
     }
@@ -335,6 +340,21 @@ def _window_waits(cfg: Config, mode: str, one: Inputs,
     return [(blocked / latency_full, *full), (1.0, at_start, b * wait)]
 
 
+def main_drain(cfg: Config) -> float:
+    """D, the bytes per second main's receiver takes: the link's B, or less when the listen
+    thread places a record of small pages in more time than the link takes to bring it
+    (cpu.place-*): the window is the receiver's (emu/net/link.py), so main's backlog then
+    drains at the thread's pace. Huge pages are read as their records come and placed once
+    whole, which the window's bytes in flight cover (a gap the model leaves: a placement
+    longer than the window takes to cross, 1 GiB pages at the defaults, stalls main)."""
+    b = cfg["link.bandwidth"]
+    if cfg.page_size != TARGET_PAGE:
+        return b
+    record = _record(cfg)
+    place = Costs.from_config(cfg).place(record // TARGET_PAGE, TARGET_PAGE)
+    return min(b, _on_wire(cfg, record) / place) if place > 0 else b
+
+
 def cpu_time(cfg: Config, mode: str, backlog: float) -> float:
     """t, the CPU time of QEMU's threads (the cpu.* keys, emu/cpu.py) one fault waits for, in
     seconds, with S = `backlog` bytes ahead on main: the fault thread's per request, the
@@ -398,7 +418,7 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
     cfg, _ = timescale.resolve(cfg, measure=False)
     mode = mode_of(cfg)
     one = Inputs(cfg["link.bandwidth"], cfg["link.rtt"], cfg.page_size, 0.0, 0.0,
-                 software_cost * cfg["emulator.time-scale"])
+                 software_cost * cfg["emulator.time-scale"], main_drain(cfg))
     in_time = _phases(cfg, mode, one.software + cpu_time(cfg, mode, 0.0))
     per_window = _window_waits(cfg, mode, one, in_time[0][1:])
     phases = per_window or in_time
@@ -430,6 +450,7 @@ def predict(cfg: Config, software_cost: float = SOFTWARE_COST_S) -> dict[str, An
             "page-size": one.page_size,
             "backlog": backlog,  # mean S
             "rest": rest,  # mean r
+            "drain": one.drain,  # D
             "main-full": in_time[0][0],  # share of the time the migration thread is blocked on main
             "software-cost": one.software,
             "socket-buffer": cfg["link.socket-buffer"],
