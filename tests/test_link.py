@@ -314,7 +314,9 @@ def test_a_frame_delivered_but_not_read_holds_its_place_in_the_window(bench):
     for _ in range((window + room) // frame):  # the last ones once the first are in
         ep.send([b"page"], virt=frame - 4)
     assert wait_for(lambda: relay.unread["main"] == window + room)  # in the receiver's socket
-    assert relay.queued["main"] == ep.outstanding == window
+    # the room's credit reaches the sender a turn of the relay later
+    assert wait_for(lambda: relay.queued["main"] == ep.outstanding == window), \
+        (relay.queued, ep.outstanding)
     assert not ep.wait_room(frame, lambda: True)  # no room: nobody read them
     share = window // channel.CREDIT_SHARE // frame  # frames read before a credit goes back
     for _ in range(share):
@@ -324,7 +326,9 @@ def test_a_frame_delivered_but_not_read_holds_its_place_in_the_window(bench):
     for _ in range((window + room) // frame - share):
         bench_.dst["main"].recv()
     assert wait_for(lambda: relay.board["delivered-main"] == window + room)
-    assert relay.queued["main"] == relay.unread["main"] == relay.acked["main"] == 0
+    # the last credit crosses the socket after the last read: wait for the relay to take it in
+    assert wait_for(lambda: relay.queued["main"] == relay.unread["main"]
+                    == relay.acked["main"] == 0), (relay.queued, relay.unread, relay.acked)
     assert ep.outstanding == 0
 
 
